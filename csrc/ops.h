@@ -1,0 +1,23 @@
+// The C++ entry points of minivllm's kernels. Schemas are registered in torch_bindings.cpp;
+// each function lives in the .cu file of its kernel family.
+#pragma once
+
+#include <optional>
+
+#include <torch/all.h>
+
+// key/value [T, Hkv, D] -> k_cache/v_cache [num_blocks, block_size, Hkv, D] at slot_mapping[T] (int64,
+// a slot < 0 is skipped).
+void reshape_and_cache(const torch::Tensor& key, const torch::Tensor& value, torch::Tensor& k_cache,
+                       torch::Tensor& v_cache, const torch::Tensor& slot_mapping);
+
+// Packed variable-length attention; with block_table, k and v are the paged caches.
+torch::Tensor flash_attn_varlen(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                const torch::Tensor& cu_seqlens_q, const torch::Tensor& cu_seqlens_k,
+                                int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, bool causal,
+                                const std::optional<torch::Tensor>& block_table);
+
+// One query token per sequence against its paged context.
+torch::Tensor paged_attention_decode(const torch::Tensor& q, const torch::Tensor& k_cache,
+                                     const torch::Tensor& v_cache, const torch::Tensor& block_tables,
+                                     const torch::Tensor& context_lens, double scale);

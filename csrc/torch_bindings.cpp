@@ -1,0 +1,30 @@
+// Registers minivllm's ops with the torch dispatcher, so they compose with CUDA graphs and
+// torch.compile: torch.ops.minivllm.<name>.
+#include <torch/library.h>
+
+#include "ops.h"
+
+TORCH_LIBRARY(minivllm, m) {
+  m.def(
+      "reshape_and_cache(Tensor key, Tensor value, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+      "Tensor slot_mapping) -> ()");
+  m.def(
+      "flash_attn_varlen(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+      "int max_seqlen_q, int max_seqlen_k, float scale, bool causal, Tensor? block_table) -> Tensor");
+  m.def(
+      "paged_attention_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
+      "Tensor context_lens, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(minivllm, CUDA, m) {
+  m.impl("reshape_and_cache", &reshape_and_cache);
+  m.impl("flash_attn_varlen", &flash_attn_varlen);
+  m.impl("paged_attention_decode", &paged_attention_decode);
+}
+
+// An importable module: `import minivllm._C` loads the library and runs the registrations above.
+#include <Python.h>
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, 0, nullptr};
+  return PyModule_Create(&module);
+}

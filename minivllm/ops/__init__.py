@@ -1,0 +1,69 @@
+"""Where Python meets the CUDA kernels.
+
+Each op runs its CUDA kernel when the extension `minivllm._C` was built and the tensors are on a GPU in a
+dtype and head size the kernels support; everything else runs the torch reference in `reference.py`.
+"""
+
+import torch
+
+from minivllm.ops import reference
+
+try:
+    from minivllm import _C  # noqa: F401  (registers torch.ops.minivllm)
+
+    KERNELS_BUILT = True
+except ImportError:
+    KERNELS_BUILT = False
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+KERNEL_HEAD_DIMS = (64, 128)
+
+
+def use_kernels(t: torch.Tensor) -> bool:
+    """True when this tensor's op would run on our CUDA kernels rather than the torch reference."""
+    return KERNELS_BUILT and t.is_cuda and t.dtype in KERNEL_DTYPES and t.shape[-1] in KERNEL_HEAD_DIMS
+
+
+def reshape_and_cache(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    if use_kernels(k_cache):
+        torch.ops.minivllm.reshape_and_cache(key, value, k_cache, v_cache, slot_mapping)
+    else:
+        reference.reshape_and_cache(key, value, k_cache, v_cache, slot_mapping)
+
+
+def flash_attn_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    scale: float,
+    causal: bool = True,
+    block_table: torch.Tensor | None = None,
+) -> torch.Tensor:
+    args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, block_table)
+    if use_kernels(q):
+        return torch.ops.minivllm.flash_attn_varlen(*args)
+    return reference.flash_attn_varlen(*args)
+
+
+def paged_attention_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    args = (q, k_cache, v_cache, block_tables, context_lens, scale)
+    if use_kernels(q):
+        return torch.ops.minivllm.paged_attention_decode(*args)
+    return reference.paged_attention_decode(*args)

