@@ -99,7 +99,7 @@ def paged_attention_decode(
     Entries of block_tables past a sequence's last page are never used and may hold any valid block index.
     """
     batch, num_heads, head_dim = q.shape
-    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    num_kv_heads = k_cache.shape[2]
     table = block_tables.long().clamp(min=0)
     keys = k_cache[table].reshape(batch, -1, num_kv_heads, head_dim).float()
     values = v_cache[table].reshape(batch, -1, num_kv_heads, head_dim).float()

@@ -1,0 +1,88 @@
+"""The engine's settings, checked once when an LLM is made."""
+
+from dataclasses import dataclass
+
+import torch
+
+DTYPES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+@dataclass
+class EngineConfig:
+    model: str
+    tokenizer: str | None = None
+    dtype: str | torch.dtype = "auto"
+    device: str | torch.device | None = None
+    seed: int = 0
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
+    enforce_eager: bool = False
+    tensor_parallel_size: int = 1
+
+    def __post_init__(self) -> None:
+        positive = {"max_num_seqs": self.max_num_seqs, "max_num_batched_tokens": self.max_num_batched_tokens}
+        optional_positive = {"max_model_len": self.max_model_len, "num_kv_blocks": self.num_kv_blocks}
+        for name, value in {**positive, **optional_positive, "seed": self.seed}.items():
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+        for name, value in positive.items():
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        for name, value in optional_positive.items():
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1 (or None for the default), got {value}")
+        if not isinstance(self.block_size, int) or self.block_size not in (16, 32, 64, 128, 256):
+            raise ValueError(f"block_size must be a power of two from 16 to 256, got {self.block_size!r}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.tensor_parallel_size != 1:
+            raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} is not supported yet; use 1")
+        self.device = resolve_device(self.device)
+
+    def resolve_dtype(self, config_dtype: torch.dtype | None) -> torch.dtype:
+        """The model dtype: as asked, or for "auto" the checkpoint's on a GPU and fp32 on the CPU."""
+        if isinstance(self.dtype, torch.dtype):
+            dtype = self.dtype
+        elif self.dtype == "auto":
+            if self.device.type == "cpu":
+                return torch.float32
+            dtype = config_dtype if config_dtype in DTYPES.values() else torch.bfloat16
+            return torch.float16 if dtype == torch.float32 else dtype
+        elif isinstance(self.dtype, str) and self.dtype in DTYPES:
+            dtype = DTYPES[self.dtype]
+        else:
+            raise ValueError(f"dtype {self.dtype!r} is not supported; use 'auto', {', '.join(map(repr, DTYPES))}")
+        if dtype not in DTYPES.values():
+            raise ValueError(f"dtype {dtype} is not supported; use float32, float16 or bfloat16")
+        return dtype
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """CUDA when available for None; otherwise exactly what was asked, if it exists."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device {device!r} is not a device; use 'cuda', 'cuda:N' or 'cpu'") from e
+    if resolved.type not in ("cuda", "cpu"):
+        raise ValueError(f"device {device!r} is not supported; use 'cuda', 'cuda:N' or 'cpu'")
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} was asked for, but no CUDA GPU is visible; use device='cpu'")
+        if resolved.index is None:
+            resolved = torch.device("cuda", torch.cuda.current_device())
+        elif resolved.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA GPU(s) are visible")
+    return resolved

@@ -1,0 +1,235 @@
+"""Runs the model on one step's batch: builds input tensors and attention metadata, runs the forward
+(eager, or a CUDA graph replay for decode), and samples. Also owns the KV cache and sizes it."""
+
+import time
+
+import numpy as np
+import torch
+
+from minivllm import ops
+from minivllm.config import EngineConfig
+from minivllm.engine.scheduler import ScheduledBatch
+from minivllm.engine.sequence import Sequence
+from minivllm.layers.attention import Attention, AttentionMetadata
+from minivllm.layers.sampler import SamplingBatch, sample
+from minivllm.model_loader import ModelSource, init_random_weights, load_weights
+from minivllm.models import DecoderForCausalLM, model_architecture
+from minivllm.models.decoder import head_dim_of
+
+CPU_KV_CACHE_BYTES = 2 << 30  # the CPU has no memory to profile against; a fixed budget keeps runs predictable
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, source: ModelSource, dtype: torch.dtype):
+        self.config = config
+        self.device = config.device
+        self.dtype = dtype
+        self.block_size = config.block_size
+        self.model = build_model(source, dtype, self.device, config.seed)
+        self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        self.max_model_len = min(
+            config.max_model_len or source.config.max_position_embeddings, source.config.max_position_embeddings
+        )
+        self.num_kv_blocks = self.allocate_kv_cache()
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graph_capture_seconds = 0.0
+        if self.device.type == "cuda" and not config.enforce_eager and ops.use_kernels(self.kv_cache):
+            self.capture_decode_graphs()
+
+    # ----- KV cache -------------------------------------------------------------------------------------
+    def kv_bytes_per_block(self) -> int:
+        layer = self.attention_layers[0]
+        per_token = 2 * len(self.attention_layers) * layer.num_kv_heads * layer.head_dim * self.dtype.itemsize
+        return per_token * self.block_size
+
+    def allocate_kv_cache(self) -> int:
+        """Size the cache (num_kv_blocks, else GPU memory left after a profiling forward, else the CPU budget)."""
+        if self.config.num_kv_blocks is not None:
+            num_blocks = self.config.num_kv_blocks
+        elif self.device.type == "cuda":
+            num_blocks = self.profile_free_blocks()
+        else:
+            wanted = self.config.max_num_seqs * self.max_model_len * self.kv_bytes_per_block() // self.block_size
+            num_blocks = min(CPU_KV_CACHE_BYTES, wanted) // self.kv_bytes_per_block()
+        if num_blocks < 1:
+            raise ValueError(
+                "no GPU memory is left for the KV cache after the weights and activations; raise "
+                "gpu_memory_utilization, lower max_num_batched_tokens, or pass num_kv_blocks"
+            )
+        layer = self.attention_layers[0]
+        shape = (2, len(self.attention_layers), num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim)
+        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        for i, attn in enumerate(self.attention_layers):
+            attn.k_cache, attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
+        return num_blocks
+
+    def profile_free_blocks(self) -> int:
+        """Blocks that fit in gpu_memory_utilization of the GPU after a forward at the full token budget."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        num_tokens = self.config.max_num_batched_tokens
+        seq_len = min(num_tokens, self.max_model_len)
+        lengths = [seq_len] * (num_tokens // seq_len) + ([num_tokens % seq_len] if num_tokens % seq_len else [])
+        cu = torch.tensor(np.cumsum([0, *lengths]), dtype=torch.int32, device=self.device)
+        meta = AttentionMetadata(True, torch.full((num_tokens,), -1, device=self.device), cu, cu, seq_len, seq_len)
+        input_ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
+        positions = torch.cat([torch.arange(n, device=self.device) for n in lengths])
+        with torch.inference_mode():
+            hidden = self.model(input_ids, positions, meta)
+            self.model.compute_logits(hidden[cu[1:] - 1]).float()
+        torch.cuda.synchronize()
+        free, total = torch.cuda.mem_get_info(self.device)
+        used_elsewhere = total - free - torch.cuda.memory_allocated(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        budget = total * self.config.gpu_memory_utilization - used_elsewhere - peak
+        return int(budget) // self.kv_bytes_per_block()
+
+    # ----- inputs ---------------------------------------------------------------------------------------
+    def to_device(self, values, dtype: torch.dtype) -> torch.Tensor:
+        tensor = torch.as_tensor(np.asarray(values), dtype=dtype)
+        if self.device.type == "cuda":
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor
+
+    def slots(self, seq: Sequence, start: int, end: int) -> np.ndarray:
+        positions = np.arange(start, end)
+        table = np.asarray(seq.block_table, dtype=np.int64)
+        return table[positions // self.block_size] * self.block_size + positions % self.block_size
+
+    def block_table_array(self, seqs: list[Sequence], width: int | None = None) -> np.ndarray:
+        width = width or max(len(seq.block_table) for seq in seqs)
+        tables = np.zeros((len(seqs), width), dtype=np.int32)
+        for row, seq in enumerate(seqs):
+            tables[row, : len(seq.block_table)] = seq.block_table
+        return tables
+
+    def prepare_prefill(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        input_ids, positions, slots, q_lens, k_lens = [], [], [], [], []
+        for seq in seqs:
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + seq.num_scheduled_tokens
+            input_ids.extend(seq.token_ids[start:end])
+            positions.append(np.arange(start, end))
+            slots.append(self.slots(seq, start, end))
+            q_lens.append(end - start)
+            k_lens.append(end)
+        has_cached_keys = any(seq.num_computed_tokens > 0 for seq in seqs)
+        meta = AttentionMetadata(
+            is_prefill=True,
+            slot_mapping=self.to_device(np.concatenate(slots), torch.int64),
+            cu_seqlens_q=self.to_device(np.cumsum([0, *q_lens]), torch.int32),
+            cu_seqlens_k=self.to_device(np.cumsum([0, *k_lens]), torch.int32),
+            max_seqlen_q=max(q_lens),
+            max_seqlen_k=max(k_lens),
+            block_tables=self.to_device(self.block_table_array(seqs), torch.int32) if has_cached_keys else None,
+        )
+        return self.to_device(input_ids, torch.int64), self.to_device(np.concatenate(positions), torch.int64), meta
+
+    def prepare_decode(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        lengths = [len(seq) for seq in seqs]
+        slots = np.concatenate([self.slots(seq, n - 1, n) for seq, n in zip(seqs, lengths)])
+        meta = AttentionMetadata(
+            is_prefill=False,
+            slot_mapping=self.to_device(slots, torch.int64),
+            context_lens=self.to_device(lengths, torch.int32),
+            block_tables=self.to_device(self.block_table_array(seqs), torch.int32),
+        )
+        input_ids = self.to_device([seq.token_ids[-1] for seq in seqs], torch.int64)
+        return input_ids, self.to_device([n - 1 for n in lengths], torch.int64), meta
+
+    # ----- running --------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch, eos_ids: list[int]) -> list[int]:
+        """The next token of each sequence whose scheduled tokens reach its end (in batch order)."""
+        sampling_seqs = [seq for seq in batch.seqs if seq.samples_this_step]
+        if batch.is_prefill:
+            input_ids, positions, meta = self.prepare_prefill(batch.seqs)
+            if not sampling_seqs:
+                self.model(input_ids, positions, meta)
+                return []
+            last = np.cumsum([seq.num_scheduled_tokens for seq in batch.seqs]) - 1
+            rows = [i for i, seq in zip(last, batch.seqs) if seq.samples_this_step]
+            hidden = self.model(input_ids, positions, meta)[self.to_device(rows, torch.int64)]
+        else:
+            hidden = self.decode(batch.seqs)
+        logits = self.model.compute_logits(hidden)
+        sampling = SamplingBatch.from_sequences(sampling_seqs, eos_ids, self.device)
+        return sample(logits, sampling).tolist()
+
+    def decode(self, seqs: list[Sequence]) -> torch.Tensor:
+        batch_size = len(seqs)
+        graph_size = next((size for size in sorted(self.graphs) if size >= batch_size), None)
+        if graph_size is None:
+            return self.model(*self.prepare_decode(seqs))
+        io = self.graph_io
+        io["input_ids"][:batch_size] = torch.as_tensor([seq.token_ids[-1] for seq in seqs])
+        io["positions"][:batch_size] = torch.as_tensor([len(seq) - 1 for seq in seqs])
+        io["slot_mapping"].fill_(-1)
+        io["slot_mapping"][:batch_size] = torch.as_tensor(
+            np.concatenate([self.slots(seq, len(seq) - 1, len(seq)) for seq in seqs])
+        )
+        io["context_lens"].zero_()
+        io["context_lens"][:batch_size] = torch.as_tensor([len(seq) for seq in seqs])
+        tables = self.block_table_array(seqs)
+        io["block_tables"][:batch_size, : tables.shape[1]] = torch.as_tensor(tables)
+        self.graphs[graph_size].replay()
+        return io["hidden"][:batch_size]
+
+    # ----- CUDA graphs ----------------------------------------------------------------------------------
+    def graph_batch_sizes(self) -> list[int]:
+        largest = min(self.config.max_num_seqs, 512)
+        return [s for s in (1, 2, 4, 8) if s < largest] + list(range(16, largest, 16)) + [largest]
+
+    @torch.inference_mode()
+    def capture_decode_graphs(self) -> None:
+        """One graph per batch-size bucket, largest first, all in one memory pool; inputs padded at replay."""
+        start = time.perf_counter()
+        sizes = self.graph_batch_sizes()
+        largest, max_blocks = sizes[-1], -(-self.max_model_len // self.block_size)
+        io = {
+            "input_ids": torch.zeros(largest, dtype=torch.int64, device=self.device),
+            "positions": torch.zeros(largest, dtype=torch.int64, device=self.device),
+            "slot_mapping": torch.full((largest,), -1, dtype=torch.int64, device=self.device),
+            "context_lens": torch.zeros(largest, dtype=torch.int32, device=self.device),
+            "block_tables": torch.zeros(largest, max_blocks, dtype=torch.int32, device=self.device),
+        }
+        io["hidden"] = torch.zeros(largest, self.model.config.hidden_size, dtype=self.dtype, device=self.device)
+        pool = None
+        for size in reversed(sizes):
+            meta = AttentionMetadata(
+                False, io["slot_mapping"][:size], context_lens=io["context_lens"][:size],
+                block_tables=io["block_tables"][:size],
+            )
+            args = (io["input_ids"][:size], io["positions"][:size], meta)
+            io["hidden"][:size] = self.model(*args)  # warm-up outside the graph
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool):
+                io["hidden"][:size] = self.model(*args)
+            pool = graph.pool()
+            self.graphs[size] = graph
+            torch.cuda.synchronize()
+        self.graph_io = io
+        self.graph_capture_seconds = time.perf_counter() - start
+
+
+def build_model(source: ModelSource, dtype: torch.dtype, device: torch.device, seed: int) -> DecoderForCausalLM:
+    arch = model_architecture(source.config)
+    head_dim = head_dim_of(source.config)
+    if source.config.num_attention_heads % source.config.num_key_value_heads:
+        raise ValueError(
+            f"num_attention_heads {source.config.num_attention_heads} is not a multiple of "
+            f"num_key_value_heads {source.config.num_key_value_heads}"
+        )
+    if head_dim % 2:
+        raise ValueError(f"head_dim {head_dim} must be even for rotary embeddings")
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = DecoderForCausalLM(source.config, arch)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    if source.weights_dir is None:
+        init_random_weights(model, seed)
+    else:
+        load_weights(model, source.weights_dir)
+    return model.eval()

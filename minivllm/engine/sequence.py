@@ -1,0 +1,60 @@
+"""A Sequence is one completion being generated: its tokens, its pages in the KV cache, its progress."""
+
+import enum
+import itertools
+
+import torch
+
+from minivllm.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = enum.auto()
+    RUNNING = enum.auto()
+    FINISHED = enum.auto()
+
+
+_ids = itertools.count()
+
+
+class Sequence:
+    def __init__(self, prompt_token_ids: list[int], params: SamplingParams, generator: torch.Generator | None):
+        self.seq_id = next(_ids)
+        self.token_ids = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.params = params
+        self.generator = generator  # per-request RNG when params.seed is set
+        self.status = SequenceStatus.WAITING
+        self.block_table: list[int] = []
+        self.block_hashes: list[int] = []  # chain hashes of its full blocks, filled as needed
+        self.num_computed_tokens = 0  # tokens whose K/V are in the cache
+        self.num_scheduled_tokens = 0  # tokens this step computes
+        self.text = ""  # detokenised output, kept incrementally only when stop strings need it
+        self.prefix_offset = 0
+        self.read_offset = 0
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SequenceStatus.FINISHED
+
+    @property
+    def samples_this_step(self) -> bool:
+        """True when this step computes up to the last token, so its logits give the next token."""
+        return self.num_computed_tokens + self.num_scheduled_tokens == len(self.token_ids)

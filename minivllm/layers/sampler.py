@@ -1,0 +1,84 @@
+"""Sampling vectorised over the batch: greedy, temperature, top-k, top-p, min-p, and per-request seeds.
+
+Sampling draws argmax(probs / E) with E ~ Exp(1), which picks token i with probability probs[i]; a
+request with a seed draws its row of E from its own generator, so its tokens do not depend on the batch.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from minivllm.engine.sequence import Sequence
+
+
+@dataclass
+class SamplingBatch:
+    temperatures: torch.Tensor  # [B], 0 for greedy rows
+    top_k: torch.Tensor | None  # [B] int, 0 off; None when no row uses it
+    top_p: torch.Tensor | None  # [B]
+    min_p: torch.Tensor | None  # [B]
+    seeded_rows: list[tuple[int, torch.Generator]]
+    banned: list[tuple[int, list[int]]]  # rows that may not end yet (min_tokens) and the ids they may not draw
+    all_greedy: bool
+
+    @classmethod
+    def from_sequences(cls, seqs: list[Sequence], eos_ids: list[int], device: torch.device) -> "SamplingBatch":
+        params = [seq.params for seq in seqs]
+
+        def column(values: list, dtype: torch.dtype, off: float | None) -> torch.Tensor | None:
+            if off is not None and all(v == off for v in values):
+                return None
+            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+        banned = [
+            (row, p.stop_token_ids + ([] if p.ignore_eos else eos_ids))
+            for row, (seq, p) in enumerate(zip(seqs, params))
+            if seq.num_output_tokens < p.min_tokens
+        ]
+        return cls(
+            temperatures=column([p.temperature for p in params], torch.float32, None),
+            top_k=column([p.top_k for p in params], torch.int64, 0),
+            top_p=column([p.top_p for p in params], torch.float32, 1.0),
+            min_p=column([p.min_p for p in params], torch.float32, 0.0),
+            seeded_rows=[(row, seq.generator) for row, seq in enumerate(seqs) if seq.generator is not None],
+            banned=[(row, ids) for row, ids in banned if ids],
+            all_greedy=all(p.greedy for p in params),
+        )
+
+
+def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Next token ids [B] from logits [B, V]."""
+    logits = logits.float()
+    for row, ids in batch.banned:
+        logits[row, ids] = float("-inf")
+    greedy = logits.argmax(dim=-1)
+    if batch.all_greedy:
+        return greedy
+    temperatures = batch.temperatures.clamp(min=1e-5).unsqueeze(1)  # greedy rows are replaced below
+    logits = logits / temperatures
+    if batch.top_k is not None or batch.top_p is not None:
+        logits = apply_top_k_top_p(logits, batch.top_k, batch.top_p)
+    probs = logits.softmax(dim=-1)
+    if batch.min_p is not None:
+        floor = batch.min_p.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
+        probs = probs.masked_fill(probs < floor, 0.0)
+    noise = torch.empty_like(probs).exponential_()
+    for row, generator in batch.seeded_rows:
+        noise[row].exponential_(generator=generator)
+    sampled = (probs / noise).argmax(dim=-1)
+    return torch.where(batch.temperatures == 0, greedy, sampled)
+
+
+def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:
+    """Logits with every token outside each row's top-k and top-p nucleus set to -inf (the best always stays)."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    if top_k is not None:
+        ranks = torch.arange(logits.shape[-1], device=logits.device).unsqueeze(0)
+        k = top_k.unsqueeze(1)
+        sorted_logits = sorted_logits.masked_fill((ranks >= k) & (k > 0), float("-inf"))
+    if top_p is not None:  # the nucleus of what top-k left, as vLLM does
+        probs = sorted_logits.softmax(dim=-1)
+        drop = probs.cumsum(dim=-1) - probs >= top_p.unsqueeze(1)
+        drop[:, 0] = False
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
