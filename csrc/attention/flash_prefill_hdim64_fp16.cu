@@ -1,0 +1,4 @@
+// One kernel instantiation per file, so the build compiles them in parallel.
+#include "flash_prefill_launch.cuh"
+
+template void minivllm::flash::run_flash_prefill<__half, 64>(const FlashParams&, int, cudaStream_t);

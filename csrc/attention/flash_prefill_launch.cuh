@@ -1,0 +1,24 @@
+// Launch of the flash prefill kernel for one (element type, head dim); included only by the instantiation
+// files flash_prefill_hdim*_*.cu.
+#pragma once
+
+#include <c10/cuda/CUDAException.h>
+
+#include "flash_prefill_kernel.cuh"
+
+namespace minivllm::flash {
+
+template <typename T, int D>
+void run_flash_prefill(const FlashParams& params, int batch_size, cudaStream_t stream) {
+  using Traits = FlashPrefillTraits<T, D>;
+  auto kernel = flash_prefill_kernel<Traits>;
+  if (Traits::kSmemBytes > 48 * 1024) {
+    C10_CUDA_CHECK(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Traits::kSmemBytes));
+  }
+  const dim3 grid(batch_size * params.num_heads, params.num_m_blocks);
+  kernel<<<grid, Traits::kThreads, Traits::kSmemBytes, stream>>>(params);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace minivllm::flash
