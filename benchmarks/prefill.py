@@ -1,0 +1,129 @@
+"""Causal prefill attention at 16k tokens a batch: naive PyTorch (full score matrix), torch SDPA's
+FlashAttention-2 and cuDNN backends, and our flash kernel (minivllm.ops.flash_attn_varlen).
+
+    python -m benchmarks.prefill [--json PATH]
+
+TFLOP/s count causal work: half of 4 * L^2 * D * Hq per sequence. GQA baselines get K/V heads expanded
+(repeat_interleave) outside the timed region. The mixed-length batch runs the SDPA baselines one sequence
+at a time, as SDPA has no varlen entry.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from benchmarks import common
+from minivllm import ops
+
+TOKENS = 16384
+SEQLENS = (512, 1024, 2048, 4096, 8192, 16384)
+HEADS = ((16, 8, 128), (32, 8, 128), (9, 3, 64))  # (Hq, Hkv, D): Qwen3-0.6B, Llama-3-8B, a small Llama
+MIXED_LENGTHS = (3000, 160, 4096, 700, 1500, 2600, 64, 1024, 2048, 1200)  # about 16k tokens
+NAIVE_MAX_SCORE_BYTES = 4 << 30  # the naive path's fp32 score matrix; larger ones are skipped
+DTYPE = torch.bfloat16
+
+
+def causal_flops(lengths: list[int], num_heads: int, head_dim: int) -> float:
+    return sum(2 * n * n * head_dim * num_heads for n in lengths)
+
+
+def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """[B, H, L, D] attention through the whole [L, L] score matrix, softmax in fp32."""
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
+    n = q.shape[-2]
+    mask = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1).to(q.dtype)
+    return torch.matmul(probs, v)
+
+
+def sdpa(backend: SDPBackend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
+    with sdpa_kernel(backend):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+
+
+def measure(lengths: list[int], num_heads: int, num_kv_heads: int, head_dim: int, label: str) -> dict:
+    total = sum(lengths)
+    scale = head_dim**-0.5
+    q = torch.randn(total, num_heads, head_dim, device="cuda", dtype=DTYPE)
+    k = torch.randn(total, num_kv_heads, head_dim, device="cuda", dtype=DTYPE)
+    v = torch.randn(total, num_kv_heads, head_dim, device="cuda", dtype=DTYPE)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    group = num_heads // num_kv_heads
+
+    def ours():
+        return ops.flash_attn_varlen(q, k, v, cu, cu, max(lengths), max(lengths), scale, True)
+
+    # Per sequence [1, H, L, D] views for SDPA, K/V heads expanded to Hq; equal lengths form one batch.
+    starts = cu.tolist()
+    k_full, v_full = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    if len(set(lengths)) == 1:
+        b, n = len(lengths), lengths[0]
+        batches = [tuple(t.view(b, n, num_heads, head_dim).transpose(1, 2) for t in (q, k_full, v_full))]
+    else:
+        batches = [
+            tuple(t[a:e].unsqueeze(0).transpose(1, 2) for t in (q, k_full, v_full))
+            for a, e in zip(starts[:-1], starts[1:])
+        ]
+
+    def run_each(fn):
+        return lambda: [fn(*qkv) for qkv in batches]
+
+    flops = causal_flops(lengths, num_heads, head_dim)
+    row = {"heads": f"{num_heads}/{num_kv_heads}/{head_dim}", "batch": label}
+    methods = {
+        "naive": run_each(lambda *qkv: naive_attention(*qkv, scale)),
+        "fa2": run_each(lambda *qkv: sdpa(SDPBackend.FLASH_ATTENTION, *qkv, scale)),
+        "cudnn": run_each(lambda *qkv: sdpa(SDPBackend.CUDNN_ATTENTION, *qkv, scale)),
+        "ours": ours,
+    }
+    score_bytes = max(qkv[0].shape[0] * qkv[0].shape[2] ** 2 for qkv in batches) * num_heads * 4
+    for name, fn in methods.items():
+        row[f"{name}_ms"] = row[f"{name}_tflops"] = None
+        if name == "naive" and score_bytes > NAIVE_MAX_SCORE_BYTES:
+            continue  # printed as "-": the score matrix would not fit comfortably
+        try:
+            ms = common.time_cuda_ms(fn, warmup=3, iters=15 if name == "naive" else 30)
+        except RuntimeError as e:  # e.g. a backend that refuses this shape
+            print(f"  {name} failed for {row['heads']} {label}: {str(e).splitlines()[0]}")
+            continue
+        row[f"{name}_ms"] = ms
+        row[f"{name}_tflops"] = flops / (ms * 1e-3) / 1e12
+    row["ours/fa2"] = row["fa2_ms"] / row["ours_ms"] if row["fa2_ms"] and row["ours_ms"] else None
+
+    # Agreement with the FA2 backend on these inputs (both bf16), so the timed kernel is the right one.
+    out = ours()
+    ref = torch.cat(
+        [
+            o.transpose(1, 2).reshape(-1, num_heads, head_dim)
+            for o in run_each(lambda *qkv: sdpa(SDPBackend.FLASH_ATTENTION, *qkv, scale))()
+        ]
+    )
+    row["err_vs_fa2"] = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+    return row
+
+
+def main() -> None:
+    args = common.parser(__doc__.splitlines()[0]).parse_args()
+    common.require_cuda()
+    torch.manual_seed(0)
+    bandwidth = common.copy_bandwidth_gbs()
+    print(
+        f"{common.gpu_name()}: copy bandwidth {bandwidth:.0f} GB/s (measured now), {DTYPE}, causal, "
+        f"{TOKENS} tokens a batch"
+    )
+    print(
+        "naive CUDA kernel: not built (no op for it); naive PyTorch skipped ('-') where its fp32 score "
+        f"matrix exceeds {NAIVE_MAX_SCORE_BYTES >> 30} GiB"
+    )
+    rows = []
+    for num_heads, num_kv_heads, head_dim in HEADS:
+        for n in SEQLENS:
+            rows.append(measure([n] * (TOKENS // n), num_heads, num_kv_heads, head_dim, f"{TOKENS // n}x{n}"))
+        rows.append(measure(list(MIXED_LENGTHS), num_heads, num_kv_heads, head_dim, "mixed"))
+        torch.cuda.empty_cache()
+    common.print_table(rows, "prefill attention: ms and causal TFLOP/s")
+    common.write_json(args.json, {"gpu": common.gpu_name(), "copy_bandwidth_gbs": bandwidth, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,187 @@
+"""The flash prefill kernel against the fp32 torch reference over random packed and paged batches.
+
+Run on a GPU after building the extension (scripts/gpu_build.sh); skipped otherwise.
+"""
+
+import math
+import random
+
+import pytest
+import torch
+
+from minivllm import ops
+from minivllm.ops import reference
+
+pytestmark = pytest.mark.skipif(
+    not (torch.cuda.is_available() and ops.KERNELS_BUILT), reason="needs a CUDA GPU and the built minivllm._C"
+)
+
+# ||out - ref|| / ||ref|| per sequence, and max |out - ref| / max |ref| over the batch. Rounding P and the
+# output to the storage type costs about 3e-3 (bf16) and 4e-4 (fp16) in the norm.
+TOLERANCE = {torch.bfloat16: (1e-2, 2e-2), torch.float16: (2e-3, 4e-3)}
+EDGE_LENGTHS = (1, 2, 15, 16, 17, 63, 64, 65, 127, 128, 129, 255, 256, 257)
+NUM_CASES = 120
+MAX_TOKENS = 12288  # per case, to keep the file fast
+
+worst = {}  # (dtype, head_dim) -> largest relative error norm seen, printed at the end
+
+
+def random_length(rng: random.Random, limit: int) -> int:
+    pick = rng.random()
+    if pick < 0.4:
+        return rng.choice([n for n in EDGE_LENGTHS if n <= limit] or [1])
+    if pick < 0.8:
+        return rng.randint(1, min(limit, 600))
+    return rng.randint(1, limit)
+
+
+def random_case(case: int) -> dict:
+    rng = random.Random(case)
+    group = rng.choice((1, 2, 4, 8))
+    num_kv_heads = rng.choice((1, 2, 3))
+    batch = rng.choice((1, 1, 2, 3, 5, 8, 16, 33, 64))
+    budget = MAX_TOKENS // batch
+    lens_q = [random_length(rng, min(4096, budget)) for _ in range(batch)]
+    paged = rng.random() < 0.45
+    with_prefix = rng.random() < (0.7 if paged else 0.3)
+    lens_k = [lq + (random_length(rng, min(4096, budget)) if with_prefix else 0) for lq in lens_q]
+    return dict(
+        dtype=rng.choice((torch.bfloat16, torch.float16)),
+        head_dim=rng.choice((64, 128)),
+        num_heads=group * num_kv_heads,
+        num_kv_heads=num_kv_heads,
+        lens_q=lens_q,
+        lens_k=lens_k,
+        causal=rng.random() < 0.7,
+        block_size=rng.choice((16, 32, 256)) if paged else None,
+        q_scale=rng.choice((1.0, 1.0, 4.0)),  # 4: peaked softmax, large logits
+        seed=case,
+    )
+
+
+def cu_seqlens(lengths: list[int]) -> torch.Tensor:
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+
+
+def make_inputs(c: dict):
+    """q, k, v as the kernel takes them and as the reference takes them (packed/paged alike)."""
+    gen = torch.Generator(device="cuda").manual_seed(c["seed"])
+    d, dtype = c["head_dim"], c["dtype"]
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, device="cuda", dtype=torch.float32).to(dtype)
+
+    total_q, total_k = sum(c["lens_q"]), sum(c["lens_k"])
+    q = (randn(total_q, c["num_heads"], d).float() * c["q_scale"]).to(dtype)
+    k, v = randn(total_k, c["num_kv_heads"], d), randn(total_k, c["num_kv_heads"], d)
+    if c["block_size"] is None:
+        return q, k, v, None
+    # Scatter each sequence's keys into randomly permuted pages of a cache with spare, garbage-filled blocks.
+    bs = c["block_size"]
+    blocks_per_seq = [math.ceil(lk / bs) for lk in c["lens_k"]]
+    num_blocks = sum(blocks_per_seq) + 7
+    perm = torch.randperm(num_blocks, generator=gen, device="cuda").int()
+    table = torch.full((len(c["lens_k"]), max(blocks_per_seq) + 2), 0, dtype=torch.int32, device="cuda")
+    k_cache = randn(num_blocks, bs, c["num_kv_heads"], d) * 1000
+    v_cache = randn(num_blocks, bs, c["num_kv_heads"], d) * 1000
+    used, start = 0, 0
+    for i, (lk, nb) in enumerate(zip(c["lens_k"], blocks_per_seq)):
+        table[i, :nb] = perm[used : used + nb]
+        for j in range(nb):
+            n = min(bs, lk - j * bs)
+            k_cache[table[i, j], :n] = k[start + j * bs : start + j * bs + n]
+            v_cache[table[i, j], :n] = v[start + j * bs : start + j * bs + n]
+        used, start = used + nb, start + lk
+    return q, k_cache, v_cache, table
+
+
+@pytest.mark.parametrize("case", range(NUM_CASES))
+def test_matches_reference(case):
+    c = random_case(case)
+    q, k, v, table = make_inputs(c)
+    cu_q, cu_k = cu_seqlens(c["lens_q"]), cu_seqlens(c["lens_k"])
+    scale = c["head_dim"] ** -0.5
+    args = (cu_q, cu_k, max(c["lens_q"]), max(c["lens_k"]), scale, c["causal"], table)
+    out = ops.flash_attn_varlen(q, k, v, *args)
+    ref = reference.flash_attn_varlen(q.float(), k.float(), v.float(), *args)
+
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert torch.isfinite(out).all(), f"non-finite output in {c}"
+    assert torch.equal(out, ops.flash_attn_varlen(q, k, v, *args)), f"a second launch differs (a race?) in {c}"
+    norm_tol, max_tol = TOLERANCE[c["dtype"]]
+    err = out.float() - ref
+    starts = cu_q.tolist()
+    seq_errors = [(err[a:b].norm() / ref[a:b].norm().clamp_min(1e-6)).item() for a, b in zip(starts[:-1], starts[1:])]
+    key = (str(c["dtype"]).removeprefix("torch."), c["head_dim"])
+    worst[key] = max(worst.get(key, 0.0), *seq_errors)
+    assert max(seq_errors) < norm_tol, f"relative error {max(seq_errors):.2e} > {norm_tol} in {c}"
+    max_err = (err.abs().max() / ref.abs().max()).item()
+    assert max_err < max_tol, f"max error {max_err:.2e} > {max_tol} in {c}"
+
+
+def test_report_worst_errors():
+    """Runs after the random cases (pytest keeps file order): prints the largest error norm per dtype/head_dim."""
+    print("\nflash prefill worst relative error norms:", {f"{k[0]} D={k[1]}": f"{v:.2e}" for k, v in worst.items()})
+
+
+def small_inputs(dtype=torch.float16, head_dim=64, num_heads=4, num_kv_heads=2, device="cuda"):
+    q = torch.randn(32, num_heads, head_dim, device=device).to(dtype)
+    k = torch.randn(32, num_kv_heads, head_dim, device=device).to(dtype)
+    v = torch.randn_like(k)
+    cu = torch.tensor([0, 10, 32], dtype=torch.int32, device=device)
+    return q, k, v, cu
+
+
+def call(q, k, v, cu_q, cu_k=None, block_table=None):
+    cu_k = cu_q if cu_k is None else cu_k
+    return torch.ops.minivllm.flash_attn_varlen(q, k, v, cu_q, cu_k, 22, 22, 0.125, True, block_table)
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda q, k, v, cu: (q.float(), k.float(), v.float(), cu), "float16 or torch.bfloat16"),
+        (lambda q, k, v, cu: (q, k.bfloat16(), v.bfloat16(), cu), "share a dtype"),
+        (
+            lambda q, k, v, cu: (q[..., :48].contiguous(), k[..., :48].contiguous(), v[..., :48].contiguous(), cu),
+            "head_dim 48 is not supported",
+        ),
+        (lambda q, k, v, cu: (q, k[:, :1].expand(32, 3, 64), v[:, :1].expand(32, 3, 64), cu), "multiple"),
+        (lambda q, k, v, cu: (q, k.cpu(), v, cu), "CUDA tensor"),
+        (lambda q, k, v, cu: (q, k, v, cu.long()), "torch.int32"),
+        (lambda q, k, v, cu: (q, k, v, cu[:2]), "batch + 1"),
+        (lambda q, k, v, cu: (q.transpose(1, 2).contiguous().transpose(1, 2), k, v, cu), "contiguous"),
+    ],
+    ids=["fp32", "mixed-dtype", "head_dim", "gqa", "cpu-k", "cu-int64", "cu-length", "strided"],
+)
+def test_bad_inputs_raise(mutate, message):
+    q, k, v, cu = mutate(*small_inputs())
+    cu_k = cu if cu.shape[0] == 3 else torch.tensor([0, 10, 32], dtype=torch.int32, device="cuda")
+    with pytest.raises(RuntimeError, match=message):
+        call(q, k, v, cu, cu_k)
+
+
+def test_head_dim_96_raises():
+    q, k, v, cu = small_inputs(head_dim=96)
+    with pytest.raises(RuntimeError, match="head_dim 96 is not supported; supported: 64, 128"):
+        call(q, k, v, cu)
+
+
+def test_cpu_tensors_raise():
+    q, k, v, cu = small_inputs(device="cpu")
+    with pytest.raises(RuntimeError, match="CPU"):
+        call(q, k, v, cu)
+
+
+def test_bad_block_tables_raise():
+    q, _, _, cu = small_inputs()
+    cache = torch.randn(8, 16, 2, 64, device="cuda").half()
+    table = torch.arange(8, dtype=torch.int32, device="cuda").view(2, 4)
+    with pytest.raises(RuntimeError, match="block_table must be torch.int32"):
+        call(q, cache, cache, cu, block_table=table.long())
+    with pytest.raises(RuntimeError, match=r"block_table must be \[batch, max_blocks\]"):
+        call(q, cache, cache, cu, block_table=table.view(1, 8))
+    with pytest.raises(RuntimeError, match="block_size 8 is not supported"):
+        call(q, cache.view(16, 8, 2, 64), cache.view(16, 8, 2, 64), cu, block_table=table)
+    with pytest.raises(RuntimeError, match="paged, block_table given"):
+        call(q, cache[0], cache[0], cu, block_table=table)
