@@ -1,0 +1,133 @@
+"""Paged-attention decode: a naive per-sequence PyTorch loop, the vectorised PyTorch reference (gather
+pages, then SDPA) and our kernel, against the GPU's own copy bandwidth measured in the same run.
+
+Ours is timed as CUDA-graph replays of back-to-back calls (as the engine runs decode), each call on its
+own copy of the pages, so working sets smaller than L2 are not served from it. The baselines run eagerly
+on one copy (their host overhead is small next to their GPU time).
+
+    python -m benchmarks.decode [--json PATH]
+"""
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from benchmarks.common import copy_bandwidth_gbs, gpu_name, parser, print_table, require_cuda, time_cuda_ms, write_json
+from minivllm.ops import paged_attention_decode, reference
+
+NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, DTYPE = 16, 8, 128, torch.bfloat16  # Qwen3-0.6B
+BATCHES = [1, 8, 32, 64, 128, 256]
+CONTEXTS = [512, 2048, 8192, 32768]
+BLOCK_SIZES = [16, 256]
+L2_ROTATION_BYTES = 256 << 20  # rotate copies until a graph's calls together touch this much (L2: 50 MB)
+MAX_CACHE_BYTES = 16 << 30  # K+V of one copy; larger rows are skipped
+MAX_VECTORISED_BYTES = 20 << 30  # the reference's fp32, head-repeated temporaries
+MAX_NAIVE_TOKENS = 1 << 20  # batch x context beyond which the per-sequence loop takes minutes
+
+
+def graph_time_ms(calls: list[Callable[[], object]]) -> float:
+    """Median milliseconds per call of `calls`, captured back to back in one CUDA graph and replayed."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for call in calls:  # warm-up (and one-time setup) outside capture
+            call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    return time_cuda_ms(graph.replay, warmup=3, iters=20) / len(calls)
+
+
+def naive_decode(q, k_cache, v_cache, block_tables, context_lens, scale):
+    """One sequence at a time: gather its pages, attend."""
+    out = torch.empty_like(q)
+    for b, length in enumerate(context_lens.tolist()):
+        k = reference.gather_pages(k_cache, block_tables[b], length)
+        v = reference.gather_pages(v_cache, block_tables[b], length)
+        out[b : b + 1] = reference.attend(q[b : b + 1], k, v, scale, causal=False)
+    return out
+
+
+def measure(block_size: int, lengths: list[int], copy_gbs: float, label: str) -> dict:
+    batch, longest = len(lengths), max(lengths)
+    blocks_per_seq = math.ceil(longest / block_size)
+    token_bytes = NUM_KV_HEADS * HEAD_DIM * DTYPE.itemsize * 2  # K and V of one token
+    kv_bytes = sum(lengths) * token_bytes
+    row = {"block": block_size, "batch": batch, "context": label}
+    if batch * blocks_per_seq * block_size * token_bytes > MAX_CACHE_BYTES:
+        return row | {"note": "skipped: caches over 16 GB"}
+
+    copies = max(1, min(64, math.ceil(L2_ROTATION_BYTES / kv_bytes)))
+    blocks_per_copy = batch * blocks_per_seq
+    shape = (copies * blocks_per_copy, block_size, NUM_KV_HEADS, HEAD_DIM)
+    k_cache = torch.randn(shape, dtype=DTYPE, device="cuda")
+    v_cache = torch.randn(shape, dtype=DTYPE, device="cuda")
+    # Each copy's sequences own a random permutation of that copy's pages, as a long-running cache would.
+    tables = [
+        (c * blocks_per_copy + torch.randperm(blocks_per_copy, device="cuda")).view(batch, blocks_per_seq).int()
+        for c in range(copies)
+    ]
+    lens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
+    q = torch.randn(batch, NUM_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
+    scale = HEAD_DIM**-0.5
+
+    ours_ms = graph_time_ms([lambda t=t: paged_attention_decode(q, k_cache, v_cache, t, lens, scale) for t in tables])
+    gbs = kv_bytes / (ours_ms * 1e-3) / 1e9
+    row |= {"us": ours_ms * 1e3, "KV GB/s": gbs, "of copy": gbs / copy_gbs}
+
+    args = (q, k_cache, v_cache, tables[0], lens, scale)
+    vectorised_bytes = batch * blocks_per_seq * block_size * NUM_KV_HEADS * HEAD_DIM * 2 * (2 + 4 + 4 * 2)
+    if vectorised_bytes <= MAX_VECTORISED_BYTES:
+        vec_ms = time_cuda_ms(lambda: reference.paged_attention_decode(*args), warmup=2, iters=5)
+        row |= {"vectorised us": vec_ms * 1e3, "x vectorised": vec_ms / ours_ms}
+    else:
+        row["note"] = "vectorised skipped: temporaries over 20 GB"
+    if batch * longest <= MAX_NAIVE_TOKENS:
+        naive_ms = time_cuda_ms(lambda: naive_decode(*args), warmup=1, iters=3)
+        row |= {"naive us": naive_ms * 1e3, "x naive": naive_ms / ours_ms}
+    else:
+        row["note"] = (row["note"] + "; " if "note" in row else "") + "naive skipped: minutes"
+    return row
+
+
+COLUMNS = [
+    "block",
+    "batch",
+    "context",
+    "us",
+    "KV GB/s",
+    "of copy",
+    "vectorised us",
+    "x vectorised",
+    "naive us",
+    "x naive",
+    "note",
+]
+
+
+def main() -> None:
+    args = parser(__doc__.splitlines()[0]).parse_args()
+    require_cuda()
+    copy_gbs = copy_bandwidth_gbs()
+    print(f"{gpu_name()}: device-to-device copy {copy_gbs:.0f} GB/s (read + written)")
+    print(f"shape (Hq, Hkv, D) = ({NUM_HEADS}, {NUM_KV_HEADS}, {HEAD_DIM}), {DTYPE}")
+
+    rows = []
+    for block_size in BLOCK_SIZES:
+        for batch in BATCHES:
+            for context in CONTEXTS:
+                rows.append(measure(block_size, [context] * batch, copy_gbs, str(context)))
+                torch.cuda.empty_cache()  # the next row's caches may be much larger
+        generator = torch.Generator().manual_seed(0)
+        mixed = torch.randint(128, 8193, (64,), generator=generator).tolist()
+        rows.append(measure(block_size, mixed, copy_gbs, "mixed 128..8k"))
+    rows = [{c: row.get(c) for c in COLUMNS} for row in rows]
+    print_table(rows, "paged-attention decode (us per call; KV GB/s counts K and V bytes read once)")
+    write_json(args.json, {"gpu": gpu_name(), "copy_gbs": copy_gbs, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+// Paged-attention decode: what the op wrapper (paged_decode.cu) and the per-dtype instantiations share.
+// The algorithm lives in paged_decode_kernel.cuh.
+#pragma once
+
+#include <cstdint>
+
+#include <c10/core/Device.h>
+
+namespace minivllm::decode {
+
+// Everything a launch needs, checked and flattened by the op wrapper. Caches are contiguous
+// [num_blocks, block_size, num_kv_heads, head_dim]; out is contiguous [batch, num_heads, head_dim].
+struct DecodeArgs {
+  const void* q;
+  int64_t q_stride_batch, q_stride_head;  // elements; q's last dim is contiguous
+  const void* k_cache;
+  const void* v_cache;
+  const int32_t* block_tables;
+  int64_t block_table_stride;  // elements between two sequences' rows
+  const int32_t* context_lens;
+  void* out;
+  int batch, num_heads, num_kv_heads, max_blocks, block_size;
+  float scale;
+};
+
+// Launches the decode kernel (and the split-KV merge where it chose to split) on the current stream.
+// scalar_t is at::Half or at::BFloat16. Explicit instantiations live in paged_decode_{fp16,bf16}.cu.
+template <typename scalar_t, int kHeadDim>
+void launch_paged_decode(const DecodeArgs& args, const c10::Device& device);
+
+}  // namespace minivllm::decode

@@ -1,0 +1,225 @@
+"""The paged-attention decode kernel against the fp32 torch reference: random shapes and page layouts,
+split and unsplit grids, CUDA-graph replay, and the refusals of bad input."""
+
+import math
+import random
+
+import pytest
+import torch
+
+from minivllm.ops import KERNELS_BUILT, reference
+
+pytestmark = pytest.mark.skipif(
+    not (torch.cuda.is_available() and KERNELS_BUILT), reason="needs a CUDA GPU and the built minivllm._C kernels"
+)
+
+# Largest per-row relative error ||out - ref|| / ||ref|| allowed: a few times the output's own rounding.
+ROW_TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
+EDGE_LENGTHS = [1, 15, 16, 17, 63, 64, 65, 255, 256, 257, 4096]
+
+
+def decode(*args):
+    return torch.ops.minivllm.paged_attention_decode(*args)
+
+
+def poison_allocator(num_bytes: int) -> None:
+    """Leave 0xff bytes (NaN in fp16 and bf16) in the caching allocator's next block of this size, so an
+    output element the kernel forgets to write shows up as NaN."""
+    torch.empty(num_bytes, dtype=torch.uint8, device="cuda").fill_(255)
+
+
+def make_pages(rng: random.Random, lengths, block_size, num_kv_heads, head_dim, dtype, extra_columns):
+    """Caches whose pages are shuffled among the sequences and whose every slot not holding a token of
+    some sequence is NaN; block tables whose entries past each sequence's last page point at NaN pages.
+    Returns the caches, the tables and the caches with NaN replaced by zeros (for the reference)."""
+    pages_needed = [math.ceil(n / block_size) for n in lengths]
+    max_blocks = max(pages_needed + [1]) + extra_columns
+    num_spare = 4
+    num_blocks = sum(pages_needed) + num_spare
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache = torch.randn(shape, device="cuda").to(dtype)
+    v_cache = torch.randn(shape, device="cuda").to(dtype)
+    order = list(range(num_blocks))
+    rng.shuffle(order)
+    spare = order[:num_spare]
+    used = iter(order[num_spare:])
+    tables = torch.empty(len(lengths), max_blocks, dtype=torch.int32)
+    valid = torch.zeros(num_blocks, block_size, dtype=torch.bool)
+    for b, (n, pages) in enumerate(zip(lengths, pages_needed)):
+        for j in range(max_blocks):
+            if j < pages:
+                page = next(used)
+                tables[b, j] = page
+                valid[page, : min(block_size, n - j * block_size)] = True
+            else:
+                tables[b, j] = rng.choice(spare)
+    valid = valid.cuda()[..., None, None]
+    clean_k = torch.where(valid, k_cache, 0)
+    clean_v = torch.where(valid, v_cache, 0)
+    k_cache.masked_fill_(~valid, float("nan"))
+    v_cache.masked_fill_(~valid, float("nan"))
+    return k_cache, v_cache, tables.cuda(), clean_k, clean_v
+
+
+def reference_fp32(q, k_cache, v_cache, tables, lens, scale):
+    out = reference.paged_attention_decode(q.float(), k_cache.float(), v_cache.float(), tables, lens, scale)
+    return torch.where((lens > 0).view(-1, 1, 1), out, 0.0)  # no keys: the kernel's contract is zeros
+
+
+def check_close(out, ref, dtype):
+    assert out.dtype == dtype
+    assert not out.isnan().any(), "NaN in the kernel's output"
+    diff = (out.float() - ref).flatten(-2).norm(dim=-1)  # per (sequence, head) row
+    norm = ref.flatten(-2).norm(dim=-1)
+    row_err = (diff / norm.clamp(min=1e-6)).max().item()
+    assert row_err < ROW_TOLERANCE[dtype], f"max row relative error {row_err:.2e}"
+    return row_err
+
+
+def run_case(rng, batch, num_heads, num_kv_heads, head_dim, dtype, block_size, lengths, strided_q):
+    k_cache, v_cache, tables, clean_k, clean_v = make_pages(
+        rng, lengths, block_size, num_kv_heads, head_dim, dtype, extra_columns=rng.randint(0, 3)
+    )
+    lens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
+    # Magnitude 3: peakier attention, so a wrong or missing key shows more.
+    q_magnitude = rng.choice([1.0, 3.0])
+    if strided_q:  # q as a slice of a fused qkv projection: batch stride covers q, k and v heads
+        qkv = (q_magnitude * torch.randn(batch, num_heads + 2 * num_kv_heads, head_dim, device="cuda")).to(dtype)
+        q = qkv[:, :num_heads]
+    else:
+        q = (q_magnitude * torch.randn(batch, num_heads, head_dim, device="cuda")).to(dtype)
+    scale = head_dim**-0.5
+    poison_allocator(batch * num_heads * head_dim * 2)
+    out = decode(q, k_cache, v_cache, tables, lens, scale)
+    return check_close(out, reference_fp32(q, clean_k, clean_v, tables, lens, scale), dtype)
+
+
+def random_case(seed: int):
+    rng = random.Random(seed)
+    dtype = rng.choice([torch.float16, torch.bfloat16])
+    head_dim = rng.choice([64, 128])
+    num_kv_heads, group = rng.choice([(8, 1), (8, 2), (4, 4), (2, 8), (4, 2), (1, 16), (3, 3), (1, 12), (2, 1)])
+    block_size = rng.choice([16, 16, 32, 32, 256, 64, 128])
+    batch = rng.choice([1, 1, 2, 3, 5, 8, 16, 33, 64])
+    max_len = rng.choice([64, 300, 1024, 4096])
+    lengths = [rng.choice(EDGE_LENGTHS) if rng.random() < 0.3 else rng.randint(1, max_len) for _ in range(batch)]
+    # Keep the gathered reference small: it pads every sequence to the longest.
+    while batch * max(lengths) > 1 << 17 and batch > 1:
+        batch //= 2
+        lengths = lengths[:batch]
+    return rng, batch, num_kv_heads * group, num_kv_heads, head_dim, dtype, block_size, lengths, rng.random() < 0.5
+
+
+@pytest.mark.parametrize("seed", range(120))
+def test_random_cases(seed):
+    run_case(*random_case(seed))
+
+
+@pytest.mark.parametrize("block_size", [16, 256])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_long_context(block_size, dtype):
+    rng = random.Random(block_size)
+    run_case(rng, 2, 16, 8, 128, dtype, block_size, [32768, 20001], strided_q=False)
+
+
+def test_empty_and_single_token_rows():
+    """Padding rows of a captured batch have context 0 (zeros out) or 1, among real rows."""
+    rng = random.Random(0)
+    lengths = [0, 1, 700, 0, 17, 1]
+    k_cache, v_cache, tables, clean_k, clean_v = make_pages(rng, lengths, 16, 2, 128, torch.bfloat16, 1)
+    lens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
+    q = torch.randn(len(lengths), 8, 128, device="cuda", dtype=torch.bfloat16)
+    out = decode(q, k_cache, v_cache, tables, lens, 0.1)
+    assert (out[lens == 0] == 0).all()
+    check_close(out, reference_fp32(q, clean_k, clean_v, tables, lens, 0.1), torch.bfloat16)
+
+
+@pytest.mark.parametrize("batch", [1, 64])  # split-KV (with its workspace) and unsplit grids
+def test_cuda_graph_replay(batch):
+    """Capture once, then copy new queries, pages, tables and lengths into the captured buffers and replay."""
+    rng = random.Random(batch)
+    num_heads, num_kv_heads, head_dim, block_size, dtype = 16, 8, 128, 16, torch.bfloat16
+    max_blocks, num_blocks = 40, batch * 40 + 8
+
+    def fresh_inputs():
+        lengths = [rng.randint(0, max_blocks * block_size) for _ in range(batch)]
+        lengths[0] = rng.choice([0, 1, max_blocks * block_size])
+        k, v, tables, clean_k, clean_v = make_pages(rng, lengths, block_size, num_kv_heads, head_dim, dtype, 0)
+        # Same shapes every time: pad tables to max_blocks and caches to num_blocks.
+        full_tables = torch.randint(0, num_blocks, (batch, max_blocks), dtype=torch.int32, device="cuda")
+        full_tables[:, : tables.shape[1]] = tables
+        pad = num_blocks - k.shape[0]
+        padded = (torch.cat([t, t.new_zeros(pad, *t.shape[1:])]) for t in (k, v, clean_k, clean_v))
+        k, v, clean_k, clean_v = padded
+        q = torch.randn(batch, num_heads, head_dim, device="cuda").to(dtype)
+        lens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
+        return (q, k, v, full_tables, lens), (clean_k, clean_v)
+
+    buffers, _ = fresh_inputs()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        decode(*buffers, 0.088)  # warm-up outside capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = decode(*buffers, 0.088)
+
+    for _ in range(3):
+        new, (clean_k, clean_v) = fresh_inputs()
+        for buffer, value in zip(buffers, new):
+            buffer.copy_(value)
+        out.fill_(float("nan"))
+        graph.replay()
+        q, _, _, tables, lens = buffers
+        check_close(out, reference_fp32(q, clean_k, clean_v, tables, lens, 0.088), dtype)
+
+
+def valid_args(**changes):
+    args = dict(
+        q=torch.randn(2, 8, 128, device="cuda", dtype=torch.float16),
+        k_cache=torch.randn(4, 16, 2, 128, device="cuda", dtype=torch.float16),
+        v_cache=torch.randn(4, 16, 2, 128, device="cuda", dtype=torch.float16),
+        block_tables=torch.zeros(2, 2, dtype=torch.int32, device="cuda"),
+        context_lens=torch.ones(2, dtype=torch.int32, device="cuda"),
+        scale=0.1,
+    )
+    args.update(changes)
+    return args
+
+
+def test_valid_args_run():
+    assert decode(*valid_args().values()).shape == (2, 8, 128)
+
+
+@pytest.mark.parametrize(
+    "make_changes, message",
+    [
+        (lambda: dict(q=torch.randn(2, 8, 96, device="cuda", dtype=torch.float16)), "head_dim 96"),
+        (lambda: dict(q=torch.randn(2, 8, 128, device="cuda")), "Float"),
+        (lambda: dict(q=torch.randn(2, 8, 128, dtype=torch.float16)), "CUDA"),
+        (lambda: dict(q=torch.randn(2, 7, 128, device="cuda", dtype=torch.float16)), "multiple of num_kv_heads"),
+        (lambda: dict(q=torch.randn(2, 128, 8, device="cuda", dtype=torch.float16).transpose(1, 2)), "last dimension"),
+        (lambda: dict(k_cache=torch.randn(4, 16, 2, 128, device="cuda", dtype=torch.bfloat16)), "BFloat16"),
+        (lambda: dict(k_cache=torch.randn(8, 8, 2, 128, device="cuda", dtype=torch.float16)), "v_cache shape"),
+        (
+            lambda: dict(
+                k_cache=torch.randn(8, 8, 2, 128, device="cuda", dtype=torch.float16),
+                v_cache=torch.randn(8, 8, 2, 128, device="cuda", dtype=torch.float16),
+            ),
+            "block_size 8",
+        ),
+        (
+            lambda: dict(k_cache=torch.randn(4, 2, 16, 128, device="cuda", dtype=torch.float16).transpose(1, 2)),
+            "contiguous",
+        ),
+        (lambda: dict(block_tables=torch.zeros(2, 2, dtype=torch.int64, device="cuda")), "Int"),
+        (lambda: dict(block_tables=torch.zeros(3, 2, dtype=torch.int32, device="cuda")), "block_tables must be"),
+        (lambda: dict(context_lens=torch.ones(3, dtype=torch.int32, device="cuda")), "context_lens must be"),
+        (lambda: dict(context_lens=torch.ones(2, dtype=torch.int64, device="cuda")), "Int"),
+    ],
+)
+def test_bad_inputs_are_refused(make_changes, message):
+    changes = make_changes()  # built inside the test: collection must not touch CUDA
+    with pytest.raises(RuntimeError, match=message):
+        decode(*valid_args(**changes).values())
