@@ -46,8 +46,6 @@ class Scheduler:
                 raise RuntimeError("the KV cache cannot hold the next waiting request; this is a bug")
             self._preempt(self.running[-1])
             batch = self._schedule_prefill() or self._schedule_decode()
-        for seq in batch.seqs:
-            self.block_manager.commit(seq)
         return batch
 
     def _schedule_prefill(self) -> ScheduledBatch | None:
@@ -56,8 +54,8 @@ class Scheduler:
         for seq in self.running:  # unfinished prompt chunks go first
             if seq.num_uncomputed_tokens > 1:
                 left = self._place(seq, budget, seqs)
-                if left == budget:
-                    return None  # no blocks for it: let decodes run (and free blocks) first
+                if left == budget:  # no blocks for it: run what is placed, else let decodes free blocks first
+                    return ScheduledBatch(seqs, is_prefill=True) if seqs else None
                 budget = left
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
@@ -73,11 +71,15 @@ class Scheduler:
         return ScheduledBatch(seqs, is_prefill=True) if seqs else None
 
     def _place(self, seq: Sequence, budget: int, seqs: list[Sequence]) -> int:
-        """Schedule as much of seq's uncomputed tokens as budget and free blocks allow; the budget left."""
+        """Schedule as much of seq's uncomputed tokens as budget and free blocks allow; the budget left.
+
+        The blocks it fills are published at once, so prompts scheduled after it in this step share them.
+        """
         num_tokens = min(seq.num_uncomputed_tokens, budget)
         if num_tokens == 0 or not self.block_manager.reserve(seq, num_tokens):
             return budget
         seq.num_scheduled_tokens = num_tokens
+        self.block_manager.commit(seq)
         seqs.append(seq)
         return budget - num_tokens
 
@@ -92,6 +94,7 @@ class Scheduler:
                     break
             else:
                 seq.num_scheduled_tokens = 1
+                self.block_manager.commit(seq)
                 seqs.append(seq)
         return ScheduledBatch(seqs, is_prefill=False) if seqs else None
 
