@@ -104,6 +104,8 @@ class LLMEngine:
         seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
         start = max(0, len(seq.text) - max(map(len, seq.params.stop_strings)) + 1)
         seq.text += new_text
+        if seq.num_output_tokens < seq.params.min_tokens:
+            return None  # like stop ids and eos, stop strings count only once min_tokens are out
         hits = [(seq.text.find(s, start), s) for s in seq.params.stop_strings]
         hits = [(pos, s) for pos, s in hits if pos >= 0]
         if not hits:
