@@ -126,7 +126,8 @@ class ModelRunner:
 
     def prepare_decode(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         lengths = [len(seq) for seq in seqs]
-        slots = np.concatenate([self.slots(seq, n - 1, n) for seq, n in zip(seqs, lengths)])
+        bs = self.block_size
+        slots = [seq.block_table[(n - 1) // bs] * bs + (n - 1) % bs for seq, n in zip(seqs, lengths)]
         meta = AttentionMetadata(
             is_prefill=False,
             slot_mapping=self.to_device(slots, torch.int64),
@@ -158,19 +159,17 @@ class ModelRunner:
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
         batch_size = len(seqs)
         graph_size = next((size for size in sorted(self.graphs) if size >= batch_size), None)
+        input_ids, positions, meta = self.prepare_decode(seqs)
         if graph_size is None:
-            return self.model(*self.prepare_decode(seqs))
+            return self.model(input_ids, positions, meta)
         io = self.graph_io
-        io["input_ids"][:batch_size] = torch.as_tensor([seq.token_ids[-1] for seq in seqs])
-        io["positions"][:batch_size] = torch.as_tensor([len(seq) - 1 for seq in seqs])
-        io["slot_mapping"].fill_(-1)
-        io["slot_mapping"][:batch_size] = torch.as_tensor(
-            np.concatenate([self.slots(seq, len(seq) - 1, len(seq)) for seq in seqs])
-        )
+        io["input_ids"][:batch_size].copy_(input_ids)
+        io["positions"][:batch_size].copy_(positions)
+        io["slot_mapping"].fill_(-1)  # padding rows write nowhere and attend to nothing
+        io["slot_mapping"][:batch_size].copy_(meta.slot_mapping)
         io["context_lens"].zero_()
-        io["context_lens"][:batch_size] = torch.as_tensor([len(seq) for seq in seqs])
-        tables = self.block_table_array(seqs)
-        io["block_tables"][:batch_size, : tables.shape[1]] = torch.as_tensor(tables)
+        io["context_lens"][:batch_size].copy_(meta.context_lens)
+        io["block_tables"][:batch_size, : meta.block_tables.shape[1]].copy_(meta.block_tables)
         self.graphs[graph_size].replay()
         return io["hidden"][:batch_size]
 
