@@ -15,6 +15,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from minivllm.models import DecoderForCausalLM
+from minivllm.models.decoder import PackedLinear
 from minivllm.presets import PRESETS, preset_config, qwen3_tokenizer_dir
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -81,7 +82,7 @@ def weight_files(directory: str) -> list[str]:
 def load_weights(model: DecoderForCausalLM, directory: str) -> None:
     """Copy every checkpoint tensor into its (possibly packed) parameter; every parameter must be filled."""
     params = dict(model.named_parameters())
-    missing = set(params)
+    missing = {(name, shard) for name in params for shard in shards_of(model, name)}
     tied = model.config.tie_word_embeddings
     for path in weight_files(directory):
         with safe_open(path, framework="pt", device="cpu") as f:
@@ -99,9 +100,23 @@ def load_weights(model: DecoderForCausalLM, directory: str) -> None:
                 if target.shape != tensor.shape:
                     raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(target.shape)}")
                 target.copy_(tensor)
-                missing.discard(param_name)
+                missing.discard((param_name, shard))
     if missing:
-        raise ValueError(f"the checkpoint in {directory} lacks weights for {sorted(missing)[:5]} ...")
+        names = sorted(checkpoint_name(model, name, shard) for name, shard in missing)
+        raise ValueError(f"the checkpoint in {directory} lacks weights for {names[:5]} ...")
+
+
+def shards_of(model: DecoderForCausalLM, param_name: str) -> list[int | None]:
+    """The pieces a parameter is filled from: each shard of a packed one, else the whole (None)."""
+    module = model.get_submodule(param_name.rsplit(".", 1)[0])
+    return list(range(len(module.output_sizes))) if isinstance(module, PackedLinear) else [None]
+
+
+def checkpoint_name(model: DecoderForCausalLM, param_name: str, shard: int | None) -> str:
+    for piece, (packed, index) in model.packed_modules.items():
+        if index == shard and f".{packed}." in param_name:
+            return param_name.replace(f".{packed}.", f".{piece}.")
+    return param_name
 
 
 def packed_target(model: DecoderForCausalLM, name: str) -> tuple[str, int | None]:
