@@ -1,0 +1,320 @@
+"""Engine features end to end on a tiny random checkpoint: prefix caching, chunked prefill, preemption,
+n > 1, seeds, sampling knobs, every stop condition, output shapes, chat and tokenizer-less checkpoints."""
+
+import pytest
+
+from minivllm import LLM, SamplingParams
+from tests.conftest import completions, random_prompts, token_prompts, with_config
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+
+
+def record_batches(llm: LLM) -> list[dict]:
+    """Wrap the runner so every step's batch is recorded: kind, tokens and each sequence's block table."""
+    runner, log = llm.engine.runner, []
+    run = runner.run
+
+    def recording_run(batch, eos_ids):
+        log.append(
+            dict(
+                is_prefill=batch.is_prefill,
+                num_tokens=batch.num_tokens,
+                tables={seq.seq_id: list(seq.block_table) for seq in batch.seqs},
+                seqs=list(batch.seqs),
+            )
+        )
+        return run(batch, eos_ids)
+
+    runner.run = recording_run
+    return log
+
+
+def prefill_tokens(log: list[dict]) -> int:
+    return sum(step["num_tokens"] for step in log if step["is_prefill"])
+
+
+def greedy_reference(llm: LLM, prompts: list[list[int]], params: SamplingParams = GREEDY) -> list[list[int]]:
+    return completions(llm.generate(token_prompts(prompts), params, use_tqdm=False))
+
+
+# ----- prefix caching, chunked prefill, preemption ---------------------------------------------------------
+def shared_prefix_prompts(count: int, prefix_len: int, seed: int) -> list[list[int]]:
+    prefix = random_prompts(1, prefix_len, prefix_len, seed)[0]
+    return [prefix + suffix for suffix in random_prompts(count, 1, 20, seed + 1)]
+
+
+def test_prefix_caching_gives_same_tokens_and_hits(qwen3_dir):
+    prompts = shared_prefix_prompts(6, 50, seed=10)
+    plain = LLM(qwen3_dir, max_model_len=128, enable_prefix_caching=False)
+    plain_log = record_batches(plain)
+    expected = greedy_reference(plain, prompts[:1]) + greedy_reference(plain, prompts[1:])
+    assert prefill_tokens(plain_log) == sum(map(len, prompts))
+
+    cached = LLM(qwen3_dir, max_model_len=128, enable_prefix_caching=True)
+    cached_log = record_batches(cached)
+    got = greedy_reference(cached, prompts[:1]) + greedy_reference(cached, prompts[1:])
+    assert got == expected
+    # the 50-token prefix is 3 full blocks of 16: the last 5 prompts reuse them
+    assert prefill_tokens(cached_log) == sum(map(len, prompts)) - 5 * 48
+    # a repeated prompt hits every full block but still computes its last token
+    again = greedy_reference(cached, prompts[:1])
+    assert again == expected[:1]
+
+
+def test_prefix_caching_shares_blocks_within_one_batch(qwen3_dir):
+    """Prompts with a common prefix submitted together reuse the blocks the first one fills in the same step."""
+    prompts = shared_prefix_prompts(4, 40, seed=11)
+    plain = LLM(qwen3_dir, max_model_len=128, enable_prefix_caching=False)
+    expected = greedy_reference(plain, prompts)
+    cached = LLM(qwen3_dir, max_model_len=128)
+    log = record_batches(cached)
+    assert greedy_reference(cached, prompts) == expected
+    assert prefill_tokens(log) == sum(map(len, prompts)) - 3 * 32
+
+
+def test_prefix_caching_survives_eviction(qwen3_dir):
+    """A tiny cache keeps evicting cached blocks; the tokens must not change."""
+    prompts = shared_prefix_prompts(8, 40, seed=12) + random_prompts(8, 20, 60, seed=13)
+    expected = greedy_reference(LLM(qwen3_dir, max_model_len=128, enable_prefix_caching=False), prompts)
+    tiny = LLM(qwen3_dir, max_model_len=96, num_kv_blocks=12, max_num_seqs=4)
+    got = greedy_reference(tiny, prompts[::2]) + greedy_reference(tiny, prompts[1::2])
+    assert got == expected[::2] + expected[1::2]
+
+
+def test_chunked_prefill_equals_plain_run(qwen3_dir):
+    prompts = random_prompts(5, 50, 90, seed=20)
+    expected = greedy_reference(LLM(qwen3_dir, max_model_len=128, enable_prefix_caching=False), prompts)
+    for caching in (False, True):
+        chunked = LLM(qwen3_dir, max_model_len=128, max_num_batched_tokens=16, enable_prefix_caching=caching)
+        log = record_batches(chunked)
+        assert greedy_reference(chunked, prompts) == expected
+        assert all(step["num_tokens"] <= 16 for step in log)
+        assert sum(step["is_prefill"] for step in log) >= sum(len(p) for p in prompts) // 16
+
+
+def test_preemption_under_tiny_cache_equals_unconstrained_run(qwen3_dir):
+    prompts = random_prompts(10, 10, 40, seed=30)
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    expected = greedy_reference(LLM(qwen3_dir, max_model_len=128, enable_prefix_caching=False), prompts, params)
+    for caching in (False, True):
+        tiny = LLM(qwen3_dir, max_model_len=96, num_kv_blocks=8, enable_prefix_caching=caching)
+        outputs = tiny.generate(token_prompts(prompts), params, use_tqdm=False)
+        assert tiny.engine.scheduler.num_preemptions > 0
+        assert len(outputs) == len(prompts) and all(o.finished for o in outputs)
+        assert [o.prompt_token_ids for o in outputs] == prompts
+        assert completions(outputs) == expected
+        assert all(c.finish_reason == "length" and len(c.token_ids) == 40 for o in outputs for c in o.outputs)
+        assert tiny.engine.scheduler.block_manager.num_free_blocks == 8  # everything given back
+
+
+def test_max_model_len_is_capped_by_kv_capacity(qwen3_dir):
+    with pytest.warns(UserWarning, match="capacity"):
+        small = LLM(qwen3_dir, max_model_len=128, num_kv_blocks=4)
+    assert small.max_model_len == 64
+    out = small.generate({"prompt_token_ids": list(range(2, 62))}, SamplingParams(max_tokens=50, ignore_eos=True),
+                         use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 4 and out[0].outputs[0].finish_reason == "length"
+
+
+# ----- n > 1 and seeds -------------------------------------------------------------------------------------
+def test_n_completions_share_prompt_blocks_and_differ(qwen3_dir):
+    llm = LLM(qwen3_dir, max_model_len=128)
+    log = record_batches(llm)
+    prompt = random_prompts(1, 40, 40, seed=40)[0]
+    params = SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=10, ignore_eos=True)
+    [out] = llm.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)
+    assert [c.index for c in out.outputs] == [0, 1, 2]
+    assert all(len(c.token_ids) == 10 for c in out.outputs)
+    assert len({tuple(c.token_ids) for c in out.outputs}) == 3, "seeded completions should differ"
+    first_decode = next(step for step in log if not step["is_prefill"])
+    tables = list(first_decode["tables"].values())
+    assert len(tables) == 3
+    full_blocks = (len(prompt) - 1) // 16
+    assert all(t[:full_blocks] == tables[0][:full_blocks] for t in tables), tables
+    assert prefill_tokens(log) == len(prompt) + 2 * (len(prompt) - full_blocks * 16)
+
+
+def test_seeded_sampling_reproduces_regardless_of_batch(llm):
+    prompt = {"prompt_token_ids": random_prompts(1, 20, 20, seed=41)[0]}
+    seeded = SamplingParams(temperature=0.8, top_p=0.9, seed=1234, max_tokens=12, ignore_eos=True)
+    alone = llm.generate(prompt, seeded, use_tqdm=False)[0].outputs[0].token_ids
+    again = llm.generate(prompt, seeded, use_tqdm=False)[0].outputs[0].token_ids
+    assert alone == again
+    others = token_prompts(random_prompts(5, 5, 50, seed=42))
+    unseeded = SamplingParams(temperature=1.0, max_tokens=20, ignore_eos=True)
+    mixed = llm.generate(others[:2] + [prompt] + others[2:], [unseeded] * 2 + [seeded] + [unseeded] * 3,
+                         use_tqdm=False)
+    assert mixed[2].outputs[0].token_ids == alone
+    other_seed = SamplingParams(temperature=0.8, top_p=0.9, seed=99, max_tokens=12, ignore_eos=True)
+    assert llm.generate(prompt, other_seed, use_tqdm=False)[0].outputs[0].token_ids != alone
+
+
+def test_seeded_sampling_reproduces_under_preemption(qwen3_dir):
+    prompts = random_prompts(8, 10, 30, seed=43)
+    params = [SamplingParams(temperature=1.0, seed=i, max_tokens=30, ignore_eos=True) for i in range(8)]
+    expected = completions(LLM(qwen3_dir, max_model_len=96).generate(token_prompts(prompts), params, use_tqdm=False))
+    tiny = LLM(qwen3_dir, max_model_len=96, num_kv_blocks=6, max_num_batched_tokens=16)
+    assert completions(tiny.generate(token_prompts(prompts), params, use_tqdm=False)) == expected
+    assert tiny.engine.scheduler.num_preemptions > 0
+
+
+@pytest.mark.parametrize(
+    "knobs",
+    [dict(top_k=1), dict(top_p=1e-6), dict(min_p=1.0), dict(temperature=1e-4)],
+    ids=["top_k=1", "tiny_top_p", "min_p=1", "tiny_temperature"],
+)
+def test_degenerate_sampling_equals_greedy(llm, knobs):
+    prompts = random_prompts(4, 5, 40, seed=50)
+    expected = greedy_reference(llm, prompts)
+    params = SamplingParams(**{"temperature": 1.0, "max_tokens": 12, "ignore_eos": True, **knobs})
+    assert greedy_reference(llm, prompts, params) == expected
+
+
+def test_temperature_sampling_differs_from_greedy(llm):
+    prompts = random_prompts(4, 5, 40, seed=51)
+    params = SamplingParams(temperature=1.5, max_tokens=12, ignore_eos=True, seed=3)
+    assert greedy_reference(llm, prompts, params) != greedy_reference(llm, prompts)
+
+
+# ----- stop conditions -------------------------------------------------------------------------------------
+def first_repeatable_token(tokens: list[int], at_least: int) -> tuple[int, int]:
+    """A token of the completion and the index of its first occurrence, at or after `at_least`."""
+    for i in range(at_least, len(tokens)):
+        if tokens.index(tokens[i]) == i:
+            return tokens[i], i
+    raise AssertionError(f"no fresh token after {at_least} in {tokens}")
+
+
+def test_stop_token_ids(llm):
+    prompt = {"prompt_token_ids": random_prompts(1, 10, 10, seed=60)[0]}
+    full = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True), use_tqdm=False)
+    tokens = full[0].outputs[0].token_ids
+    stop, index = first_repeatable_token(tokens, 4)
+    out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[stop]), use_tqdm=False)
+    completion = out[0].outputs[0]
+    assert completion.token_ids == tokens[: index + 1]
+    assert (completion.finish_reason, completion.stop_reason) == ("stop", stop)
+    # min_tokens past the stop id's position bans it until then
+    params = SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[stop], min_tokens=index + 2)
+    late = llm.generate(prompt, params, use_tqdm=False)[0].outputs[0]
+    assert stop not in late.token_ids[: index + 2]
+    assert len(late.token_ids) >= index + 2
+
+
+def test_eos_ignore_eos_and_min_tokens(qwen3_dir, llm, tmp_path):
+    prompt = {"prompt_token_ids": random_prompts(1, 12, 12, seed=61)[0]}
+    tokens = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True), use_tqdm=False)[0]
+    tokens = tokens.outputs[0].token_ids
+    eos, index = first_repeatable_token(tokens, 3)
+    eos_llm = LLM(with_config(qwen3_dir, tmp_path / "eos", eos_token_id=eos), max_model_len=128)
+    stopped = eos_llm.generate(prompt, SamplingParams(temperature=0, max_tokens=20), use_tqdm=False)[0].outputs[0]
+    assert stopped.token_ids == tokens[: index + 1]
+    assert (stopped.finish_reason, stopped.stop_reason) == ("stop", None)
+    ignored = eos_llm.generate(prompt, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True), use_tqdm=False)
+    assert ignored[0].outputs[0].token_ids == tokens
+    assert ignored[0].outputs[0].finish_reason == "length"
+    params = SamplingParams(temperature=0, max_tokens=20, min_tokens=index + 3)
+    late = eos_llm.generate(prompt, params, use_tqdm=False)[0].outputs[0]
+    assert late.token_ids[:index] == tokens[:index] and late.token_ids[index] != eos
+    assert eos not in late.token_ids[: index + 3]
+
+
+def test_max_tokens_and_max_model_len_give_length(qwen3_dir):
+    llm = LLM(qwen3_dir, max_model_len=40)
+    prompts = token_prompts(random_prompts(2, 30, 30, seed=62))
+    outs = llm.generate(prompts, [SamplingParams(max_tokens=5, ignore_eos=True),
+                                  SamplingParams(max_tokens=100, ignore_eos=True)], use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in outs] == [5, 10]
+    assert [o.outputs[0].finish_reason for o in outs] == ["length", "length"]
+    assert all(o.outputs[0].stop_reason is None for o in outs)
+
+
+def test_outputs_in_input_order_with_fields(llm):
+    prompts = random_prompts(6, 1, 60, seed=63)
+    max_tokens = [12, 1, 7, 3, 9, 2]  # they finish in a different order than they were given
+    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in max_tokens]
+    outs = llm.generate(token_prompts(prompts), params, use_tqdm=False)
+    assert [o.prompt_token_ids for o in outs] == prompts
+    assert [len(o.outputs[0].token_ids) for o in outs] == max_tokens
+    assert len({o.request_id for o in outs}) == 6
+    for out in outs:
+        assert out.finished and out.prompt is None and out.outputs[0].index == 0
+        assert out.outputs[0].text == ""  # no tokenizer
+        m = out.metrics
+        assert m.arrival_time <= m.first_token_time <= m.finished_time
+    # each equals its own run alone
+    assert completions(outs)[0] == greedy_reference(llm, prompts[:1], params[0])[0]
+
+
+def test_prompt_forms(llm):
+    ids = random_prompts(2, 5, 9, seed=64)
+    expected = greedy_reference(llm, ids)
+    assert completions(llm.generate(ids, GREEDY, use_tqdm=False)) == expected  # a list of lists of ints
+    assert completions(llm.generate(token_prompts(ids)[0], GREEDY, use_tqdm=False)) == expected[:1]
+    out = llm.generate({"prompt_token_ids": ids[0], "prompt": "hi"}, GREEDY, use_tqdm=False)[0]
+    assert out.prompt == "hi"
+
+
+def test_no_tokenizer_gives_empty_text(llm):
+    assert llm.get_tokenizer() is None
+    with pytest.raises(ValueError, match="tokenizer"):
+        llm.generate("hello", GREEDY, use_tqdm=False)
+    out = llm.generate({"prompt_token_ids": [5, 6, 7]}, GREEDY, use_tqdm=False)[0]
+    assert out.outputs[0].text == "" and len(out.outputs[0].token_ids) == 12
+
+
+# ----- with the real Qwen3 tokenizer -------------------------------------------------------------------------
+def test_string_prompts_are_tokenized(tok_llm):
+    tokenizer = tok_llm.get_tokenizer()
+    out = tok_llm.generate(["Hello there", "The capital of France"], GREEDY, use_tqdm=False)
+    assert [o.prompt for o in out] == ["Hello there", "The capital of France"]
+    assert [o.prompt_token_ids for o in out] == [tokenizer.encode(o.prompt) for o in out]
+    for o in out:
+        c = o.outputs[0]
+        assert c.text == tokenizer.decode(c.token_ids, skip_special_tokens=True)
+
+
+def test_stop_strings_cut_text(tok_llm):
+    tokenizer = tok_llm.get_tokenizer()
+    prompt = "Once upon a time"
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    full = tok_llm.generate(prompt, params, use_tqdm=False)[0].outputs[0]
+    assert full.text == tokenizer.decode(full.token_ids, skip_special_tokens=True)
+    assert len(full.text) > 12, full.text
+    for start, length in ((len(full.text) // 2, 3), (len(full.text) - 2, 2)):
+        stop = full.text[start : start + length]
+        cut = full.text.find(stop)
+        params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=["\x00never", stop])
+        out = tok_llm.generate(prompt, params, use_tqdm=False)[0].outputs[0]
+        assert (out.finish_reason, out.stop_reason) == ("stop", stop)
+        assert out.text == full.text[:cut]
+        assert out.token_ids == full.token_ids[: len(out.token_ids)]
+        # the completion ends with the token that completed the stop string
+        assert stop in tokenizer.decode(out.token_ids, skip_special_tokens=True)
+        assert stop not in tokenizer.decode(out.token_ids[:-1], skip_special_tokens=True)
+
+
+def test_stop_strings_wait_for_min_tokens(tok_llm):
+    prompt = "Once upon a time"
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    full = tok_llm.generate(prompt, params, use_tqdm=False)[0].outputs[0]
+    stop = full.text[:2]  # appears within the first tokens
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=stop, min_tokens=20)
+    out = tok_llm.generate(prompt, params, use_tqdm=False)[0].outputs[0]
+    assert len(out.token_ids) >= 20
+
+
+def test_chat_applies_template(tok_llm):
+    tokenizer = tok_llm.get_tokenizer()
+    conversation = [{"role": "user", "content": "What is 2 + 2?"}]
+    text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    assert text.endswith("<|im_start|>assistant\n")
+    outs = tok_llm.chat([conversation, conversation + [{"role": "assistant", "content": "4"}]], GREEDY,
+                        use_tqdm=False)
+    assert len(outs) == 2
+    assert outs[0].prompt == text
+    assert outs[0].prompt_token_ids == tokenizer.encode(text, add_special_tokens=False)
+    assert outs[0].outputs[0].token_ids == completions(
+        tok_llm.generate({"prompt_token_ids": outs[0].prompt_token_ids}, GREEDY, use_tqdm=False))[0]
+    single = tok_llm.chat(conversation, GREEDY, use_tqdm=False)
+    assert single[0].outputs[0].token_ids == outs[0].outputs[0].token_ids
