@@ -1,0 +1,123 @@
+"""The batched sampler against the distributions it should draw from (large batches of one row, so the
+frequencies are close to the probabilities), and its per-request seeds and bans."""
+
+import pytest
+import torch
+
+from minivllm.engine.sequence import Sequence
+from minivllm.layers.sampler import SamplingBatch, sample
+from minivllm.sampling_params import SamplingParams
+
+ROWS = 20000
+PROBS = torch.tensor([0.05, 0.5, 0.0, 0.15, 0.3])  # a shuffled order, so nothing relies on sorted input
+
+
+def batch_of(params: list[SamplingParams], eos_ids=(), seeds=None, outputs=0) -> SamplingBatch:
+    seqs = []
+    for i, p in enumerate(params):
+        generator = None if seeds is None or seeds[i] is None else torch.Generator().manual_seed(seeds[i])
+        seq = Sequence([1, 2, 3], p, generator)
+        seq.token_ids += [4] * outputs
+        seqs.append(seq)
+    return SamplingBatch.from_sequences(seqs, list(eos_ids), torch.device("cpu"))
+
+
+def frequencies(params: SamplingParams, logits: torch.Tensor, rows: int = ROWS) -> torch.Tensor:
+    tokens = sample(logits.expand(rows, -1).clone(), batch_of([params] * rows))
+    return torch.bincount(tokens, minlength=logits.shape[-1]).float() / rows
+
+
+def test_temperature_one_draws_from_softmax():
+    torch.manual_seed(0)
+    freq = frequencies(SamplingParams(temperature=1.0), PROBS.log())
+    assert (freq - PROBS).abs().max() < 0.015
+    assert freq[2] == 0
+
+
+def test_temperature_sharpens_and_flattens():
+    torch.manual_seed(1)
+    logits = PROBS.clamp(min=1e-9).log()
+    for temperature in (0.5, 2.0):
+        expected = (logits / temperature).softmax(-1)
+        freq = frequencies(SamplingParams(temperature=temperature), logits)
+        assert (freq - expected).abs().max() < 0.015, temperature
+
+
+@pytest.mark.parametrize(
+    "knobs, allowed",
+    [
+        (dict(top_k=2), [1, 4]),
+        (dict(top_k=3), [1, 4, 3]),
+        (dict(top_p=0.7), [1, 4]),  # smallest set reaching 0.7: 0.5 + 0.3
+        (dict(top_p=0.85), [1, 4, 3]),
+        (dict(min_p=0.5), [1, 4]),  # p >= 0.5 * 0.5
+        (dict(min_p=0.2), [1, 4, 3]),
+        (dict(top_k=3, top_p=0.7), [1, 4]),
+    ],
+)
+def test_truncation_keeps_the_right_tokens_renormalised(knobs, allowed):
+    torch.manual_seed(2)
+    freq = frequencies(SamplingParams(temperature=1.0, **knobs), PROBS.clamp(min=1e-9).log())
+    expected = torch.zeros_like(PROBS)
+    expected[allowed] = PROBS[allowed] / PROBS[allowed].sum()
+    assert (freq - expected).abs().max() < 0.015, (freq, expected)
+
+
+def test_mixed_batch_rows_follow_their_own_params():
+    torch.manual_seed(3)
+    logits = torch.randn(6, 100)
+    params = [
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=1.0, top_k=1),
+        SamplingParams(temperature=1.0, top_p=1e-6),
+        SamplingParams(temperature=1.0, min_p=1.0),
+        SamplingParams(temperature=1.0, top_k=3),
+        SamplingParams(temperature=0.0, top_k=50),
+    ]
+    for _ in range(20):
+        tokens = sample(logits.clone(), batch_of(params))
+        greedy = logits.argmax(-1)
+        assert tokens[[0, 1, 2, 3, 5]].tolist() == greedy[[0, 1, 2, 3, 5]].tolist()
+        assert tokens[4].item() in logits[4].topk(3).indices.tolist()
+
+
+def test_min_tokens_bans_eos_and_stop_ids_until_reached():
+    logits = torch.randn(4, 50)
+    top = logits.argmax(-1)
+    eos = top[0].item()
+    params = [
+        SamplingParams(temperature=0.0, min_tokens=3),  # eos banned
+        SamplingParams(temperature=0.0, min_tokens=3, stop_token_ids=[top[1].item()]),  # stop id banned
+        SamplingParams(temperature=0.0, min_tokens=1),  # reached: nothing banned
+        SamplingParams(temperature=0.0, min_tokens=3, ignore_eos=True),
+    ]
+    logits[3, eos] = 100.0
+    tokens = sample(logits.clone(), batch_of(params, eos_ids=[eos], outputs=2))
+    assert tokens[0] != eos and tokens[0] == logits[0].topk(2).indices[1]
+    assert tokens[1] != top[1]
+    assert tokens[2] == top[2]
+    assert tokens[3] == eos  # ignore_eos: eos is an ordinary token
+
+
+def test_seeded_row_does_not_depend_on_the_batch():
+    torch.manual_seed(4)
+    logits = torch.randn(8, 64)
+    seeded = SamplingParams(temperature=1.0, seed=11)
+
+    def draws(row: int, size: int, steps: int = 10) -> list[int]:
+        params = [SamplingParams(temperature=1.0)] * size
+        params[row] = seeded
+        seeds = [None] * size
+        seeds[row] = 11
+        batch = batch_of(params, seeds=seeds)
+        out = []
+        for _ in range(steps):
+            rows = logits[:size].clone()
+            rows[row] = logits[0]
+            out.append(sample(rows, batch)[row].item())
+        return out
+
+    alone = draws(0, 1)
+    assert draws(5, 8) == alone
+    assert draws(2, 3) == alone
+    assert len(set(alone)) > 1
