@@ -109,11 +109,18 @@ COLUMNS = [
 
 
 def main() -> None:
-    args = parser(__doc__.splitlines()[0]).parse_args()
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--case", metavar="BLOCK,BATCH,CONTEXT", help="measure only this row (e.g. to profile it)")
+    args = p.parse_args()
     require_cuda()
     copy_gbs = copy_bandwidth_gbs()
     print(f"{gpu_name()}: device-to-device copy {copy_gbs:.0f} GB/s (read + written)")
     print(f"shape (Hq, Hkv, D) = ({NUM_HEADS}, {NUM_KV_HEADS}, {HEAD_DIM}), {DTYPE}")
+
+    if args.case:
+        block_size, batch, context = map(int, args.case.split(","))
+        print_table([measure(block_size, [context] * batch, copy_gbs, str(context))], "paged-attention decode")
+        return
 
     rows = []
     for block_size in BLOCK_SIZES:

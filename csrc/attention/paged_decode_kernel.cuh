@@ -4,8 +4,8 @@
 // split of the context). It streams its context through shared memory in tiles of kTile tokens, kStages
 // tiles in flight (cp.async, no registers held by loads in flight), so each K/V row is read from memory
 // once and used by every query head of the group. Per tile:
-//   1. scores: two threads per token, each dotting half of the row with every query head (q in shared
-//      memory, pre-scaled by scale * log2(e) so the softmax can use exp2);
+//   1. scores: four threads per token, each dotting a quarter of the row with every query head (q in
+//      shared memory, pre-scaled by scale * log2(e) so the softmax can use exp2);
 //   2. online softmax: the tile's max per head across the CTA, probabilities into shared memory, running
 //      max and per-thread running sums rescaled;
 //   3. P.V: each thread owns 8 output dims of one head and a strided subset of the tile's tokens, so
@@ -31,7 +31,7 @@
 
 namespace minivllm::decode {
 
-constexpr int kThreads = 128;
+constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kTile = 64;                           // tokens per pipeline stage
 constexpr int kStages = 3;                          // tiles in shared memory: two loading while one computes
@@ -39,7 +39,7 @@ constexpr int kThreadsPerToken = kThreads / kTile;  // score phase: threads shar
 constexpr int kMaxHeads = 8;                        // query heads one CTA serves; larger groups take more CTAs
 constexpr int kVec = 8;                             // elements in one 16-byte access
 constexpr int kMaxSplits = 128;
-static_assert(kThreadsPerToken == 2, "the swizzle below assumes two threads per K row in the score phase");
+static_assert(kThreadsPerToken == 4, "the swizzle below assumes four threads per K row in the score phase");
 
 template <int kHeadDim>
 struct Layout {
@@ -57,11 +57,11 @@ struct Layout {
 };
 
 // Position of chunk `chunk` of tile row `row`, in 16-byte units. Rows are 128 or 256 bytes, so without
-// the XOR every row would start in the same bank; in the score phase a quarter-warp reads chunks 2i and
-// 2i+1 of four consecutive rows, which the XOR on bits 1-2 spreads over all 8 16-byte bank groups.
+// the XOR every row would start in the same bank; in the score phase a quarter-warp reads chunks 4i..4i+3
+// of two consecutive rows, which the XOR on bit 2 spreads over all 8 16-byte bank groups.
 template <int kChunks>
 __device__ __forceinline__ int swizzle(int row, int chunk) {
-  return row * kChunks + (chunk ^ ((row & 3) << 1));
+  return row * kChunks + (chunk ^ ((row & 1) << 2));
 }
 
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem) {
@@ -211,7 +211,7 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const KernelPara
     const uint4* v_tile = k_tile + L::kTileChunks;
     const int tile_tokens = min(kTile, end - begin - tile * kTile);
 
-    // 1. Scores of this thread's token, summed over its half of the row and then the pair.
+    // 1. Scores of this thread's token, summed over its quarter of the row and then the four threads.
     float score[kMaxHeads] = {};
     const bool token_valid = my_token < tile_tokens;
     if (token_valid) {
@@ -233,43 +233,47 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const KernelPara
     }
 #pragma unroll
     for (int h = 0; h < kMaxHeads; ++h) {
-      score[h] += __shfl_xor_sync(0xffffffffu, score[h], 1);
+      if (h < num_heads) {
+#pragma unroll
+        for (int off = 1; off < kThreadsPerToken; off *= 2) score[h] += __shfl_xor_sync(0xffffffffu, score[h], off);
+      }
       if (!token_valid) score[h] = -INFINITY;
     }
 
-    // 2. The tile's max per head across the CTA (pairs hold equal scores, so skip the last xor).
+    // 2. The tile's max per head across the CTA (a token's threads hold equal scores: skip their xors).
 #pragma unroll
     for (int h = 0; h < kMaxHeads; ++h) {
-      float m = score[h];
+      if (h < num_heads) {
+        float m = score[h];
 #pragma unroll
-      for (int off = 16; off >= kThreadsPerToken; off /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
-      if (lane == 0) warp_s[warp * kMaxHeads + h] = m;
+        for (int off = 16; off >= kThreadsPerToken; off /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+        if (lane == 0) warp_s[warp * kMaxHeads + h] = m;
+      }
     }
     __syncthreads();
-    float correction[kMaxHeads];
+    float pv_correction = 0.f;  // rescales this thread's P.V accumulator to the new max of its head
 #pragma unroll
     for (int h = 0; h < kMaxHeads; ++h) {
-      float tile_max = warp_s[h];
+      if (h < num_heads) {
+        float tile_max = warp_s[h];
 #pragma unroll
-      for (int w = 1; w < kWarps; ++w) tile_max = fmaxf(tile_max, warp_s[w * kMaxHeads + h]);
-      // Every tile holds at least one valid token, so new_max is finite and exp2(-inf) = 0 at the start.
-      const float new_max = fmaxf(running_max[h], tile_max);
-      correction[h] = exp2f(running_max[h] - new_max);
-      running_max[h] = new_max;
-      const float prob = exp2f(score[h] - new_max);  // 0 for tokens past the end
-      running_sum[h] = running_sum[h] * correction[h] + prob;
-      if (my_part == 0 && h < num_heads) p_s[h * kTile + my_token] = prob;
+        for (int w = 1; w < kWarps; ++w) tile_max = fmaxf(tile_max, warp_s[w * kMaxHeads + h]);
+        // Every tile holds a valid token, so new_max is finite and the first correction is exp2(-inf) = 0.
+        const float new_max = fmaxf(running_max[h], tile_max);
+        const float correction = exp2f(running_max[h] - new_max);
+        running_max[h] = new_max;
+        const float prob = exp2f(score[h] - new_max);  // 0 for tokens past the end
+        running_sum[h] = running_sum[h] * correction + prob;
+        if (my_part == 0) p_s[h * kTile + my_token] = prob;
+        if (h == pv_head) pv_correction = correction;
+      }
     }
     __syncthreads();
 
     // 3. acc = acc * correction + sum_t p[t] * v[t] over this thread's tokens.
     if (pv_lane < pv_lanes) {
-      float corr = 0.f;
 #pragma unroll
-      for (int h = 0; h < kMaxHeads; ++h)
-        if (h == pv_head) corr = correction[h];
-#pragma unroll
-      for (int e = 0; e < kVec; ++e) acc[e] *= corr;
+      for (int e = 0; e < kVec; ++e) acc[e] *= pv_correction;
 #pragma unroll 4
       for (int t = pv_lane; t < tile_tokens; t += pv_lanes) {
         const float prob = p_s[pv_head * kTile + t];
@@ -283,13 +287,15 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const KernelPara
   cp_async_wait<0>();
   __syncthreads();  // tile buffers, p_s and warp_s are free for the merge below
 
-  // Softmax denominators: only the first thread of each token pair counted its probabilities.
+  // Softmax denominators: only the first thread of each token counted its probabilities.
 #pragma unroll
   for (int h = 0; h < kMaxHeads; ++h) {
-    float s = my_part == 0 ? running_sum[h] : 0.f;
+    if (h < num_heads) {
+      float s = my_part == 0 ? running_sum[h] : 0.f;
 #pragma unroll
-    for (int off = 16; off >= 1; off /= 2) s += __shfl_xor_sync(0xffffffffu, s, off);
-    if (lane == 0) warp_s[warp * kMaxHeads + h] = s;
+      for (int off = 16; off >= 1; off /= 2) s += __shfl_xor_sync(0xffffffffu, s, off);
+      if (lane == 0) warp_s[warp * kMaxHeads + h] = s;
+    }
   }
   // Partial P.V sums of the token lanes, gathered per (head, chunk) by lane 0's threads.
   float* merge_s = reinterpret_cast<float*>(smem);  // [kPvSlots][kChunks][kVec]
