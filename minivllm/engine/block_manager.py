@@ -91,6 +91,12 @@ class BlockManager:
                 block.hash, block.token_ids = block_hash, tuple(self._block_tokens(seq, i))
                 self.cached[block_hash] = block.block_id
 
+    def unpublish_uncomputed(self, seq: Sequence) -> None:
+        """Take seq's blocks past its computed tokens out of the prefix cache: the step that published them
+        never ran (it was interrupted), so they hold no K/V."""
+        for block_id in seq.block_table[seq.num_computed_tokens // self.block_size :]:
+            self._evict(block_id)
+
     def free_sequence(self, seq: Sequence) -> None:
         """Drop seq's references; its blocks that nobody else uses become free, cached ones findable."""
         for block_id in reversed(seq.block_table):

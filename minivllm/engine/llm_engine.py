@@ -141,6 +141,7 @@ class LLMEngine:
     def abort_all(self) -> None:
         """Drop every request (after an interrupt), freeing their blocks, so the engine can serve again."""
         for seq in list(self.scheduler.running):
+            self.scheduler.block_manager.unpublish_uncomputed(seq)
             self.scheduler.finish(seq)
         self.scheduler.waiting.clear()
         self.requests.clear()
