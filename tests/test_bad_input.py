@@ -261,3 +261,23 @@ def test_fp16_and_bf16_run_on_cpu(qwen3_dir, baseline):
         out = completions(half.generate(token_prompts(PROMPTS), GREEDY, use_tqdm=False))
         assert [len(c) for c in out] == [8, 8, 8]
         assert out[0][:2] == baseline[0][:2]
+
+
+def test_interrupted_prefill_does_not_poison_the_prefix_cache(qwen3_dir):
+    """Blocks published for a step that never ran hold no K/V: a later prompt must not hit them."""
+    llm = LLM(qwen3_dir, max_model_len=128)
+    prompts = token_prompts(random_prompts(2, 40, 60, seed=72))
+    expected = completions(LLM(qwen3_dir, max_model_len=128).generate(prompts, GREEDY, use_tqdm=False))
+    runner = llm.engine.runner
+    run = runner.run
+
+    def interrupted(batch, eos_ids):
+        raise KeyboardInterrupt
+
+    runner.run = interrupted
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            llm.generate(prompts, GREEDY, use_tqdm=False)
+    finally:
+        runner.run = run
+    assert completions(llm.generate(prompts, GREEDY, use_tqdm=False)) == expected
