@@ -245,7 +245,8 @@ def test_unsupported_device(qwen3_dir, device):
         (dict(max_model_len=0), ValueError, "max_model_len"),
         (dict(num_kv_blocks=0), ValueError, "num_kv_blocks"),
         (dict(gpu_memory_utilization=1.5), ValueError, "gpu_memory_utilization"),
-        (dict(tensor_parallel_size=2), ValueError, "tensor_parallel_size"),
+        (dict(tensor_parallel_size=0), ValueError, "tensor_parallel_size"),
+        (dict(tensor_parallel_size="2"), (TypeError, ValueError), "tensor_parallel_size"),
     ],
 )
 def test_bad_engine_arguments(qwen3_dir, kwargs, error, message):
