@@ -24,8 +24,10 @@ from minivllm import LLM
 from minivllm.presets import qwen3_tokenizer_dir
 
 # The tiny models' matrices are far too small to split across threads: on a shared 2-core machine intra-op
-# threads only wait on each other (10-20x slower per op), so the suite runs single-threaded.
-torch.set_num_threads(1)
+# threads only wait on each other (10-20x slower per op), so the CPU suite runs single-threaded. (On a GPU
+# machine the GPU tests' CPU-side work is left as it is.)
+if not torch.cuda.is_available():
+    torch.set_num_threads(1)
 
 FAMILIES = {
     "qwen3": (Qwen3Config, Qwen3ForCausalLM),

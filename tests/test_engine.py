@@ -1,7 +1,11 @@
 """Engine features end to end on a tiny random checkpoint: prefix caching, chunked prefill, preemption,
 n > 1, seeds, sampling knobs, every stop condition, output shapes, chat and tokenizer-less checkpoints."""
 
+import contextlib
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from minivllm import LLM, SamplingParams
 from tests.conftest import completions, random_prompts, token_prompts, with_config
@@ -114,6 +118,39 @@ def test_max_model_len_is_capped_by_kv_capacity(qwen3_dir):
     out = small.generate({"prompt_token_ids": list(range(2, 62))}, SamplingParams(max_tokens=50, ignore_eos=True),
                          use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 4 and out[0].outputs[0].finish_reason == "length"
+
+
+@pytest.fixture(scope="module")
+def plain_reference(qwen3_dir):
+    """Greedy tokens of a pool of prompts (some sharing prefixes) from a plain, unconstrained engine."""
+    prompts = shared_prefix_prompts(6, 35, seed=14) + random_prompts(6, 1, 70, seed=15)
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    plain = LLM(qwen3_dir, max_model_len=128, enable_prefix_caching=False)
+    return prompts, dict(zip(map(tuple, prompts), greedy_reference(plain, prompts, params)))
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+    st.lists(st.integers(0, 11), min_size=1, max_size=8),
+    st.sampled_from([16, 32, 64]),
+    st.integers(8, 96),
+    st.integers(0, 6),
+    st.booleans(),
+    st.integers(1, 8),
+)
+def test_random_engine_settings_keep_greedy_tokens(
+    qwen3_dir, plain_reference, picks, block_size, budget, spare_blocks, caching, max_num_seqs
+):
+    """Whatever the page size, token budget, cache size, caching and batch width: the plain run's tokens."""
+    prompts, expected = plain_reference
+    chosen = [prompts[i] for i in picks]
+    num_blocks = -(-80 // block_size) + spare_blocks  # the longest request (70 + 10 tokens) always fits
+    with pytest.warns() if num_blocks * block_size < 128 else contextlib.nullcontext():
+        llm = LLM(qwen3_dir, max_model_len=128, block_size=block_size, max_num_batched_tokens=budget,
+                  num_kv_blocks=num_blocks, enable_prefix_caching=caching, max_num_seqs=max_num_seqs)
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    assert greedy_reference(llm, chosen, params) == [expected[tuple(p)] for p in chosen]
+    assert llm.engine.scheduler.block_manager.num_free_blocks == num_blocks
 
 
 # ----- n > 1 and seeds -------------------------------------------------------------------------------------
