@@ -121,3 +121,16 @@ def test_seeded_row_does_not_depend_on_the_batch():
     assert draws(5, 8) == alone
     assert draws(2, 3) == alone
     assert len(set(alone)) > 1
+
+
+def test_engine_generator_drives_unseeded_rows():
+    logits = torch.randn(4, 64)
+    params = [SamplingParams(temperature=1.0)] * 4
+
+    def draws(seed: int) -> list[list[int]]:
+        batch = batch_of(params)
+        batch.generator = torch.Generator().manual_seed(seed)
+        return [sample(logits.clone(), batch).tolist() for _ in range(5)]
+
+    assert draws(1) == draws(1)
+    assert draws(1) != draws(2)

@@ -20,9 +20,12 @@ class SamplingBatch:
     seeded_rows: list[tuple[int, torch.Generator]]
     banned: list[tuple[int, list[int]]]  # rows that may not end yet (min_tokens) and the ids they may not draw
     all_greedy: bool
+    generator: torch.Generator | None = None  # draws for rows without a seed: the engine's, seeded by LLM(seed=)
 
     @classmethod
-    def from_sequences(cls, seqs: list[Sequence], eos_ids: list[int], device: torch.device) -> "SamplingBatch":
+    def from_sequences(
+        cls, seqs: list[Sequence], eos_ids: list[int], device: torch.device, generator: torch.Generator | None = None
+    ) -> "SamplingBatch":
         params = [seq.params for seq in seqs]
 
         def column(values: list, dtype: torch.dtype, off: float | None) -> torch.Tensor | None:
@@ -43,6 +46,7 @@ class SamplingBatch:
             seeded_rows=[(row, seq.generator) for row, seq in enumerate(seqs) if seq.generator is not None],
             banned=[(row, ids) for row, ids in banned if ids],
             all_greedy=all(p.greedy for p in params),
+            generator=generator,
         )
 
 
@@ -62,7 +66,7 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     if batch.min_p is not None:
         floor = batch.min_p.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
         probs = probs.masked_fill(probs < floor, 0.0)
-    noise = torch.empty_like(probs).exponential_()
+    noise = torch.empty_like(probs).exponential_(generator=batch.generator)
     for row, generator in batch.seeded_rows:
         noise[row].exponential_(generator=generator)
     sampled = (probs / noise).argmax(dim=-1)
