@@ -63,6 +63,8 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.min_p must be in [0, 1], got {self.min_p}")
         if self.max_tokens < 1:
             raise ValueError(f"SamplingParams.max_tokens must be at least 1, got {self.max_tokens}")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**63:
+            raise ValueError(f"SamplingParams.seed must fit in a signed 64-bit integer, got {self.seed}")
         if self.min_tokens < 0:
             raise ValueError(f"SamplingParams.min_tokens must be >= 0, got {self.min_tokens}")
         if self.min_tokens > self.max_tokens:
