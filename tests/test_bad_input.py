@@ -42,6 +42,8 @@ def assert_untouched_and_serving(llm: LLM, baseline: list[list[int]]) -> None:
         (dict(min_tokens=-1), "min_tokens"),
         (dict(min_tokens=5, max_tokens=4), "min_tokens"),
         (dict(stop=""), "stop"),
+        (dict(seed=2**64), "seed"),
+        (dict(seed=-(2**63) - 1), "seed"),
     ],
 )
 def test_sampling_params_out_of_range(kwargs, field):
@@ -67,6 +69,13 @@ def test_sampling_params_out_of_range(kwargs, field):
 def test_sampling_params_wrong_types(kwargs, field):
     with pytest.raises(TypeError, match=field):
         SamplingParams(**kwargs)
+
+
+def test_extreme_seeds_run(llm):
+    prompt = {"prompt_token_ids": [3, 4, 5]}
+    for seed in (-(2**63), 2**63 - 1):
+        params = SamplingParams(n=2, seed=seed, max_tokens=4, ignore_eos=True)
+        assert len(llm.generate(prompt, params, use_tqdm=False)[0].outputs) == 2
 
 
 def test_sampling_params_defaults_match_vllm():
