@@ -31,7 +31,11 @@ class EngineConfig:
     tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
-        positive = {"max_num_seqs": self.max_num_seqs, "max_num_batched_tokens": self.max_num_batched_tokens}
+        positive = {
+            "max_num_seqs": self.max_num_seqs,
+            "max_num_batched_tokens": self.max_num_batched_tokens,
+            "tensor_parallel_size": self.tensor_parallel_size,
+        }
         optional_positive = {"max_model_len": self.max_model_len, "num_kv_blocks": self.num_kv_blocks}
         for name, value in {**positive, **optional_positive, "seed": self.seed}.items():
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
@@ -46,9 +50,12 @@ class EngineConfig:
             raise ValueError(f"block_size must be a power of two from 16 to 256, got {self.block_size!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        if self.tensor_parallel_size != 1:
-            raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} is not supported yet; use 1")
         self.device = resolve_device(self.device)
+        if self.device.type == "cuda" and self.device.index + self.tensor_parallel_size > torch.cuda.device_count():
+            raise ValueError(
+                f"tensor_parallel_size={self.tensor_parallel_size} needs one GPU a rank from {self.device} on, but "
+                f"only {torch.cuda.device_count()} CUDA GPU(s) are visible; lower it or pick an earlier device"
+            )
 
     def resolve_dtype(self, config_dtype: torch.dtype | None) -> torch.dtype:
         """The model dtype: as asked, or for "auto" the checkpoint's on a GPU and fp32 on the CPU."""

@@ -13,6 +13,7 @@ from minivllm.config import EngineConfig
 from minivllm.engine.llm_engine import LLMEngine
 from minivllm.engine.model_runner import ModelRunner
 from minivllm.engine.scheduler import ScheduledBatch
+from minivllm.engine.tp_workers import start_tensor_parallel
 from minivllm.model_loader import load_tokenizer, resolve_model
 from minivllm.outputs import RequestOutput
 from minivllm.sampling_params import SamplingParams
@@ -48,7 +49,10 @@ class LLM:
         self.hf_config = source.config
         self.tokenizer = load_tokenizer(source)
         dtype = self.config.resolve_dtype(getattr(source.config, "dtype", None))
-        runner = ModelRunner(self.config, source, dtype)
+        if self.config.tensor_parallel_size == 1:
+            runner, self.workers = ModelRunner(self.config, source, dtype), None
+        else:  # ranks 1..N-1 in processes of their own; stopped by shutdown(), garbage collection or exit
+            runner, self.workers = start_tensor_parallel(self.config, source, dtype)
         if self.config.max_model_len and self.config.max_model_len > runner.max_model_len:
             warnings.warn(f"max_model_len capped at the model's {runner.max_model_len} positions", stacklevel=2)
         capacity = runner.num_kv_blocks * self.config.block_size
@@ -68,6 +72,11 @@ class LLM:
 
     def get_tokenizer(self) -> PreTrainedTokenizerBase | None:
         return self.tokenizer
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel worker processes now (no-op at tensor_parallel_size 1)."""
+        if self.workers is not None:
+            self.workers.shutdown()
 
     def generate(
         self,

@@ -15,7 +15,6 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from minivllm.models import DecoderForCausalLM
-from minivllm.models.decoder import PackedLinear
 from minivllm.presets import PRESETS, preset_config, qwen3_tokenizer_dir
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -80,7 +79,9 @@ def weight_files(directory: str) -> list[str]:
 
 
 def load_weights(model: DecoderForCausalLM, directory: str) -> None:
-    """Copy every checkpoint tensor into its (possibly packed) parameter; every parameter must be filled."""
+    """Copy every checkpoint tensor into its (possibly packed) parameter; every parameter must be filled.
+
+    A tensor-parallel rank reads only its part of each sharded tensor from the file."""
     params = dict(model.named_parameters())
     missing = {(name, shard) for name in params for shard in shards_of(model, name)}
     tied = model.config.tie_word_embeddings
@@ -92,11 +93,7 @@ def load_weights(model: DecoderForCausalLM, directory: str) -> None:
                 param_name, shard = packed_target(model, name)
                 if param_name not in params:
                     raise ValueError(f"checkpoint tensor {name!r} in {path} matches no parameter of the model")
-                param = params[param_name]
-                tensor = f.get_tensor(name)
-                target = param.data if shard is None else model.get_submodule(param_name.rsplit(".", 1)[0]).shard(
-                    param.data, shard
-                )
+                target, tensor = checkpoint_part(params[param_name], shard, f.get_slice(name), name)
                 if target.shape != tensor.shape:
                     raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(target.shape)}")
                 target.copy_(tensor)
@@ -106,10 +103,19 @@ def load_weights(model: DecoderForCausalLM, directory: str) -> None:
         raise ValueError(f"the checkpoint in {directory} lacks weights for {names[:5]} ...")
 
 
+def checkpoint_part(param: torch.nn.Parameter, shard: int | None, checkpoint, name: str):
+    """(where in param, what from the checkpoint tensor): this rank's part of a sharded parameter, else all."""
+    sharding = getattr(param, "sharding", None)
+    if sharding is None:
+        return param.data, checkpoint[:]
+    return sharding.target(param.data, shard or 0), sharding.read(checkpoint, shard or 0, name)
+
+
 def shards_of(model: DecoderForCausalLM, param_name: str) -> list[int | None]:
     """The pieces a parameter is filled from: each shard of a packed one, else the whole (None)."""
-    module = model.get_submodule(param_name.rsplit(".", 1)[0])
-    return list(range(len(module.output_sizes))) if isinstance(module, PackedLinear) else [None]
+    sharding = getattr(model.get_parameter(param_name), "sharding", None)
+    num_pieces = len(sharding.full_sizes) if sharding is not None else 1
+    return list(range(num_pieces)) if num_pieces > 1 else [None]
 
 
 def checkpoint_name(model: DecoderForCausalLM, param_name: str, shard: int | None) -> str:
@@ -136,5 +142,9 @@ def init_random_weights(model: DecoderForCausalLM, seed: int) -> None:
             param.data.fill_(1.0)
         elif name.endswith("bias"):
             param.data.zero_()
-        else:
-            param.data.normal_(0.0, 0.02, generator=generator)
+        else:  # drawn whole and then cut, so every tensor_parallel_size gets the same model
+            sharding = param.sharding
+            full = torch.empty(sharding.full_shape(param.shape), dtype=param.dtype, device=device)
+            full.normal_(0.0, 0.02, generator=generator)
+            for piece, piece_rows in enumerate(full.split(sharding.full_sizes, dim=sharding.dim)):
+                sharding.target(param.data, piece).copy_(sharding.read(piece_rows, piece, name))

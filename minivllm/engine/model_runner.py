@@ -8,6 +8,7 @@ import torch
 
 from minivllm import ops
 from minivllm.config import EngineConfig
+from minivllm.distributed import TensorParallel
 from minivllm.engine.scheduler import ScheduledBatch
 from minivllm.engine.sequence import Sequence
 from minivllm.layers.attention import Attention, AttentionMetadata
@@ -20,12 +21,14 @@ CPU_KV_CACHE_BYTES = 2 << 30  # the CPU has no memory to profile against; a fixe
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, source: ModelSource, dtype: torch.dtype):
+    def __init__(self, config: EngineConfig, source: ModelSource, dtype: torch.dtype, tp: TensorParallel | None = None):
         self.config = config
         self.device = config.device
         self.dtype = dtype
         self.block_size = config.block_size
-        self.model = build_model(source, dtype, self.device, config.seed)
+        self.tp = tp or TensorParallel()  # this rank's place when the model is split over several GPUs
+        self.model = build_model(source, dtype, self.device, config.seed, self.tp)
+        self.tp.reached("weights loaded")
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.max_model_len = min(
             config.max_model_len or source.config.max_position_embeddings, source.config.max_position_embeddings
@@ -51,6 +54,7 @@ class ModelRunner:
         else:
             wanted = self.config.max_num_seqs * self.max_model_len * self.kv_bytes_per_block() // self.block_size
             num_blocks = min(CPU_KV_CACHE_BYTES, wanted) // self.kv_bytes_per_block()
+        num_blocks = self.tp.min_over_ranks(num_blocks)  # one block table serves every rank's cache
         if num_blocks < 1:
             raise ValueError(
                 "no GPU memory is left for the KV cache after the weights and activations; raise "
@@ -76,7 +80,9 @@ class ModelRunner:
         positions = torch.cat([torch.arange(n, device=self.device) for n in lengths])
         with torch.inference_mode():
             hidden = self.model(input_ids, positions, meta)
-            self.model.compute_logits(hidden[cu[1:] - 1]).float()
+            logits = self.model.compute_logits(hidden[cu[1:] - 1])
+            if logits is not None:  # rank 0 alone holds the logits, and their fp32 copy for sampling
+                logits.float()
         torch.cuda.synchronize()
         free, total = torch.cuda.mem_get_info(self.device)
         used_elsewhere = total - free - torch.cuda.memory_allocated(self.device)
@@ -141,6 +147,7 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch, eos_ids: list[int]) -> list[int]:
         """The next token of each sequence whose scheduled tokens reach its end (in batch order)."""
+        self.tp.send_step(batch)
         sampling_seqs = [seq for seq in batch.seqs if seq.samples_this_step]
         if batch.is_prefill:
             input_ids, positions, meta = self.prepare_prefill(batch.seqs)
@@ -153,6 +160,8 @@ class ModelRunner:
         else:
             hidden = self.decode(batch.seqs)
         logits = self.model.compute_logits(hidden)
+        if logits is None:  # a tensor-parallel rank other than 0: rank 0 samples
+            return []
         sampling = SamplingBatch.from_sequences(sampling_seqs, eos_ids, self.device)
         return sample(logits, sampling).tolist()
 
@@ -210,7 +219,9 @@ class ModelRunner:
         self.graph_capture_seconds = time.perf_counter() - start
 
 
-def build_model(source: ModelSource, dtype: torch.dtype, device: torch.device, seed: int) -> DecoderForCausalLM:
+def build_model(
+    source: ModelSource, dtype: torch.dtype, device: torch.device, seed: int, tp: TensorParallel | None = None
+) -> DecoderForCausalLM:
     arch = model_architecture(source.config)
     head_dim = head_dim_of(source.config)
     if source.config.num_attention_heads % source.config.num_key_value_heads:
@@ -224,7 +235,7 @@ def build_model(source: ModelSource, dtype: torch.dtype, device: torch.device, s
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = DecoderForCausalLM(source.config, arch)
+            model = DecoderForCausalLM(source.config, arch, tp)
     finally:
         torch.set_default_dtype(default_dtype)
     if source.weights_dir is None:

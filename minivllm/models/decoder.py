@@ -10,35 +10,41 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 
+from minivllm.distributed import TensorParallel
 from minivllm.layers.attention import Attention, AttentionMetadata
+from minivllm.layers.linear import ColumnParallelLinear, RowParallelLinear, Split
 from minivllm.layers.norm import RMSNorm
 from minivllm.layers.rotary import RotaryEmbedding
+from minivllm.layers.vocab_parallel import ParallelLMHead, VocabParallelEmbedding
 
 
 def head_dim_of(config: PretrainedConfig) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-class PackedLinear(nn.Linear):
-    """A linear layer whose output rows are several checkpoint matrices stacked: shard i has output_sizes[i] rows."""
-
-    def __init__(self, in_features: int, output_sizes: list[int], bias: bool):
-        super().__init__(in_features, sum(output_sizes), bias=bias)
-        self.output_sizes = output_sizes
-
-    def shard(self, tensor: torch.Tensor, index: int) -> torch.Tensor:
-        start = sum(self.output_sizes[:index])
-        return tensor.narrow(0, start, self.output_sizes[index])
+def kv_head_split(num_kv_heads: int, tp: TensorParallel) -> Split:
+    """The KV heads a rank holds: its share when they split over the ranks, else (fewer heads than ranks) the
+    one head its query heads use, replicated on tp.size // num_kv_heads ranks."""
+    if num_kv_heads >= tp.size:
+        return Split(tp.size, tp.rank)
+    return Split(num_kv_heads, tp.rank // (tp.size // num_kv_heads))
 
 
 class DecoderAttention(nn.Module):
-    def __init__(self, config: PretrainedConfig, qkv_bias: bool, o_bias: bool, qk_norm: bool, rotary: RotaryEmbedding):
+    def __init__(
+        self, config: PretrainedConfig, qkv_bias: bool, o_bias: bool, qk_norm: bool, rotary: RotaryEmbedding,
+        tp: TensorParallel,
+    ):
         super().__init__()
-        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = head_dim_of(config)
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.qkv_proj = PackedLinear(config.hidden_size, [q_size, kv_size, kv_size], bias=qkv_bias)
-        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=o_bias)
+        q_size, kv_size = config.num_attention_heads * self.head_dim, config.num_key_value_heads * self.head_dim
+        q_split, kv_split = Split(tp.size, tp.rank), kv_head_split(config.num_key_value_heads, tp)
+        self.qkv_proj = ColumnParallelLinear(
+            config.hidden_size, [q_size, kv_size, kv_size], qkv_bias, [q_split, kv_split, kv_split]
+        )
+        self.num_heads, kv_rows = self.qkv_proj.output_sizes[0] // self.head_dim, self.qkv_proj.output_sizes[1]
+        self.num_kv_heads = kv_rows // self.head_dim
+        self.o_proj = RowParallelLinear(q_size, config.hidden_size, o_bias, tp)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
         self.rotary = rotary
@@ -57,13 +63,14 @@ class DecoderAttention(nn.Module):
 
 
 class DecoderMLP(nn.Module):
-    def __init__(self, config: PretrainedConfig, bias: bool):
+    def __init__(self, config: PretrainedConfig, bias: bool, tp: TensorParallel):
         super().__init__()
         if getattr(config, "hidden_act", "silu") != "silu":
             raise ValueError(f"activation {config.hidden_act!r} is not supported; minivllm supports 'silu'")
         size = config.intermediate_size
-        self.gate_up_proj = PackedLinear(config.hidden_size, [size, size], bias=bias)
-        self.down_proj = nn.Linear(size, config.hidden_size, bias=bias)
+        split = Split(tp.size, tp.rank)
+        self.gate_up_proj = ColumnParallelLinear(config.hidden_size, [size, size], bias, [split, split])
+        self.down_proj = RowParallelLinear(size, config.hidden_size, bias, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -71,10 +78,12 @@ class DecoderMLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: PretrainedConfig, switches: dict, rotary: RotaryEmbedding):
+    def __init__(self, config: PretrainedConfig, switches: dict, rotary: RotaryEmbedding, tp: TensorParallel):
         super().__init__()
-        self.self_attn = DecoderAttention(config, switches["qkv_bias"], switches["o_bias"], switches["qk_norm"], rotary)
-        self.mlp = DecoderMLP(config, switches["mlp_bias"])
+        self.self_attn = DecoderAttention(
+            config, switches["qkv_bias"], switches["o_bias"], switches["qk_norm"], rotary, tp
+        )
+        self.mlp = DecoderMLP(config, switches["mlp_bias"], tp)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -91,11 +100,13 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, config: PretrainedConfig, switches: dict):
+    def __init__(self, config: PretrainedConfig, switches: dict, tp: TensorParallel):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
         rotary = RotaryEmbedding(config, head_dim_of(config), config.max_position_embeddings)
-        self.layers = nn.ModuleList(DecoderLayer(config, switches, rotary) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, switches, rotary, tp) for _ in range(config.num_hidden_layers)
+        )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -126,11 +137,12 @@ class DecoderForCausalLM(nn.Module):
         "up_proj": ("gate_up_proj", 1),
     }
 
-    def __init__(self, config: PretrainedConfig, arch: str):
+    def __init__(self, config: PretrainedConfig, arch: str, tp: TensorParallel | None = None):
         super().__init__()
         self.config = config
-        self.model = DecoderModel(config, family_switches(arch, config))
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        tp = tp or TensorParallel()
+        self.model = DecoderModel(config, family_switches(arch, config), tp)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -138,5 +150,6 @@ class DecoderForCausalLM(nn.Module):
         """Hidden states [T, hidden] of every token."""
         return self.model(input_ids, positions, meta)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Logits [B, vocab]; with tensor parallelism on rank 0 only (None on the others)."""
         return self.lm_head(hidden)

@@ -1,0 +1,158 @@
+"""Tensor parallelism on the CPU: two processes joined by gloo, against the single-process engine.
+
+Each tensor-parallel LLM spawns a worker process (several seconds: it imports torch), so each test makes
+one and shuts it down before the next (a process holds one tensor-parallel group at a time).
+"""
+
+import functools
+import multiprocessing
+import time
+
+import pytest
+import torch
+
+from minivllm import LLM, SamplingParams
+from minivllm.config import EngineConfig
+from minivllm.engine import model_runner, tp_workers
+from minivllm.engine.tp_workers import TensorParallelError
+from tests.conftest import completions, random_prompts, token_prompts, write_checkpoint
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+SEEDED = SamplingParams(temperature=0.9, top_k=50, seed=7, max_tokens=10, ignore_eos=True)
+
+# name -> (family, config overrides): KV heads split over the ranks, and one KV head replicated on both;
+# untied and tied embeddings; a vocabulary that does not divide by the ranks; biases on every projection
+# (a row-parallel bias must be added once, not once a rank).
+CASES = {
+    "qwen3-kv2-split-untied": ("qwen3", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=64)),
+    "llama-kv1-replicated-tied-bias-vocab509": (
+        "llama",
+        dict(num_attention_heads=4, num_key_value_heads=1, head_dim=32, tie_word_embeddings=True,
+             attention_bias=True, mlp_bias=True, vocab_size=509),
+    ),
+}
+
+
+def workers_alive() -> list[multiprocessing.Process]:
+    return [p for p in multiprocessing.active_children() if p.name.startswith("minivllm-tp-rank")]
+
+
+@pytest.fixture
+def no_stray_workers():
+    yield
+    assert not workers_alive(), "a tensor-parallel worker outlived its LLM"
+
+
+@pytest.fixture(scope="module")
+def qwen3_kv2(tmp_path_factory) -> str:
+    family, overrides = CASES["qwen3-kv2-split-untied"]
+    return write_checkpoint(tmp_path_factory.mktemp("tp_qwen3"), family, seed=3, **overrides)[0]
+
+
+def run_both(path: str, prompts: list, params: SamplingParams, **engine) -> tuple[list, list]:
+    """The same requests through tensor_parallel_size 1 and 2; the TP=2 LLM is shut down after."""
+    single = completions(LLM(path, **engine).generate(prompts, params, use_tqdm=False))
+    split = LLM(path, tensor_parallel_size=2, **engine)
+    try:
+        return single, completions(split.generate(prompts, params, use_tqdm=False))
+    finally:
+        split.shutdown()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_greedy_and_seeded_tokens_equal_single_process(case, tmp_path, no_stray_workers):
+    family, overrides = CASES[case]
+    path, _ = write_checkpoint(tmp_path, family, seed=sum(map(ord, case)), **overrides)
+    vocab = overrides.get("vocab_size", 512)
+    prompts = token_prompts(random_prompts(6, 1, 70, seed=3, vocab=vocab))
+    params = [GREEDY] * 4 + [SEEDED] * 2
+    # a small token budget chunks the long prompts, so prefill also reads keys from the paged cache
+    engine = dict(max_model_len=128, max_num_batched_tokens=48, max_num_seqs=8)
+    single, split = run_both(path, prompts, params, **engine)
+    assert split == single
+    assert all(len(tokens) == 10 for tokens in split)
+
+
+def test_prefix_cache_hits_and_a_second_llm_in_one_process(qwen3_kv2, no_stray_workers):
+    prefix = random_prompts(1, 40, 40, seed=8)[0]
+    prompts = token_prompts([prefix + tail for tail in random_prompts(4, 1, 12, seed=9)])
+    first = LLM(qwen3_kv2, max_model_len=128, tensor_parallel_size=2)
+    try:
+        with pytest.raises(RuntimeError, match="shutdown"):
+            LLM(qwen3_kv2, max_model_len=128, tensor_parallel_size=2)
+        warm = completions(first.generate(prompts[:1], GREEDY, use_tqdm=False))
+        hits = completions(first.generate(prompts, GREEDY, use_tqdm=False))  # the prefix's blocks are cached
+    finally:
+        first.shutdown()
+    assert not workers_alive()
+    with pytest.raises(TensorParallelError, match="shut down"):
+        first.generate(prompts, GREEDY, use_tqdm=False)
+    second = LLM(qwen3_kv2, max_model_len=128)
+    assert warm + hits == completions(second.generate(prompts[:1] + prompts, GREEDY, use_tqdm=False))
+
+
+# ----- a failing rank ----------------------------------------------------------------------------------------
+def failing_worker(where: str, *args) -> None:
+    """run_worker with an injected failure: in loading its weights, or in its second step."""
+    if where == "load":
+
+        def corrupt(model, directory):
+            raise OSError(f"injected: shard of {directory} is corrupt")
+
+        model_runner.load_weights = corrupt
+    else:
+        run, calls = model_runner.ModelRunner.run, []
+
+        def run_then_fail(self, batch, eos_ids):
+            calls.append(batch)
+            if len(calls) == 2:
+                raise RuntimeError("injected: step failed")
+            return run(self, batch, eos_ids)
+
+        model_runner.ModelRunner.run = run_then_fail
+    tp_workers.run_worker(*args)
+
+
+def test_rank_failing_to_load_stops_the_group(qwen3_kv2, monkeypatch, no_stray_workers):
+    monkeypatch.setattr(tp_workers, "run_worker", functools.partial(failing_worker, "load"))
+    with pytest.raises(TensorParallelError, match=r"(?s)rank 1 failed: OSError: injected: shard .* is corrupt"):
+        LLM(qwen3_kv2, max_model_len=128, tensor_parallel_size=2)
+
+
+def test_rank_failing_in_a_step_stops_the_group(qwen3_kv2, monkeypatch, no_stray_workers):
+    monkeypatch.setattr(tp_workers, "run_worker", functools.partial(failing_worker, "step"))
+    llm = LLM(qwen3_kv2, max_model_len=128, tensor_parallel_size=2)
+    start = time.perf_counter()
+    with pytest.raises(TensorParallelError, match="rank 1 failed: RuntimeError: injected: step failed"):
+        llm.generate(token_prompts(random_prompts(2, 5, 20, seed=4)), GREEDY, use_tqdm=False)
+    assert time.perf_counter() - start < 20, "rank 0 should notice the failed rank within seconds"
+    with pytest.raises(TensorParallelError, match="rank 1 failed"):  # the group stays stopped
+        llm.generate(token_prompts(random_prompts(1, 5, 20, seed=5)), GREEDY, use_tqdm=False)
+
+
+# ----- bad sizes, refused before any process starts ------------------------------------------------------
+@pytest.mark.parametrize(
+    "size, error, message",
+    [(0, ValueError, "tensor_parallel_size must be at least 1"), ("2", TypeError, "tensor_parallel_size"),
+     (True, TypeError, "tensor_parallel_size"), (3, ValueError, "num_attention_heads 4 is not a multiple of")],
+)
+def test_bad_tensor_parallel_size(qwen3_kv2, size, error, message, no_stray_workers):
+    with pytest.raises(error, match=message):
+        LLM(qwen3_kv2, tensor_parallel_size=size)
+
+
+def test_kv_heads_that_neither_divide_nor_are_divided(tmp_path):
+    path, _ = write_checkpoint(tmp_path, "qwen3", num_attention_heads=12, num_key_value_heads=3, head_dim=16)
+    with pytest.raises(ValueError, match="num_key_value_heads 3 neither divides"):
+        LLM(path, tensor_parallel_size=2)
+
+
+def test_more_ranks_than_visible_gpus(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert EngineConfig("m", device="cuda", tensor_parallel_size=2).tensor_parallel_size == 2
+    with pytest.raises(ValueError, match="only 2 CUDA GPU"):
+        EngineConfig("m", device="cuda", tensor_parallel_size=4)
+    with pytest.raises(ValueError, match="only 2 CUDA GPU"):
+        EngineConfig("m", device="cuda:1", tensor_parallel_size=2)
