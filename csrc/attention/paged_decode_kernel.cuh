@@ -1,9 +1,9 @@
 // Paged-attention decode: one query token per sequence against its K/V pages.
 //
 // One CTA serves one (sequence, kv head, chunk of up to kMaxHeads query heads of that kv head's GQA group,
-// split of the context). It streams its context through shared memory in tiles of kTile tokens, kStages
-// tiles in flight (cp.async, no registers held by loads in flight), so each K/V row is read from memory
-// once and used by every query head of the group. Per tile:
+// split of the context). It streams its context through shared memory in tiles of kTile tokens, the next
+// tile loading (cp.async, no registers held by loads in flight) while this one is used, so each K/V row is
+// read from memory once and used by every query head of the group. Per tile:
 //   1. scores: four threads per token, each dotting a quarter of the row with every query head (q in
 //      shared memory, pre-scaled by scale * log2(e) so the softmax can use exp2);
 //   2. online softmax: the tile's max per head across the CTA, probabilities into shared memory, running
@@ -34,7 +34,8 @@ namespace minivllm::decode {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kTile = 64;                           // tokens per pipeline stage
-constexpr int kStages = 3;                          // tiles in shared memory: two loading while one computes
+constexpr int kStages = 2;                          // tiles in shared memory: one loading while one computes
+constexpr int kCtasPerSm = 3;                       // 24 warps an SM: enough ready warps to hide latency
 constexpr int kThreadsPerToken = kThreads / kTile;  // score phase: threads sharing one K row
 constexpr int kMaxHeads = 8;                        // query heads one CTA serves; larger groups take more CTAs
 constexpr int kVec = 8;                             // elements in one 16-byte access
@@ -110,7 +111,7 @@ struct KernelParams {
 };
 
 template <typename scalar_t, int kHeadDim>
-__global__ void __launch_bounds__(kThreads) paged_decode_kernel(const KernelParams p) {
+__global__ void __launch_bounds__(kThreads, kCtasPerSm) paged_decode_kernel(const KernelParams p) {
   using L = Layout<kHeadDim>;
   constexpr int kChunks = L::kChunks;
   const DecodeArgs& a = p.args;
@@ -183,7 +184,7 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const KernelPara
     for (int e = 0; e < kVec; ++e) q_s[h * kHeadDim + c * kVec + e] = v[e] * q_scale;
   }
 
-  // Score phase: token `my_token` of the tile, chunks 2i + my_part of its row.
+  // Score phase: token `my_token` of the tile, chunks kThreadsPerToken * i + my_part of its row.
   const int my_token = tid / kThreadsPerToken;
   const int my_part = tid % kThreadsPerToken;
   // P.V phase: 8 dims (chunk pv_chunk) of head pv_head, tokens pv_lane, pv_lane + pv_lanes, ...
@@ -225,8 +226,14 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const KernelPara
           if (h < num_heads) {
             const float4* q4 = reinterpret_cast<const float4*>(q_s + h * kHeadDim + c * kVec);
             const float4 qa = q4[0], qb = q4[1];
-            score[h] += qa.x * k[0] + qa.y * k[1] + qa.z * k[2] + qa.w * k[3] + qb.x * k[4] + qb.y * k[5] +
-                        qb.z * k[6] + qb.w * k[7];
+            score[h] = fmaf(qa.x, k[0], score[h]);
+            score[h] = fmaf(qa.y, k[1], score[h]);
+            score[h] = fmaf(qa.z, k[2], score[h]);
+            score[h] = fmaf(qa.w, k[3], score[h]);
+            score[h] = fmaf(qb.x, k[4], score[h]);
+            score[h] = fmaf(qb.y, k[5], score[h]);
+            score[h] = fmaf(qb.z, k[6], score[h]);
+            score[h] = fmaf(qb.w, k[7], score[h]);
           }
         }
       }
