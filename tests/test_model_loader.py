@@ -115,6 +115,19 @@ def test_legacy_rope_config_forms(tmp_path):
     assert generate(plain) != expected, "llama3 rope scaling should change the tokens of this model"
 
 
+@pytest.mark.parametrize(
+    "rope",
+    [
+        {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64},
+        {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0},
+    ],
+)
+def test_unsupported_rope_type_is_refused(qwen3_dir, tmp_path, rope):
+    path = with_config(qwen3_dir, tmp_path / "rope", rope_parameters=rope)
+    with pytest.raises(ValueError, match=rope["rope_type"]):
+        LLM(path)
+
+
 def test_qwen3_rope_theta_top_level(qwen3_dir, expected, tmp_path):
     legacy = with_config(qwen3_dir, tmp_path / "legacy", rope_theta=10000.0, rope_parameters=None)
     assert generate(legacy) == expected

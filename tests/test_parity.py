@@ -51,6 +51,11 @@ SHAPES = {
         ),
     ),
     "llama-mqa2-hd-default": ("llama", dict(num_attention_heads=2, num_key_value_heads=1, head_dim=None)),
+    "llama-gqa2-hd64-linear-rope": (
+        "llama",
+        dict(rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}),
+    ),
+    "qwen3-gqa2-hd64-attention-bias": ("qwen3", dict(attention_bias=True)),
 }
 
 PROMPT_LENGTHS = [1, 9, 16, 33, 60]
