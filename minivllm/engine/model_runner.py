@@ -28,6 +28,8 @@ class ModelRunner:
         self.block_size = config.block_size
         self.tp = tp or TensorParallel()  # this rank's place when the model is split over several GPUs
         self.model = build_model(source, dtype, self.device, config.seed, self.tp)
+        # unseeded requests draw from this, so an engine's sampling reproduces for a given LLM(seed=), as in vLLM
+        self.sampling_generator = torch.Generator(self.device).manual_seed(config.seed)
         self.tp.reached("weights loaded")
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.max_model_len = min(
@@ -162,7 +164,7 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden)
         if logits is None:  # a tensor-parallel rank other than 0: rank 0 samples
             return []
-        sampling = SamplingBatch.from_sequences(sampling_seqs, eos_ids, self.device)
+        sampling = SamplingBatch.from_sequences(sampling_seqs, eos_ids, self.device, self.sampling_generator)
         return sample(logits, sampling).tolist()
 
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
