@@ -81,6 +81,23 @@ def test_preset_resolves_without_building(monkeypatch):
     assert os.path.exists(os.path.join(source.tokenizer_dir, "tokenizer.json"))
 
 
+@pytest.mark.parametrize(
+    "name, shape",
+    [
+        ("qwen3-1.7b", (2048, 6144, 28, 16, True)),
+        ("qwen3-4b", (2560, 9728, 36, 32, True)),
+        ("qwen3-8b", (4096, 12288, 36, 32, False)),
+    ],
+)
+def test_other_presets_follow_the_published_configs(name, shape):
+    if name not in PRESETS:
+        pytest.skip(f"{name} is not a preset")
+    config = resolve_model(name).config
+    got = (config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.num_attention_heads,
+           config.tie_word_embeddings)
+    assert got == shape and config.num_key_value_heads == 8 and config.head_dim == 128
+
+
 def test_tiny_preset_runs_with_random_seeded_weights(monkeypatch):
     """A one-layer preset of the same family goes the whole preset path: random weights, real tokenizer."""
     monkeypatch.setitem(PRESETS, "qwen3-test-tiny", (64, 128, 1, 8, True))
