@@ -6,6 +6,9 @@ one and shuts it down before the next (a process holds one tensor-parallel group
 
 import functools
 import multiprocessing
+import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -13,12 +16,13 @@ import torch
 
 from minivllm import LLM, SamplingParams
 from minivllm.config import EngineConfig
-from minivllm.engine import model_runner, tp_workers
+from minivllm.engine import tp_workers
 from minivllm.engine.tp_workers import TensorParallelError
 from tests.conftest import completions, random_prompts, token_prompts, write_checkpoint
+from tests.tp_faults import failing_worker
 
-GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
-SEEDED = SamplingParams(temperature=0.9, top_k=50, seed=7, max_tokens=10, ignore_eos=True)
+GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+SEEDED = SamplingParams(temperature=0.9, top_k=50, seed=7, max_tokens=8, ignore_eos=True)
 
 # name -> (family, config overrides): KV heads split over the ranks, and one KV head replicated on both;
 # untied and tied embeddings; a vocabulary that does not divide by the ranks; biases on every projection
@@ -49,70 +53,52 @@ def qwen3_kv2(tmp_path_factory) -> str:
     return write_checkpoint(tmp_path_factory.mktemp("tp_qwen3"), family, seed=3, **overrides)[0]
 
 
-def run_both(path: str, prompts: list, params: SamplingParams, **engine) -> tuple[list, list]:
-    """The same requests through tensor_parallel_size 1 and 2; the TP=2 LLM is shut down after."""
-    single = completions(LLM(path, **engine).generate(prompts, params, use_tqdm=False))
-    split = LLM(path, tensor_parallel_size=2, **engine)
-    try:
-        return single, completions(split.generate(prompts, params, use_tqdm=False))
-    finally:
-        split.shutdown()
+def generate_all(llm: LLM, batches: list[tuple[list, list]]) -> list[list[int]]:
+    return [tokens for prompts, params in batches for tokens in completions(llm.generate(prompts, params, False))]
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_greedy_and_seeded_tokens_equal_single_process(case, tmp_path, no_stray_workers):
+def test_tokens_equal_single_process(case, tmp_path, no_stray_workers):
+    """Greedy and seeded sampling, chunked prefill (a small token budget, so prefill also reads keys from the
+    paged cache) and prefix-cache hits (a second batch sharing a prompt's first blocks)."""
     family, overrides = CASES[case]
     path, _ = write_checkpoint(tmp_path, family, seed=sum(map(ord, case)), **overrides)
-    vocab = overrides.get("vocab_size", 512)
-    prompts = token_prompts(random_prompts(6, 1, 70, seed=3, vocab=vocab))
-    params = [GREEDY] * 4 + [SEEDED] * 2
-    # a small token budget chunks the long prompts, so prefill also reads keys from the paged cache
+    prompts = random_prompts(6, 1, 70, seed=3, vocab=overrides.get("vocab_size", 512))
+    batches = [
+        (token_prompts(prompts), [GREEDY] * 4 + [SEEDED] * 2),
+        (token_prompts([max(prompts, key=len)[:40] + tail for tail in random_prompts(3, 1, 9, seed=4)]), GREEDY),
+    ]
     engine = dict(max_model_len=128, max_num_batched_tokens=48, max_num_seqs=8)
-    single, split = run_both(path, prompts, params, **engine)
-    assert split == single
-    assert all(len(tokens) == 10 for tokens in split)
-
-
-def test_prefix_cache_hits_and_a_second_llm_in_one_process(qwen3_kv2, no_stray_workers):
-    prefix = random_prompts(1, 40, 40, seed=8)[0]
-    prompts = token_prompts([prefix + tail for tail in random_prompts(4, 1, 12, seed=9)])
-    first = LLM(qwen3_kv2, max_model_len=128, tensor_parallel_size=2)
+    expected = generate_all(LLM(path, **engine), batches)
+    split = LLM(path, tensor_parallel_size=2, **engine)
     try:
-        with pytest.raises(RuntimeError, match="shutdown"):
-            LLM(qwen3_kv2, max_model_len=128, tensor_parallel_size=2)
-        warm = completions(first.generate(prompts[:1], GREEDY, use_tqdm=False))
-        hits = completions(first.generate(prompts, GREEDY, use_tqdm=False))  # the prefix's blocks are cached
+        with pytest.raises(RuntimeError, match="shutdown"):  # one tensor-parallel group a process
+            LLM(path, tensor_parallel_size=2, **engine)
+        assert generate_all(split, batches) == expected
     finally:
-        first.shutdown()
+        split.shutdown()
     assert not workers_alive()
     with pytest.raises(TensorParallelError, match="shut down"):
-        first.generate(prompts, GREEDY, use_tqdm=False)
-    second = LLM(qwen3_kv2, max_model_len=128)
-    assert warm + hits == completions(second.generate(prompts[:1] + prompts, GREEDY, use_tqdm=False))
+        split.generate(batches[1][0], GREEDY, use_tqdm=False)
+
+
+def test_interpreter_exit_stops_the_workers(qwen3_kv2):
+    """An LLM never shut down: its workers stop when the interpreter exits."""
+    script = (
+        "from minivllm import LLM\n"
+        "if __name__ == '__main__':\n"
+        f"    llm = LLM({qwen3_kv2!r}, max_model_len=64, tensor_parallel_size=2)\n"
+        "    print(*[p.pid for p in llm.workers.processes])\n"
+    )
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=repo)
+    assert result.returncode == 0, result.stderr
+    for pid in map(int, result.stdout.split()):
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
 
 
 # ----- a failing rank ----------------------------------------------------------------------------------------
-def failing_worker(where: str, *args) -> None:
-    """run_worker with an injected failure: in loading its weights, or in its second step."""
-    if where == "load":
-
-        def corrupt(model, directory):
-            raise OSError(f"injected: shard of {directory} is corrupt")
-
-        model_runner.load_weights = corrupt
-    else:
-        run, calls = model_runner.ModelRunner.run, []
-
-        def run_then_fail(self, batch, eos_ids):
-            calls.append(batch)
-            if len(calls) == 2:
-                raise RuntimeError("injected: step failed")
-            return run(self, batch, eos_ids)
-
-        model_runner.ModelRunner.run = run_then_fail
-    tp_workers.run_worker(*args)
-
-
 def test_rank_failing_to_load_stops_the_group(qwen3_kv2, monkeypatch, no_stray_workers):
     monkeypatch.setattr(tp_workers, "run_worker", functools.partial(failing_worker, "load"))
     with pytest.raises(TensorParallelError, match=r"(?s)rank 1 failed: OSError: injected: shard .* is corrupt"):

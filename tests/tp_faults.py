@@ -1,0 +1,28 @@
+"""A tensor-parallel worker with an injected failure, for tests/test_tensor_parallel.py.
+
+It lives apart from the tests so that the spawned worker, which imports it to find the function, does not
+import the test module and its HF model classes too.
+"""
+
+from minivllm.engine import model_runner, tp_workers
+
+
+def failing_worker(where: str, *args) -> None:
+    """run_worker with an injected failure: in loading its weights ("load"), or in its second step ("step")."""
+    if where == "load":
+
+        def corrupt(model, directory):
+            raise OSError(f"injected: shard of {directory} is corrupt")
+
+        model_runner.load_weights = corrupt
+    else:
+        run, calls = model_runner.ModelRunner.run, []
+
+        def run_then_fail(self, batch, eos_ids):
+            calls.append(batch)
+            if len(calls) == 2:
+                raise RuntimeError("injected: step failed")
+            return run(self, batch, eos_ids)
+
+        model_runner.ModelRunner.run = run_then_fail
+    tp_workers.run_worker(*args)
