@@ -1,7 +1,7 @@
 """End-to-end offline throughput on nano-vllm's workload: 256 requests of random token ids, prompts of
 100..1024 tokens, 100..1024 output tokens each (ignore_eos, temperature 0.6), Qwen3-0.6B preset in bf16.
 
-python -m benchmarks.throughput [--model qwen3-0.6b] [--compare-hf] [--json PATH]
+python -m benchmarks.throughput [--model qwen3-0.6b] [--tensor-parallel-size N] [--compare-hf] [--json PATH]
 """
 
 import time
@@ -19,15 +19,19 @@ def main() -> None:
     p.add_argument("--num-seqs", type=int, default=256)
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs to split the model over")
     p.add_argument("--compare-hf", action="store_true", help="also time HF transformers' generate on a slice")
     args = p.parse_args()
+    if args.compare_hf and args.tensor_parallel_size > 1:
+        p.error("--compare-hf needs the whole model in this process: use --tensor-parallel-size 1")
     require_cuda()
     bandwidth = copy_bandwidth_gbs()
 
     prompts, params = nano_vllm_workload(args.num_seqs)
     expected_tokens = sum(sp.max_tokens for sp in params)
     start = time.perf_counter()
-    llm = LLM(args.model, max_model_len=args.max_model_len, enforce_eager=args.enforce_eager)
+    llm = LLM(args.model, max_model_len=args.max_model_len, enforce_eager=args.enforce_eager,
+              tensor_parallel_size=args.tensor_parallel_size)
     startup = time.perf_counter() - start
     llm.generate(["Benchmark: "], SamplingParams(), use_tqdm=False)  # warm-up request
 
@@ -48,6 +52,7 @@ def main() -> None:
     floor_s = floor_bytes / (bandwidth * 1e9)
     row = {
         "engine": "minivllm",
+        "tensor_parallel_size": args.tensor_parallel_size,
         "requests": len(prompts),
         "output_tokens": produced,
         "seconds": elapsed,
