@@ -102,11 +102,12 @@ class LLMEngine:
             return None  # an incomplete character: wait for the next token
         new_text = after[len(before) :]
         seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
-        start = max(0, len(seq.text) - max(map(len, seq.params.stop_strings)) + 1)
+        checked = len(seq.text)
         seq.text += new_text
-        if seq.num_output_tokens < seq.params.min_tokens:
-            return None  # like stop ids and eos, stop strings count only once min_tokens are out
-        hits = [(seq.text.find(s, start), s) for s in seq.params.stop_strings]
+        if seq.num_output_tokens <= seq.params.min_tokens:
+            return None  # as vLLM: only text after the first min_tokens tokens can end in a stop string
+        # a stop string must end in the new text: text before it was checked (or is within min_tokens)
+        hits = [(seq.text.find(s, max(0, checked - len(s) + 1)), s) for s in seq.params.stop_strings]
         hits = [(pos, s) for pos, s in hits if pos >= 0]
         if not hits:
             return None
