@@ -20,7 +20,7 @@ SEQLENS = (512, 1024, 2048, 4096, 8192, 16384)
 HEADS = ((16, 8, 128), (32, 8, 128), (9, 3, 64))  # (Hq, Hkv, D): Qwen3-0.6B, Llama-3-8B, a small Llama
 MIXED_LENGTHS = (3000, 160, 4096, 700, 1500, 2600, 64, 1024, 2048, 1200)  # about 16k tokens
 NAIVE_MAX_SCORE_BYTES = 4 << 30  # the naive path's fp32 score matrix; larger ones are skipped
-DTYPE = torch.bfloat16
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def causal_flops(lengths: list[int], num_heads: int, head_dim: int) -> float:
@@ -41,12 +41,14 @@ def sdpa(backend: SDPBackend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
 
 
-def measure(lengths: list[int], num_heads: int, num_kv_heads: int, head_dim: int, label: str) -> dict:
+def measure(
+    lengths: list[int], num_heads: int, num_kv_heads: int, head_dim: int, label: str, dtype: torch.dtype
+) -> dict:
     total = sum(lengths)
     scale = head_dim**-0.5
-    q = torch.randn(total, num_heads, head_dim, device="cuda", dtype=DTYPE)
-    k = torch.randn(total, num_kv_heads, head_dim, device="cuda", dtype=DTYPE)
-    v = torch.randn(total, num_kv_heads, head_dim, device="cuda", dtype=DTYPE)
+    q = torch.randn(total, num_heads, head_dim, device="cuda", dtype=dtype)
+    k = torch.randn(total, num_kv_heads, head_dim, device="cuda", dtype=dtype)
+    v = torch.randn(total, num_kv_heads, head_dim, device="cuda", dtype=dtype)
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
     group = num_heads // num_kv_heads
 
@@ -103,12 +105,18 @@ def measure(lengths: list[int], num_heads: int, num_kv_heads: int, head_dim: int
 
 
 def main() -> None:
-    args = common.parser(__doc__.splitlines()[0]).parse_args()
+    p = common.parser(__doc__.split("\n\n")[0])
+    p.add_argument("--dtype", choices=DTYPES, default="bf16")
+    p.add_argument("--heads", nargs="+", default=[f"{h}/{kv}/{d}" for h, kv, d in HEADS], help="Hq/Hkv/D rows")
+    p.add_argument("--seqlens", nargs="+", type=int, default=SEQLENS, help="sequence lengths (16k tokens a batch)")
+    p.add_argument("--no-mixed", action="store_true", help="skip the mixed-length batch")
+    args = p.parse_args()
+    dtype = DTYPES[args.dtype]
     common.require_cuda()
     torch.manual_seed(0)
     bandwidth = common.copy_bandwidth_gbs()
     print(
-        f"{common.gpu_name()}: copy bandwidth {bandwidth:.0f} GB/s (measured now), {DTYPE}, causal, "
+        f"{common.gpu_name()}: copy bandwidth {bandwidth:.0f} GB/s (measured now), {args.dtype}, causal, "
         f"{TOKENS} tokens a batch"
     )
     print(
@@ -116,13 +124,16 @@ def main() -> None:
         f"matrix exceeds {NAIVE_MAX_SCORE_BYTES >> 30} GiB"
     )
     rows = []
-    for num_heads, num_kv_heads, head_dim in HEADS:
-        for n in SEQLENS:
-            rows.append(measure([n] * (TOKENS // n), num_heads, num_kv_heads, head_dim, f"{TOKENS // n}x{n}"))
-        rows.append(measure(list(MIXED_LENGTHS), num_heads, num_kv_heads, head_dim, "mixed"))
+    for num_heads, num_kv_heads, head_dim in (tuple(map(int, h.split("/"))) for h in args.heads):
+        for n in args.seqlens:
+            rows.append(measure([n] * (TOKENS // n), num_heads, num_kv_heads, head_dim, f"{TOKENS // n}x{n}", dtype))
+        if not args.no_mixed:
+            rows.append(measure(list(MIXED_LENGTHS), num_heads, num_kv_heads, head_dim, "mixed", dtype))
         torch.cuda.empty_cache()
     common.print_table(rows, "prefill attention: ms and causal TFLOP/s")
-    common.write_json(args.json, {"gpu": common.gpu_name(), "copy_bandwidth_gbs": bandwidth, "rows": rows})
+    common.write_json(
+        args.json, {"gpu": common.gpu_name(), "copy_bandwidth_gbs": bandwidth, "dtype": args.dtype, "rows": rows}
+    )
 
 
 if __name__ == "__main__":

@@ -6,11 +6,13 @@ namespace minivllm::flash {
 // Query rows per CTA, shared by every instantiation: the host sizes the grid from it.
 constexpr int kFlashPrefillBlockM = 128;
 
-// A CTA computes kBlockM query rows of one head, 16 per warp, walking the keys kBlockN at a time.
-// kBlockM = 128 (8 warps) lets every K/V tile brought into shared memory serve 128 queries, halving the
-// L2 traffic of a 64-row tile; kBlockN = 64 keeps the score tile (32 floats a thread) beside the output
-// accumulator in registers. K and V tiles are double-buffered; Q is loaded once into registers and its
-// shared-memory tile is reused to stage the output.
+// A CTA computes kBlockM query rows of one head, walking the keys kBlockN at a time. Each warp owns
+// kRowTilesPerWarp tiles of 16 rows: every K/V fragment a warp reads from shared memory with ldmatrix then
+// feeds that many mma's, and shared-memory bandwidth (128 B/clk/SM), not the tensor cores, is what a
+// 16-row warp runs out of first. kBlockM = 128 lets each K/V tile brought into shared memory serve 128
+// queries (half the L2 traffic of 64); kBlockN = 64 keeps the score tile beside the output accumulator in
+// registers. K and V tiles are double-buffered; Q stays in shared memory, where it is re-read each tile,
+// and its tile is reused to stage the output.
 template <typename T, int D>
 struct FlashPrefillTraits {
   static_assert(D == 64 || D == 128, "flash prefill supports head_dim 64 and 128");
@@ -18,15 +20,16 @@ struct FlashPrefillTraits {
   static constexpr int kHeadDim = D;
   static constexpr int kBlockM = kFlashPrefillBlockM;
   static constexpr int kBlockN = 64;
-  static constexpr int kWarps = kBlockM / 16;
+  static constexpr int kRowTilesPerWarp = 2;
+  static constexpr int kWarps = kBlockM / (16 * kRowTilesPerWarp);
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kStages = 2;
-  // D=128 needs ~200 registers a thread (64 output, 32 score and 32 query-fragment registers), so one CTA
-  // per SM; D=64 fits in 128, so two CTAs share an SM and hide each other's barriers.
-  static constexpr int kMinBlocksPerSM = D == 64 ? 2 : 1;
+  // Two CTAs an SM, so one CTA's barrier wait is covered by the other's work.
+  static constexpr int kMinBlocksPerSM = 2;
   static constexpr int kChunksPerRow = D / 8;  // 16-byte chunks in a tile row
-  static constexpr int kSmemQ = kBlockM * D;
-  static constexpr int kSmemKV = kBlockN * D;
+  static constexpr int kSmemRowStride = D + 8;  // elements; one chunk of padding (see tile_offset)
+  static constexpr int kSmemQ = kBlockM * kSmemRowStride;
+  static constexpr int kSmemKV = kBlockN * kSmemRowStride;
   static constexpr int kSmemBytes = (kSmemQ + 2 * kStages * kSmemKV) * static_cast<int>(sizeof(T));
 };
 

@@ -20,8 +20,7 @@ struct FlashParams {
 
   // Strides in elements; the head dimension is contiguous.
   int64_t q_token_stride, q_head_stride;
-  int64_t k_token_stride, k_head_stride, k_block_stride;
-  int64_t v_token_stride, v_head_stride, v_block_stride;
+  int64_t kv_token_stride, kv_head_stride, kv_block_stride;  // k and v share their strides
   int64_t out_token_stride, out_head_stride;
   int64_t block_table_stride;
   int block_size_log2;  // paged only: tokens per cache block, a power of two

@@ -79,6 +79,9 @@ torch::Tensor flash_attn_varlen(const torch::Tensor& q, const torch::Tensor& k, 
   MINIVLLM_CHECK_LAST_DIM_CONTIGUOUS(q);
   MINIVLLM_CHECK_LAST_DIM_CONTIGUOUS(k);
   MINIVLLM_CHECK_LAST_DIM_CONTIGUOUS(v);
+  // One offset addresses a key's row in both k and v.
+  TORCH_CHECK(k.strides() == v.strides(), "flash_attn_varlen: k and v must have the same strides, got ", k.strides(),
+              " and ", v.strides());
   check_16_byte_rows(q, "q");
   check_16_byte_rows(k, "k");
   check_16_byte_rows(v, "v");
@@ -110,8 +113,7 @@ torch::Tensor flash_attn_varlen(const torch::Tensor& q, const torch::Tensor& k, 
     params.block_table = table.data_ptr<int>();
     params.block_table_stride = table.stride(0);
     params.block_size_log2 = __builtin_ctzll(block_size);
-    params.k_block_stride = k.stride(0);
-    params.v_block_stride = v.stride(0);
+    params.kv_block_stride = k.stride(0);
   }
 
   torch::Tensor out = torch::empty({q.size(0), num_heads, head_dim}, q.options());
@@ -129,10 +131,8 @@ torch::Tensor flash_attn_varlen(const torch::Tensor& q, const torch::Tensor& k, 
   params.cu_seqlens_k = cu_seqlens_k.data_ptr<int>();
   params.q_token_stride = q.stride(0);
   params.q_head_stride = q.stride(1);
-  params.k_token_stride = k.stride(-3);
-  params.k_head_stride = k.stride(-2);
-  params.v_token_stride = v.stride(-3);
-  params.v_head_stride = v.stride(-2);
+  params.kv_token_stride = k.stride(-3);
+  params.kv_head_stride = k.stride(-2);
   params.out_token_stride = out.stride(0);
   params.out_head_stride = out.stride(1);
   params.num_heads = static_cast<int>(num_heads);

@@ -6,8 +6,8 @@
 // next K/V tile copied by cp.async into the other shared-memory buffer while this one is used:
 //   S = Q K^T (mma) -> mask (edge tiles only) -> online softmax in fp32 (exp2, scale folded into log2 e)
 //   -> P rounded to T in registers, reused as the A operand of O += P V (mma, V through ldmatrix.trans).
-// Shared-memory tiles are stored with 16-byte chunks XOR-swizzled by row, so cp.async stores and every
-// ldmatrix phase (8 rows, same logical chunk) touch 8 distinct bank groups.
+// Shared-memory tile rows are padded by 16 bytes, so cp.async stores and every ldmatrix phase (8 rows,
+// same chunk) touch 8 distinct bank groups.
 #pragma once
 
 #include <cmath>
@@ -18,10 +18,29 @@
 
 namespace minivllm::flash {
 
-// Element offset of (row, 16-byte chunk) in a swizzled tile whose rows hold kChunksPerRow chunks.
-template <int kChunksPerRow>
-__device__ __forceinline__ int swizzle(int row, int chunk) {
-  return (row * kChunksPerRow + (chunk ^ (row & 7))) * 8;
+// Element offset of (row, 16-byte chunk) in a shared-memory tile. Rows are padded by one chunk, so the 8
+// consecutive rows an ldmatrix phase (or the 8 lanes of a cp.async phase) touch at one chunk index fall in
+// 8 different 16-byte bank groups. Unlike an XOR swizzle, the offset is linear in row and chunk: every
+// fragment address of the unrolled loops is one per-lane base plus an immediate, which saves the ~24
+// registers the XOR'd addresses would pin (the D=128 kernel spilled with them).
+template <int kRowStride>
+__device__ __forceinline__ int tile_offset(int row, int chunk) {
+  return row * kRowStride + chunk * 8;
+}
+
+// Combines a lane's values of one row (h = 0: elements 0, 1; h = 1: elements 2, 3 of each 8-column tile) as
+// a tree, so the dependent chain is log2(2N) operations long rather than 2N.
+template <int N, typename Op>
+__device__ __forceinline__ float tree_reduce(const float (&s)[N][4], int h, Op op) {
+  float v[N];
+#pragma unroll
+  for (int j = 0; j < N; ++j) v[j] = op(s[j][2 * h], s[j][2 * h + 1]);
+#pragma unroll
+  for (int width = N / 2; width > 0; width /= 2) {
+#pragma unroll
+    for (int j = 0; j < width; ++j) v[j] = op(v[j], v[j + width]);
+  }
+  return v[0];
 }
 
 template <typename Traits>
@@ -34,11 +53,12 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kMinBlocksPerSM)
   constexpr int kThreads = Traits::kThreads;
   constexpr int kChunks = Traits::kChunksPerRow;
   constexpr int kRowsPerPass = kThreads / kChunks;  // tile rows one pass of 16-byte copies covers
+  constexpr int kRowStride = Traits::kSmemRowStride;
 
   extern __shared__ __align__(128) unsigned char smem_raw[];
   T* s_q = reinterpret_cast<T*>(smem_raw);
-  T* s_k = s_q + Traits::kSmemQ;                        // [kStages][kBlockN * D]
-  T* s_v = s_k + Traits::kStages * Traits::kSmemKV;     // [kStages][kBlockN * D]
+  T* s_k = s_q + Traits::kSmemQ;                     // [kStages][kBlockN][kRowStride]
+  T* s_v = s_k + Traits::kStages * Traits::kSmemKV;  // [kStages][kBlockN][kRowStride]
 
   // Grid: x = (sequence, head) with heads fastest, so the query heads of one KV group run side by side and
   // share its K/V in L2; y = query tile, heaviest (last, under a causal mask) scheduled first.
@@ -69,15 +89,18 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kMinBlocksPerSM)
   const int copy_row = tid / kChunks;
 
   const T* q = static_cast<const T*>(p.q) + q_start * p.q_token_stride + head * p.q_head_stride;
-  const T* k = static_cast<const T*>(p.k) + kv_head * p.k_head_stride;
-  const T* v = static_cast<const T*>(p.v) + kv_head * p.v_head_stride;
+  // k and v share strides (checked on the host), so one offset serves both.
+  const int64_t kv_base = kv_head * p.kv_head_stride + copy_chunk * 8;
+  const T* k = static_cast<const T*>(p.k) + kv_base;
+  const T* v = static_cast<const T*>(p.v) + kv_base;
+  const int* block_table = p.block_table == nullptr ? nullptr : p.block_table + seq * p.block_table_stride;
 
 #pragma unroll
   for (int i = 0; i < kBlockM / kRowsPerPass; ++i) {
     const int r = copy_row + i * kRowsPerPass;
     const bool valid = row0 + r < len_q;
     const T* src = valid ? q + (row0 + r) * p.q_token_stride + copy_chunk * 8 : q;
-    cp_async_16(smem_address(s_q + swizzle<kChunks>(r, copy_chunk)), src, valid);
+    cp_async_16(smem_address(s_q + tile_offset<kRowStride>(r, copy_chunk)), src, valid);
   }
 
   // Copies key tile n_block into buffer `stage`; rows past len_k are zero-filled.
@@ -89,23 +112,18 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kMinBlocksPerSM)
       const int r = copy_row + i * kRowsPerPass;
       const int key = n_block * kBlockN + r;
       const bool valid = key < len_k;
-      int64_t k_offset = 0, v_offset = 0;
+      int64_t offset = 0;
       if (valid) {
-        if (p.block_table != nullptr) {
-          const int block = p.block_table[seq * p.block_table_stride + (key >> p.block_size_log2)];
-          const int slot = key & ((1 << p.block_size_log2) - 1);
-          k_offset = block * p.k_block_stride + slot * p.k_token_stride;
-          v_offset = block * p.v_block_stride + slot * p.v_token_stride;
+        if (block_table != nullptr) {
+          const int block = block_table[key >> p.block_size_log2];
+          offset = block * p.kv_block_stride + (key & ((1 << p.block_size_log2) - 1)) * p.kv_token_stride;
         } else {
-          k_offset = (k_start + key) * p.k_token_stride;
-          v_offset = (k_start + key) * p.v_token_stride;
+          offset = (k_start + key) * p.kv_token_stride;
         }
-        k_offset += copy_chunk * 8;
-        v_offset += copy_chunk * 8;
       }
-      const int s = swizzle<kChunks>(r, copy_chunk);
-      cp_async_16(smem_address(dst_k + s), k + k_offset, valid);
-      cp_async_16(smem_address(dst_v + s), v + v_offset, valid);
+      const int s = tile_offset<kRowStride>(r, copy_chunk);
+      cp_async_16(smem_address(dst_k + s), k + offset, valid);
+      cp_async_16(smem_address(dst_v + s), v + offset, valid);
     }
   };
 
@@ -114,20 +132,16 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kMinBlocksPerSM)
   cp_async_wait<0>();
   __syncthreads();
 
-  // Q fragments (A operand) of this warp's 16 rows: matrix j of each ldmatrix is rows +8*(j%2), chunk +j/2.
-  uint32_t q_frag[D / 16][4];
+  // Each lane holds, for every 16-row tile t of its warp, rows (lane/4) and (lane/4 + 8): index [t][0], [t][1].
+  constexpr int kTiles = Traits::kRowTilesPerWarp;
+  float acc_o[kTiles][D / 8][4] = {};
+  float row_max[kTiles][2];
+  float row_sum[kTiles][2] = {};  // this lane's partial sums; the 4 lanes of a row are reduced at the end
 #pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
-    const int r = warp * 16 + lane % 16;
-    ldmatrix_x4(q_frag[kk], smem_address(s_q + swizzle<kChunks>(r, kk * 2 + lane / 16)));
-  }
-
-  // Each lane holds rows (lane/4) and (lane/4 + 8) of the warp's 16: index 0 and 1 below.
-  float acc_o[D / 8][4] = {};
-  float row_max[2] = {-INFINITY, -INFINITY};
-  float row_sum[2] = {0.f, 0.f};  // this lane's partial sums; the 4 lanes of a row are reduced at the end
-  const int lane_row = warp * 16 + lane / 4;  // tile row of index 0
-  const int lane_col = 2 * (lane % 4);        // first of the two columns a lane holds in each 8-wide tile
+  for (int t = 0; t < kTiles; ++t) row_max[t][0] = row_max[t][1] = -INFINITY;
+  const int warp_row0 = warp * 16 * kTiles;   // first tile row of this warp
+  const int lane_row = lane / 4;               // row of index [t][0] within 16-row tile t
+  const int lane_col = 2 * (lane % 4);         // first of the two columns a lane holds in each 8-wide tile
 
   for (int it = 0; it < n_blocks; ++it) {
     const int n_block = n_blocks - 1 - it;
@@ -138,18 +152,29 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kMinBlocksPerSM)
     if (n_block > 0) load_kv(n_block - 1, (it + 1) % Traits::kStages);
     cp_async_commit();
 
-    // S = Q K^T: K rows are B's columns, so K loads untransposed; matrix j covers keys +8*(j/2), chunk +j%2.
+    // S = Q K^T. Q (A operand, row-major): matrix j of an ldmatrix is rows +8*(j%2), chunk +j/2. K rows are
+    // B's columns, so K loads untransposed: matrix j is keys +8*(j/2), chunk +j%2. Each K fragment serves
+    // all of the warp's row tiles.
     const T* tile_k = s_k + stage * Traits::kSmemKV;
-    float s[kBlockN / 8][4] = {};
+    float s[kTiles][kBlockN / 8][4] = {};
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t q_frag[kTiles][4];
+#pragma unroll
+      for (int t = 0; t < kTiles; ++t) {
+        const int r = warp_row0 + t * 16 + lane % 16;
+        ldmatrix_x4(q_frag[t], smem_address(s_q + tile_offset<kRowStride>(r, kk * 2 + lane / 16)));
+      }
 #pragma unroll
       for (int nn = 0; nn < kBlockN / 16; ++nn) {
         uint32_t b[4];
         const int r = nn * 16 + (lane / 16) * 8 + lane % 8;
-        ldmatrix_x4(b, smem_address(tile_k + swizzle<kChunks>(r, kk * 2 + (lane / 8) % 2)));
-        mma_16816<T>(s[2 * nn], q_frag[kk], b[0], b[1]);
-        mma_16816<T>(s[2 * nn + 1], q_frag[kk], b[2], b[3]);
+        ldmatrix_x4(b, smem_address(tile_k + tile_offset<kRowStride>(r, kk * 2 + (lane / 8) % 2)));
+#pragma unroll
+        for (int t = 0; t < kTiles; ++t) {
+          mma_16816<T>(s[t][2 * nn], q_frag[t], b[0], b[1]);
+          mma_16816<T>(s[t][2 * nn + 1], q_frag[t], b[2], b[3]);
+        }
       }
     }
 
@@ -157,87 +182,112 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kMinBlocksPerSM)
     const int col0 = n_block * kBlockN;
     if (col0 + kBlockN > len_k || (p.causal && col0 + kBlockN - 1 > row0 + diag)) {
 #pragma unroll
-      for (int j = 0; j < kBlockN / 8; ++j) {
+      for (int t = 0; t < kTiles; ++t) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int col = col0 + j * 8 + lane_col + (e & 1);
-          const int row = row0 + lane_row + (e / 2) * 8;
-          if (col >= len_k || (p.causal && col > row + diag)) s[j][e] = -INFINITY;
+        for (int j = 0; j < kBlockN / 8; ++j) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int col = col0 + j * 8 + lane_col + (e & 1);
+            const int row = row0 + warp_row0 + t * 16 + lane_row + (e / 2) * 8;
+            if (col >= len_k || (p.causal && col > row + diag)) s[t][j][e] = -INFINITY;
+          }
         }
       }
     }
 
     // Online softmax: rescale what was accumulated by exp(old max - new max), then P = exp(S - new max).
+    float correction[kTiles][2];
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      float m = row_max[h];
+    for (int t = 0; t < kTiles; ++t) {
 #pragma unroll
-      for (int j = 0; j < kBlockN / 8; ++j) m = fmaxf(m, fmaxf(s[j][2 * h], s[j][2 * h + 1]));
-      m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, 1));
-      m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, 2));
-      // A row that has seen only masked keys keeps max -inf; subtract 0 so exp2 gives 0, not NaN.
-      const float m_scaled = m == -INFINITY ? 0.f : m * p.scale_log2;
-      const float correction = exp2f(row_max[h] * p.scale_log2 - m_scaled);
-      row_max[h] = m;
-      float sum = 0.f;
+      for (int h = 0; h < 2; ++h) {
+        float m = fmaxf(row_max[t][h], tree_reduce<kBlockN / 8>(s[t], h, [](float a, float b) { return fmaxf(a, b); }));
+        m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, 1));
+        m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, 2));
+        // A row that has seen only masked keys keeps max -inf; subtract 0 so exp2 gives 0, not NaN.
+        const float m_scaled = m == -INFINITY ? 0.f : m * p.scale_log2;
+        correction[t][h] = exp2f(row_max[t][h] * p.scale_log2 - m_scaled);
+        row_max[t][h] = m;
+        float sum = 0.f;
 #pragma unroll
-      for (int j = 0; j < kBlockN / 8; ++j) {
-        s[j][2 * h] = exp2f(fmaf(s[j][2 * h], p.scale_log2, -m_scaled));
-        s[j][2 * h + 1] = exp2f(fmaf(s[j][2 * h + 1], p.scale_log2, -m_scaled));
-        sum += s[j][2 * h] + s[j][2 * h + 1];
+        for (int j = 0; j < kBlockN / 8; ++j) {
+          s[t][j][2 * h] = exp2f(fmaf(s[t][j][2 * h], p.scale_log2, -m_scaled));
+          s[t][j][2 * h + 1] = exp2f(fmaf(s[t][j][2 * h + 1], p.scale_log2, -m_scaled));
+          sum += s[t][j][2 * h] + s[t][j][2 * h + 1];
+        }
+        row_sum[t][h] = row_sum[t][h] * correction[t][h] + sum;
       }
-      row_sum[h] = row_sum[h] * correction + sum;
+    }
+    // Past the first few tiles a row's max rarely moves: skip the 128 multiplies when no row of the warp needs them.
+    bool unchanged = true;
 #pragma unroll
-      for (int d = 0; d < D / 8; ++d) {
-        acc_o[d][2 * h] *= correction;
-        acc_o[d][2 * h + 1] *= correction;
+    for (int t = 0; t < kTiles; ++t) unchanged = unchanged && correction[t][0] == 1.f && correction[t][1] == 1.f;
+    if (!__all_sync(0xffffffff, unchanged)) {
+#pragma unroll
+      for (int t = 0; t < kTiles; ++t) {
+#pragma unroll
+        for (int d = 0; d < D / 8; ++d) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc_o[t][d][e] *= correction[t][e / 2];
+        }
       }
     }
 
     // O += P V. The accumulator layout of two adjacent 8-key score tiles is the A layout of one 16-key step;
-    // V rows are B's k dimension, so V loads transposed; matrix j covers keys +8*(j%2), chunk +j/2.
+    // V rows are B's k dimension, so V loads transposed: matrix j covers keys +8*(j%2), chunk +j/2.
     const T* tile_v = s_v + stage * Traits::kSmemKV;
 #pragma unroll
     for (int kk = 0; kk < kBlockN / 16; ++kk) {
-      const uint32_t p_frag[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
-                                  pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                                  pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+      uint32_t p_frag[kTiles][4];
+#pragma unroll
+      for (int t = 0; t < kTiles; ++t) {
+        p_frag[t][0] = pack2<T>(s[t][2 * kk][0], s[t][2 * kk][1]);
+        p_frag[t][1] = pack2<T>(s[t][2 * kk][2], s[t][2 * kk][3]);
+        p_frag[t][2] = pack2<T>(s[t][2 * kk + 1][0], s[t][2 * kk + 1][1]);
+        p_frag[t][3] = pack2<T>(s[t][2 * kk + 1][2], s[t][2 * kk + 1][3]);
+      }
 #pragma unroll
       for (int dd = 0; dd < D / 16; ++dd) {
         uint32_t b[4];
         const int r = kk * 16 + ((lane / 8) % 2) * 8 + lane % 8;
-        ldmatrix_x4_trans(b, smem_address(tile_v + swizzle<kChunks>(r, dd * 2 + lane / 16)));
-        mma_16816<T>(acc_o[2 * dd], p_frag, b[0], b[1]);
-        mma_16816<T>(acc_o[2 * dd + 1], p_frag, b[2], b[3]);
+        ldmatrix_x4_trans(b, smem_address(tile_v + tile_offset<kRowStride>(r, dd * 2 + lane / 16)));
+#pragma unroll
+        for (int t = 0; t < kTiles; ++t) {
+          mma_16816<T>(acc_o[t][2 * dd], p_frag[t], b[0], b[1]);
+          mma_16816<T>(acc_o[t][2 * dd + 1], p_frag[t], b[2], b[3]);
+        }
       }
     }
   }
 
-  // Epilogue: O / rowsum, rounded to T, staged through this warp's own rows of s_q (only this warp read
+  // Epilogue: O / rowsum, rounded to T, staged through this warp's own rows of s_q (no other warp reads
   // them) so the global stores are whole 16-byte chunks. A row that saw no key at all is written as zeros.
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    float sum = row_sum[h];
-    sum += __shfl_xor_sync(0xffffffff, sum, 1);
-    sum += __shfl_xor_sync(0xffffffff, sum, 2);
-    const float inv_sum = sum > 0.f ? 1.f / sum : 0.f;
-    const int r = lane_row + h * 8;
+  for (int t = 0; t < kTiles; ++t) {
 #pragma unroll
-    for (int d = 0; d < D / 8; ++d) {
-      *reinterpret_cast<uint32_t*>(s_q + swizzle<kChunks>(r, d) + lane_col) =
-          pack2<T>(acc_o[d][2 * h] * inv_sum, acc_o[d][2 * h + 1] * inv_sum);
+    for (int h = 0; h < 2; ++h) {
+      float sum = row_sum[t][h];
+      sum += __shfl_xor_sync(0xffffffff, sum, 1);
+      sum += __shfl_xor_sync(0xffffffff, sum, 2);
+      const float inv_sum = sum > 0.f ? 1.f / sum : 0.f;
+      const int r = warp_row0 + t * 16 + lane_row + h * 8;
+#pragma unroll
+      for (int d = 0; d < D / 8; ++d) {
+        *reinterpret_cast<uint32_t*>(s_q + tile_offset<kRowStride>(r, d) + lane_col) =
+            pack2<T>(acc_o[t][d][2 * h] * inv_sum, acc_o[t][d][2 * h + 1] * inv_sum);
+      }
     }
   }
   __syncwarp();
   T* out = static_cast<T*>(p.out) + q_start * p.out_token_stride + head * p.out_head_stride;
 #pragma unroll
-  for (int i = 0; i < 16 * kChunks / 32; ++i) {
+  for (int i = 0; i < 16 * kTiles * kChunks / 32; ++i) {
     const int idx = lane + i * 32;
-    const int r = warp * 16 + idx / kChunks;
+    const int r = warp_row0 + idx / kChunks;
     const int chunk = idx % kChunks;
     if (row0 + r < len_q) {
       *reinterpret_cast<uint4*>(out + (row0 + r) * p.out_token_stride + chunk * 8) =
-          *reinterpret_cast<const uint4*>(s_q + swizzle<kChunks>(r, chunk));
+          *reinterpret_cast<const uint4*>(s_q + tile_offset<kRowStride>(r, chunk));
     }
   }
 }
