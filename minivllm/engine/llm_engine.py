@@ -137,7 +137,10 @@ class LLMEngine:
             return ""
         if isinstance(seq.stop_reason, str):
             return seq.text  # already detokenised and cut at the stop string
-        return self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=seq.params.skip_special_tokens)
+        ids = seq.output_token_ids
+        if seq.finish_reason == "stop":
+            ids = ids[:-1]  # as vLLM, the eos or stop id that ended it is in token_ids but not in the text
+        return self.tokenizer.decode(ids, skip_special_tokens=seq.params.skip_special_tokens)
 
     def abort_all(self) -> None:
         """Drop every request (after an interrupt), freeing their blocks, so the engine can serve again."""
