@@ -331,6 +331,43 @@ def test_stop_strings_cut_text(tok_llm):
         assert stop not in tokenizer.decode(out.token_ids[:-1], skip_special_tokens=True)
 
 
+def test_stop_token_text_is_left_out(tok_llm):
+    """The eos or stop id that ends a completion stays in token_ids but not in the text (as vLLM)."""
+    tokenizer = tok_llm.get_tokenizer()
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    candidates = token_prompts(random_prompts(8, 3, 12, seed=94, vocab=151643))
+    outputs = tok_llm.generate(candidates, params, use_tqdm=False)
+    # a random model may repeat one token forever: take a completion that varies
+    prompt, full = next(
+        (p, o.outputs[0]) for p, o in zip(candidates, outputs) if len(set(o.outputs[0].token_ids[4:])) > 1
+    )
+    stop, index = first_repeatable_token(full.token_ids, 4)
+    for skip in (True, False):
+        params = SamplingParams(temperature=0, max_tokens=16, stop_token_ids=[stop], skip_special_tokens=skip)
+        out = tok_llm.generate(prompt, params, use_tqdm=False)[0].outputs[0]
+        assert out.token_ids == full.token_ids[: index + 1] and out.stop_reason == stop
+        assert out.text == tokenizer.decode(full.token_ids[:index], skip_special_tokens=skip)
+
+
+@pytest.mark.parametrize("min_tokens", [4, 8, 12])
+def test_stop_strings_only_match_after_min_tokens(tok_llm, min_tokens):
+    """Text of the first min_tokens tokens is never matched, even by the short one of two stop strings."""
+    tokenizer = tok_llm.get_tokenizer()
+    prompt = "It was a dark and stormy night"
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    full = tok_llm.generate(prompt, params, use_tqdm=False)[0].outputs[0]
+    region = len(tokenizer.decode(full.token_ids[:min_tokens]))
+    stop = full.text[region - 3 : region - 1]  # ends inside the first min_tokens tokens' text
+    never = "\x00" * 40
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=[stop, never], min_tokens=min_tokens)
+    out = tok_llm.generate(prompt, params, use_tqdm=False)[0].outputs[0]
+    cut = full.text.find(stop, region - len(stop) + 1)
+    if cut < 0:
+        assert (out.finish_reason, out.text, out.token_ids) == ("length", full.text, full.token_ids)
+    else:
+        assert (out.finish_reason, out.stop_reason, out.text) == ("stop", stop, full.text[:cut])
+
+
 def test_stop_strings_wait_for_min_tokens(tok_llm):
     prompt = "Once upon a time"
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
