@@ -12,6 +12,7 @@ own error and stops the group. The groups' timeouts are the last resort (an NCCL
 
 import copy
 import queue
+import time
 import traceback
 import weakref
 from datetime import timedelta
@@ -21,7 +22,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from minivllm.config import EngineConfig
-from minivllm.distributed import check_shardable, init_tensor_parallel, leave_tensor_parallel
+from minivllm.distributed import TensorParallel, check_shardable, init_tensor_parallel, leave_tensor_parallel
 from minivllm.engine.model_runner import ModelRunner
 from minivllm.engine.scheduler import ScheduledBatch
 from minivllm.model_loader import ModelSource
@@ -30,7 +31,7 @@ HOST = "127.0.0.1"
 POLL_SECONDS = 0.2
 FAILURE_REPORT_WAIT = 5.0  # after a collective broke, how long rank 0 waits for the failed rank's report
 STOP_WAIT = 10.0  # how long a worker gets to leave the group before it is terminated
-RENDEZVOUS_TIMEOUT = timedelta(minutes=5)
+RENDEZVOUS_TIMEOUT = timedelta(minutes=5)  # also how far a worker may lag rank 0 at a start-up stage
 
 
 class TensorParallelError(RuntimeError):
@@ -168,7 +169,7 @@ class WorkerGroup:
         self.control: dist.ProcessGroup | None = None
         self._finalizer = weakref.finalize(self, stop_workers, self.processes, None)
 
-    def join_group(self):
+    def join_group(self) -> TensorParallel:
         """Rank 0's place in the group, once every worker is up (a worker that died at start is reported)."""
         self.reached("started")
         tp = init_tensor_parallel(0, self.config.tensor_parallel_size, self.config.device, self.store, self)
@@ -180,11 +181,14 @@ class WorkerGroup:
     def reached(self, stage: str) -> None:
         """Wait until every worker reports `stage`; raise the first failure instead."""
         waiting = set(range(1, self.config.tensor_parallel_size))
+        deadline = time.monotonic() + RENDEZVOUS_TIMEOUT.total_seconds()
         while waiting:
             try:
                 what, rank, report = self.reports.get(timeout=POLL_SECONDS)
             except queue.Empty:
                 self.check()
+                if time.monotonic() > deadline:
+                    raise self.stop(min(waiting), f"it did not reach '{stage}' within {RENDEZVOUS_TIMEOUT}") from None
                 continue
             if what == "failed":
                 raise self.stop(rank, report)
