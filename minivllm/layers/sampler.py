@@ -60,12 +60,13 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         return greedy
     temperatures = batch.temperatures.clamp(min=1e-5).unsqueeze(1)  # greedy rows are replaced below
     logits = logits / temperatures
+    if batch.min_p is not None:  # before top-k/top-p, as vLLM: top-p then sees what min-p left, renormalised
+        probs = logits.softmax(dim=-1)
+        floor = batch.min_p.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
+        logits = logits.masked_fill(probs < floor, float("-inf"))
     if batch.top_k is not None or batch.top_p is not None:
         logits = apply_top_k_top_p(logits, batch.top_k, batch.top_p)
     probs = logits.softmax(dim=-1)
-    if batch.min_p is not None:
-        floor = batch.min_p.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
-        probs = probs.masked_fill(probs < floor, 0.0)
     noise = torch.empty_like(probs).exponential_(generator=batch.generator)
     for row, generator in batch.seeded_rows:
         noise[row].exponential_(generator=generator)
