@@ -53,6 +53,7 @@ def test_temperature_sharpens_and_flattens():
         (dict(min_p=0.5), [1, 4]),  # p >= 0.5 * 0.5
         (dict(min_p=0.2), [1, 4, 3]),
         (dict(top_k=3, top_p=0.7), [1, 4]),
+        (dict(min_p=0.5, top_p=0.6), [1]),  # as vLLM, min_p first: top-p then sees [0.625, 0.375]
     ],
 )
 def test_truncation_keeps_the_right_tokens_renormalised(knobs, allowed):
