@@ -77,7 +77,7 @@ class TensorParallel:
 
     def send_step(self, step: Any) -> None:
         """On rank 0: hand this step's batch to the other ranks, which run the same step (no-op elsewhere)."""
-        if self.rank == 0 and self.peers is not None:
+        if self.peers is not None:
             self.peers.send_step(step)
 
     def _collective(self, collective, *args, **kwargs) -> None:
