@@ -111,7 +111,7 @@ def test_rank_failing_in_a_step_stops_the_group(qwen3_kv2, monkeypatch, no_stray
     start = time.perf_counter()
     with pytest.raises(TensorParallelError, match="rank 1 failed: RuntimeError: injected: step failed"):
         llm.generate(token_prompts(random_prompts(2, 5, 20, seed=4)), GREEDY, use_tqdm=False)
-    assert time.perf_counter() - start < 20, "rank 0 should notice the failed rank within seconds"
+    assert time.perf_counter() - start < 30, "rank 0 should notice the failed rank within seconds, not time out"
     with pytest.raises(TensorParallelError, match="rank 1 failed"):  # the group stays stopped
         llm.generate(token_prompts(random_prompts(1, 5, 20, seed=5)), GREEDY, use_tqdm=False)
 
