@@ -1,7 +1,8 @@
 """Tensor parallelism on the CPU: two processes joined by gloo, against the single-process engine.
 
-Each tensor-parallel LLM spawns a worker process (several seconds: it imports torch), so each test makes
-one and shuts it down before the next (a process holds one tensor-parallel group at a time).
+Sharding itself is checked in one process (every rank's parts put together are the whole model). Each
+tensor-parallel LLM spawns a worker process (several seconds: it imports torch), so each test makes one
+and shuts it down before the next (a process holds one tensor-parallel group at a time).
 """
 
 import functools
@@ -10,14 +11,20 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 
 import pytest
 import torch
 
 from minivllm import LLM, SamplingParams
 from minivllm.config import EngineConfig
+from minivllm.distributed import TensorParallel
 from minivllm.engine import tp_workers
+from minivllm.engine.model_runner import build_model
 from minivllm.engine.tp_workers import TensorParallelError
+from minivllm.model_loader import resolve_model
+from minivllm.models.decoder import kv_head_split
+from minivllm.presets import PRESETS
 from tests.conftest import completions, random_prompts, token_prompts, write_checkpoint
 from tests.tp_faults import failing_worker
 
@@ -51,6 +58,50 @@ def no_stray_workers():
 def qwen3_kv2(tmp_path_factory) -> str:
     family, overrides = CASES["qwen3-kv2-split-untied"]
     return write_checkpoint(tmp_path_factory.mktemp("tp_qwen3"), family, seed=3, **overrides)[0]
+
+
+# ----- sharding, in one process: every rank's parts put together are the single-process model -------------
+@pytest.mark.parametrize("size", [2, 4])
+@pytest.mark.parametrize("weights", ["checkpoint", "random preset"])
+def test_shards_assemble_the_single_process_model(weights, size, tmp_path, monkeypatch):
+    """Column and row splits, KV heads split (2 ranks) and replicated (4 ranks, 2 KV heads), a padded vocabulary
+    (509 rows), biases; loaded from safetensors slices, or drawn whole by the random initialiser and cut."""
+    if weights == "checkpoint":
+        name, _ = write_checkpoint(tmp_path, "llama", num_attention_heads=8, num_key_value_heads=2, head_dim=16,
+                                   vocab_size=509, attention_bias=True, mlp_bias=True)
+    else:
+        name = "qwen3-test-tp"
+        monkeypatch.setitem(PRESETS, name, (64, 128, 1, 8, False))
+    source = resolve_model(name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the preset's random-weights warning
+        build = functools.partial(build_model, source, torch.float32, torch.device("cpu"), 0)
+        whole = dict(build().named_parameters())
+        ranks = [dict(build(TensorParallel(rank, size)).named_parameters()) for rank in range(size)]
+    for name, full in whole.items():
+        sharding = getattr(ranks[0][name], "sharding", None)
+        if sharding is None or sharding.splits[0].parts == 1:  # replicated (norms; row-parallel biases)
+            assert all(torch.equal(parts[name], full) for parts in ranks), name
+            continue
+        pieces = []
+        for piece, full_size in enumerate(sharding.full_sizes):
+            by_index = {}  # replicated KV heads: several ranks hold the same part
+            for parts in ranks:
+                split = parts[name].sharding.splits[piece]
+                by_index[split.index] = parts[name].sharding.target(parts[name], piece)
+            pieces.append(torch.cat([by_index[i] for i in sorted(by_index)], dim=sharding.dim))
+            assert pieces[-1].shape[sharding.dim] == full_size, name
+        assert torch.equal(torch.cat(pieces, dim=sharding.dim), full), name
+
+
+@pytest.mark.parametrize("heads, kv_heads, size", [(8, 2, 2), (8, 2, 4), (8, 1, 4), (16, 8, 8), (4, 4, 2)])
+def test_each_rank_holds_the_kv_heads_its_query_heads_use(heads, kv_heads, size):
+    group = heads // kv_heads
+    for rank in range(size):
+        split = kv_head_split(kv_heads, TensorParallel(rank, size))
+        held = range(split.index * kv_heads // split.parts, (split.index + 1) * kv_heads // split.parts)
+        query_heads = range(rank * heads // size, (rank + 1) * heads // size)
+        assert {q // group for q in query_heads} == set(held), (rank, split)
 
 
 def generate_all(llm: LLM, batches: list[tuple[list, list]]) -> list[list[int]]:
