@@ -220,7 +220,8 @@ class WorkerGroup:
         """The error to raise on rank 0 when a collective broke: the failed rank's own report if one comes."""
         try:
             what, rank, report = self.reports.get(timeout=FAILURE_REPORT_WAIT)
-        except queue.Empty:
+        except queue.Empty:  # no rank reports a failure: the group broke under rank 0 itself
+            self.stopped = f"a collective failed on rank 0: {error}"
             self.shutdown()
             return error
         return self.stop(rank, report if what == "failed" else f"{error}")
