@@ -222,10 +222,22 @@ def first_repeatable_token(tokens: list[int], at_least: int) -> tuple[int, int]:
     raise AssertionError(f"no fresh token after {at_least} in {tokens}")
 
 
+def varied_greedy(llm: LLM, seed: int, fresh_after=(4,), max_tokens: int = 20, vocab: int = 512):
+    """(prompt, greedy tokens) whose completion has a first-time token at or after each index in fresh_after.
+
+    A random model can fall into a loop of one or two tokens; such prompts are skipped.
+    """
+    candidates = token_prompts(random_prompts(8, 8, 16, seed, vocab))
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    for prompt, out in zip(candidates, llm.generate(candidates, params, use_tqdm=False)):
+        tokens = out.outputs[0].token_ids
+        if all(any(tokens.index(t) == i for i, t in enumerate(tokens) if i >= k) for k in fresh_after):
+            return prompt, tokens
+    raise AssertionError("every candidate prompt fell into a short loop")
+
+
 def test_stop_token_ids(llm):
-    prompt = {"prompt_token_ids": random_prompts(1, 10, 10, seed=60)[0]}
-    full = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True), use_tqdm=False)
-    tokens = full[0].outputs[0].token_ids
+    prompt, tokens = varied_greedy(llm, seed=60)
     stop, index = first_repeatable_token(tokens, 4)
     out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[stop]), use_tqdm=False)
     completion = out[0].outputs[0]
@@ -239,9 +251,7 @@ def test_stop_token_ids(llm):
 
 
 def test_eos_ignore_eos_and_min_tokens(qwen3_dir, llm, tmp_path):
-    prompt = {"prompt_token_ids": random_prompts(1, 12, 12, seed=61)[0]}
-    tokens = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True), use_tqdm=False)[0]
-    tokens = tokens.outputs[0].token_ids
+    prompt, tokens = varied_greedy(llm, seed=61, fresh_after=(3,))
     eos, index = first_repeatable_token(tokens, 3)
     eos_llm = LLM(with_config(qwen3_dir, tmp_path / "eos", eos_token_id=eos), max_model_len=128)
     stopped = eos_llm.generate(prompt, SamplingParams(temperature=0, max_tokens=20), use_tqdm=False)[0].outputs[0]
@@ -334,19 +344,13 @@ def test_stop_strings_cut_text(tok_llm):
 def test_stop_token_text_is_left_out(tok_llm):
     """The eos or stop id that ends a completion stays in token_ids but not in the text (as vLLM)."""
     tokenizer = tok_llm.get_tokenizer()
-    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
-    candidates = token_prompts(random_prompts(8, 3, 12, seed=94, vocab=151643))
-    outputs = tok_llm.generate(candidates, params, use_tqdm=False)
-    # a random model may repeat one token forever: take a completion that varies
-    prompt, full = next(
-        (p, o.outputs[0]) for p, o in zip(candidates, outputs) if len(set(o.outputs[0].token_ids[4:])) > 1
-    )
-    stop, index = first_repeatable_token(full.token_ids, 4)
+    prompt, tokens = varied_greedy(tok_llm, seed=94, max_tokens=16, vocab=151643)
+    stop, index = first_repeatable_token(tokens, 4)
     for skip in (True, False):
         params = SamplingParams(temperature=0, max_tokens=16, stop_token_ids=[stop], skip_special_tokens=skip)
         out = tok_llm.generate(prompt, params, use_tqdm=False)[0].outputs[0]
-        assert out.token_ids == full.token_ids[: index + 1] and out.stop_reason == stop
-        assert out.text == tokenizer.decode(full.token_ids[:index], skip_special_tokens=skip)
+        assert out.token_ids == tokens[: index + 1] and out.stop_reason == stop
+        assert out.text == tokenizer.decode(tokens[:index], skip_special_tokens=skip)
 
 
 @pytest.mark.parametrize("min_tokens", [4, 8, 12])
@@ -421,9 +425,7 @@ def test_max_model_len_capped_at_model_positions(qwen3_dir):
 
 
 def test_generation_config_eos_ids_all_stop(qwen3_dir, llm, tmp_path):
-    prompt = {"prompt_token_ids": random_prompts(1, 12, 12, seed=92)[0]}
-    tokens = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True), use_tqdm=False)
-    tokens = tokens[0].outputs[0].token_ids
+    prompt, tokens = varied_greedy(llm, seed=92, fresh_after=(3, 8))
     late, late_index = first_repeatable_token(tokens, 8)
     early, early_index = first_repeatable_token(tokens, 3)
     path = with_config(qwen3_dir, tmp_path / "gen", eos_token_id=late)
