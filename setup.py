@@ -49,7 +49,7 @@ def kernel_extensions() -> tuple[list, dict]:
     extension = CUDAExtension(
         name="minivllm._C",
         sources=sources,
-        include_dirs=[os.path.abspath("csrc")],
+        include_dirs=[os.path.abspath("csrc"), *cuda_wheel_includes(torch)],
         extra_compile_args={
             "cxx": ["-O3", "-std=c++20"],
             "nvcc": ["-O3", "-std=c++20", "--use_fast_math", "--expt-relaxed-constexpr", "-lineinfo"],
@@ -58,6 +58,12 @@ def kernel_extensions() -> tuple[list, dict]:
     )
     print(f"minivllm: building CUDA kernels with {cuda_home} for archs {os.environ.get('TORCH_CUDA_ARCH_LIST')}")
     return [extension], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+def cuda_wheel_includes(torch) -> list[str]:
+    """Headers of the CUDA libraries that torch's wheels bring (cuSPARSE, cuBLAS...), which a bare toolkit lacks."""
+    site = os.path.dirname(os.path.dirname(torch.__file__))
+    return sorted(glob.glob(os.path.join(site, "nvidia", "*", "include")))
 
 
 def skip(reason: str) -> tuple[list, dict]:

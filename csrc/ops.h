@@ -4,8 +4,17 @@
 
 #include <optional>
 
-#include <torch/all.h>
+// Only tensors and allocation: <torch/all.h> would make nvcc parse torch's whole C++ frontend once per GPU
+// arch for every .cu file, which dominated the build time.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
+namespace torch {  // the names <torch/types.h> would give, without the C++ frontend around it
+using namespace at;
+constexpr auto kInt32 = at::kInt;
+constexpr auto kInt64 = at::kLong;
+constexpr auto kFloat32 = at::kFloat;
+}  // namespace torch
 // key/value [T, Hkv, D] -> k_cache/v_cache [num_blocks, block_size, Hkv, D] at slot_mapping[T] (int64,
 // a slot < 0 is skipped).
 void reshape_and_cache(const torch::Tensor& key, const torch::Tensor& value, torch::Tensor& k_cache,

@@ -2,7 +2,8 @@
 // what is supported, so wrong input never yields a silent wrong result.
 #pragma once
 
-#include <torch/all.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
 
 #define MINIVLLM_CHECK_CUDA(t) TORCH_CHECK((t).is_cuda(), #t " must be a CUDA tensor, got ", (t).device())
 #define MINIVLLM_CHECK_LAST_DIM_CONTIGUOUS(t) \
