@@ -37,11 +37,19 @@ def resolve_model(model: str, tokenizer: str | None = None) -> ModelSource:
     else:
         directory = checkpoint_dir(model)
         config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
-        has_tokenizer = any(os.path.exists(os.path.join(directory, f)) for f in TOKENIZER_FILES)
-        source = ModelSource(model, config, directory, directory if has_tokenizer else None)
+        source = ModelSource(model, config, directory, directory if has_tokenizer_files(directory) else None)
     if tokenizer is not None:
         source.tokenizer_dir = checkpoint_dir(tokenizer, what="tokenizer")
+        if not has_tokenizer_files(source.tokenizer_dir):
+            # AutoTokenizer would build a one-token tokenizer from a bare config.json without a word
+            raise ValueError(
+                f"tokenizer directory {os.path.abspath(source.tokenizer_dir)} has none of {', '.join(TOKENIZER_FILES)}"
+            )
     return source
+
+
+def has_tokenizer_files(directory: str) -> bool:
+    return any(os.path.exists(os.path.join(directory, f)) for f in TOKENIZER_FILES)
 
 
 def checkpoint_dir(name: str, what: str = "model") -> str:
@@ -49,9 +57,11 @@ def checkpoint_dir(name: str, what: str = "model") -> str:
         if what == "model" and not os.path.exists(os.path.join(name, "config.json")):
             raise ValueError(f"model directory {os.path.abspath(name)} has no config.json")
         return name
-    cached = try_to_load_from_cache(name, "config.json") if name.count("/") == 1 else None
-    if isinstance(cached, str):
-        return os.path.dirname(cached)
+    if name.count("/") == 1:  # a repo id: the snapshot holding its config (a tokenizer repo: its tokenizer files)
+        for filename in ("config.json",) if what == "model" else TOKENIZER_FILES:
+            cached = try_to_load_from_cache(name, filename)
+            if isinstance(cached, str):
+                return os.path.dirname(cached)
     raise ValueError(
         f"{what} {name!r} not found: it is not a local directory ({os.path.abspath(name)}), not a repo id in the "
         f"local Hugging Face cache ({constants.HF_HUB_CACHE}; minivllm never downloads), and not a built-in preset "
