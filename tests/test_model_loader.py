@@ -164,6 +164,18 @@ def test_tokenizer_argument(tokenizer_model_dir, tmp_path):
     assert out.prompt_token_ids == llm.get_tokenizer().encode("Hello") and out.outputs[0].text
     with pytest.raises(ValueError, match="tokenizer"):
         LLM(str(bare), tokenizer=str(tmp_path / "missing-tokenizer"))
+    # a directory without tokenizer files (AutoTokenizer would make a one-token tokenizer of its config.json)
+    with pytest.raises(ValueError, match="tokenizer directory"):
+        LLM(str(bare), tokenizer=str(bare))
+
+
+def test_tokenizer_repo_id_found_in_local_hf_cache(tokenizer_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    tokenizer_only = tmp_path / "tok"
+    shutil.copytree(qwen3_tokenizer_dir(), tokenizer_only)
+    snapshot = fake_hf_cache(str(tmp_path / "cache"), "tiny-org/qwen3-tokenizer", str(tokenizer_only))
+    source = resolve_model(tokenizer_model_dir, tokenizer="tiny-org/qwen3-tokenizer")
+    assert os.path.samefile(source.tokenizer_dir, snapshot)
 
 
 def rewrite_weights(src: str, dst, edit) -> str:
