@@ -58,6 +58,8 @@ def fake_hf_cache(cache: str, repo_id: str, checkpoint: str) -> str:
 
 
 def test_repo_id_found_in_local_hf_cache(qwen3_dir, expected, tmp_path, monkeypatch):
+    """huggingface_hub reads HF_HUB_CACHE / HF_HOME once, into constants.HF_HUB_CACHE, when imported, and
+    try_to_load_from_cache reads that constant on every call: patching it is setting the variable."""
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     snapshot = fake_hf_cache(str(tmp_path), "tiny-org/tiny-qwen3", qwen3_dir)
@@ -207,3 +209,21 @@ def test_checkpoint_with_wrong_shape(qwen3_dir, tmp_path):
     path = rewrite_weights(qwen3_dir, tmp_path / "c", shrink)
     with pytest.raises(ValueError, match="shape"):
         LLM(path)
+
+
+def test_bf16_checkpoint_loads_into_fp32(tmp_path):
+    """A bf16 checkpoint (as most are) runs in fp32 on the CPU and matches HF loading the same file in fp32."""
+    from transformers import AutoModelForCausalLM
+
+    build_hf_model("qwen2", seed=5).to(torch.bfloat16).save_pretrained(tmp_path)
+    with open(tmp_path / "config.json") as f:
+        assert json.load(f)["dtype"] == "bfloat16"
+    llm = LLM(str(tmp_path), max_model_len=64)
+    assert llm.engine.runner.dtype == torch.float32
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    prompts = [p["prompt_token_ids"] for p in PROMPTS]
+    ours = completions(llm.generate(PROMPTS, GREEDY, use_tqdm=False))
+    with torch.inference_mode():
+        for prompt, tokens in zip(prompts, ours):
+            ids = torch.tensor([prompt + tokens[:-1]])
+            assert hf(ids).logits[0, len(prompt) - 1 :].argmax(-1).tolist() == tokens
