@@ -1,11 +1,16 @@
 // torch entry of the flash prefill kernel: checks every input, fills FlashParams and picks the
 // instantiation for (dtype, head_dim). The kernel itself is in flash_prefill_kernel.cuh.
-#include <c10/cuda/CUDAStream.h>
+//
+// Numbers in the check messages are formatted with std::to_string rather than streamed: on the GPU machine
+// (extension built with /opt/gcc, torch 2.11) streaming an integer into a TORCH_CHECK message crashed the
+// process with a segfault, while strings (dtype names, "cpu") streamed fine (device runs, 2026-11-26).
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <cmath>
+#include <string>
 
 #include "../common/checks.h"
 #include "../ops.h"
@@ -27,21 +32,37 @@ struct CudaElement<at::BFloat16> {
   using type = __nv_bfloat16;
 };
 
-// The kernel copies 16-byte chunks: every row of D elements must start 16-byte aligned.
-void check_16_byte_rows(const torch::Tensor& t, const char* name) {
-  const int64_t elems = 16 / t.element_size();
-  bool aligned = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
-  for (int64_t d = 0; d + 1 < t.dim(); ++d) aligned = aligned && t.stride(d) % elems == 0;
-  TORCH_CHECK(aligned, "flash_attn_varlen: ", name, " must have 16-byte aligned rows (data pointer and every stride but the last a multiple of ",
-              elems, " elements), got strides ", t.strides());
+std::string str(int64_t value) { return std::to_string(value); }
+
+std::string str(c10::IntArrayRef dims) {
+  std::string s = "[";
+  for (size_t i = 0; i < dims.size(); ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
+  return s + "]";
 }
 
-void check_cu_seqlens(const torch::Tensor& t, const char* name) {
-  TORCH_CHECK(t.is_cuda(), "flash_attn_varlen: ", name, " must be a CUDA tensor, got ", t.device());
+void check_cuda(const torch::Tensor& t, const char* name, const torch::Tensor& q) {
+  TORCH_CHECK(t.is_cuda() && t.device() == q.device(), "flash_attn_varlen: ", name,
+              " must be a CUDA tensor on q's device ", q.device().str(), ", got ", t.device().str());
+}
+
+// The kernel copies 16-byte chunks: the head dimension must be contiguous and every row of D elements must
+// start 16-byte aligned.
+void check_rows(const torch::Tensor& t, const char* name) {
+  const int64_t elems = 16 / t.element_size();
+  bool aligned = t.stride(-1) == 1 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) aligned = aligned && t.stride(d) % elems == 0;
+  TORCH_CHECK(aligned, "flash_attn_varlen: ", name,
+              " must be contiguous in its last dimension with 16-byte aligned rows (data pointer and every other "
+              "stride a multiple of ",
+              str(elems), " elements), got strides ", str(t.strides()));
+}
+
+void check_cu_seqlens(const torch::Tensor& t, const char* name, const torch::Tensor& q) {
+  check_cuda(t, name, q);
   TORCH_CHECK(t.scalar_type() == at::kInt, "flash_attn_varlen: ", name, " must be torch.int32, got ",
               t.scalar_type());
   TORCH_CHECK(t.dim() == 1 && t.size(0) >= 2 && t.is_contiguous(), "flash_attn_varlen: ", name,
-              " must be a contiguous 1-D tensor [batch + 1] with batch >= 1, got shape ", t.sizes());
+              " must be a contiguous 1-D tensor [batch + 1] with batch >= 1, got shape ", str(t.sizes()));
 }
 
 }  // namespace
@@ -52,64 +73,59 @@ torch::Tensor flash_attn_varlen(const torch::Tensor& q, const torch::Tensor& k, 
                                 const std::optional<torch::Tensor>& block_table) {
   const bool paged = block_table.has_value();
   MINIVLLM_CHECK_CUDA(q);
-  MINIVLLM_CHECK_CUDA(k);
-  MINIVLLM_CHECK_CUDA(v);
-  TORCH_CHECK(k.device() == q.device() && v.device() == q.device(), "flash_attn_varlen: q, k and v must be on one device, got ",
-              q.device(), ", ", k.device(), ", ", v.device());
+  check_cuda(k, "k", q);
+  check_cuda(v, "v", q);
   TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
               "flash_attn_varlen: q must be torch.float16 or torch.bfloat16, got ", q.scalar_type());
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
               "flash_attn_varlen: q, k and v must share a dtype, got ", q.scalar_type(), ", ", k.scalar_type(),
               ", ", v.scalar_type());
-  TORCH_CHECK(q.dim() == 3, "flash_attn_varlen: q must be [total_q, num_heads, head_dim], got shape ", q.sizes());
-  const int64_t kv_dims = paged ? 4 : 3;
-  TORCH_CHECK(k.dim() == kv_dims && v.sizes() == k.sizes(), "flash_attn_varlen: k and v must both be ",
+  TORCH_CHECK(q.dim() == 3, "flash_attn_varlen: q must be [total_q, num_heads, head_dim], got shape ",
+              str(q.sizes()));
+  TORCH_CHECK(k.dim() == (paged ? 4 : 3) && v.sizes() == k.sizes(), "flash_attn_varlen: k and v must both be ",
               paged ? "[num_blocks, block_size, num_kv_heads, head_dim] (paged, block_table given)"
                     : "[total_k, num_kv_heads, head_dim] (packed, no block_table)",
-              ", got shapes ", k.sizes(), " and ", v.sizes());
+              ", got shapes ", str(k.sizes()), " and ", str(v.sizes()));
   const int64_t head_dim = q.size(2);
-  TORCH_CHECK(head_dim == 64 || head_dim == 128, "flash_attn_varlen: head_dim ", head_dim,
+  TORCH_CHECK(head_dim == 64 || head_dim == 128, "flash_attn_varlen: head_dim ", str(head_dim),
               " is not supported; supported: 64, 128");
-  TORCH_CHECK(k.size(-1) == head_dim, "flash_attn_varlen: k and v head_dim ", k.size(-1),
-              " differs from q's ", head_dim);
+  TORCH_CHECK(k.size(-1) == head_dim, "flash_attn_varlen: k and v head_dim ", str(k.size(-1)),
+              " differs from q's ", str(head_dim));
   const int64_t num_heads = q.size(1);
   const int64_t num_kv_heads = k.size(-2);
-  TORCH_CHECK(num_kv_heads > 0 && num_heads % num_kv_heads == 0, "flash_attn_varlen: num_heads ", num_heads,
-              " must be a multiple of num_kv_heads ", num_kv_heads);
-  MINIVLLM_CHECK_LAST_DIM_CONTIGUOUS(q);
-  MINIVLLM_CHECK_LAST_DIM_CONTIGUOUS(k);
-  MINIVLLM_CHECK_LAST_DIM_CONTIGUOUS(v);
+  TORCH_CHECK(num_kv_heads > 0 && num_heads % num_kv_heads == 0, "flash_attn_varlen: num_heads ", str(num_heads),
+              " must be a multiple of num_kv_heads ", str(num_kv_heads));
+  check_rows(q, "q");
+  check_rows(k, "k");
+  check_rows(v, "v");
   // One offset addresses a key's row in both k and v.
-  TORCH_CHECK(k.strides() == v.strides(), "flash_attn_varlen: k and v must have the same strides, got ", k.strides(),
-              " and ", v.strides());
-  check_16_byte_rows(q, "q");
-  check_16_byte_rows(k, "k");
-  check_16_byte_rows(v, "v");
-  check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q");
-  check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k");
-  TORCH_CHECK(cu_seqlens_q.device() == q.device() && cu_seqlens_k.device() == q.device(),
-              "flash_attn_varlen: cu_seqlens_q and cu_seqlens_k must be on q's device ", q.device());
+  TORCH_CHECK(k.strides() == v.strides(), "flash_attn_varlen: k and v must have the same strides, got ",
+              str(k.strides()), " and ", str(v.strides()));
+  check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q);
+  check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", q);
   TORCH_CHECK(cu_seqlens_k.size(0) == cu_seqlens_q.size(0), "flash_attn_varlen: cu_seqlens_q has ",
-              cu_seqlens_q.size(0), " entries and cu_seqlens_k ", cu_seqlens_k.size(0), "; both must be batch + 1");
+              str(cu_seqlens_q.size(0)), " entries and cu_seqlens_k ", str(cu_seqlens_k.size(0)),
+              "; both must be batch + 1");
   const int64_t batch = cu_seqlens_q.size(0) - 1;
-  TORCH_CHECK(max_seqlen_q >= 0 && max_seqlen_k >= 0, "flash_attn_varlen: max_seqlen_q and max_seqlen_k must be >= 0, got ",
-              max_seqlen_q, ", ", max_seqlen_k);
+  TORCH_CHECK(max_seqlen_q >= 0 && max_seqlen_k >= 0,
+              "flash_attn_varlen: max_seqlen_q and max_seqlen_k must be >= 0, got ", str(max_seqlen_q), ", ",
+              str(max_seqlen_k));
   TORCH_CHECK(std::isfinite(scale) && scale > 0, "flash_attn_varlen: scale must be a positive finite number, got ",
-              scale);
+              std::to_string(scale));
 
   FlashParams params{};
   if (paged) {
     const torch::Tensor& table = *block_table;
-    TORCH_CHECK(table.is_cuda() && table.device() == q.device(), "flash_attn_varlen: block_table must be on q's device ",
-                q.device(), ", got ", table.device());
+    check_cuda(table, "block_table", q);
     TORCH_CHECK(table.scalar_type() == at::kInt, "flash_attn_varlen: block_table must be torch.int32, got ",
                 table.scalar_type());
     TORCH_CHECK(table.dim() == 2 && table.size(0) == batch && table.stride(1) == 1,
-                "flash_attn_varlen: block_table must be [batch, max_blocks] = [", batch,
-                ", *] with contiguous rows, got shape ", table.sizes(), " and strides ", table.strides());
+                "flash_attn_varlen: block_table must be [batch, max_blocks] = [", str(batch),
+                ", *] with contiguous rows, got shape ", str(table.sizes()), " and strides ", str(table.strides()));
     const int64_t block_size = k.size(1);
     TORCH_CHECK(block_size >= 16 && block_size <= 256 && (block_size & (block_size - 1)) == 0,
-                "flash_attn_varlen: block_size ", block_size, " is not supported; use a power of two in 16..256");
+                "flash_attn_varlen: block_size ", str(block_size),
+                " is not supported; use a power of two in 16..256");
     params.block_table = table.data_ptr<int>();
     params.block_table_stride = table.stride(0);
     params.block_size_log2 = __builtin_ctzll(block_size);
@@ -119,8 +135,8 @@ torch::Tensor flash_attn_varlen(const torch::Tensor& q, const torch::Tensor& k, 
   torch::Tensor out = torch::empty({q.size(0), num_heads, head_dim}, q.options());
   constexpr int64_t kBlockM = minivllm::flash::kFlashPrefillBlockM;
   const int64_t num_m_blocks = (max_seqlen_q + kBlockM - 1) / kBlockM;
-  TORCH_CHECK(num_m_blocks <= 65535, "flash_attn_varlen: max_seqlen_q ", max_seqlen_q, " exceeds the supported ",
-              65535 * kBlockM);
+  TORCH_CHECK(num_m_blocks <= 65535, "flash_attn_varlen: max_seqlen_q ", str(max_seqlen_q),
+              " exceeds the supported ", str(65535 * kBlockM));
   if (q.size(0) == 0 || num_m_blocks == 0) return out;
 
   params.q = q.data_ptr();

@@ -1,9 +1,10 @@
 // FlashAttention-2 forward over a packed variable-length batch, with tensor cores through mma.sync.
 //
-// One CTA owns kBlockM query rows of one (sequence, head); each warp owns 16 of those rows and keeps their
-// Q fragments, scores, running max/sum and output accumulator in registers. The CTA walks its key tiles
-// from last to first (so the masked diagonal/edge tiles come first and the rest run mask-free), with the
-// next K/V tile copied by cp.async into the other shared-memory buffer while this one is used:
+// One CTA owns kBlockM query rows of one (sequence, head); each warp owns 16 * kRowTilesPerWarp of those
+// rows and keeps their scores, running max/sum and output accumulator in registers (Q stays in shared
+// memory, re-read with ldmatrix each tile: the registers it would take are all in use). The CTA walks its
+// key tiles from last to first (so the masked diagonal/edge tiles come first and the rest run mask-free),
+// with the next K/V tile copied by cp.async into the other shared-memory buffer while this one is used:
 //   S = Q K^T (mma) -> mask (edge tiles only) -> online softmax in fp32 (exp2, scale folded into log2 e)
 //   -> P rounded to T in registers, reused as the A operand of O += P V (mma, V through ldmatrix.trans).
 // Shared-memory tile rows are padded by 16 bytes, so cp.async stores and every ldmatrix phase (8 rows,

@@ -151,8 +151,9 @@ def call(q, k, v, cu_q, cu_k=None, block_table=None):
         (lambda q, k, v, cu: (q, k, v, cu.long()), "torch.int32"),
         (lambda q, k, v, cu: (q, k, v, cu[:2]), "batch + 1"),
         (lambda q, k, v, cu: (q.transpose(1, 2).contiguous().transpose(1, 2), k, v, cu), "contiguous"),
+        (lambda q, k, v, cu: (q, k, v.transpose(0, 1).contiguous().transpose(0, 1), cu), "same strides"),
     ],
-    ids=["fp32", "mixed-dtype", "head_dim", "gqa", "cpu-k", "cu-int64", "cu-length", "strided"],
+    ids=["fp32", "mixed-dtype", "head_dim", "gqa", "cpu-k", "cu-int64", "cu-length", "strided", "kv-strides"],
 )
 def test_bad_inputs_raise(mutate, message):
     q, k, v, cu = mutate(*small_inputs())
