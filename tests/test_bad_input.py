@@ -7,6 +7,8 @@ import shutil
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from minivllm import LLM, SamplingParams
 from tests.conftest import completions, random_prompts, token_prompts
@@ -291,3 +293,37 @@ def test_interrupted_prefill_does_not_poison_the_prefix_cache(qwen3_dir):
     finally:
         runner.run = run
     assert completions(llm.generate(prompts, GREEDY, use_tqdm=False)) == expected
+
+
+# ----- fuzzing the prompt and params arguments -------------------------------------------------------------
+token = st.one_of(st.integers(-3, 600), st.booleans(), st.floats(allow_nan=False), st.none(), st.text(max_size=2))
+token_lists = st.lists(token, max_size=4)
+prompt_like = st.one_of(
+    st.text(max_size=3),
+    token_lists,
+    st.dictionaries(st.sampled_from(["prompt_token_ids", "prompt", "x"]), st.one_of(token_lists, st.text(max_size=3),
+                                                                                     st.none()), max_size=2),
+    st.none(),
+    st.integers(),
+    st.tuples(st.integers(0, 10)),
+)
+params_like = st.one_of(
+    st.none(),
+    st.just(GREEDY),
+    st.lists(st.one_of(st.just(GREEDY), st.none(), st.integers()), max_size=3),
+    st.dictionaries(st.just("temperature"), st.floats(allow_nan=False), max_size=1),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.one_of(prompt_like, st.lists(prompt_like, max_size=3)), params_like)
+def test_fuzzed_arguments_are_served_or_refused_cleanly(llm, prompts, params):
+    """Any argument either runs or raises TypeError/ValueError before work starts; nothing else escapes."""
+    try:
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+    except (TypeError, ValueError):
+        engine = llm.engine
+        assert not engine.scheduler.waiting and not engine.scheduler.running and not engine.requests
+    else:
+        assert outputs and all(o.finished for o in outputs)
+    assert llm.engine.scheduler.block_manager.num_free_blocks == llm.engine.runner.num_kv_blocks
