@@ -101,6 +101,4 @@ class RowParallelLinear(nn.Linear):
         self.tp = tp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.tp.size == 1:
-            return super().forward(x)
         return self.tp.all_reduce(F.linear(x, self.weight, self.bias if self.tp.rank == 0 else None))
