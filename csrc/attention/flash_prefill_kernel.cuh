@@ -7,8 +7,8 @@
 // with the next K/V tile copied by cp.async into the other shared-memory buffer while this one is used:
 //   S = Q K^T (mma) -> mask (edge tiles only) -> online softmax in fp32 (exp2, scale folded into log2 e)
 //   -> P rounded to T in registers, reused as the A operand of O += P V (mma, V through ldmatrix.trans).
-// Shared-memory tile rows are padded by 16 bytes, so cp.async stores and every ldmatrix phase (8 rows,
-// same chunk) touch 8 distinct bank groups.
+// Shared-memory tiles are laid out by Traits::tile_offset so that cp.async stores and every ldmatrix phase
+// (8 rows, same chunk) touch 8 distinct bank groups.
 #pragma once
 
 #include <cmath>
@@ -18,16 +18,6 @@
 #include "flash_ptx.cuh"
 
 namespace minivllm::flash {
-
-// Element offset of (row, 16-byte chunk) in a shared-memory tile. Rows are padded by one chunk, so the 8
-// consecutive rows an ldmatrix phase (or the 8 lanes of a cp.async phase) touch at one chunk index fall in
-// 8 different 16-byte bank groups. Unlike an XOR swizzle, the offset is linear in row and chunk: every
-// fragment address of the unrolled loops is one per-lane base plus an immediate, which saves the ~24
-// registers the XOR'd addresses would pin (the D=128 kernel spilled with them).
-template <int kRowStride>
-__device__ __forceinline__ int tile_offset(int row, int chunk) {
-  return row * kRowStride + chunk * 8;
-}
 
 // Combines a lane's values of one row (h = 0: elements 0, 1; h = 1: elements 2, 3 of each 8-column tile) as
 // a tree, so the dependent chain is log2(2N) operations long rather than 2N.
@@ -54,12 +44,11 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kMinBlocksPerSM)
   constexpr int kThreads = Traits::kThreads;
   constexpr int kChunks = Traits::kChunksPerRow;
   constexpr int kRowsPerPass = kThreads / kChunks;  // tile rows one pass of 16-byte copies covers
-  constexpr int kRowStride = Traits::kSmemRowStride;
 
   extern __shared__ __align__(128) unsigned char smem_raw[];
   T* s_q = reinterpret_cast<T*>(smem_raw);
-  T* s_k = s_q + Traits::kSmemQ;                     // [kStages][kBlockN][kRowStride]
-  T* s_v = s_k + Traits::kStages * Traits::kSmemKV;  // [kStages][kBlockN][kRowStride]
+  T* s_k = s_q + Traits::kSmemQ;                     // [kStages][kSmemKV]
+  T* s_v = s_k + Traits::kStages * Traits::kSmemKV;  // [kStages][kSmemKV]
 
   // Grid: x = (sequence, head) with heads fastest, so the query heads of one KV group run side by side and
   // share its K/V in L2; y = query tile, heaviest (last, under a causal mask) scheduled first.
@@ -101,7 +90,7 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kMinBlocksPerSM)
     const int r = copy_row + i * kRowsPerPass;
     const bool valid = row0 + r < len_q;
     const T* src = valid ? q + (row0 + r) * p.q_token_stride + copy_chunk * 8 : q;
-    cp_async_16(smem_address(s_q + tile_offset<kRowStride>(r, copy_chunk)), src, valid);
+    cp_async_16(smem_address(s_q + Traits::tile_offset(r, copy_chunk)), src, valid);
   }
 
   // Copies key tile n_block into buffer `stage`; rows past len_k are zero-filled.
@@ -122,7 +111,7 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kMinBlocksPerSM)
           offset = (k_start + key) * p.kv_token_stride;
         }
       }
-      const int s = tile_offset<kRowStride>(r, copy_chunk);
+      const int s = Traits::tile_offset(r, copy_chunk);
       cp_async_16(smem_address(dst_k + s), k + offset, valid);
       cp_async_16(smem_address(dst_v + s), v + offset, valid);
     }
@@ -164,13 +153,13 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kMinBlocksPerSM)
 #pragma unroll
       for (int t = 0; t < kTiles; ++t) {
         const int r = warp_row0 + t * 16 + lane % 16;
-        ldmatrix_x4(q_frag[t], smem_address(s_q + tile_offset<kRowStride>(r, kk * 2 + lane / 16)));
+        ldmatrix_x4(q_frag[t], smem_address(s_q + Traits::tile_offset(r, kk * 2 + lane / 16)));
       }
 #pragma unroll
       for (int nn = 0; nn < kBlockN / 16; ++nn) {
         uint32_t b[4];
         const int r = nn * 16 + (lane / 16) * 8 + lane % 8;
-        ldmatrix_x4(b, smem_address(tile_k + tile_offset<kRowStride>(r, kk * 2 + (lane / 8) % 2)));
+        ldmatrix_x4(b, smem_address(tile_k + Traits::tile_offset(r, kk * 2 + (lane / 8) % 2)));
 #pragma unroll
         for (int t = 0; t < kTiles; ++t) {
           mma_16816<T>(s[t][2 * nn], q_frag[t], b[0], b[1]);
@@ -251,7 +240,7 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kMinBlocksPerSM)
       for (int dd = 0; dd < D / 16; ++dd) {
         uint32_t b[4];
         const int r = kk * 16 + ((lane / 8) % 2) * 8 + lane % 8;
-        ldmatrix_x4_trans(b, smem_address(tile_v + tile_offset<kRowStride>(r, dd * 2 + lane / 16)));
+        ldmatrix_x4_trans(b, smem_address(tile_v + Traits::tile_offset(r, dd * 2 + lane / 16)));
 #pragma unroll
         for (int t = 0; t < kTiles; ++t) {
           mma_16816<T>(acc_o[t][2 * dd], p_frag[t], b[0], b[1]);
@@ -274,7 +263,7 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kMinBlocksPerSM)
       const int r = warp_row0 + t * 16 + lane_row + h * 8;
 #pragma unroll
       for (int d = 0; d < D / 8; ++d) {
-        *reinterpret_cast<uint32_t*>(s_q + tile_offset<kRowStride>(r, d) + lane_col) =
+        *reinterpret_cast<uint32_t*>(s_q + Traits::tile_offset(r, d) + lane_col) =
             pack2<T>(acc_o[t][d][2 * h] * inv_sum, acc_o[t][d][2 * h + 1] * inv_sum);
       }
     }
@@ -288,7 +277,7 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kMinBlocksPerSM)
     const int chunk = idx % kChunks;
     if (row0 + r < len_q) {
       *reinterpret_cast<uint4*>(out + (row0 + r) * p.out_token_stride + chunk * 8) =
-          *reinterpret_cast<const uint4*>(s_q + tile_offset<kRowStride>(r, chunk));
+          *reinterpret_cast<const uint4*>(s_q + Traits::tile_offset(r, chunk));
     }
   }
 }
