@@ -36,6 +36,21 @@ def time_cuda_ms(fn: Callable[[], object], warmup: int = 5, iters: int = 30) -> 
     return statistics.median(times)
 
 
+def graph_time_ms(calls: list[Callable[[], object]]) -> float:
+    """Median milliseconds per call of `calls`, captured back to back in one CUDA graph and replayed."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for call in calls:  # warm-up (and one-time setup) outside capture
+            call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    return time_cuda_ms(graph.replay, warmup=3, iters=20) / len(calls)
+
+
 def copy_bandwidth_gbs(num_bytes: int = 1 << 30) -> float:
     """Device-to-device copy bandwidth in GB/s, counting bytes read plus bytes written."""
     src = torch.empty(num_bytes, dtype=torch.uint8, device="cuda").random_(0, 255)

@@ -9,11 +9,19 @@ on one copy (their host overhead is small next to their GPU time).
 """
 
 import math
-from collections.abc import Callable
 
 import torch
 
-from benchmarks.common import copy_bandwidth_gbs, gpu_name, parser, print_table, require_cuda, time_cuda_ms, write_json
+from benchmarks.common import (
+    copy_bandwidth_gbs,
+    gpu_name,
+    graph_time_ms,
+    parser,
+    print_table,
+    require_cuda,
+    time_cuda_ms,
+    write_json,
+)
 from minivllm.ops import paged_attention_decode, reference
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, DTYPE = 16, 8, 128, torch.bfloat16  # Qwen3-0.6B
@@ -24,21 +32,6 @@ L2_ROTATION_BYTES = 256 << 20  # rotate copies until a graph's calls together to
 MAX_CACHE_BYTES = 16 << 30  # K+V of one copy; larger rows are skipped
 MAX_VECTORISED_BYTES = 20 << 30  # the reference's fp32, head-repeated temporaries
 MAX_NAIVE_TOKENS = 1 << 20  # batch x context beyond which the per-sequence loop takes minutes
-
-
-def graph_time_ms(calls: list[Callable[[], object]]) -> float:
-    """Median milliseconds per call of `calls`, captured back to back in one CUDA graph and replayed."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for call in calls:  # warm-up (and one-time setup) outside capture
-            call()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
-    return time_cuda_ms(graph.replay, warmup=3, iters=20) / len(calls)
 
 
 def naive_decode(q, k_cache, v_cache, block_tables, context_lens, scale):

@@ -12,8 +12,17 @@ import math
 
 import torch
 
-from benchmarks.common import copy_bandwidth_gbs, gpu_name, parser, print_table, require_cuda, time_cuda_ms, write_json
-from benchmarks.decode import L2_ROTATION_BYTES, graph_time_ms
+from benchmarks.common import (
+    copy_bandwidth_gbs,
+    gpu_name,
+    graph_time_ms,
+    parser,
+    print_table,
+    require_cuda,
+    time_cuda_ms,
+    write_json,
+)
+from benchmarks.decode import L2_ROTATION_BYTES
 from minivllm.ops import reference, reshape_and_cache
 
 NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, DTYPE = 8, 128, 16, torch.bfloat16
