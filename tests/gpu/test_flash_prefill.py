@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 # ||out - ref|| / ||ref|| per sequence, and max |out - ref| / max |ref| over the batch. Rounding P and the
-# output to the storage type costs about 3e-3 (bf16) and 4e-4 (fp16) in the norm.
+# output to the storage type costs up to 2.3e-3 (bf16) and 2.9e-4 (fp16) in the norm (H100, 2026-11-26).
 TOLERANCE = {torch.bfloat16: (1e-2, 2e-2), torch.float16: (2e-3, 4e-3)}
 EDGE_LENGTHS = (1, 2, 15, 16, 17, 63, 64, 65, 127, 128, 129, 255, 256, 257)
 NUM_CASES = 120
@@ -95,6 +95,13 @@ def make_inputs(c: dict):
     return q, k_cache, v_cache, table
 
 
+def run_poisoned(*args):
+    """The op allocates its output: free a NaN-filled block of that size first, so the caching allocator hands
+    it back and an element the kernel fails to write stays NaN instead of holding stale memory."""
+    torch.full_like(args[0], float("nan"))
+    return ops.flash_attn_varlen(*args)
+
+
 @pytest.mark.parametrize("case", range(NUM_CASES))
 def test_matches_reference(case):
     c = random_case(case)
@@ -102,12 +109,12 @@ def test_matches_reference(case):
     cu_q, cu_k = cu_seqlens(c["lens_q"]), cu_seqlens(c["lens_k"])
     scale = c["head_dim"] ** -0.5
     args = (cu_q, cu_k, max(c["lens_q"]), max(c["lens_k"]), scale, c["causal"], table)
-    out = ops.flash_attn_varlen(q, k, v, *args)
+    out = run_poisoned(q, k, v, *args)
     ref = reference.flash_attn_varlen(q.float(), k.float(), v.float(), *args)
 
     assert out.shape == q.shape and out.dtype == q.dtype
     assert torch.isfinite(out).all(), f"non-finite output in {c}"
-    assert torch.equal(out, ops.flash_attn_varlen(q, k, v, *args)), f"a second launch differs (a race?) in {c}"
+    assert torch.equal(out, run_poisoned(q, k, v, *args)), f"a second launch differs (a race?) in {c}"
     norm_tol, max_tol = TOLERANCE[c["dtype"]]
     err = out.float() - ref
     starts = cu_q.tolist()
