@@ -60,7 +60,7 @@ operations = st.lists(
 )
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(operations, st.integers(4, 24), st.sampled_from([1, 2, 4]), st.booleans())
 def test_random_operations_keep_invariants(ops, num_blocks, block_size, caching):
     bm = BlockManager(num_blocks, block_size, caching)

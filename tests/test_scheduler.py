@@ -126,7 +126,7 @@ workloads = st.fixed_dictionaries(
 )
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(workloads)
 def test_random_workloads_finish_with_unconstrained_outputs(w):
     rng = random.Random(w["seed"])
