@@ -19,17 +19,18 @@
 
 namespace minivllm::flash {
 
-// Combines a lane's values of one row (h = 0: elements 0, 1; h = 1: elements 2, 3 of each 8-column tile) as
-// a tree, so the dependent chain is log2(2N) operations long rather than 2N.
-template <int N, typename Op>
-__device__ __forceinline__ float tree_reduce(const float (&s)[N][4], int h, Op op) {
+// Max of a lane's values of one row (h = 0: elements 0, 1; h = 1: elements 2, 3 of each 8-column tile),
+// taken as a tree: the max sits on the path from the last QK^T mma to the P V mma's, so its dependent chain
+// is kept at log2(2N) operations rather than 2N.
+template <int N>
+__device__ __forceinline__ float lane_row_max(const float (&s)[N][4], int h) {
   float v[N];
 #pragma unroll
-  for (int j = 0; j < N; ++j) v[j] = op(s[j][2 * h], s[j][2 * h + 1]);
+  for (int j = 0; j < N; ++j) v[j] = fmaxf(s[j][2 * h], s[j][2 * h + 1]);
 #pragma unroll
   for (int width = N / 2; width > 0; width /= 2) {
 #pragma unroll
-    for (int j = 0; j < width; ++j) v[j] = op(v[j], v[j + width]);
+    for (int j = 0; j < width; ++j) v[j] = fmaxf(v[j], v[j + width]);
   }
   return v[0];
 }
@@ -191,7 +192,7 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kMinBlocksPerSM)
     for (int t = 0; t < kTiles; ++t) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        float m = fmaxf(row_max[t][h], tree_reduce<kBlockN / 8>(s[t], h, [](float a, float b) { return fmaxf(a, b); }));
+        float m = fmaxf(row_max[t][h], lane_row_max(s[t], h));
         m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, 1));
         m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, 2));
         // A row that has seen only masked keys keeps max -inf; subtract 0 so exp2 gives 0, not NaN.
