@@ -327,3 +327,15 @@ def test_fuzzed_arguments_are_served_or_refused_cleanly(llm, prompts, params):
     else:
         assert outputs and all(o.finished for o in outputs)
     assert llm.engine.scheduler.block_manager.num_free_blocks == llm.engine.runner.num_kv_blocks
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="llm.py chat(): a message whose content the template cannot render (None, a list) escapes as "
+    "jinja2's UndefinedError instead of a ValueError",
+)
+@pytest.mark.parametrize("content", [None, ["a list"]], ids=["none", "list"])
+def test_chat_message_content_the_template_cannot_render(tok_llm, content):
+    with pytest.raises((TypeError, ValueError)):
+        tok_llm.chat([{"role": "user", "content": content}], GREEDY, use_tqdm=False)
+    assert not tok_llm.engine.requests and not tok_llm.engine.scheduler.waiting
