@@ -6,6 +6,7 @@ import time
 import warnings
 from collections.abc import Sequence as SequenceABC
 
+from jinja2 import TemplateError
 from tqdm import tqdm
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
@@ -102,9 +103,13 @@ class LLM:
         conversations = messages if isinstance(messages[0], list) else [messages]
         items = []
         for conversation in conversations:
-            if not all(isinstance(m, dict) and "role" in m and "content" in m for m in conversation):
-                raise TypeError(f"each message must be a dict with 'role' and 'content', got {conversation!r}")
-            text = self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+            if not all(isinstance(m, dict) and all(isinstance(m.get(k), str) for k in ("role", "content"))
+                       for m in conversation):
+                raise TypeError(f"each message must be a dict with str 'role' and 'content', got {conversation!r}")
+            try:
+                text = self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+            except TemplateError as e:
+                raise ValueError(f"the chat template cannot render this conversation: {e}") from e
             items.append((text, self._check_ids(self.tokenizer.encode(text, add_special_tokens=False))))
         return self._run(items, self._params_for(items, sampling_params), use_tqdm)
 
