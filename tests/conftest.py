@@ -5,6 +5,7 @@ milliseconds per step. The initializer range is larger than HF's default 0.02 so
 random model are spread out: greedy comparisons then do not hinge on near-ties.
 """
 
+import functools
 import json
 import os
 import shutil
@@ -20,7 +21,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from minivllm import LLM
+import minivllm
 from minivllm.presets import qwen3_tokenizer_dir
 
 # The tiny models' matrices are far too small to split across threads: on a shared 2-core machine intra-op
@@ -28,6 +29,9 @@ from minivllm.presets import qwen3_tokenizer_dir
 # machine the GPU tests' CPU-side work is left as it is.)
 if not torch.cuda.is_available():
     torch.set_num_threads(1)
+
+# The CPU suite runs on the CPU even where a GPU is visible (device=None would pick CUDA, and bf16 with it).
+LLM = functools.partial(minivllm.LLM, device="cpu")
 
 FAMILIES = {
     "qwen3": (Qwen3Config, Qwen3ForCausalLM),
@@ -105,13 +109,13 @@ def tokenizer_model_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
-def llm(qwen3_dir) -> LLM:
+def llm(qwen3_dir) -> minivllm.LLM:
     """One shared engine for tests that do not change engine settings (it must keep serving after errors)."""
     return LLM(qwen3_dir, max_model_len=128, max_num_seqs=32)
 
 
 @pytest.fixture(scope="session")
-def tok_llm(tokenizer_model_dir) -> LLM:
+def tok_llm(tokenizer_model_dir) -> minivllm.LLM:
     return LLM(tokenizer_model_dir, max_model_len=128, max_num_seqs=16)
 
 

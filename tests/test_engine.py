@@ -7,13 +7,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minivllm import LLM, SamplingParams
-from tests.conftest import completions, random_prompts, token_prompts, with_config
+import minivllm
+from minivllm import SamplingParams
+from tests.conftest import LLM, completions, random_prompts, token_prompts, with_config
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 
 
-def record_batches(llm: LLM) -> list[dict]:
+def record_batches(llm: minivllm.LLM) -> list[dict]:
     """Wrap the runner so every step's batch is recorded: kind, tokens and each sequence's block table."""
     runner, log = llm.engine.runner, []
     run = runner.run
@@ -37,7 +38,7 @@ def prefill_tokens(log: list[dict]) -> int:
     return sum(step["num_tokens"] for step in log if step["is_prefill"])
 
 
-def greedy_reference(llm: LLM, prompts: list[list[int]], params: SamplingParams = GREEDY) -> list[list[int]]:
+def greedy_reference(llm: minivllm.LLM, prompts: list[list[int]], params: SamplingParams = GREEDY) -> list[list[int]]:
     return completions(llm.generate(token_prompts(prompts), params, use_tqdm=False))
 
 
@@ -222,7 +223,7 @@ def first_repeatable_token(tokens: list[int], at_least: int) -> tuple[int, int]:
     raise AssertionError(f"no fresh token after {at_least} in {tokens}")
 
 
-def varied_greedy(llm: LLM, seed: int, fresh_after=(4,), max_tokens: int = 20, vocab: int = 512):
+def varied_greedy(llm: minivllm.LLM, seed: int, fresh_after=(4,), max_tokens: int = 20, vocab: int = 512):
     """(prompt, greedy tokens) whose completion has a first-time token at or after each index in fresh_after.
 
     A random model can fall into a loop of one or two tokens; such prompts are skipped.

@@ -11,11 +11,11 @@ import torch
 from huggingface_hub import constants
 from safetensors.torch import load_file, save_file
 
-from minivllm import LLM, SamplingParams
+from minivllm import SamplingParams
 from minivllm.engine.model_runner import build_model
 from minivllm.model_loader import resolve_model
 from minivllm.presets import PRESETS, qwen3_tokenizer_dir
-from tests.conftest import build_hf_model, completions, random_prompts, token_prompts, with_config
+from tests.conftest import LLM, build_hf_model, completions, random_prompts, token_prompts, with_config
 from tests.test_parity import LLAMA3_ROPE
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)

@@ -11,11 +11,11 @@ import pytest
 import torch
 from transformers import GenerationConfig
 
-from minivllm import LLM, SamplingParams
+from minivllm import SamplingParams
 from minivllm.engine.model_runner import build_model
 from minivllm.layers.attention import AttentionMetadata
 from minivllm.model_loader import resolve_model
-from tests.conftest import completions, random_prompts, token_prompts, write_checkpoint
+from tests.conftest import LLM, completions, random_prompts, token_prompts, write_checkpoint
 
 LLAMA3_ROPE = {
     "rope_type": "llama3",
