@@ -53,8 +53,9 @@ class SamplingBatch:
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """Next token ids [B] from logits [B, V]."""
     logits = logits.float()
-    for row, ids in batch.banned:
-        logits[row, ids] = float("-inf")
+    vocab_size = logits.shape[-1]
+    for row, ids in batch.banned:  # ids the model cannot produce (a user's stop id past the vocab) need no ban
+        logits[row, [i for i in ids if 0 <= i < vocab_size]] = float("-inf")
     greedy = logits.argmax(dim=-1)
     if batch.all_greedy:
         return greedy
