@@ -135,3 +135,21 @@ def test_engine_generator_drives_unseeded_rows():
 
     assert draws(1) == draws(1)
     assert draws(1) != draws(2)
+
+
+def test_bans_ignore_ids_outside_the_vocabulary():
+    """stop_token_ids beyond the logits (or negative) can never be sampled: min_tokens must not index with them."""
+    logits = torch.randn(2, 50)
+    params = [
+        SamplingParams(temperature=0.0, min_tokens=5, stop_token_ids=[10**6, -1]),
+        SamplingParams(temperature=1.0, seed=1, min_tokens=5, stop_token_ids=[50]),
+    ]
+    tokens = sample(logits.clone(), batch_of(params, eos_ids=[77], seeds=[None, 1]))
+    assert tokens[0] == logits[0].argmax()  # -1 must not ban the last token
+    assert 0 <= tokens[1] < 50
+
+
+def test_engine_min_tokens_with_out_of_vocab_stop_ids(llm):
+    params = SamplingParams(temperature=0.0, max_tokens=6, min_tokens=3, stop_token_ids=[10**6], ignore_eos=True)
+    out = llm.generate({"prompt_token_ids": [3, 4, 5]}, params, use_tqdm=False)[0].outputs[0]
+    assert len(out.token_ids) == 6 and out.finish_reason == "length"
