@@ -53,8 +53,8 @@ class SamplingParams:
     def _check_ranges(self) -> None:
         if self.n < 1:
             raise ValueError(f"SamplingParams.n must be at least 1, got {self.n}")
-        if self.temperature < 0:
-            raise ValueError(f"SamplingParams.temperature must be >= 0 (0 is greedy), got {self.temperature}")
+        if not 0 <= self.temperature < float("inf"):  # NaN fails every comparison
+            raise ValueError(f"SamplingParams.temperature must be finite, >= 0 (0 is greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < -1:
