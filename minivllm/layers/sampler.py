@@ -40,7 +40,8 @@ class SamplingBatch:
         ]
         return cls(
             temperatures=column([p.temperature for p in params], torch.float32, None),
-            top_k=column([p.top_k for p in params], torch.int64, 0),
+            # a k past any vocabulary keeps every token, as off does (and would overflow int64)
+            top_k=column([p.top_k if p.top_k < 2**31 else 0 for p in params], torch.int64, 0),
             top_p=column([p.top_p for p in params], torch.float32, 1.0),
             min_p=column([p.min_p for p in params], torch.float32, 0.0),
             seeded_rows=[(row, seq.generator) for row, seq in enumerate(seqs) if seq.generator is not None],
