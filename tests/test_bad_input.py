@@ -35,6 +35,10 @@ def assert_untouched_and_serving(llm: minivllm.LLM, baseline: list[list[int]]) -
     "kwargs, field",
     [
         (dict(temperature=-0.1), "temperature"),
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(temperature=float("inf")), "temperature"),
+        (dict(top_p=float("nan")), "top_p"),
+        (dict(min_p=float("nan")), "min_p"),
         (dict(top_p=0.0), "top_p"),
         (dict(top_p=1.5), "top_p"),
         (dict(top_k=-2), "top_k"),
@@ -79,6 +83,14 @@ def test_extreme_seeds_run(llm):
     for seed in (-(2**63), 2**63 - 1):
         params = SamplingParams(n=2, seed=seed, max_tokens=4, ignore_eos=True)
         assert len(llm.generate(prompt, params, use_tqdm=False)[0].outputs) == 2
+
+
+def test_huge_top_k_is_off(llm):
+    prompt = {"prompt_token_ids": [3, 4, 5]}
+    huge = SamplingParams(top_k=2**70, seed=4, max_tokens=6, ignore_eos=True)
+    off = SamplingParams(top_k=-1, seed=4, max_tokens=6, ignore_eos=True)
+    assert completions(llm.generate(prompt, huge, use_tqdm=False)) == completions(llm.generate(prompt, off,
+                                                                                              use_tqdm=False))
 
 
 def test_sampling_params_defaults_match_vllm():
