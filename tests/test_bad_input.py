@@ -347,3 +347,36 @@ def test_chat_message_content_the_template_cannot_render(tok_llm, content):
     with pytest.raises((TypeError, ValueError)):
         tok_llm.chat([{"role": "user", "content": content}], GREEDY, use_tqdm=False)
     assert not tok_llm.engine.requests and not tok_llm.engine.scheduler.waiting
+
+
+number = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-5, 5), st.just(2**70))
+sampling_kwargs = st.fixed_dictionaries(
+    {},
+    optional=dict(
+        n=st.integers(-1, 3),
+        temperature=number,
+        top_p=number,
+        top_k=st.one_of(st.integers(-3, 600), st.just(2**70)),
+        min_p=number,
+        seed=st.one_of(st.none(), st.integers(-(2**64), 2**64)),
+        max_tokens=st.one_of(st.integers(-1, 8), st.just(2**70)),
+        min_tokens=st.one_of(st.integers(-1, 8), st.just(2**70)),
+        stop_token_ids=st.lists(st.one_of(st.integers(-(2**70), 2**70), st.integers(0, 511)), max_size=3),
+        ignore_eos=st.booleans(),
+    ),
+)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(sampling_kwargs)
+def test_fuzzed_sampling_params_are_refused_or_run(llm, kwargs):
+    """SamplingParams either refuses its arguments or the request runs to the end: nothing fails mid-generate."""
+    try:
+        params = SamplingParams(**kwargs)
+    except (TypeError, ValueError):
+        return
+    outputs = llm.generate({"prompt_token_ids": [7, 8, 9]}, params, use_tqdm=False)
+    assert outputs[0].finished and len(outputs[0].outputs) == params.n
+    for completion in outputs[0].outputs:
+        assert 1 <= len(completion.token_ids) <= min(params.max_tokens, llm.max_model_len - 3)
+        assert all(0 <= t < 512 for t in completion.token_ids)
