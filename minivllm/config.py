@@ -78,7 +78,7 @@ class EngineConfig:
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """CUDA when available for None; otherwise exactly what was asked, if it exists."""
     if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError) as e:

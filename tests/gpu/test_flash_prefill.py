@@ -156,7 +156,7 @@ def call(q, k, v, cu_q, cu_k=None, block_table=None):
         (lambda q, k, v, cu: (q, k[:, :1].expand(32, 3, 64), v[:, :1].expand(32, 3, 64), cu), "multiple"),
         (lambda q, k, v, cu: (q, k.cpu(), v, cu), "CUDA tensor"),
         (lambda q, k, v, cu: (q, k, v, cu.long()), "torch.int32"),
-        (lambda q, k, v, cu: (q, k, v, cu[:2]), "batch + 1"),
+        (lambda q, k, v, cu: (q, k, v, cu[:2]), r"batch \+ 1"),
         (lambda q, k, v, cu: (q.transpose(1, 2).contiguous().transpose(1, 2), k, v, cu), "contiguous"),
         (lambda q, k, v, cu: (q, k, v.transpose(0, 1).contiguous().transpose(0, 1), cu), "same strides"),
     ],
