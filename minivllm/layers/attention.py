@@ -44,6 +44,8 @@ class Attention(nn.Module):
             )
         if meta.block_tables is not None:
             k, v = self.k_cache, self.v_cache
+        elif k.stride() != v.stride():
+            v = v.contiguous()  # v is still a slice of the fused qkv output; the kernel reads k and v alike
         return ops.flash_attn_varlen(
             q, k, v, meta.cu_seqlens_q, meta.cu_seqlens_k, meta.max_seqlen_q, meta.max_seqlen_k,
             self.scale, causal=True, block_table=meta.block_tables,
