@@ -414,7 +414,9 @@ def test_progress_bar_and_summary(llm, capsys):
     assert completions(outs) == greedy_reference(llm, prompts)
     captured = capsys.readouterr()
     summary = captured.out + captured.err
-    assert f"3 requests: {sum(map(len, prompts))} prompt tokens, {3 * 12} output tokens" in summary
+    # the one-line summary names the requests and the prompt and output token counts (wording may change)
+    last_line = summary.strip().splitlines()[-1]
+    assert "3 requests" in last_line and f"{sum(map(len, prompts))} prompt" in last_line and "36 output" in last_line
 
 
 def test_max_model_len_capped_at_model_positions(qwen3_dir):
