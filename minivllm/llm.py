@@ -118,23 +118,25 @@ class LLM:
         """(text, token ids) for each prompt, every one checked."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
-        elif isinstance(prompts, list) and prompts and all(isinstance(t, int) for t in prompts):
+        elif isinstance(prompts, (list, tuple)) and prompts and all(isinstance(t, int) for t in prompts):
             raise TypeError("a list of ints is ambiguous; pass {'prompt_token_ids': ids} or a list of such lists")
-        if not isinstance(prompts, list) or not prompts:
+        if not isinstance(prompts, (list, tuple)) or not prompts:
             raise TypeError(f"prompts must be a str, a dict or a non-empty list of those, got {type(prompts).__name__}")
         return [self._prompt_item(p) for p in prompts]
 
     def _prompt_item(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):  # vLLM's TokensPrompt {"prompt_token_ids": ...} or TextPrompt {"prompt": ...}
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), self._check_ids(prompt["prompt_token_ids"])
+            if not isinstance(prompt.get("prompt"), str):
+                raise TypeError(f"a dict prompt needs 'prompt_token_ids' or a str 'prompt', got keys {sorted(prompt)}")
+            prompt = prompt["prompt"]
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("this model has no tokenizer files; pass prompts as {'prompt_token_ids': [...]}")
             if not prompt:
                 raise ValueError("a prompt is empty; every prompt needs at least one token")
             return prompt, self._check_ids(self.tokenizer.encode(prompt))
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" not in prompt:
-                raise TypeError(f"a dict prompt needs the key 'prompt_token_ids', got keys {sorted(prompt)}")
-            return prompt.get("prompt"), self._check_ids(prompt["prompt_token_ids"])
         if isinstance(prompt, list):
             return None, self._check_ids(prompt)
         raise TypeError(f"a prompt must be a str, a dict with 'prompt_token_ids', or a list of ints, got {prompt!r}")

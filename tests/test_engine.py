@@ -455,10 +455,6 @@ def test_n_greedy_completions_and_n_with_stops(llm):
         assert cut.finish_reason == ("stop" if stop in full.token_ids else "length")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="llm.py _prompt_items/_prompt_item: vLLM's TextPrompt {'prompt': text} and a tuple of prompts are refused",
-)
 def test_vllm_text_prompt_dict_and_prompt_tuple(tok_llm):
     expected = completions(tok_llm.generate(["Hello", "World"], GREEDY, use_tqdm=False))
     assert completions(tok_llm.generate({"prompt": "Hello"}, GREEDY, use_tqdm=False)) == expected[:1]
