@@ -12,6 +12,7 @@ from transformers import PretrainedConfig
 
 from minivllm.distributed import TensorParallel
 from minivllm.layers.attention import Attention, AttentionMetadata
+from minivllm.layers.fusion import fused_on_gpu
 from minivllm.layers.linear import ColumnParallelLinear, RowParallelLinear, Split
 from minivllm.layers.norm import RMSNorm
 from minivllm.layers.rotary import RotaryEmbedding
@@ -74,7 +75,12 @@ class DecoderMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_and_mul(gate, up))
+
+
+@fused_on_gpu
+def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
 
 
 class DecoderLayer(nn.Module):

@@ -32,7 +32,7 @@ def checkpoint(request, tmp_path_factory):
     model = getattr(transformers, model_name)(config).eval()
     path = tmp_path_factory.mktemp(request.param)
     model.save_pretrained(path)
-    return str(path), model.to(torch.bfloat16).cuda()
+    return str(path), model.cuda()  # fp32: the yardstick for both bf16 engines
 
 
 def make_llm(path: str, **kwargs):
@@ -62,9 +62,13 @@ def release(llm) -> None:
 
 
 def test_first_step_logits_match_hf(checkpoint):
+    """Our bf16 logits are as close to the fp32 model as HF's own bf16 run is (bf16 tolerance of HF)."""
+    import copy
+
     from minivllm.layers.attention import AttentionMetadata
 
     path, hf = checkpoint
+    hf_bf16 = copy.deepcopy(hf).to(torch.bfloat16)
     llm = make_llm(path)
     model = llm.engine.runner.model
     for prompt in prompts(1):
@@ -73,14 +77,20 @@ def test_first_step_logits_match_hf(checkpoint):
         meta = AttentionMetadata(True, torch.full_like(ids, -1), cu, cu, len(prompt), len(prompt))
         with torch.inference_mode():
             ours = model.compute_logits(model(ids, torch.arange(len(prompt), device="cuda"), meta)).float()
-            ref = hf(ids.unsqueeze(0)).logits[0].float()
-        error = (ours - ref).norm() / ref.norm()
-        assert error < 2e-2, f"prompt of {len(prompt)}: relative logit error {error:.3g}"
+            exact = hf(ids.unsqueeze(0)).logits[0].float()
+            theirs = hf_bf16(ids.unsqueeze(0)).logits[0].float()
+        ours_error = ((ours - exact).norm() / exact.norm()).item()
+        hf_error = ((theirs - exact).norm() / exact.norm()).item()
+        print(f"prompt of {len(prompt)}: bf16 logit error vs fp32, ours {ours_error:.3g}, HF {hf_error:.3g}")
+        assert ours_error < 1.5 * hf_error + 1e-3, f"ours {ours_error:.3g} vs HF bf16 {hf_error:.3g}"
     release(llm)
 
 
 def test_greedy_agrees_with_hf(checkpoint):
+    import copy
+
     path, hf = checkpoint
+    hf = copy.deepcopy(hf).to(torch.bfloat16)
     llm = make_llm(path)
     batch = prompts()
     ours = greedy(llm, batch)
