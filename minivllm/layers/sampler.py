@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from minivllm.engine.sequence import Sequence
+from minivllm.layers.fusion import fused_on_gpu
 
 
 @dataclass
@@ -53,27 +54,42 @@ class SamplingBatch:
 
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """Next token ids [B] from logits [B, V]."""
-    logits = logits.float()
     vocab_size = logits.shape[-1]
     for row, ids in batch.banned:  # ids the model cannot produce (a user's stop id past the vocab) need no ban
         logits[row, [i for i in ids if 0 <= i < vocab_size]] = float("-inf")
     greedy = logits.argmax(dim=-1)
     if batch.all_greedy:
         return greedy
-    temperatures = batch.temperatures.clamp(min=1e-5).unsqueeze(1)  # greedy rows are replaced below
-    logits = logits / temperatures
+    noise = torch.empty(logits.shape, dtype=torch.float32, device=logits.device).exponential_(generator=batch.generator)
+    for row, generator in batch.seeded_rows:
+        noise[row].exponential_(generator=generator)
+    if batch.min_p is None and batch.top_k is None and batch.top_p is None:
+        sampled = temperature_gumbel_max(logits, batch.temperatures, noise)  # the common case, one fused pass
+    else:
+        sampled = gumbel_max(filtered_logits(logits, batch), noise)
+    return torch.where(batch.temperatures == 0, greedy, sampled)
+
+
+def filtered_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Temperature-scaled fp32 logits with what min-p, top-k and top-p exclude set to -inf."""
+    logits = logits.float() / batch.temperatures.clamp(min=1e-5).unsqueeze(1)  # greedy rows are replaced later
     if batch.min_p is not None:  # before top-k/top-p, as vLLM: top-p then sees what min-p left, renormalised
         probs = logits.softmax(dim=-1)
         floor = batch.min_p.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
         logits = logits.masked_fill(probs < floor, float("-inf"))
     if batch.top_k is not None or batch.top_p is not None:
         logits = apply_top_k_top_p(logits, batch.top_k, batch.top_p)
-    probs = logits.softmax(dim=-1)
-    noise = torch.empty_like(probs).exponential_(generator=batch.generator)
-    for row, generator in batch.seeded_rows:
-        noise[row].exponential_(generator=generator)
-    sampled = (probs / noise).argmax(dim=-1)
-    return torch.where(batch.temperatures == 0, greedy, sampled)
+    return logits
+
+
+def gumbel_max(logits: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """argmax(softmax(logits) / noise), taken in log space: the softmax's normaliser is the same for a whole row."""
+    return (logits - noise.log()).argmax(dim=-1)
+
+
+@fused_on_gpu
+def temperature_gumbel_max(logits: torch.Tensor, temperatures: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    return gumbel_max(logits.float() / temperatures.clamp(min=1e-5).unsqueeze(1), noise)
 
 
 def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:

@@ -87,24 +87,23 @@ def test_first_step_logits_match_hf(checkpoint):
 
 
 def test_greedy_agrees_with_hf(checkpoint):
+    """32 greedy steps over a mixed batch through the paged engine (graphs, kernels): at every step HF in bf16,
+    fed the same context, picks the same next token for at least 95% of the tokens. Teacher forcing keeps one
+    near-tie from turning every later token of a sequence into a disagreement."""
     import copy
 
     path, hf = checkpoint
     hf = copy.deepcopy(hf).to(torch.bfloat16)
     llm = make_llm(path)
     batch = prompts()
-    ours = greedy(llm, batch)
     agree = total = 0
-    for prompt, tokens in zip(batch, ours):
+    for prompt, tokens in zip(batch, greedy(llm, batch)):
         with torch.inference_mode():
-            ref = hf.generate(
-                torch.tensor([prompt], device="cuda"), max_new_tokens=32, do_sample=False, eos_token_id=None,
-                pad_token_id=0,
-            )[0, len(prompt):].tolist()
-        agree += sum(a == b for a, b in zip(tokens, ref))
-        total += len(ref)
-    print(f"greedy agreement with HF (bf16): {agree}/{total}")
-    assert agree >= 0.95 * total
+            logits = hf(torch.tensor([prompt + tokens[:-1]], device="cuda")).logits[0, len(prompt) - 1 :]
+        agree += sum(a == b for a, b in zip(tokens, logits.argmax(dim=-1).tolist()))
+        total += len(tokens)
+    print(f"greedy agreement with HF (bf16, teacher-forced): {agree}/{total}")
+    assert total == 32 * len(batch) and agree >= 0.95 * total
     release(llm)
 
 
