@@ -104,8 +104,9 @@ class ModelRunner:
         table = np.asarray(seq.block_table, dtype=np.int64)
         return table[positions // self.block_size] * self.block_size + positions % self.block_size
 
-    def block_table_array(self, seqs: list[Sequence], width: int | None = None) -> np.ndarray:
-        width = width or max(len(seq.block_table) for seq in seqs)
+    def block_table_array(self, seqs: list[Sequence]) -> np.ndarray:
+        """Each sequence's block ids in a row, zero-padded (past a sequence's end nothing is read)."""
+        width = max(len(seq.block_table) for seq in seqs)
         tables = np.zeros((len(seqs), width), dtype=np.int32)
         for row, seq in enumerate(seqs):
             tables[row, : len(seq.block_table)] = seq.block_table
