@@ -4,6 +4,12 @@
 
 #include "ops.h"
 
+// The naive prefill kernel (attention/naive_prefill.cu) is a baseline for benchmarks and tests, not used by
+// the engine: causal, packed k and v, one row of fp32 scores per (query, head) in a global scratch.
+torch::Tensor naive_attention_varlen(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                     const torch::Tensor& cu_seqlens_q, const torch::Tensor& cu_seqlens_k,
+                                     int64_t max_seqlen_q, int64_t max_seqlen_k, double scale);
+
 TORCH_LIBRARY(minivllm, m) {
   m.def(
       "reshape_and_cache(Tensor key, Tensor value, Tensor(a!) k_cache, Tensor(b!) v_cache, "
@@ -12,6 +18,9 @@ TORCH_LIBRARY(minivllm, m) {
       "flash_attn_varlen(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
       "int max_seqlen_q, int max_seqlen_k, float scale, bool causal, Tensor? block_table) -> Tensor");
   m.def(
+      "naive_attention_varlen(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+      "int max_seqlen_q, int max_seqlen_k, float scale) -> Tensor");
+  m.def(
       "paged_attention_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
       "Tensor context_lens, float scale) -> Tensor");
 }
@@ -19,6 +28,7 @@ TORCH_LIBRARY(minivllm, m) {
 TORCH_LIBRARY_IMPL(minivllm, CUDA, m) {
   m.impl("reshape_and_cache", &reshape_and_cache);
   m.impl("flash_attn_varlen", &flash_attn_varlen);
+  m.impl("naive_attention_varlen", &naive_attention_varlen);
   m.impl("paged_attention_decode", &paged_attention_decode);
 }
 

@@ -55,6 +55,27 @@ def flash_attn_varlen(
     return reference.flash_attn_varlen(*args)
 
 
+def naive_attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    scale: float,
+) -> torch.Tensor:
+    """Our naive CUDA prefill kernel: causal attention over packed q, k, v through one row of fp32 scores per
+    (query, head), [total_q, Hq, max_seqlen_k] in all. A baseline for the benchmarks and tests, not used by the
+    engine, so it has no torch fallback; reference.flash_attn_varlen(..., causal=True) computes the same.
+    max_seqlen_q and max_seqlen_k must bound every sequence's lengths.
+    """
+    if not KERNELS_BUILT:
+        raise RuntimeError("naive_attention_varlen needs the CUDA extension minivllm._C, which is not built")
+    args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale)
+    return torch.ops.minivllm.naive_attention_varlen(*args)
+
+
 def paged_attention_decode(
     q: torch.Tensor,
     k_cache: torch.Tensor,
