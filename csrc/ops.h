@@ -30,3 +30,9 @@ torch::Tensor flash_attn_varlen(const torch::Tensor& q, const torch::Tensor& k, 
 torch::Tensor paged_attention_decode(const torch::Tensor& q, const torch::Tensor& k_cache,
                                      const torch::Tensor& v_cache, const torch::Tensor& block_tables,
                                      const torch::Tensor& context_lens, double scale);
+
+// The naive prefill kernel (attention/naive_prefill.cu) is a baseline for benchmarks and tests, not used by
+// the engine: causal, packed k and v, one row of fp32 scores per (query, head) in a global scratch.
+torch::Tensor naive_attention_varlen(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                     const torch::Tensor& cu_seqlens_q, const torch::Tensor& cu_seqlens_k,
+                                     int64_t max_seqlen_q, int64_t max_seqlen_k, double scale);

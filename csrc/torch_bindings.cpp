@@ -4,12 +4,6 @@
 
 #include "ops.h"
 
-// The naive prefill kernel (attention/naive_prefill.cu) is a baseline for benchmarks and tests, not used by
-// the engine: causal, packed k and v, one row of fp32 scores per (query, head) in a global scratch.
-torch::Tensor naive_attention_varlen(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                                     const torch::Tensor& cu_seqlens_q, const torch::Tensor& cu_seqlens_k,
-                                     int64_t max_seqlen_q, int64_t max_seqlen_k, double scale);
-
 TORCH_LIBRARY(minivllm, m) {
   m.def(
       "reshape_and_cache(Tensor key, Tensor value, Tensor(a!) k_cache, Tensor(b!) v_cache, "

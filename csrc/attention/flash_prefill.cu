@@ -19,6 +19,8 @@
 
 namespace {
 
+using minivllm::str;
+
 using minivllm::flash::FlashParams;
 
 template <typename scalar_t>
@@ -31,14 +33,6 @@ template <>
 struct CudaElement<at::BFloat16> {
   using type = __nv_bfloat16;
 };
-
-std::string str(int64_t value) { return std::to_string(value); }
-
-std::string str(c10::IntArrayRef dims) {
-  std::string s = "[";
-  for (size_t i = 0; i < dims.size(); ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
-  return s + "]";
-}
 
 void check_cuda(const torch::Tensor& t, const char* name, const torch::Tensor& q) {
   TORCH_CHECK(t.is_cuda() && t.device() == q.device(), "flash_attn_varlen: ", name,

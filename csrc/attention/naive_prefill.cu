@@ -19,6 +19,8 @@
 
 namespace {
 
+using minivllm::str;
+
 constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / 32;
 constexpr int kMaxHeadDim = 256;
@@ -151,14 +153,6 @@ __global__ void __launch_bounds__(kThreads) naive_prefill_kernel(const NaiveArgs
     for (int w = 0; w < kWarps; ++w) o += partial_out[w][d];
     out[d] = static_cast<T>(o * inv_sum);
   }
-}
-
-std::string str(int64_t value) { return std::to_string(value); }
-
-std::string str(c10::IntArrayRef dims) {
-  std::string s = "[";
-  for (size_t i = 0; i < dims.size(); ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
-  return s + "]";
 }
 
 void check_on_q_device(const torch::Tensor& t, const char* name, const torch::Tensor& q) {

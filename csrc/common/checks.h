@@ -5,6 +5,20 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <string>
+
+namespace minivllm {
+// Numbers and shapes as text, for messages built where TORCH_CHECK's stream formatting of them is not
+// wanted (nvcc-compiled host code; see scripts/gpu_build.sh).
+inline std::string str(int64_t value) { return std::to_string(value); }
+
+inline std::string str(c10::IntArrayRef dims) {
+  std::string s = "[";
+  for (size_t i = 0; i < dims.size(); ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
+  return s + "]";
+}
+}  // namespace minivllm
+
 #define MINIVLLM_CHECK_CUDA(t) TORCH_CHECK((t).is_cuda(), #t " must be a CUDA tensor, got ", (t).device())
 #define MINIVLLM_CHECK_LAST_DIM_CONTIGUOUS(t) \
   TORCH_CHECK((t).stride(-1) == 1, #t " must be contiguous in its last dimension, got strides ", (t).strides())
