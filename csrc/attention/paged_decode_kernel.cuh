@@ -129,8 +129,10 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) paged_decode_kernel(cons
   CUDA_KERNEL_ASSERT(context >= 0 && context <= a.max_blocks * a.block_size);
   const int begin = split * p.split_tokens;
   const int end = min(context, begin + p.split_tokens);
-  // The merge reads only the splits that hold tokens; the others have nothing to write.
-  if (p.num_splits > 1 && begin >= end) return;
+  // The merge reads only the splits that hold tokens; the others have nothing to write. A context that
+  // split 0 covers alone (an empty one too) needs no merge: that CTA writes the output itself.
+  if (split > 0 && begin >= end) return;
+  const bool writes_output = context <= p.split_tokens || p.num_splits == 1;
   const int num_tiles = begin < end ? (end - begin + kTile - 1) / kTile : 0;
 
   extern __shared__ __align__(16) unsigned char smem[];
@@ -333,7 +335,7 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) paged_decode_kernel(cons
   for (int e = 0; e < kVec; ++e) acc[e] *= inv_sum;
 
   const int head = head0 + pv_head;
-  if (p.num_splits == 1) {
+  if (writes_output) {
     auto* out = static_cast<scalar_t*>(a.out) + (int64_t(seq) * a.num_heads + head) * kHeadDim;
     reinterpret_cast<uint4*>(out)[pv_chunk] = from_float8<scalar_t>(acc);
   } else {
@@ -346,7 +348,8 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) paged_decode_kernel(cons
 }
 
 // out = sum_s 2^(lse_s - max) * partial_s / sum_s 2^(lse_s - max) over the splits that hold tokens.
-// One CTA per (sequence, query head), one thread per output dim.
+// One CTA per (sequence, query head), one thread per output dim. A context in one split was written
+// by the decode kernel.
 template <typename scalar_t, int kHeadDim>
 __global__ void __launch_bounds__(kHeadDim) merge_splits_kernel(const KernelParams p) {
   const DecodeArgs& a = p.args;
@@ -354,6 +357,7 @@ __global__ void __launch_bounds__(kHeadDim) merge_splits_kernel(const KernelPara
   const int seq = row / a.num_heads;
   const int d = threadIdx.x;
   const int used = min(p.num_splits, (a.context_lens[seq] + p.split_tokens - 1) / p.split_tokens);
+  if (used <= 1) return;
   const float* lse = p.partial_lse + int64_t(row) * p.num_splits;
   const float* partial = p.partial_out + int64_t(row) * p.num_splits * kHeadDim;
 
@@ -365,7 +369,7 @@ __global__ void __launch_bounds__(kHeadDim) merge_splits_kernel(const KernelPara
     num += w * partial[s * kHeadDim + d];
     den += w;
   }
-  static_cast<scalar_t*>(a.out)[int64_t(row) * kHeadDim + d] = scalar_t(used > 0 ? num / den : 0.f);
+  static_cast<scalar_t*>(a.out)[int64_t(row) * kHeadDim + d] = scalar_t(num / den);
 }
 
 // CTAs of the decode kernel one SM holds at once, read once per device.
