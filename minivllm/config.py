@@ -29,6 +29,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enforce_eager: bool = False
     tensor_parallel_size: int = 1
+    async_scheduling: bool = True  # schedule step N+1 while step N runs (single GPU; tensor parallel runs without)
 
     def __post_init__(self) -> None:
         positive = {
@@ -48,6 +49,8 @@ class EngineConfig:
                 raise ValueError(f"{name} must be at least 1 (or None for the default), got {value}")
         if not isinstance(self.block_size, int) or self.block_size not in (16, 32, 64, 128, 256):
             raise ValueError(f"block_size must be a power of two from 16 to 256, got {self.block_size!r}")
+        if not isinstance(self.async_scheduling, bool):
+            raise TypeError(f"async_scheduling must be a bool, got {self.async_scheduling!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         self.device = resolve_device(self.device)

@@ -40,11 +40,12 @@ class LLM:
         enable_prefix_caching: bool = True,
         enforce_eager: bool = False,
         tensor_parallel_size: int = 1,
+        async_scheduling: bool = True,
     ):
         self.config = EngineConfig(
             model, tokenizer, dtype, device, seed, max_model_len, max_num_seqs, max_num_batched_tokens,
             block_size, num_kv_blocks, gpu_memory_utilization, enable_prefix_caching, enforce_eager,
-            tensor_parallel_size,
+            tensor_parallel_size, async_scheduling,
         )
         source = resolve_model(model, tokenizer)
         self.hf_config = source.config
@@ -199,8 +200,8 @@ class Progress:
         self.start = time.perf_counter()
         self.prompt_tokens = self.output_tokens = 0
 
-    def update(self, batch: ScheduledBatch, num_sampled: int, num_finished: int) -> None:
-        if batch.is_prefill:
+    def update(self, batch: ScheduledBatch | None, num_sampled: int, num_finished: int) -> None:
+        if batch is not None and batch.is_prefill:
             self.prompt_tokens += batch.num_tokens
         self.output_tokens += num_sampled
         if self.bar is not None:

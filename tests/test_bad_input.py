@@ -180,20 +180,20 @@ def test_chat_without_template_is_refused(llm, baseline):
 
 def test_interrupted_generate_leaves_engine_serving(llm, baseline):
     runner = llm.engine.runner
-    run, calls = runner.run, []
+    launch, calls = runner.launch, []
 
-    def interrupted(batch, eos_ids):
+    def interrupted(batch, eos_ids, previous):
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return run(batch, eos_ids)
+        return launch(batch, eos_ids, previous)
 
-    runner.run = interrupted
+    runner.launch = interrupted
     try:
         with pytest.raises(KeyboardInterrupt):
             llm.generate(token_prompts(PROMPTS * 3), GREEDY, use_tqdm=False)
     finally:
-        runner.run = run
+        runner.launch = launch
     assert_untouched_and_serving(llm, baseline)
 
 
@@ -294,17 +294,17 @@ def test_interrupted_prefill_does_not_poison_the_prefix_cache(qwen3_dir):
     prompts = token_prompts(random_prompts(2, 40, 60, seed=72))
     expected = completions(LLM(qwen3_dir, max_model_len=128).generate(prompts, GREEDY, use_tqdm=False))
     runner = llm.engine.runner
-    run = runner.run
+    launch = runner.launch
 
-    def interrupted(batch, eos_ids):
+    def interrupted(batch, eos_ids, previous):
         raise KeyboardInterrupt
 
-    runner.run = interrupted
+    runner.launch = interrupted
     try:
         with pytest.raises(KeyboardInterrupt):
             llm.generate(prompts, GREEDY, use_tqdm=False)
     finally:
-        runner.run = run
+        runner.launch = launch
     assert completions(llm.generate(prompts, GREEDY, use_tqdm=False)) == expected
 
 

@@ -32,7 +32,7 @@ def check_block_manager(bm: BlockManager, holders: list[Sequence]) -> None:
     for seq in holders:
         for i, block_id in enumerate(seq.block_table):
             block = bm.blocks[block_id]
-            if block.hash is not None and (i + 1) * bm.block_size <= seq.num_computed_tokens:
+            if block.hash is not None and (i + 1) * bm.block_size <= min(seq.num_computed_tokens, len(seq.token_ids)):
                 assert block.token_ids == tuple(seq.token_ids[i * bm.block_size : (i + 1) * bm.block_size])
                 prev = None
                 for j in range(i + 1):

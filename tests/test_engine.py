@@ -17,9 +17,9 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 def record_batches(llm: minivllm.LLM) -> list[dict]:
     """Wrap the runner so every step's batch is recorded: kind, tokens and each sequence's block table."""
     runner, log = llm.engine.runner, []
-    run = runner.run
+    launch = runner.launch
 
-    def recording_run(batch, eos_ids):
+    def recording_launch(batch, eos_ids, previous):
         log.append(
             dict(
                 is_prefill=batch.is_prefill,
@@ -28,9 +28,9 @@ def record_batches(llm: minivllm.LLM) -> list[dict]:
                 seqs=list(batch.seqs),
             )
         )
-        return run(batch, eos_ids)
+        return launch(batch, eos_ids, previous)
 
-    runner.run = recording_run
+    runner.launch = recording_launch
     return log
 
 

@@ -3,17 +3,21 @@
 The fake runner keeps a fake KV cache (slot -> (token, position)): it writes every scheduled token into
 its slot, then checks that every key a sequence attends to is really there. Its "model" is a hash of the
 whole token sequence, so the output of every request is fixed by its prompt alone: any run, whatever the
-cache size, token budget, prefix caching or preemption, must produce exactly the same tokens.
+cache size, token budget, prefix caching, preemption or async scheduling, must produce exactly the same
+tokens. With async scheduling it plays the GPU: a token the host has not collected yet is read from the
+previous step's result, as the real runner reads it from the device.
 """
 
 import random
 from types import SimpleNamespace
 
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from minivllm.engine.llm_engine import LLMEngine
+from minivllm.engine.model_runner import LaunchedStep
 from minivllm.sampling_params import SamplingParams
 from tests.test_block_manager import check_block_manager
 
@@ -26,10 +30,10 @@ def next_token(token_ids: list[int]) -> int:
 
 class FakeRunner:
     def __init__(self, num_blocks: int, block_size: int, budget: int, max_num_seqs: int, caching: bool,
-                 max_model_len: int):
+                 max_model_len: int, async_scheduling: bool):
         self.config = SimpleNamespace(
             block_size=block_size, enable_prefix_caching=caching, max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=budget,
+            max_num_batched_tokens=budget, async_scheduling=async_scheduling, tensor_parallel_size=1,
         )
         self.num_kv_blocks = num_blocks
         self.max_model_len = max_model_len
@@ -42,36 +46,43 @@ class FakeRunner:
         size = self.config.block_size
         return seq.block_table[position // size] * size + position % size
 
-    def run(self, batch, eos_ids: list[int]) -> list[int]:
+    def launch(self, batch, eos_ids: list[int], previous: LaunchedStep | None) -> LaunchedStep:
         self.steps += 1
         assert batch.seqs and len(batch.seqs) <= self.config.max_num_seqs
         assert len({seq.seq_id for seq in batch.seqs}) == len(batch.seqs)
         if batch.is_prefill:
             assert batch.num_tokens <= self.config.max_num_batched_tokens
             self.prefill_tokens += batch.num_tokens
+        on_device = dict(zip(previous.seqs, previous.tokens.tolist())) if previous else {}
+        all_tokens = {}
+        for seq in batch.seqs:
+            assert seq.num_pending_tokens <= 1 and (not seq.num_pending_tokens or not batch.is_prefill)
+            all_tokens[seq] = seq.token_ids + ([on_device[seq]] if seq.num_pending_tokens else [])
         for seq in batch.seqs:  # every layer writes the whole batch's K/V first ...
             assert seq.num_scheduled_tokens >= 1
             assert batch.is_prefill or seq.num_scheduled_tokens == 1
             end = seq.num_computed_tokens + seq.num_scheduled_tokens
-            assert end <= len(seq) and len(seq.block_table) * self.config.block_size >= end
+            assert end <= len(seq) <= seq.max_len and len(seq.block_table) * self.config.block_size >= end
             for position in range(seq.num_computed_tokens, end):
-                self.cache[self.slot(seq, position)] = (seq.token_ids[position], position)
-        tokens = []
+                self.cache[self.slot(seq, position)] = (all_tokens[seq][position], position)
+        sampled, tokens = [], []
         for seq in batch.seqs:  # ... then attention reads every key of the sequence from the pages
             end = seq.num_computed_tokens + seq.num_scheduled_tokens
             for position in range(end):
-                assert self.cache.get(self.slot(seq, position)) == (seq.token_ids[position], position), (
+                assert self.cache.get(self.slot(seq, position)) == (all_tokens[seq][position], position), (
                     f"seq {seq.seq_id} position {position}: the page holds another token"
                 )
             if seq.samples_this_step:
-                tokens.append(next_token(seq.token_ids))
-        return tokens
+                sampled.append(seq)
+                tokens.append(next_token(all_tokens[seq]))
+        tensor = torch.tensor(tokens, dtype=torch.int64)
+        return LaunchedStep(sampled, tensor, tensor)
 
 
 def run_engine(prompts: list[list[int]], params: list[SamplingParams], *, num_blocks=1000, block_size=4,
                budget=1000, max_num_seqs=1000, caching=True, max_model_len=1000, eos_ids=(),
-               check_every_step=True):
-    runner = FakeRunner(num_blocks, block_size, budget, max_num_seqs, caching, max_model_len)
+               check_every_step=True, async_scheduling=True):
+    runner = FakeRunner(num_blocks, block_size, budget, max_num_seqs, caching, max_model_len, async_scheduling)
     engine = LLMEngine(runner, None, list(eos_ids))
     requests = [engine.add_request(str(i), None, p, sp) for i, (p, sp) in enumerate(zip(prompts, params))]
     finished = []
@@ -122,6 +133,7 @@ workloads = st.fixed_dictionaries(
         budget=st.integers(1, 64),
         max_num_seqs=st.integers(1, 8),
         caching=st.booleans(),
+        async_scheduling=st.booleans(),
     )
 )
 
@@ -141,7 +153,7 @@ def test_random_workloads_finish_with_unconstrained_outputs(w):
     num_blocks = -(-longest // w["block_size"]) + w["spare_blocks"]
     outputs, engine = run_engine(
         prompts, params, num_blocks=num_blocks, block_size=w["block_size"], budget=w["budget"],
-        max_num_seqs=w["max_num_seqs"], caching=w["caching"],
+        max_num_seqs=w["max_num_seqs"], caching=w["caching"], async_scheduling=w["async_scheduling"],
     )
     for prompt, sp, out in zip(prompts, params, outputs):
         assert out.finished and len(out.outputs) == sp.n
@@ -151,15 +163,15 @@ def test_random_workloads_finish_with_unconstrained_outputs(w):
 
 
 @settings(max_examples=25, deadline=None)
-@given(st.integers(0, 2**16), st.sampled_from([2, 4]))
-def test_stop_ids_and_max_model_len_under_pressure(seed, block_size):
+@given(st.integers(0, 2**16), st.sampled_from([2, 4]), st.booleans())
+def test_stop_ids_and_max_model_len_under_pressure(seed, block_size, async_scheduling):
     rng = random.Random(seed)
     prompts = [[rng.randrange(VOCAB) for _ in range(rng.randint(1, 20))] for _ in range(8)]
     eos = rng.randrange(VOCAB)
     params = [SamplingParams(max_tokens=30, stop_token_ids=[rng.randrange(VOCAB)]) for _ in prompts]
     max_model_len = 32
     outputs, _ = run_engine(prompts, params, num_blocks=max_model_len // block_size + 2, block_size=block_size,
-                            budget=12, max_model_len=max_model_len, eos_ids=[eos])
+                            budget=12, max_model_len=max_model_len, eos_ids=[eos], async_scheduling=async_scheduling)
     for prompt, sp, out in zip(prompts, params, outputs):
         unbounded = expected_tokens(prompt, sp.max_tokens, max_model_len)
         completion = out.outputs[0]
@@ -174,10 +186,12 @@ def test_stop_ids_and_max_model_len_under_pressure(seed, block_size):
             assert len(prompt) + len(unbounded) <= max_model_len
 
 
-def test_tiny_cache_preempts_and_still_finishes():
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_tiny_cache_preempts_and_still_finishes(async_scheduling):
     prompts = [[i % VOCAB] * 10 + [j for j in range(i, i + 5)] for i in range(10)]
     params = [SamplingParams(max_tokens=20)] * 10
-    outputs, engine = run_engine(prompts, params, num_blocks=9, block_size=4, budget=16)
+    outputs, engine = run_engine(prompts, params, num_blocks=9, block_size=4, budget=16,
+                                 async_scheduling=async_scheduling)
     assert engine.scheduler.num_preemptions > 0
     for prompt, out in zip(prompts, outputs):
         assert out.outputs[0].token_ids == expected_tokens(prompt, 20)

@@ -16,13 +16,13 @@ def failing_worker(where: str, *args) -> None:
 
         model_runner.load_weights = corrupt
     else:
-        run, calls = model_runner.ModelRunner.run, []
+        launch, calls = model_runner.ModelRunner.launch, []
 
-        def run_then_fail(self, batch, eos_ids):
+        def launch_then_fail(self, batch, eos_ids, previous):
             calls.append(batch)
             if len(calls) == 2:
                 raise RuntimeError("injected: step failed")
-            return run(self, batch, eos_ids)
+            return launch(self, batch, eos_ids, previous)
 
-        model_runner.ModelRunner.run = run_then_fail
+        model_runner.ModelRunner.launch = launch_then_fail
     tp_workers.run_worker(*args)

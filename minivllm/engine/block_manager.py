@@ -51,7 +51,7 @@ class BlockManager:
 
         At least one token is always left to compute, since its logits give the next token.
         """
-        assert not seq.block_table and seq.num_computed_tokens == 0
+        assert not seq.block_table and seq.num_computed_tokens == 0 and not seq.num_pending_tokens
         if not self.enable_prefix_caching:
             return
         for i in range((len(seq) - 1) // self.block_size):
@@ -83,13 +83,24 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         first = seq.num_computed_tokens // self.block_size
-        last = (seq.num_computed_tokens + seq.num_scheduled_tokens) // self.block_size
+        # a block whose last token is still on the GPU is published when that token arrives (token_arrived)
+        last = min(seq.num_computed_tokens + seq.num_scheduled_tokens, len(seq.token_ids)) // self.block_size
         for i in range(first, last):
-            block = self.blocks[seq.block_table[i]]
-            block_hash = self._block_hash(seq, i)
-            if block.hash is None and block_hash not in self.cached:
-                block.hash, block.token_ids = block_hash, tuple(self._block_tokens(seq, i))
-                self.cached[block_hash] = block.block_id
+            self._publish(seq, i)
+
+    def token_arrived(self, seq: Sequence) -> None:
+        """seq's newest token reached the host. If it completes a block whose K/V a launched step computes,
+        publish that block now: commit() had to leave it, not knowing the token."""
+        length = len(seq.token_ids)
+        if self.enable_prefix_caching and length % self.block_size == 0 and length <= seq.num_computed_tokens:
+            self._publish(seq, length // self.block_size - 1)
+
+    def _publish(self, seq: Sequence, i: int) -> None:
+        block = self.blocks[seq.block_table[i]]
+        block_hash = self._block_hash(seq, i)
+        if block.hash is None and block_hash not in self.cached:
+            block.hash, block.token_ids = block_hash, tuple(self._block_tokens(seq, i))
+            self.cached[block_hash] = block.block_id
 
     def unpublish_uncomputed(self, seq: Sequence) -> None:
         """Take seq's blocks past its computed tokens out of the prefix cache: the step that published them

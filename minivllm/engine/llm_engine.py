@@ -1,13 +1,14 @@
 """The engine loop: requests in, scheduler and model runner each step, stop checks, outputs out."""
 
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from minivllm.engine.block_manager import BlockManager
-from minivllm.engine.model_runner import ModelRunner
+from minivllm.engine.model_runner import LaunchedStep, ModelRunner
 from minivllm.engine.scheduler import ScheduledBatch, Scheduler
 from minivllm.engine.sequence import Sequence
 from minivllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -29,6 +30,11 @@ class Request:
 
 
 class LLMEngine:
+    """Steps the scheduler and the runner. With async scheduling, step N+1 is scheduled and launched while
+    step N still runs on the GPU, and N's tokens are collected after that: the host's work overlaps the
+    GPU's. A sequence that stops on step N's token (say, at eos) has run one step too many; that step's
+    token is dropped."""
+
     def __init__(self, runner: ModelRunner, tokenizer: PreTrainedTokenizerBase | None, eos_ids: list[int]):
         self.runner = runner
         self.tokenizer = tokenizer
@@ -38,6 +44,10 @@ class LLMEngine:
         block_manager = BlockManager(runner.num_kv_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.requests: dict[Sequence, Request] = {}
+        # steps launched and not yet collected: at most one more than overlap (the other ranks of a
+        # tensor-parallel group get each step's tokens from the host, so that runs one step at a time)
+        self.overlap = int(config.async_scheduling and config.tensor_parallel_size == 1)
+        self.launched: deque[LaunchedStep] = deque()
 
     def add_request(self, request_id: str, prompt: str | None, token_ids: list[int], params: SamplingParams) -> Request:
         request = Request(request_id, prompt, token_ids, params, [], RequestMetrics(time.time()))
@@ -46,6 +56,7 @@ class LLMEngine:
             if params.seed is not None:
                 generator = torch.Generator(self.runner.device).manual_seed(params.seed + index)
             seq = Sequence(token_ids, params, generator)
+            seq.max_len = min(seq.max_len, self.max_model_len)
             request.seqs.append(seq)
             self.requests[seq] = request
             self.scheduler.add(seq)
@@ -53,28 +64,40 @@ class LLMEngine:
 
     @property
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished
+        return self.scheduler.has_unfinished or bool(self.launched)
 
-    def step(self) -> tuple[ScheduledBatch, int, list[Request]]:
-        """Run one batch; the batch, how many tokens it sampled, and the requests it finished."""
-        batch = self.scheduler.schedule()
-        sampled_tokens = self.runner.run(batch, self.eos_ids)
-        tokens = iter(sampled_tokens)
-        finished = []
-        for seq in batch.seqs:
-            sampled = seq.samples_this_step
-            seq.num_computed_tokens += seq.num_scheduled_tokens
-            seq.num_scheduled_tokens = 0
-            if sampled and self.append_token(seq, next(tokens)):
+    def step(self) -> tuple[ScheduledBatch | None, int, list[Request]]:
+        """Launch the next batch, if one can run, and collect the tokens of the step before it (of this one,
+        without async scheduling); the batch, how many new tokens were collected, and the requests finished."""
+        batch = self.scheduler.schedule() if self.scheduler.has_unfinished else None
+        if batch is not None:
+            previous = self.launched[-1] if self.launched else None
+            self.launched.append(self.runner.launch(batch, self.eos_ids, previous))
+            for seq in batch.seqs:
+                seq.num_pending_tokens += seq.samples_this_step
+                seq.num_computed_tokens += seq.num_scheduled_tokens
+                seq.num_scheduled_tokens = 0
+        if not self.launched or (batch is not None and len(self.launched) <= self.overlap):
+            return batch, 0, []
+        step = self.launched.popleft()
+        tokens = step.token_ids()  # waits for that step on the GPU
+        finished, num_new = [], 0
+        for seq, token in zip(step.seqs, tokens):
+            seq.num_pending_tokens -= 1
+            if seq.is_finished:
+                continue  # it stopped on its previous token: this one came from a step too many
+            num_new += 1
+            if self.append_token(seq, token):
                 request = self.requests[seq]
                 if request.finished:
                     request.metrics.finished_time = time.time()
                     finished.append(request)
-        return batch, len(sampled_tokens), finished
+        return batch, num_new, finished
 
     def append_token(self, seq: Sequence, token: int) -> bool:
         """Add a sampled token and apply every stop condition; True when seq finished."""
         seq.token_ids.append(token)
+        self.scheduler.block_manager.token_arrived(seq)
         request = self.requests[seq]
         if request.metrics.first_token_time is None:
             request.metrics.first_token_time = time.time()
@@ -88,7 +111,7 @@ class LLMEngine:
             stop = self.detect_stop_string(seq)
             if stop is not None:
                 return self.finish(seq, "stop", stop)
-        if seq.num_output_tokens >= params.max_tokens or len(seq) >= self.max_model_len:
+        if len(seq.token_ids) >= seq.max_len:  # max_tokens, or max_model_len
             return self.finish(seq, "length", None)
         return False
 
@@ -144,6 +167,7 @@ class LLMEngine:
 
     def abort_all(self) -> None:
         """Drop every request (after an interrupt), freeing their blocks, so the engine can serve again."""
+        self.launched.clear()
         for seq in list(self.scheduler.running):
             self.scheduler.block_manager.unpublish_uncomputed(seq)
             self.scheduler.finish(seq)

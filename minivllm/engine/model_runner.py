@@ -2,6 +2,7 @@
 (eager, or a CUDA graph replay for decode), and samples. Also owns the KV cache and sizes it."""
 
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -133,8 +134,10 @@ class ModelRunner:
         )
         return self.to_device(input_ids, torch.int64), self.to_device(np.concatenate(positions), torch.int64), meta
 
-    def prepare_decode(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        lengths = [len(seq) for seq in seqs]
+    def prepare_decode(
+        self, seqs: list[Sequence], previous: "LaunchedStep | None"
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        lengths = [len(seq) for seq in seqs]  # counting a token still on the GPU
         bs = self.block_size
         slots = [seq.block_table[(n - 1) // bs] * bs + (n - 1) % bs for seq, n in zip(seqs, lengths)]
         meta = AttentionMetadata(
@@ -143,35 +146,49 @@ class ModelRunner:
             context_lens=self.to_device(lengths, torch.int32),
             block_tables=self.to_device(self.block_table_array(seqs), torch.int32),
         )
-        input_ids = self.to_device([seq.token_ids[-1] for seq in seqs], torch.int64)
+        input_ids = self.to_device([0 if seq.num_pending_tokens else seq.token_ids[-1] for seq in seqs], torch.int64)
+        pending = [row for row, seq in enumerate(seqs) if seq.num_pending_tokens]
+        if pending:  # their last token is the one `previous` sampled: take it from the device
+            source_row = {seq: row for row, seq in enumerate(previous.seqs)}
+            sources = self.to_device([source_row[seqs[row]] for row in pending], torch.int64)
+            input_ids[self.to_device(pending, torch.int64)] = previous.tokens[sources]
         return input_ids, self.to_device([n - 1 for n in lengths], torch.int64), meta
 
     # ----- running --------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch, eos_ids: list[int]) -> list[int]:
-        """The next token of each sequence whose scheduled tokens reach its end (in batch order)."""
+    def launch(self, batch: ScheduledBatch, eos_ids: list[int], previous: "LaunchedStep | None") -> "LaunchedStep":
+        """Start the step on the device, without waiting for it: the next token of each sequence whose
+        scheduled tokens reach its end. Tokens that `previous` sampled and the host has not seen yet are
+        read where they are, in previous.tokens."""
         self.tp.send_step(batch)
         sampling_seqs = [seq for seq in batch.seqs if seq.samples_this_step]
         if batch.is_prefill:
             input_ids, positions, meta = self.prepare_prefill(batch.seqs)
             if not sampling_seqs:
                 self.model(input_ids, positions, meta)
-                return []
+                return LaunchedStep.nothing()
             last = np.cumsum([seq.num_scheduled_tokens for seq in batch.seqs]) - 1
             rows = [i for i, seq in zip(last, batch.seqs) if seq.samples_this_step]
             hidden = self.model(input_ids, positions, meta)[self.to_device(rows, torch.int64)]
         else:
-            hidden = self.decode(batch.seqs)
+            hidden = self.decode(batch.seqs, previous)
         logits = self.model.compute_logits(hidden)
         if logits is None:  # a tensor-parallel rank other than 0: rank 0 samples
-            return []
+            return LaunchedStep.nothing()
         sampling = SamplingBatch.from_sequences(sampling_seqs, eos_ids, self.device, self.sampling_generator)
-        return sample(logits, sampling).tolist()
+        tokens = sample(logits, sampling)
+        if self.device.type != "cuda":
+            return LaunchedStep(sampling_seqs, tokens, tokens)
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return LaunchedStep(sampling_seqs, tokens, host, done)
 
-    def decode(self, seqs: list[Sequence]) -> torch.Tensor:
+    def decode(self, seqs: list[Sequence], previous: "LaunchedStep | None") -> torch.Tensor:
         batch_size = len(seqs)
         graph_size = next((size for size in sorted(self.graphs) if size >= batch_size), None)
-        input_ids, positions, meta = self.prepare_decode(seqs)
+        input_ids, positions, meta = self.prepare_decode(seqs, previous)
         if graph_size is None:
             return self.model(input_ids, positions, meta)
         io = self.graph_io
@@ -220,6 +237,26 @@ class ModelRunner:
             torch.cuda.synchronize()
         self.graph_io = io
         self.graph_capture_seconds = time.perf_counter() - start
+
+
+@dataclass
+class LaunchedStep:
+    """A launched step's sampled tokens: on the device at once, readable on the host once the step is done."""
+
+    seqs: list[Sequence]  # the sequences that sampled, in row order
+    tokens: torch.Tensor  # [len(seqs)] int64 on the device
+    host_tokens: torch.Tensor  # their copy in pinned memory (on the CPU: the same tensor)
+    done: torch.cuda.Event | None = None  # recorded after that copy
+
+    @classmethod
+    def nothing(cls) -> "LaunchedStep":
+        empty = torch.empty(0, dtype=torch.int64)
+        return cls([], empty, empty)
+
+    def token_ids(self) -> list[int]:
+        if self.done is not None:
+            self.done.synchronize()
+        return self.host_tokens.tolist()
 
 
 def build_model(

@@ -4,8 +4,13 @@ A step is either a prefill step (new prompts and prompt chunks, up to the token 
 (one token for every running sequence), so decode steps keep a fixed shape that CUDA graphs can replay.
 Prompts longer than the budget are prefilled in chunks. When decode runs out of KV blocks, the newest
 running sequence is preempted: its blocks are freed and it is recomputed later, never dropped.
+
+With async scheduling a sequence's newest token may still be on the GPU when the next step is scheduled
+(Sequence.num_pending_tokens): it is decoded from there, and a sequence whose pending token is its last
+is not scheduled again.
 """
 
+import itertools
 from collections import deque
 from dataclasses import dataclass
 
@@ -39,9 +44,12 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> ScheduledBatch:
+    def schedule(self) -> ScheduledBatch | None:
+        """The next step's batch; None when nothing can run before tokens still on the GPU arrive."""
         batch = self._schedule_prefill() or self._schedule_decode()
-        while batch is None:  # every running sequence is stuck mid-prompt for want of blocks
+        while batch is None:  # every running sequence is stuck mid-prompt for want of blocks, or awaits a token
+            if any(seq.num_pending_tokens for seq in itertools.chain(self.running, self.waiting)):
+                return None  # those tokens end sequences or let preempted ones return: collect them first
             if not self.running:
                 raise RuntimeError("the KV cache cannot hold the next waiting request; this is a bug")
             self._preempt(self.running[-1])
@@ -59,6 +67,8 @@ class Scheduler:
                 budget = left
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if seq.num_pending_tokens:  # preempted while its last token was on the GPU: its prompt is not known
+                break
             self.block_manager.match_prefix(seq)
             left = self._place(seq, budget, seqs)
             if left == budget:
@@ -86,8 +96,8 @@ class Scheduler:
     def _schedule_decode(self) -> ScheduledBatch | None:
         seqs = []
         for seq in list(self.running):
-            if seq.status != SequenceStatus.RUNNING or seq.num_uncomputed_tokens > 1:
-                continue  # preempted below to make room for an older sequence, or still mid-prompt
+            if seq.status != SequenceStatus.RUNNING or seq.num_uncomputed_tokens > 1 or seq.awaits_last_token:
+                continue  # preempted below to make room for an older sequence, still mid-prompt, or done
             while not self.block_manager.reserve(seq, 1):
                 self._preempt(self.running[-1])
                 if seq.status != SequenceStatus.RUNNING:
@@ -106,6 +116,10 @@ class Scheduler:
         self.num_preemptions += 1
 
     def finish(self, seq: Sequence) -> None:
+        """seq is done (it may have been preempted while its last token was on the GPU)."""
+        if seq.status == SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        else:
+            self.running.remove(seq)
         seq.status = SequenceStatus.FINISHED
-        self.running.remove(seq)
         self.block_manager.free_sequence(seq)

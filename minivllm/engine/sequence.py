@@ -29,6 +29,10 @@ class Sequence:
         self.block_hashes: list[int] = []  # chain hashes of its full blocks, filled as needed
         self.num_computed_tokens = 0  # tokens whose K/V are in the cache
         self.num_scheduled_tokens = 0  # tokens this step computes
+        # tokens sampled by a launched step whose values have not reached the host yet (async scheduling):
+        # they count in len(seq), and the next step reads them from the GPU
+        self.num_pending_tokens = 0
+        self.max_len = self.num_prompt_tokens + params.max_tokens  # its length when it stops at the latest
         self.text = ""  # detokenised output, kept incrementally only when stop strings need it
         self.prefix_offset = 0
         self.read_offset = 0
@@ -36,7 +40,7 @@ class Sequence:
         self.stop_reason: int | str | None = None
 
     def __len__(self) -> int:
-        return len(self.token_ids)
+        return len(self.token_ids) + self.num_pending_tokens
 
     @property
     def num_output_tokens(self) -> int:
@@ -48,7 +52,12 @@ class Sequence:
 
     @property
     def num_uncomputed_tokens(self) -> int:
-        return len(self.token_ids) - self.num_computed_tokens
+        return len(self) - self.num_computed_tokens
+
+    @property
+    def awaits_last_token(self) -> bool:
+        """Its final token is still on the GPU: there is nothing left to compute for it."""
+        return self.num_pending_tokens > 0 and len(self) >= self.max_len
 
     @property
     def is_finished(self) -> bool:
@@ -57,4 +66,4 @@ class Sequence:
     @property
     def samples_this_step(self) -> bool:
         """True when this step computes up to the last token, so its logits give the next token."""
-        return self.num_computed_tokens + self.num_scheduled_tokens == len(self.token_ids)
+        return self.num_computed_tokens + self.num_scheduled_tokens == len(self)

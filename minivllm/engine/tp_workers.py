@@ -69,6 +69,7 @@ class StepSequence:
         self.token_ids = TokenWindow(tokens, start, length)
         self.num_computed_tokens, self.num_scheduled_tokens = start, len(tokens)
         self.block_table, self.samples_this_step, self.length = block_table, samples, length
+        self.num_pending_tokens = 0  # tensor parallelism runs without async scheduling
 
     def __len__(self) -> int:
         return self.length
@@ -115,7 +116,7 @@ def run_worker(
         tp = init_tensor_parallel(rank, size, config.device, store, peers)
         runner = ModelRunner(config, source, dtype, tp)
         while (message := tp.broadcast_from_first()) is not None:
-            runner.run(step_batch(message), [])
+            runner.launch(step_batch(message), [], None)
     except BaseException as error:
         reports.put(("failed", rank, f"{type(error).__name__}: {error}\n\n{traceback.format_exc()}"))
         raise SystemExit(1) from None  # not leave_tensor_parallel(): it could wait on the broken group

@@ -37,7 +37,7 @@ class SamplingBatch:
         banned = [
             (row, p.stop_token_ids + ([] if p.ignore_eos else eos_ids))
             for row, (seq, p) in enumerate(zip(seqs, params))
-            if seq.num_output_tokens < p.min_tokens
+            if len(seq) - seq.num_prompt_tokens < p.min_tokens  # outputs so far, one still on the GPU counted
         ]
         return cls(
             temperatures=column([p.temperature for p in params], torch.float32, None),
