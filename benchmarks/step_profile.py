@@ -1,0 +1,118 @@
+"""Where a decode step's time goes on the throughput workload: host time per phase of the engine's step,
+and, over a torch.profiler window of decode steps, the GPU's busy time and its kernels by total time.
+
+python -m benchmarks.step_profile [--num-seqs 256] [--skip 100] [--steps 30] [--context N] [--json PATH]
+"""
+
+import random
+import time
+from collections import defaultdict
+
+import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+
+from benchmarks.common import gpu_name, parser, print_table, require_cuda, write_json
+from benchmarks.workload import nano_vllm_workload
+from minivllm import LLM, SamplingParams
+
+
+class StepClock:
+    """Wraps the engine's scheduler and runner to time each decode step's phases on the host."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.phases: dict[str, float] = defaultdict(float)
+        self.decode_steps = 0
+        self.schedule, self.launch = engine.scheduler.schedule, engine.runner.launch
+        engine.scheduler.schedule, engine.runner.launch = self.timed_schedule, self.timed_launch
+
+    def timed_schedule(self):
+        start = time.perf_counter()
+        batch = self.schedule()
+        self.last_schedule = time.perf_counter() - start
+        return batch
+
+    def timed_launch(self, batch, eos_ids, previous):
+        start = time.perf_counter()
+        launched = self.launch(batch, eos_ids, previous)
+        if not batch.is_prefill:
+            self.decode_steps += 1
+            self.phases["schedule"] += self.last_schedule
+            self.phases["launch"] += time.perf_counter() - start
+        return launched
+
+
+def kernel_times_us(prof: profile) -> dict[str, float]:
+    """Microseconds of GPU time per kernel (and memcpy/memset) name over the profiled window."""
+    totals: dict[str, float] = defaultdict(float)
+    for event in prof.events():
+        if event.device_type == DeviceType.CUDA:
+            totals[event.name] += event.time_range.elapsed_us()
+    return totals
+
+
+def main() -> None:
+    p = parser(__doc__)
+    p.add_argument("--model", default="qwen3-0.6b")
+    p.add_argument("--num-seqs", type=int, default=256)
+    p.add_argument("--skip", type=int, default=100, help="decode steps before the profiled window")
+    p.add_argument("--steps", type=int, default=30, help="decode steps in the profiled window")
+    p.add_argument("--top", type=int, default=15)
+    p.add_argument("--context", type=int, help="instead of the workload: --num-seqs prompts of this many tokens")
+    args = p.parse_args()
+    require_cuda()
+    llm = LLM(args.model, max_model_len=4096)
+    llm.generate([{"prompt_token_ids": [1, 2, 3]}], SamplingParams(max_tokens=4), use_tqdm=False)
+    engine = llm.engine
+    clock = StepClock(engine)
+    if args.context:
+        rng = random.Random(0)
+        prompts = [[rng.randrange(1000, 20000) for _ in range(args.context)] for _ in range(args.num_seqs)]
+        length = args.skip + args.steps + 2
+        params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=length)] * len(prompts)
+    else:
+        prompts, params = nano_vllm_workload(args.num_seqs)
+    for i, (ids, sp) in enumerate(zip(prompts, params)):
+        engine.add_request(f"profile-{i}", None, ids, sp)
+
+    start = time.perf_counter()
+    window: dict[str, float] = {}
+    prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+    while engine.has_unfinished:
+        if clock.decode_steps == args.skip and not window:
+            torch.cuda.synchronize()
+            batch_size = len(engine.scheduler.running)
+            prof.start()
+            window = {"start": time.perf_counter(), "steps_before": clock.decode_steps}
+        step_start = time.perf_counter()
+        batch, _, _ = engine.step()
+        if batch is not None and not batch.is_prefill:
+            clock.phases["whole step"] += time.perf_counter() - step_start
+        if window and "wall" not in window and clock.decode_steps == args.skip + args.steps:
+            torch.cuda.synchronize()
+            window["wall"] = time.perf_counter() - window["start"]
+            prof.stop()
+    total = time.perf_counter() - start
+    if "wall" not in window:
+        raise SystemExit(f"the workload ran only {clock.decode_steps} decode steps; lower --skip/--steps")
+
+    kernels = kernel_times_us(prof)
+    busy_ms = sum(kernels.values()) / 1e3 / args.steps
+    wall_ms = window["wall"] * 1e3 / args.steps
+    rows = [
+        {"kernel": name[:70], "us_per_step": us / args.steps, "share_of_gpu": us / sum(kernels.values())}
+        for name, us in sorted(kernels.items(), key=lambda kv: -kv[1])[: args.top]
+    ]
+    host = {name: seconds * 1e3 / clock.decode_steps for name, seconds in clock.phases.items()}
+    print(f"GPU {gpu_name()}; {args.num_seqs} requests in {total:.2f} s, {clock.decode_steps} decode steps")
+    print(f"window: {args.steps} decode steps after {args.skip}, batch {batch_size}: wall {wall_ms:.3f} ms/step, "
+          f"GPU busy {busy_ms:.3f} ms/step ({busy_ms / wall_ms:.0%})")
+    print("host ms per decode step, whole run: " + ", ".join(f"{k} {v:.3f}" for k, v in host.items()))
+    print_table(rows, "GPU time by kernel in the window")
+    write_json(args.json, {"gpu": gpu_name(), "batch": batch_size, "wall_ms_per_step": wall_ms,
+                           "gpu_busy_ms_per_step": busy_ms, "host_ms_per_step": host, "kernels": rows})
+
+
+if __name__ == "__main__":
+    main()
