@@ -29,7 +29,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enforce_eager: bool = False
     tensor_parallel_size: int = 1
-    async_scheduling: bool = True  # schedule step N+1 while step N runs (single GPU; tensor parallel runs without)
+    async_scheduling: bool = True  # schedule and launch step N+1 while step N runs
 
     def __post_init__(self) -> None:
         positive = {

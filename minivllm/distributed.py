@@ -56,6 +56,12 @@ class TensorParallel:
         self._collective(dist.gather, x, parts, dst=0, group=self.group)
         return torch.cat(parts, dim=-1) if self.rank == 0 else None
 
+    def broadcast_from_first_rank(self, x: torch.Tensor) -> torch.Tensor:
+        """rank 0's x on every rank, in place, over the model's group (on the device, no host sync)."""
+        if self.size > 1:
+            self._collective(dist.broadcast, x, src=0, group=self.group)
+        return x
+
     def min_over_ranks(self, value: int) -> int:
         if self.size == 1:
             return value

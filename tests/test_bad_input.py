@@ -271,6 +271,7 @@ def test_unsupported_device(qwen3_dir, device):
         (dict(gpu_memory_utilization=1.5), ValueError, "gpu_memory_utilization"),
         (dict(tensor_parallel_size=0), ValueError, "tensor_parallel_size"),
         (dict(tensor_parallel_size="2"), (TypeError, ValueError), "tensor_parallel_size"),
+        (dict(async_scheduling="yes"), TypeError, "async_scheduling"),
     ],
 )
 def test_bad_engine_arguments(qwen3_dir, kwargs, error, message):

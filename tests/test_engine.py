@@ -121,6 +121,32 @@ def test_max_model_len_is_capped_by_kv_capacity(qwen3_dir):
     assert len(out[0].outputs[0].token_ids) == 4 and out[0].outputs[0].finish_reason == "length"
 
 
+def test_async_scheduling_changes_no_output(qwen3_dir):
+    """Launching step N+1 before step N's tokens reach the host changes nothing a request sees: greedy tokens,
+    stops on a token (whose extra step is dropped), seeded samples, and prefix-cache hits on blocks that
+    generated tokens completed (published when those tokens arrived)."""
+    prompts = random_prompts(8, 5, 60, seed=80)
+    sync, overlapped = (LLM(qwen3_dir, max_model_len=128, async_scheduling=a) for a in (False, True))
+    greedy = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    tokens = greedy_reference(sync, prompts, greedy)
+    assert greedy_reference(overlapped, prompts, greedy) == tokens
+    stops = [SamplingParams(temperature=0, max_tokens=40, stop_token_ids=[t[5 + i]]) for i, t in enumerate(tokens)]
+    seeded = [SamplingParams(temperature=1.0, max_tokens=20, seed=i) for i in range(len(prompts))]
+    for params in (stops, seeded):
+        expected = sync.generate(token_prompts(prompts), params, use_tqdm=False)
+        got = overlapped.generate(token_prompts(prompts), params, use_tqdm=False)
+        assert [(c.token_ids, c.finish_reason, c.stop_reason) for o in got for c in o.outputs] == [
+            (c.token_ids, c.finish_reason, c.stop_reason) for o in expected for c in o.outputs
+        ]
+    # a second turn: prompt and answer come back with a suffix; the blocks the answer filled are hits
+    turns = [p + t + [7, 8] for p, t in zip(prompts, tokens)]
+    log = record_batches(overlapped)
+    assert greedy_reference(overlapped, turns, greedy) == greedy_reference(sync, turns, greedy)
+    block = overlapped.config.block_size
+    assert prefill_tokens(log) <= sum(len(t) - (len(p) + len(a) - 1) // block * block
+                                      for t, p, a in zip(turns, prompts, tokens))
+
+
 @pytest.fixture(scope="module")
 def plain_reference(qwen3_dir):
     """Greedy tokens of a pool of prompts (some sharing prefixes) from a plain, unconstrained engine."""
@@ -138,17 +164,20 @@ def plain_reference(qwen3_dir):
     st.integers(0, 6),
     st.booleans(),
     st.integers(1, 8),
+    st.booleans(),
 )
 def test_random_engine_settings_keep_greedy_tokens(
-    qwen3_dir, plain_reference, picks, block_size, budget, spare_blocks, caching, max_num_seqs
+    qwen3_dir, plain_reference, picks, block_size, budget, spare_blocks, caching, max_num_seqs, async_scheduling
 ):
-    """Whatever the page size, token budget, cache size, caching and batch width: the plain run's tokens."""
+    """Whatever the page size, token budget, cache size, caching, batch width and scheduling: the plain run's
+    tokens."""
     prompts, expected = plain_reference
     chosen = [prompts[i] for i in picks]
     num_blocks = -(-80 // block_size) + spare_blocks  # the longest request (70 + 10 tokens) always fits
     with pytest.warns() if num_blocks * block_size < 128 else contextlib.nullcontext():
         llm = LLM(qwen3_dir, max_model_len=128, block_size=block_size, max_num_batched_tokens=budget,
-                  num_kv_blocks=num_blocks, enable_prefix_caching=caching, max_num_seqs=max_num_seqs)
+                  num_kv_blocks=num_blocks, enable_prefix_caching=caching, max_num_seqs=max_num_seqs,
+                  async_scheduling=async_scheduling)
     params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
     assert greedy_reference(llm, chosen, params) == [expected[tuple(p)] for p in chosen]
     assert llm.engine.scheduler.block_manager.num_free_blocks == num_blocks

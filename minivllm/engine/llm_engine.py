@@ -44,9 +44,7 @@ class LLMEngine:
         block_manager = BlockManager(runner.num_kv_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.requests: dict[Sequence, Request] = {}
-        # steps launched and not yet collected: at most one more than overlap (the other ranks of a
-        # tensor-parallel group get each step's tokens from the host, so that runs one step at a time)
-        self.overlap = int(config.async_scheduling and config.tensor_parallel_size == 1)
+        self.overlap = int(config.async_scheduling)  # steps launched and not yet collected: at most overlap + 1
         self.launched: deque[LaunchedStep] = deque()
 
     def add_request(self, request_id: str, prompt: str | None, token_ids: list[int], params: SamplingParams) -> Request:

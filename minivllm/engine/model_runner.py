@@ -83,9 +83,10 @@ class ModelRunner:
         positions = torch.cat([torch.arange(n, device=self.device) for n in lengths])
         with torch.inference_mode():
             hidden = self.model(input_ids, positions, meta)
-            logits = self.model.compute_logits(hidden[cu[1:] - 1])
-            if logits is not None:  # rank 0 alone holds the logits, and their fp32 copy for sampling
-                logits.float()
+            rows = min(num_tokens, self.config.max_num_seqs)  # the most rows a step samples
+            logits = self.model.compute_logits(hidden[:rows])
+            if logits is not None:  # rank 0 alone samples: fp32 logits, and as much exponential noise
+                torch.empty_like(logits, dtype=torch.float32)
         torch.cuda.synchronize()
         free, total = torch.cuda.mem_get_info(self.device)
         used_elsewhere = total - free - torch.cuda.memory_allocated(self.device)
@@ -149,8 +150,8 @@ class ModelRunner:
         input_ids = self.to_device([0 if seq.num_pending_tokens else seq.token_ids[-1] for seq in seqs], torch.int64)
         pending = [row for row, seq in enumerate(seqs) if seq.num_pending_tokens]
         if pending:  # their last token is the one `previous` sampled: take it from the device
-            source_row = {seq: row for row, seq in enumerate(previous.seqs)}
-            sources = self.to_device([source_row[seqs[row]] for row in pending], torch.int64)
+            source_row = {seq.seq_id: row for row, seq in enumerate(previous.seqs)}
+            sources = self.to_device([source_row[seqs[row].seq_id] for row in pending], torch.int64)
             input_ids[self.to_device(pending, torch.int64)] = previous.tokens[sources]
         return input_ids, self.to_device([n - 1 for n in lengths], torch.int64), meta
 
@@ -173,10 +174,12 @@ class ModelRunner:
         else:
             hidden = self.decode(batch.seqs, previous)
         logits = self.model.compute_logits(hidden)
-        if logits is None:  # a tensor-parallel rank other than 0: rank 0 samples
-            return LaunchedStep.nothing()
-        sampling = SamplingBatch.from_sequences(sampling_seqs, eos_ids, self.device, self.sampling_generator)
-        tokens = sample(logits, sampling)
+        if logits is None:  # a tensor-parallel rank other than 0: rank 0 samples, and sends the tokens
+            tokens = torch.empty(len(sampling_seqs), dtype=torch.int64, device=self.device)
+        else:
+            sampling = SamplingBatch.from_sequences(sampling_seqs, eos_ids, self.device, self.sampling_generator)
+            tokens = sample(logits, sampling)
+        self.tp.broadcast_from_first_rank(tokens)  # every rank's next step may read them (async scheduling)
         if self.device.type != "cuda":
             return LaunchedStep(sampling_seqs, tokens, tokens)
         host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)

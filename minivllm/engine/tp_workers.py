@@ -40,11 +40,13 @@ class TensorParallelError(RuntimeError):
 
 # ----- the step, as sent to the other ranks -----------------------------------------------------------------
 def step_message(batch: ScheduledBatch) -> tuple[bool, list[tuple]]:
-    """(is_prefill, per sequence: tokens computed this step, their start, length, block table, samples)."""
+    """(is_prefill, per sequence: the known tokens computed this step, their start, how many are computed, the
+    length, block table, whether it samples, its id, and how many of its tokens are still on the GPU)."""
     rows = []
     for seq in batch.seqs:
         start, end = seq.num_computed_tokens, seq.num_computed_tokens + seq.num_scheduled_tokens
-        rows.append((seq.token_ids[start:end], start, len(seq), seq.block_table, seq.samples_this_step))
+        rows.append((seq.token_ids[start:end], start, seq.num_scheduled_tokens, len(seq), seq.block_table,
+                     seq.samples_this_step, seq.seq_id, seq.num_pending_tokens))
     return batch.is_prefill, rows
 
 
@@ -63,13 +65,15 @@ class TokenWindow:
 
 
 class StepSequence:
-    """What the model runner reads of a Sequence in one step, rebuilt on a rank other than 0."""
+    """What the model runner reads of a Sequence in one step, rebuilt on a rank other than 0. A token still on
+    the GPU (async scheduling) is read from the previous step's tokens, which rank 0 broadcast."""
 
-    def __init__(self, tokens: list[int], start: int, length: int, block_table: list[int], samples: bool):
-        self.token_ids = TokenWindow(tokens, start, length)
-        self.num_computed_tokens, self.num_scheduled_tokens = start, len(tokens)
+    def __init__(self, tokens: list[int], start: int, scheduled: int, length: int, block_table: list[int],
+                 samples: bool, seq_id: int, pending: int):
+        self.token_ids = TokenWindow(tokens, start, length - pending)
+        self.num_computed_tokens, self.num_scheduled_tokens = start, scheduled
         self.block_table, self.samples_this_step, self.length = block_table, samples, length
-        self.num_pending_tokens = 0  # tensor parallelism runs without async scheduling
+        self.seq_id, self.num_pending_tokens = seq_id, pending
 
     def __len__(self) -> int:
         return self.length
@@ -115,8 +119,9 @@ def run_worker(
         store = dist.TCPStore(HOST, port, size, is_master=False, timeout=RENDEZVOUS_TIMEOUT)
         tp = init_tensor_parallel(rank, size, config.device, store, peers)
         runner = ModelRunner(config, source, dtype, tp)
+        previous = None  # the last step, whose tokens the next one may read
         while (message := tp.broadcast_from_first()) is not None:
-            runner.launch(step_batch(message), [], None)
+            previous = runner.launch(step_batch(message), [], previous)
     except BaseException as error:
         reports.put(("failed", rank, f"{type(error).__name__}: {error}\n\n{traceback.format_exc()}"))
         raise SystemExit(1) from None  # not leave_tensor_parallel(): it could wait on the broken group

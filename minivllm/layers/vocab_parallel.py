@@ -35,8 +35,13 @@ class ParallelLMHead(VocabParallelEmbedding):
     """Shares the embedding's layout, so tied embeddings are one parameter on every rank."""
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        """Logits [B, vocab] on rank 0; None on the other ranks."""
-        logits = self.tp.gather_last_dim(F.linear(hidden, self.weight))
+        """Logits [B, vocab] on rank 0; None on the other ranks. On the GPU they come out of the matrix
+        product in fp32: rounded to bf16 (|logit| ~ 10 has an ulp of 0.06), near-ties would flip the argmax."""
+        if hidden.is_cuda and hidden.dtype in (torch.float16, torch.bfloat16):
+            logits = torch.mm(hidden, self.weight.t(), out_dtype=torch.float32)
+        else:
+            logits = F.linear(hidden, self.weight)
+        logits = self.tp.gather_last_dim(logits)
         if logits is None or self.tp.size == 1:
             return logits
         return logits[:, : self.vocab_size]
