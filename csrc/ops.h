@@ -20,6 +20,15 @@ constexpr auto kFloat32 = at::kFloat;
 void reshape_and_cache(const torch::Tensor& key, const torch::Tensor& value, torch::Tensor& k_cache,
                        torch::Tensor& v_cache, const torch::Tensor& slot_mapping);
 
+// In place on the fused qkv projection output [T, (num_heads + 2 * num_kv_heads) * D]: per-head RMSNorm of q
+// and k (when their weights are given), neox rotary embedding from the fp32 cos/sin tables [max_position, D]
+// at positions[T] (int64); then k and v into the caches as reshape_and_cache does (skipped for empty caches).
+void qk_norm_rope_cache(torch::Tensor& qkv, const torch::Tensor& positions, const torch::Tensor& cos,
+                        const torch::Tensor& sin, const std::optional<torch::Tensor>& q_weight,
+                        const std::optional<torch::Tensor>& k_weight, double eps, torch::Tensor& k_cache,
+                        torch::Tensor& v_cache, const torch::Tensor& slot_mapping, int64_t num_heads,
+                        int64_t num_kv_heads);
+
 // Packed variable-length attention; with block_table, k and v are the paged caches.
 torch::Tensor flash_attn_varlen(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                 const torch::Tensor& cu_seqlens_q, const torch::Tensor& cu_seqlens_k,

@@ -111,3 +111,65 @@ def test_half_precision_attention_accumulates_in_fp32():
         out = reference.flash_attn_varlen(q.to(dtype), k.to(dtype), v.to(dtype), cu, cu, 300, 300, 0.125, True)
         assert out.dtype == dtype
         assert (out.double() - expected).abs().max() < tolerance
+
+
+def norm_rope_fp64(x, weight, eps, cos, sin):
+    """Per-head RMSNorm (when weight is given) then neox rotary, in fp64: x [T, H, D], cos/sin [T, D]."""
+    x = x.double()
+    if weight is not None:
+        x = x / (x.pow(2).mean(-1, keepdim=True) + eps).sqrt() * weight.double()
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    cos, sin = cos.double().unsqueeze(1), sin.double().unsqueeze(1)
+    return torch.cat((x1 * cos[..., :half] - x2 * sin[..., :half], x2 * cos[..., half:] + x1 * sin[..., half:]), -1)
+
+
+@pytest.mark.parametrize("dtype, rtol, atol", [(torch.float32, 1e-5, 1e-5), (torch.bfloat16, 2e-2, 4e-2),
+                                               (torch.float16, 3e-3, 5e-3)])
+@pytest.mark.parametrize("normed", [False, True])
+@pytest.mark.parametrize("heads, kv_heads, dim", [(4, 4, 64), (8, 2, 32)])
+def test_qk_norm_rope_cache_matches_fp64(dtype, rtol, atol, normed, heads, kv_heads, dim):
+    g = torch.Generator().manual_seed(heads + dim + normed)
+    tokens, width, block_size, num_blocks = 37, (heads + 2 * kv_heads) * dim, 16, 4
+    buffer = torch.randn(tokens, width + 8, generator=g).to(dtype)
+    qkv = buffer[:, :width]  # a padded row stride, as a strided projection output would have
+    before = buffer.clone()
+    positions = torch.randint(0, 50, (tokens,), generator=g)
+    cos, sin = torch.randn(50, dim, generator=g), torch.randn(50, dim, generator=g)  # halves differ: both used
+    q_weight = k_weight = None
+    if normed:
+        q_weight, k_weight = (torch.rand(dim, generator=g).add(0.5).to(dtype) for _ in range(2))
+    slots = torch.randperm(num_blocks * block_size, generator=g)[:tokens]
+    slots[::5] = -1
+    k_cache = torch.full((num_blocks, block_size, kv_heads, dim), float("nan"), dtype=dtype)
+    v_cache = torch.full_like(k_cache, float("nan"))
+    reference.qk_norm_rope_cache(qkv, positions, cos, sin, q_weight, k_weight, 1e-6, k_cache, v_cache, slots,
+                                 heads, kv_heads)
+
+    q0, k0, v0 = before[:, :width].unflatten(1, (-1, dim)).split([heads, kv_heads, kv_heads], dim=1)
+    q, k, v = qkv.unflatten(1, (-1, dim)).split([heads, kv_heads, kv_heads], dim=1)
+    expected_q = norm_rope_fp64(q0, q_weight, 1e-6, cos[positions], sin[positions])
+    expected_k = norm_rope_fp64(k0, k_weight, 1e-6, cos[positions], sin[positions])
+    torch.testing.assert_close(q.double(), expected_q, rtol=rtol, atol=atol)
+    torch.testing.assert_close(k.double(), expected_k, rtol=rtol, atol=atol)
+    assert torch.equal(v, v0) and torch.equal(buffer[:, width:], before[:, width:])
+    written = slots >= 0
+    flat_k, flat_v = k_cache.view(-1, kv_heads, dim), v_cache.view(-1, kv_heads, dim)
+    assert torch.equal(flat_k[slots[written]], k[written]) and torch.equal(flat_v[slots[written]], v[written])
+    unwritten = torch.ones(num_blocks * block_size, dtype=torch.bool)
+    unwritten[slots[written]] = False
+    assert flat_k[unwritten].isnan().all() and flat_v[unwritten].isnan().all()
+
+
+def test_qk_norm_rope_cache_without_cache_still_transforms():
+    """Empty caches (the engine's profiling forward before the KV cache exists): q and k still change."""
+    g = torch.Generator().manual_seed(3)
+    qkv = torch.randn(5, 4 * 64, generator=g)
+    before = qkv.clone()
+    cos, sin = torch.randn(8, 64, generator=g), torch.randn(8, 64, generator=g)
+    empty = torch.tensor([])
+    reference.qk_norm_rope_cache(qkv, torch.arange(5), cos, sin, None, None, 1e-6, empty, empty,
+                                 torch.full((5,), -1), 2, 1)
+    expected = norm_rope_fp64(before[:, :192].view(5, 3, 64), None, 0.0, cos[:5], sin[:5])
+    torch.testing.assert_close(qkv[:, :192].double(), expected.flatten(1), rtol=1e-5, atol=1e-5)
+    assert torch.equal(qkv[:, 192:], before[:, 192:])

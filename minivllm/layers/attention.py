@@ -1,4 +1,4 @@
-"""The attention layer: write this step's K/V into the paged cache, then attend through our ops."""
+"""The attention layer: attend through our ops, over this step's K/V and the paged cache."""
 
 from dataclasses import dataclass
 
@@ -35,17 +35,15 @@ class Attention(nn.Module):
         self.k_cache = self.v_cache = torch.tensor([])  # views into the engine's KV cache, set by the runner
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """q [T, Hq, D], k and v [T, Hkv, D] -> [T, Hq, D]."""
-        if self.k_cache.numel():
-            ops.reshape_and_cache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        """q [T, Hq, D], k and v [T, Hkv, D] -> [T, Hq, D]. This step's k and v must already be in the cache
+        (ops.qk_norm_rope_cache writes them); k and v, views of one qkv buffer, share their strides as the
+        prefill kernel needs."""
         if not meta.is_prefill:
             return ops.paged_attention_decode(
                 q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens, self.scale
             )
         if meta.block_tables is not None:
             k, v = self.k_cache, self.v_cache
-        elif k.stride() != v.stride():
-            v = v.contiguous()  # v is still a slice of the fused qkv output; the kernel reads k and v alike
         return ops.flash_attn_varlen(
             q, k, v, meta.cu_seqlens_q, meta.cu_seqlens_k, meta.max_seqlen_q, meta.max_seqlen_k,
             self.scale, causal=True, block_table=meta.block_tables,

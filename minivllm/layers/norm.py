@@ -2,6 +2,7 @@ import torch
 from torch import nn
 
 from minivllm.layers.fusion import fused_on_gpu
+from minivllm.ops import reference
 
 
 class RMSNorm(nn.Module):
@@ -20,19 +21,13 @@ class RMSNorm(nn.Module):
         return add_rms_norm(x, residual, self.weight, self.eps)
 
 
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
-
-
 def _add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(rms_norm(x + residual), x + residual)."""
     x = x + residual
-    return _rms_norm(x, weight, eps), x
+    return reference.rms_norm(x, weight, eps), x
 
 
-rms_norm = fused_on_gpu(_rms_norm)
+rms_norm = fused_on_gpu(reference.rms_norm)
 add_rms_norm = fused_on_gpu(_add_rms_norm)

@@ -1,11 +1,10 @@
-"""Rotary position embedding, with the frequencies transformers computes for the config's rope type."""
+"""Rotary position embedding tables, with the frequencies transformers computes for the config's rope type.
+ops.qk_norm_rope_cache applies them."""
 
 import torch
 from torch import nn
 from transformers import PretrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-from minivllm.layers.fusion import fused_on_gpu
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -23,6 +22,8 @@ def inverse_frequencies(config: PretrainedConfig, head_dim: int) -> tuple[torch.
 
 
 class RotaryEmbedding(nn.Module):
+    """cos and sin [max_position, head_dim] in fp32, both halves of a row alike (neox layout)."""
+
     def __init__(self, config: PretrainedConfig, head_dim: int, max_position: int):
         super().__init__()
         inv_freq, scaling = inverse_frequencies(config, head_dim)
@@ -32,20 +33,3 @@ class RotaryEmbedding(nn.Module):
         device = torch.get_default_device()  # the model is built under a device context
         self.register_buffer("cos", (emb.cos() * scaling).to(device), persistent=False)
         self.register_buffer("sin", (emb.sin() * scaling).to(device), persistent=False)
-
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q [T, Hq, D] and k [T, Hkv, D] rotated by their tokens' positions [T]."""
-        return apply_rotary(q, k, self.cos[positions], self.sin[positions])
-
-
-@fused_on_gpu
-def apply_rotary(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    cos, sin = cos.unsqueeze(1).to(q.dtype), sin.unsqueeze(1).to(q.dtype)
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)

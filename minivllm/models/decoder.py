@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 
+from minivllm import ops
 from minivllm.distributed import TensorParallel
 from minivllm.layers.attention import Attention, AttentionMetadata
 from minivllm.layers.fusion import fused_on_gpu
@@ -46,19 +47,24 @@ class DecoderAttention(nn.Module):
         self.num_heads, kv_rows = self.qkv_proj.output_sizes[0] // self.head_dim, self.qkv_proj.output_sizes[1]
         self.num_kv_heads = kv_rows // self.head_dim
         self.o_proj = RowParallelLinear(q_size, config.hidden_size, o_bias, tp)
-        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
+        self.norm_eps = config.rms_norm_eps
+        self.q_norm = RMSNorm(self.head_dim, self.norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, self.norm_eps) if qk_norm else None
         self.rotary = rotary
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split(self.qkv_proj.output_sizes, dim=-1)
+        qkv = self.qkv_proj(x)
+        # q/k norms, rotary and the K/V cache write in one op, in place on qkv; q, k, v are then views of it
+        norm_weights = (self.q_norm.weight, self.k_norm.weight) if self.q_norm is not None else (None, None)
+        ops.qk_norm_rope_cache(
+            qkv, positions, self.rotary.cos, self.rotary.sin, *norm_weights, self.norm_eps,
+            self.attn.k_cache, self.attn.v_cache, meta.slot_mapping, self.num_heads, self.num_kv_heads,
+        )
+        q, k, v = qkv.split(self.qkv_proj.output_sizes, dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
         out = self.attn(q, k, v, meta)
         return self.o_proj(out.flatten(1, 2))
 

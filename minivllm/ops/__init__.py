@@ -19,9 +19,11 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 KERNEL_HEAD_DIMS = (64, 128)
 
 
-def use_kernels(t: torch.Tensor) -> bool:
-    """True when this tensor's op would run on our CUDA kernels rather than the torch reference."""
-    return KERNELS_BUILT and t.is_cuda and t.dtype in KERNEL_DTYPES and t.shape[-1] in KERNEL_HEAD_DIMS
+def use_kernels(t: torch.Tensor, head_dim: int | None = None) -> bool:
+    """True when this tensor's op would run on our CUDA kernels rather than the torch reference; head_dim
+    defaults to t's last dimension."""
+    head_dim = t.shape[-1] if head_dim is None else head_dim
+    return KERNELS_BUILT and t.is_cuda and t.dtype in KERNEL_DTYPES and head_dim in KERNEL_HEAD_DIMS
 
 
 def reshape_and_cache(
@@ -35,6 +37,30 @@ def reshape_and_cache(
         torch.ops.minivllm.reshape_and_cache(key, value, k_cache, v_cache, slot_mapping)
     else:
         reference.reshape_and_cache(key, value, k_cache, v_cache, slot_mapping)
+
+
+def qk_norm_rope_cache(
+    qkv: torch.Tensor,
+    positions: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    q_weight: torch.Tensor | None,
+    k_weight: torch.Tensor | None,
+    eps: float,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+) -> None:
+    """In place on qkv [T, (num_heads + 2 * num_kv_heads) * D]: q/k RMSNorm per head, rotary, then k and v
+    into the caches (see reference.qk_norm_rope_cache)."""
+    args = (qkv, positions, cos, sin, q_weight, k_weight, eps, k_cache, v_cache, slot_mapping, num_heads,
+            num_kv_heads)
+    if use_kernels(qkv, head_dim=cos.shape[-1]):
+        torch.ops.minivllm.qk_norm_rope_cache(*args)
+    else:
+        reference.qk_norm_rope_cache(*args)
 
 
 def flash_attn_varlen(

@@ -25,6 +25,49 @@ def reshape_and_cache(
     v_cache.view(-1, *v_cache.shape[2:])[slots] = value[valid].to(v_cache.dtype)
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dimension as HF computes it: in fp32, rounded to x's dtype before the weight."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def qk_norm_rope_cache(
+    qkv: torch.Tensor,
+    positions: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    q_weight: torch.Tensor | None,
+    k_weight: torch.Tensor | None,
+    eps: float,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+) -> None:
+    """In place on the fused qkv projection output [T, (num_heads + 2 * num_kv_heads) * D]: q and k heads get
+    the per-head RMSNorm (when their weight is given) and the neox rotary embedding (rotate_half) from the
+    fp32 tables cos/sin [max_position, D] at positions[T], computed in fp32 and rounded once; then k and v go
+    into the caches at slot_mapping as reshape_and_cache writes them, unless the caches are empty.
+    """
+    head_dim = cos.shape[-1]
+    q, k, v = qkv.unflatten(-1, (-1, head_dim)).split([num_heads, num_kv_heads, num_kv_heads], dim=1)
+    cos, sin = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
+    for x, weight in ((q, q_weight), (k, k_weight)):
+        if weight is not None:
+            x.copy_(rms_norm(x, weight, eps))
+        xf = x.float()
+        x.copy_(xf * cos + rotate_half(xf) * sin)
+    if k_cache.numel():
+        reshape_and_cache(k, v, k_cache, v_cache, slot_mapping)
+
+
 def gather_pages(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
     """The first `length` tokens [length, Hkv, D] of one sequence from its pages in the cache."""
     block_size = cache.shape[1]
