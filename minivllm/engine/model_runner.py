@@ -10,6 +10,7 @@ import torch
 from minivllm import ops
 from minivllm.config import EngineConfig
 from minivllm.distributed import TensorParallel
+from minivllm.engine.graph_inputs import GraphInputs, copy_pending_tokens
 from minivllm.engine.scheduler import ScheduledBatch
 from minivllm.engine.sequence import Sequence
 from minivllm.layers.attention import Attention, AttentionMetadata
@@ -148,11 +149,7 @@ class ModelRunner:
             block_tables=self.to_device(self.block_table_array(seqs), torch.int32),
         )
         input_ids = self.to_device([0 if seq.num_pending_tokens else seq.token_ids[-1] for seq in seqs], torch.int64)
-        pending = [row for row, seq in enumerate(seqs) if seq.num_pending_tokens]
-        if pending:  # their last token is the one `previous` sampled: take it from the device
-            source_row = {seq.seq_id: row for row, seq in enumerate(previous.seqs)}
-            sources = self.to_device([source_row[seqs[row].seq_id] for row in pending], torch.int64)
-            input_ids[self.to_device(pending, torch.int64)] = previous.tokens[sources]
+        copy_pending_tokens(input_ids, seqs, *previous_step(previous))
         return input_ids, self.to_device([n - 1 for n in lengths], torch.int64), meta
 
     # ----- running --------------------------------------------------------------------------------------
@@ -191,19 +188,11 @@ class ModelRunner:
     def decode(self, seqs: list[Sequence], previous: "LaunchedStep | None") -> torch.Tensor:
         batch_size = len(seqs)
         graph_size = next((size for size in sorted(self.graphs) if size >= batch_size), None)
-        input_ids, positions, meta = self.prepare_decode(seqs, previous)
         if graph_size is None:
-            return self.model(input_ids, positions, meta)
-        io = self.graph_io
-        io["input_ids"][:batch_size].copy_(input_ids)
-        io["positions"][:batch_size].copy_(positions)
-        io["slot_mapping"].fill_(-1)  # padding rows write nowhere and attend to nothing
-        io["slot_mapping"][:batch_size].copy_(meta.slot_mapping)
-        io["context_lens"].zero_()
-        io["context_lens"][:batch_size].copy_(meta.context_lens)
-        io["block_tables"][:batch_size, : meta.block_tables.shape[1]].copy_(meta.block_tables)
+            return self.model(*self.prepare_decode(seqs, previous))
+        self.graph_inputs.fill(seqs, graph_size, *previous_step(previous))
         self.graphs[graph_size].replay()
-        return io["hidden"][:batch_size]
+        return self.graph_hidden[:batch_size]
 
     # ----- CUDA graphs ----------------------------------------------------------------------------------
     def graph_batch_sizes(self) -> list[int]:
@@ -216,30 +205,25 @@ class ModelRunner:
         start = time.perf_counter()
         sizes = self.graph_batch_sizes()
         largest, max_blocks = sizes[-1], -(-self.max_model_len // self.block_size)
-        io = {
-            "input_ids": torch.zeros(largest, dtype=torch.int64, device=self.device),
-            "positions": torch.zeros(largest, dtype=torch.int64, device=self.device),
-            "slot_mapping": torch.full((largest,), -1, dtype=torch.int64, device=self.device),
-            "context_lens": torch.zeros(largest, dtype=torch.int32, device=self.device),
-            "block_tables": torch.zeros(largest, max_blocks, dtype=torch.int32, device=self.device),
-        }
-        io["hidden"] = torch.zeros(largest, self.model.config.hidden_size, dtype=self.dtype, device=self.device)
+        self.graph_inputs = GraphInputs(largest, max_blocks, self.block_size, self.device)
+        hidden = torch.zeros(largest, self.model.config.hidden_size, dtype=self.dtype, device=self.device)
         pool = None
         for size in reversed(sizes):
-            meta = AttentionMetadata(
-                False, io["slot_mapping"][:size], context_lens=io["context_lens"][:size],
-                block_tables=io["block_tables"][:size],
-            )
-            args = (io["input_ids"][:size], io["positions"][:size], meta)
-            io["hidden"][:size] = self.model(*args)  # warm-up outside the graph
+            args = self.graph_inputs.views(size)
+            hidden[:size] = self.model(*args)  # warm-up outside the graph
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool):
-                io["hidden"][:size] = self.model(*args)
+                hidden[:size] = self.model(*args)
             pool = graph.pool()
             self.graphs[size] = graph
             torch.cuda.synchronize()
-        self.graph_io = io
+        self.graph_hidden = hidden
         self.graph_capture_seconds = time.perf_counter() - start
+
+
+def previous_step(previous: "LaunchedStep | None") -> tuple[torch.Tensor | None, list[Sequence]]:
+    """The tokens and sequences of the step before, whose tokens a decode step may read."""
+    return (previous.tokens, previous.seqs) if previous is not None else (None, [])
 
 
 @dataclass
