@@ -21,6 +21,7 @@ class SamplingBatch:
     seeded_rows: list[tuple[int, torch.Generator]]
     banned: list[tuple[int, list[int]]]  # rows that may not end yet (min_tokens) and the ids they may not draw
     all_greedy: bool
+    any_greedy: bool
     generator: torch.Generator | None = None  # draws for rows without a seed: the engine's, seeded by LLM(seed=)
 
     @classmethod
@@ -48,6 +49,7 @@ class SamplingBatch:
             seeded_rows=[(row, seq.generator) for row, seq in enumerate(seqs) if seq.generator is not None],
             banned=[(row, ids) for row, ids in banned if ids],
             all_greedy=all(p.greedy for p in params),
+            any_greedy=any(p.greedy for p in params),
             generator=generator,
         )
 
@@ -57,9 +59,8 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     vocab_size = logits.shape[-1]
     for row, ids in batch.banned:  # ids the model cannot produce (a user's stop id past the vocab) need no ban
         logits[row, [i for i in ids if 0 <= i < vocab_size]] = float("-inf")
-    greedy = logits.argmax(dim=-1)
     if batch.all_greedy:
-        return greedy
+        return logits.argmax(dim=-1)
     noise = torch.empty(logits.shape, dtype=torch.float32, device=logits.device).exponential_(generator=batch.generator)
     for row, generator in batch.seeded_rows:
         noise[row].exponential_(generator=generator)
@@ -67,7 +68,9 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         sampled = temperature_gumbel_max(logits, batch.temperatures, noise)  # the common case, one fused pass
     else:
         sampled = gumbel_max(filtered_logits(logits, batch), noise)
-    return torch.where(batch.temperatures == 0, greedy, sampled)
+    if not batch.any_greedy:
+        return sampled
+    return torch.where(batch.temperatures == 0, logits.argmax(dim=-1), sampled)
 
 
 def filtered_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
