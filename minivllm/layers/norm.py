@@ -6,7 +6,9 @@ from minivllm.ops import reference
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm computed in fp32 as HF does; with a residual it adds first and returns the new residual."""
+    """RMSNorm computed in fp32 as HF does; with a residual it adds first and returns the new residual, which
+    stays in fp32 (HF rounds it to the model's dtype at every layer: in bf16 that rounding adds up to near-tie
+    flips of the next token)."""
 
     def __init__(self, hidden_size: int, eps: float):
         super().__init__()
@@ -24,8 +26,8 @@ class RMSNorm(nn.Module):
 def _add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rms_norm(x + residual), x + residual)."""
-    x = x + residual
+    """(rms_norm(x + residual), x + residual), the sum in fp32."""
+    x = residual + x.float()
     return reference.rms_norm(x, weight, eps), x
 
 

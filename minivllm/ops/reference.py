@@ -26,10 +26,11 @@ def reshape_and_cache(
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm over the last dimension as HF computes it: in fp32, rounded to x's dtype before the weight."""
+    """RMSNorm over the last dimension as HF computes it: in fp32, rounded to the weight's dtype (the model's,
+    which x has too unless it is the fp32 residual stream) before the weight."""
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
+    return weight * xf.to(weight.dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
