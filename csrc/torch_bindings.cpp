@@ -12,6 +12,7 @@ TORCH_LIBRARY(minivllm, m) {
       "qk_norm_rope_cache(Tensor(a!) qkv, Tensor positions, Tensor cos, Tensor sin, Tensor? q_weight, "
       "Tensor? k_weight, float eps, Tensor(b!) k_cache, Tensor(c!) v_cache, Tensor slot_mapping, int num_heads, "
       "int num_kv_heads) -> ()");
+  m.def("small_m_linear(Tensor x, Tensor weight, Tensor? bias, bool fp32_out) -> Tensor");
   m.def(
       "flash_attn_varlen(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
       "int max_seqlen_q, int max_seqlen_k, float scale, bool causal, Tensor? block_table) -> Tensor");
@@ -26,6 +27,7 @@ TORCH_LIBRARY(minivllm, m) {
 TORCH_LIBRARY_IMPL(minivllm, CUDA, m) {
   m.impl("reshape_and_cache", &reshape_and_cache);
   m.impl("qk_norm_rope_cache", &qk_norm_rope_cache);
+  m.impl("small_m_linear", &small_m_linear);
   m.impl("flash_attn_varlen", &flash_attn_varlen);
   m.impl("naive_attention_varlen", &naive_attention_varlen);
   m.impl("paged_attention_decode", &paged_attention_decode);

@@ -9,9 +9,9 @@ At tensor_parallel_size 1 every part is the whole and these are plain linear lay
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from minivllm import ops
 from minivllm.distributed import TensorParallel
 
 
@@ -85,6 +85,9 @@ class ColumnParallelLinear(nn.Linear):
         if bias:
             mark_sharded(self.bias, sharding)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.linear(x, self.weight, self.bias)
+
     def shard(self, tensor: torch.Tensor, index: int) -> torch.Tensor:
         """Piece `index` (e.g. k of qkv) of a tensor shaped like this layer's weight or bias."""
         return self.weight.sharding.target(tensor, index)
@@ -101,4 +104,4 @@ class RowParallelLinear(nn.Linear):
         self.tp = tp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_reduce(F.linear(x, self.weight, self.bias if self.tp.rank == 0 else None))
+        return self.tp.all_reduce(ops.linear(x, self.weight, self.bias if self.tp.rank == 0 else None))

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minivllm import ops
 from minivllm.distributed import TensorParallel
 from minivllm.layers.linear import Sharding, Split, mark_sharded
 
@@ -37,10 +38,7 @@ class ParallelLMHead(VocabParallelEmbedding):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """Logits [B, vocab] on rank 0; None on the other ranks. On the GPU they come out of the matrix
         product in fp32: rounded to bf16 (|logit| ~ 10 has an ulp of 0.06), near-ties would flip the argmax."""
-        if hidden.is_cuda and hidden.dtype in (torch.float16, torch.bfloat16):
-            logits = torch.mm(hidden, self.weight.t(), out_dtype=torch.float32)
-        else:
-            logits = F.linear(hidden, self.weight)
+        logits = ops.linear(hidden, self.weight, fp32_out=hidden.is_cuda)
         logits = self.tp.gather_last_dim(logits)
         if logits is None or self.tp.size == 1:
             return logits

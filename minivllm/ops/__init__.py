@@ -1,10 +1,12 @@
 """Where Python meets the CUDA kernels.
 
 Each op runs its CUDA kernel when the extension `minivllm._C` was built and the tensors are on a GPU in a
-dtype and head size the kernels support; everything else runs the torch reference in `reference.py`.
+dtype and head size the kernels support; everything else runs the torch reference in `reference.py` (for
+`linear`, torch's own matrix product).
 """
 
 import torch
+import torch.nn.functional as F
 
 from minivllm.ops import reference
 
@@ -17,6 +19,7 @@ except ImportError:
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 KERNEL_HEAD_DIMS = (64, 128)
+SMALL_M_MAX_ROWS = 16  # kMaxM of csrc/small_m_linear.cu
 
 
 def use_kernels(t: torch.Tensor, head_dim: int | None = None) -> bool:
@@ -114,3 +117,45 @@ def paged_attention_decode(
     if use_kernels(q):
         return torch.ops.minivllm.paged_attention_decode(*args)
     return reference.paged_attention_decode(*args)
+
+
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, fp32_out: bool = False
+) -> torch.Tensor:
+    """x [..., K] @ weight[N, K]^T (+ bias), in x's dtype, or in fp32 when fp32_out (logits).
+
+    A decode step's 1..SMALL_M_MAX_ROWS rows run our small-M kernel, which streams the weights near copy
+    bandwidth where cuBLAS gets about half; larger batches stay with cuBLAS and the CPU with torch.
+    """
+    rows = x.reshape(-1, x.shape[-1])
+    if small_m_kernel_fits(rows, weight, bias):
+        out = torch.ops.minivllm.small_m_linear(rows, weight, bias, fp32_out)
+        return out.view(*x.shape[:-1], weight.shape[0])
+    if fp32_out and x.is_cuda and x.dtype in KERNEL_DTYPES:
+        out = torch.mm(rows, weight.t(), out_dtype=torch.float32)
+        if bias is not None:
+            out += bias
+        return out.view(*x.shape[:-1], weight.shape[0])
+    out = F.linear(x, weight, bias)
+    return out.float() if fp32_out else out
+
+
+def small_m_kernel_fits(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether small_m_linear takes rows [M, K] @ weight^T: M, dtypes and the 16-byte row alignment it needs."""
+    return (
+        1 <= rows.shape[0] <= SMALL_M_MAX_ROWS
+        and KERNELS_BUILT
+        and rows.is_cuda
+        and rows.dtype in KERNEL_DTYPES
+        and weight.dim() == 2
+        and weight.dtype == rows.dtype
+        and (bias is None or (bias.dtype == rows.dtype and bias.is_contiguous()))
+        and rows.shape[1] > 0
+        and rows.shape[1] % 8 == 0
+        and rows_aligned(rows)
+        and rows_aligned(weight)
+    )
+
+
+def rows_aligned(t: torch.Tensor) -> bool:
+    return t.stride(1) == 1 and t.stride(0) % 8 == 0 and t.data_ptr() % 16 == 0

@@ -1,0 +1,94 @@
+"""Small-M linear (decode's weight matrix products): our kernel against torch (cuBLAS: F.linear, or torch.mm
+with fp32 output for the lm_head) on Qwen3-0.6B's shapes, bf16, and the GPU's own copy bandwidth measured in
+the same run. A decode step reads every weight once, so GB/s counts the weight bytes read per call.
+
+Both are timed as CUDA-graph replays of back-to-back calls, each on its own copy of the weights, so that the
+copies together exceed the L2 (as a step's 1.2 GB of weights do) and no call reads its weights from L2.
+
+    python -m benchmarks.small_m_linear [--json PATH]
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import copy_bandwidth_gbs, gpu_name, graph_time_ms, parser, print_table, require_cuda, write_json
+from benchmarks.decode import L2_ROTATION_BYTES
+from minivllm.ops import KERNELS_BUILT, SMALL_M_MAX_ROWS
+
+DTYPE = torch.bfloat16
+NUM_LAYERS = 28  # Qwen3-0.6B
+# name, N, K, fp32 output; per layer except the lm_head
+SHAPES = [
+    ("qkv", 4096, 1024, False),
+    ("o", 1024, 2048, False),
+    ("gate_up", 6144, 1024, False),
+    ("down", 1024, 3072, False),
+    ("lm_head", 151936, 1024, True),
+]
+ROWS = [m for m in (1, 2, 4, 8, 16) if m <= SMALL_M_MAX_ROWS]
+
+
+def torch_linear(x: torch.Tensor, weight: torch.Tensor, fp32_out: bool) -> torch.Tensor:
+    """What the engine ran before: cuBLAS, fp32 logits straight out of the GEMM for the lm_head."""
+    return torch.mm(x, weight.t(), out_dtype=torch.float32) if fp32_out else F.linear(x, weight)
+
+
+def measure(name: str, n: int, k: int, fp32_out: bool, m: int, weights: list[torch.Tensor], copy_gbs: float) -> dict:
+    x = torch.randn(m, k, dtype=DTYPE, device="cuda")
+    ours_ms = graph_time_ms([lambda w=w: torch.ops.minivllm.small_m_linear(x, w, None, fp32_out) for w in weights])
+    torch_ms = graph_time_ms([lambda w=w: torch_linear(x, w, fp32_out) for w in weights])
+    weight_bytes = n * k * DTYPE.itemsize
+    gbs, torch_gbs = weight_bytes / (ours_ms * 1e-3) / 1e9, weight_bytes / (torch_ms * 1e-3) / 1e9
+    return {
+        "layer": name,
+        "N x K": f"{n}x{k}",
+        "M": m,
+        "us": ours_ms * 1e3,
+        "GB/s": gbs,
+        "of copy": gbs / copy_gbs,
+        "torch us": torch_ms * 1e3,
+        "torch GB/s": torch_gbs,
+        "torch of copy": torch_gbs / copy_gbs,
+        "x torch": torch_ms / ours_ms,
+    }
+
+
+def per_step(rows: list[dict]) -> list[dict]:
+    """The rows summed as one decode step of the model runs them: each layer's four products, and the lm_head."""
+    totals = []
+    for m in ROWS:
+        ours = torch_us = 0.0
+        for row in (r for r in rows if r["M"] == m):
+            times = NUM_LAYERS if row["layer"] != "lm_head" else 1
+            ours += times * row["us"]
+            torch_us += times * row["torch us"]
+        totals.append({"M": m, "us": ours, "torch us": torch_us, "saved us": torch_us - ours,
+                       "x torch": torch_us / ours})
+    return totals
+
+
+def main() -> None:
+    args = parser(__doc__.splitlines()[0]).parse_args()
+    require_cuda()
+    if not KERNELS_BUILT:
+        raise SystemExit("the CUDA extension minivllm._C is not built (scripts/gpu_build.sh)")
+    copy_gbs = copy_bandwidth_gbs()
+    print(f"{gpu_name()}: device-to-device copy {copy_gbs:.0f} GB/s (read + written)")
+    print(f"Qwen3-0.6B shapes, {DTYPE}; 'of copy' = weight bytes read per second / copy bandwidth")
+    rows = []
+    for name, n, k, fp32_out in SHAPES:
+        weight_bytes = n * k * DTYPE.itemsize
+        copies = max(1, min(64, math.ceil(L2_ROTATION_BYTES / weight_bytes)))
+        weights = [torch.randn(n, k, dtype=DTYPE, device="cuda") * k**-0.5 for _ in range(copies)]
+        rows += [measure(name, n, k, fp32_out, m, weights, copy_gbs) for m in ROWS]
+        del weights
+    print_table(rows, "Per call (weights rotated through copies that together exceed the L2)")
+    totals = per_step(rows)
+    print_table(totals, f"Summed per decode step: {NUM_LAYERS} layers x (qkv, o, gate_up, down) + lm_head")
+    write_json(args.json, {"gpu": gpu_name(), "copy_gbs": copy_gbs, "rows": rows, "per_step": totals})
+
+
+if __name__ == "__main__":
+    main()
