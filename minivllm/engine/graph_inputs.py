@@ -69,5 +69,7 @@ def copy_pending_tokens(
         input_ids.copy_(previous_tokens)  # the batch of the step before, in its order: one copy
         return
     source_row = {seq.seq_id: row for row, seq in enumerate(previous_seqs)}
-    sources = torch.tensor([source_row[seqs[row].seq_id] for row in pending], device=input_ids.device)
-    input_ids[torch.tensor(pending, device=input_ids.device)] = previous_tokens[sources]
+    rows = torch.tensor([pending, [source_row[seqs[row].seq_id] for row in pending]])
+    if input_ids.is_cuda:  # pinned and non-blocking: a plain copy would wait for the GPU, ending the overlap
+        rows = rows.pin_memory().to(input_ids.device, non_blocking=True)
+    input_ids[rows[0]] = previous_tokens[rows[1]]

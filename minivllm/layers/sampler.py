@@ -33,7 +33,8 @@ class SamplingBatch:
         def column(values: list, dtype: torch.dtype, off: float | None) -> torch.Tensor | None:
             if off is not None and all(v == off for v in values):
                 return None
-            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+            tensor = torch.tensor(values, dtype=dtype)  # pinned, or the copy would wait for the GPU
+            return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor
 
         banned = [
             (row, p.stop_token_ids + ([] if p.ignore_eos else eos_ids))
