@@ -17,8 +17,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee 
 bash scripts/gpu_build.sh >"$out/build.log" 2>&1 || { tail -50 "$out/build.log"; exit 1; }
 python3 -m pytest -q tests/gpu ${2:+-k "$2"} 2>&1 | tee -a "$log"
 status=${PIPESTATUS[0]}
-for bench in "throughput --compare-hf" latency kv_write decode prefill; do
+for bench in "throughput --compare-hf" latency kv_write decode prefill small_m_linear; do
   name=${bench%% *}
   python3 -m benchmarks.$bench --json "$out/$name.json" 2>&1 | tee -a "$log"
 done
+python3 -m minivllm 2>&1 | tail -3 | tee -a "$log"  # the demo's main job and its tokens/s
 exit "$status"

@@ -41,9 +41,8 @@ def make_llm(path: str, **kwargs):
     return LLM(path, dtype="bfloat16", num_kv_blocks=kwargs.pop("num_kv_blocks", 512), **kwargs)
 
 
-def prompts(seed: int = 0) -> list[list[int]]:
+def prompts(seed: int = 0, lengths: tuple[int, ...] = (1, 7, 16, 17, 33, 64, 100, 200)) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
-    lengths = [1, 7, 16, 17, 33, 64, 100, 200]
     return [torch.randint(0, 1024, (n,), generator=g).tolist() for n in lengths]
 
 
@@ -87,16 +86,17 @@ def test_first_step_logits_match_hf(checkpoint):
 
 
 def test_greedy_agrees_with_hf(checkpoint):
-    """32 greedy steps over a mixed batch through the paged engine (graphs, kernels): at each step, HF fed the
-    same context picks the same next token for at least 95% of the tokens. HF runs in fp32, the reference
-    free of rounding; HF's own bf16 run is measured the same way for comparison. Teacher forcing keeps one
-    near-tie (these random models have flat logits) from turning every later token into a disagreement."""
+    """32 greedy steps over a mixed batch of 16 prompts through the paged engine (graphs, kernels): at each
+    step, HF fed the same context picks the same next token for at least 95% of the tokens. HF runs in fp32,
+    the reference free of rounding; HF's own bf16 run is measured the same way for comparison. Teacher forcing
+    keeps one near-tie (these random models have flat logits) from turning every later token into a
+    disagreement."""
     import copy
 
     path, hf = checkpoint
     hf_bf16 = copy.deepcopy(hf).to(torch.bfloat16)
     llm = make_llm(path)
-    batch = prompts()
+    batch = prompts(0, (1, 7, 15, 16, 17, 31, 33, 64, 65, 100, 127, 128, 129, 200, 255, 300))  # edges of 16
     ours = hf_own = total = 0
     for prompt, tokens in zip(batch, greedy(llm, batch)):
         context = torch.tensor([prompt + tokens[:-1]], device="cuda")
