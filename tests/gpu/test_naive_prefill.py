@@ -10,6 +10,8 @@ import torch
 
 from minivllm import ops
 from minivllm.ops import reference
+from tests.gpu.test_flash_prefill import cu_seqlens
+from tests.gpu.test_flash_prefill import make_inputs as flash_inputs
 
 pytestmark = pytest.mark.skipif(
     not (torch.cuda.is_available() and ops.KERNELS_BUILT), reason="needs a CUDA GPU and the built minivllm._C"
@@ -53,20 +55,9 @@ def random_case(case: int) -> dict:
     )
 
 
-def cu_seqlens(lengths: list[int]) -> torch.Tensor:
-    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
-
-
 def make_inputs(c: dict):
-    gen = torch.Generator(device="cuda").manual_seed(c["seed"])
-    d, dtype = c["head_dim"], c["dtype"]
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=gen, device="cuda", dtype=torch.float32).to(dtype)
-
-    total_q, total_k = sum(c["lens_q"]), sum(c["lens_k"])
-    q = (randn(total_q, c["num_heads"], d).float() * c["q_scale"]).to(dtype)
-    return q, randn(total_k, c["num_kv_heads"], d), randn(total_k, c["num_kv_heads"], d)
+    """Packed q, k, v of a case, as the flash kernel's tests make them."""
+    return flash_inputs({**c, "block_size": None})[:3]
 
 
 def run_poisoned(q, k, v, cu_q, cu_k, max_q, max_k, scale):
