@@ -21,7 +21,6 @@ class StepClock:
     """Wraps the engine's scheduler and runner to time each decode step's phases on the host."""
 
     def __init__(self, engine):
-        self.engine = engine
         self.phases: dict[str, float] = defaultdict(float)
         self.decode_steps = 0
         self.schedule, self.launch = engine.scheduler.schedule, engine.runner.launch
