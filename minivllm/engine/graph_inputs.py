@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from minivllm.engine.sequence import Sequence
+from minivllm.host_copy import to_device
 from minivllm.layers.attention import AttentionMetadata
 
 
@@ -69,7 +70,5 @@ def copy_pending_tokens(
         input_ids.copy_(previous_tokens)  # the batch of the step before, in its order: one copy
         return
     source_row = {seq.seq_id: row for row, seq in enumerate(previous_seqs)}
-    rows = torch.tensor([pending, [source_row[seqs[row].seq_id] for row in pending]])
-    if input_ids.is_cuda:  # pinned and non-blocking: a plain copy would wait for the GPU, ending the overlap
-        rows = rows.pin_memory().to(input_ids.device, non_blocking=True)
+    rows = to_device([pending, [source_row[seqs[row].seq_id] for row in pending]], torch.int64, input_ids.device)
     input_ids[rows[0]] = previous_tokens[rows[1]]

@@ -13,6 +13,7 @@ from minivllm.distributed import TensorParallel
 from minivllm.engine.graph_inputs import GraphInputs, copy_pending_tokens
 from minivllm.engine.scheduler import ScheduledBatch
 from minivllm.engine.sequence import Sequence
+from minivllm.host_copy import to_device
 from minivllm.layers.attention import Attention, AttentionMetadata
 from minivllm.layers.sampler import SamplingBatch, sample
 from minivllm.model_loader import ModelSource, init_random_weights, load_weights
@@ -97,10 +98,7 @@ class ModelRunner:
 
     # ----- inputs ---------------------------------------------------------------------------------------
     def to_device(self, values, dtype: torch.dtype) -> torch.Tensor:
-        tensor = torch.as_tensor(np.asarray(values), dtype=dtype)
-        if self.device.type == "cuda":
-            return tensor.pin_memory().to(self.device, non_blocking=True)
-        return tensor
+        return to_device(values, dtype, self.device)
 
     def slots(self, seq: Sequence, start: int, end: int) -> np.ndarray:
         positions = np.arange(start, end)

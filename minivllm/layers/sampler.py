@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from minivllm.engine.sequence import Sequence
+from minivllm.host_copy import to_device
 from minivllm.layers.fusion import fused_on_gpu
 
 
@@ -33,8 +34,7 @@ class SamplingBatch:
         def column(values: list, dtype: torch.dtype, off: float | None) -> torch.Tensor | None:
             if off is not None and all(v == off for v in values):
                 return None
-            tensor = torch.tensor(values, dtype=dtype)  # pinned, or the copy would wait for the GPU
-            return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor
+            return to_device(values, dtype, device)
 
         banned = [
             (row, p.stop_token_ids + ([] if p.ignore_eos else eos_ids))
