@@ -40,10 +40,12 @@ torch::Tensor flash_attn_varlen(const torch::Tensor& q, const torch::Tensor& k, 
                                 int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, bool causal,
                                 const std::optional<torch::Tensor>& block_table);
 
-// One query token per sequence against its paged context.
+// One query token per sequence against its paged context. total_context_len, the sum of context_lens on
+// the device, only sizes the context splits; when absent, it is computed here.
 torch::Tensor paged_attention_decode(const torch::Tensor& q, const torch::Tensor& k_cache,
                                      const torch::Tensor& v_cache, const torch::Tensor& block_tables,
-                                     const torch::Tensor& context_lens, double scale);
+                                     const torch::Tensor& context_lens, double scale,
+                                     const std::optional<torch::Tensor>& total_context_len);
 
 // The naive prefill kernel (attention/naive_prefill.cu) is a baseline for benchmarks and tests, not used by
 // the engine: causal, packed k and v, one row of fp32 scores per (query, head) in a global scratch.

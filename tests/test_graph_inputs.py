@@ -51,5 +51,6 @@ def test_graph_inputs_equal_eager_inputs(qwen3_dir, seed):
         assert positions[:n].tolist() == want_positions.tolist()
         assert meta.slot_mapping.tolist() == want.slot_mapping.tolist() + [-1] * (size - n)
         assert meta.context_lens.tolist() == want.context_lens.tolist() + [0] * (size - n)
+        assert meta.total_context_len.tolist() == want.total_context_len.tolist() == [sum(map(len, seqs))]
         for row, seq in enumerate(seqs):
             assert meta.block_tables[row, : len(seq.block_table)].tolist() == seq.block_table

@@ -16,7 +16,8 @@ void check_aligned_16(const torch::Tensor& t, const char* name) {
 
 torch::Tensor paged_attention_decode(const torch::Tensor& q, const torch::Tensor& k_cache,
                                      const torch::Tensor& v_cache, const torch::Tensor& block_tables,
-                                     const torch::Tensor& context_lens, double scale) {
+                                     const torch::Tensor& context_lens, double scale,
+                                     const std::optional<torch::Tensor>& total_context_len) {
   MINIVLLM_CHECK_CUDA(q);
   MINIVLLM_CHECK_CUDA(k_cache);
   MINIVLLM_CHECK_CUDA(v_cache);
@@ -73,10 +74,21 @@ torch::Tensor paged_attention_decode(const torch::Tensor& q, const torch::Tensor
               "paged_attention_decode: context capacity ", max_blocks * block_size, " or batch x heads ",
               batch * num_heads, " overflows 32-bit indexing");
 
+  if (total_context_len.has_value()) {
+    const torch::Tensor& total = *total_context_len;
+    TORCH_CHECK(total.is_cuda() && total.device() == q.device() && total.scalar_type() == torch::kInt64 &&
+                    total.numel() == 1,
+                "paged_attention_decode: total_context_len must be a one-element int64 tensor on q's device ",
+                q.device(), " (the sum of context_lens), got ", total.scalar_type(), " of shape ", total.sizes(),
+                " on ", total.device());
+  }
+
   auto out = torch::empty({batch, num_heads, head_dim}, q.options());
   if (batch == 0) return out;
 
   const c10::cuda::CUDAGuard guard(q.device());
+  // Without the caller's sum (the engine computes it once a step for all layers), one more small kernel.
+  const torch::Tensor total = total_context_len.has_value() ? *total_context_len : context_lens.sum(torch::kInt64);
   minivllm::decode::DecodeArgs args{};
   args.q = q.data_ptr();
   args.q_stride_batch = q.stride(0);
@@ -86,6 +98,7 @@ torch::Tensor paged_attention_decode(const torch::Tensor& q, const torch::Tensor
   args.block_tables = block_tables.data_ptr<int32_t>();
   args.block_table_stride = block_tables.stride(0);
   args.context_lens = context_lens.data_ptr<int32_t>();
+  args.total_context = total.data_ptr<int64_t>();
   args.out = out.data_ptr();
   args.batch = static_cast<int>(batch);
   args.num_heads = static_cast<int>(num_heads);

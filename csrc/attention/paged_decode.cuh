@@ -18,6 +18,7 @@ struct DecodeArgs {
   const int32_t* block_tables;
   int64_t block_table_stride;  // elements between two sequences' rows
   const int32_t* context_lens;
+  const int64_t* total_context;  // [1]: the sum of context_lens, which sizes the splits
   void* out;
   int batch, num_heads, num_kv_heads, max_blocks, block_size;
   float scale;

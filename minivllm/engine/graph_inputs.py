@@ -13,7 +13,8 @@ from minivllm.layers.attention import AttentionMetadata
 class GraphInputs:
     def __init__(self, largest: int, max_blocks: int, block_size: int, device: torch.device):
         self.largest, self.max_blocks, self.block_size = largest, max_blocks, block_size
-        self.longs = torch.zeros(3, largest, dtype=torch.int64, device=device)  # input ids, positions, slots
+        # input ids, positions, slots; and the batch's total context in [3, 0]
+        self.longs = torch.zeros(4, largest, dtype=torch.int64, device=device)
         self.longs[2] = -1  # padding rows write nowhere
         self.ints = torch.zeros(largest * (1 + max_blocks), dtype=torch.int32, device=device)  # lengths, tables
         # Two host mirrors, used in turn: when a step fills one, the copy from the other may still be queued
@@ -28,7 +29,8 @@ class GraphInputs:
         """(input ids, positions, metadata) of the first `size` rows, as the graph of that size reads them."""
         tables = self.ints[self.largest :].view(self.largest, self.max_blocks)
         meta = AttentionMetadata(
-            False, self.longs[2, :size], context_lens=self.ints[:size], block_tables=tables[:size]
+            False, self.longs[2, :size], context_lens=self.ints[:size], block_tables=tables[:size],
+            total_context_len=self.longs[3, :1],
         )
         return self.longs[0, :size], self.longs[1, :size], meta
 
@@ -46,6 +48,7 @@ class GraphInputs:
         host_longs[1, :n] = lengths - 1
         host_longs[2, :n] = last_blocks * bs + (lengths - 1) % bs
         host_longs[2, n:size] = -1
+        host_longs[3, 0] = lengths.sum()
         host_ints[:n] = lengths
         host_ints[n:size] = 0  # padding rows attend to nothing
         tables = host_ints[self.largest :].reshape(self.largest, self.max_blocks)

@@ -145,6 +145,7 @@ class ModelRunner:
             slot_mapping=self.to_device(slots, torch.int64),
             context_lens=self.to_device(lengths, torch.int32),
             block_tables=self.to_device(self.block_table_array(seqs), torch.int32),
+            total_context_len=self.to_device([sum(lengths)], torch.int64),
         )
         input_ids = self.to_device([0 if seq.num_pending_tokens else seq.token_ids[-1] for seq in seqs], torch.int64)
         copy_pending_tokens(input_ids, seqs, *previous_step(previous))

@@ -15,7 +15,8 @@ class AttentionMetadata:
     Prefill: tokens of several sequences packed back to back (cu_seqlens_q), each attending to
     cu_seqlens_k[i+1] - cu_seqlens_k[i] keys; block_tables is set when some sequence has keys already in
     the cache (a prefix hit or an earlier chunk), and then keys are read from the pages.
-    Decode: one token per sequence, context_lens keys each, read from the pages through block_tables.
+    Decode: one token per sequence, context_lens keys each, read from the pages through block_tables;
+    total_context_len (their sum, on the device) sizes the decode kernel's context splits.
     """
 
     is_prefill: bool
@@ -26,6 +27,7 @@ class AttentionMetadata:
     max_seqlen_k: int = 0
     context_lens: torch.Tensor | None = None
     block_tables: torch.Tensor | None = None
+    total_context_len: torch.Tensor | None = None
 
 
 class Attention(nn.Module):
@@ -40,7 +42,8 @@ class Attention(nn.Module):
         prefill kernel needs."""
         if not meta.is_prefill:
             return ops.paged_attention_decode(
-                q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens, self.scale
+                q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens, self.scale,
+                meta.total_context_len,
             )
         if meta.block_tables is not None:
             k, v = self.k_cache, self.v_cache

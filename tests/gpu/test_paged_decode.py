@@ -76,7 +76,8 @@ def check_close(out, ref, dtype):
     return row_err
 
 
-def run_case(rng, batch, num_heads, num_kv_heads, head_dim, dtype, block_size, lengths, strided_q):
+def run_case(rng, batch, num_heads, num_kv_heads, head_dim, dtype, block_size, lengths, strided_q, total=None):
+    """total: the total_context_len to pass (None: the kernel sums context_lens; "sum": pass the true sum)."""
     k_cache, v_cache, tables, clean_k, clean_v = make_pages(
         rng, lengths, block_size, num_kv_heads, head_dim, dtype, extra_columns=rng.randint(0, 3)
     )
@@ -89,8 +90,10 @@ def run_case(rng, batch, num_heads, num_kv_heads, head_dim, dtype, block_size, l
     else:
         q = (q_magnitude * torch.randn(batch, num_heads, head_dim, device="cuda")).to(dtype)
     scale = head_dim**-0.5
+    if total is not None:
+        total = torch.tensor([sum(lengths) if total == "sum" else total], dtype=torch.int64, device="cuda")
     poison_allocator(batch * num_heads * head_dim * 2)
-    out = decode(q, k_cache, v_cache, tables, lens, scale)
+    out = decode(q, k_cache, v_cache, tables, lens, scale, total)
     return check_close(out, reference_fp32(q, clean_k, clean_v, tables, lens, scale), dtype)
 
 
@@ -107,12 +110,21 @@ def random_case(seed: int):
     while batch * max(lengths) > 1 << 17 and batch > 1:
         batch //= 2
         lengths = lengths[:batch]
-    return rng, batch, num_kv_heads * group, num_kv_heads, head_dim, dtype, block_size, lengths, rng.random() < 0.5
+    strided_q, total = rng.random() < 0.5, rng.choice([None, "sum"])
+    return rng, batch, num_kv_heads * group, num_kv_heads, head_dim, dtype, block_size, lengths, strided_q, total
 
 
 @pytest.mark.parametrize("seed", range(120))
 def test_random_cases(seed):
     run_case(*random_case(seed))
+
+
+@pytest.mark.parametrize("total", [0, -7, 1, "sum", 3 << 20, 1 << 62])
+@pytest.mark.parametrize("lengths", [[5000, 64, 1, 0, 3000, 129, 2048, 700], [40000], [100] * 300])
+def test_total_context_len_only_sizes_the_splits(lengths, total):
+    """The total only chooses how finely contexts are split: a wrong one (too small, negative, huge) must still
+    give the right output, one split per sequence up to the grid's most."""
+    run_case(random.Random(len(lengths)), len(lengths), 16, 8, 128, torch.bfloat16, 16, lengths, False, total)
 
 
 @pytest.mark.parametrize("block_size", [16, 256])
@@ -134,9 +146,11 @@ def test_empty_and_single_token_rows():
     check_close(out, reference_fp32(q, clean_k, clean_v, tables, lens, 0.1), torch.bfloat16)
 
 
-@pytest.mark.parametrize("batch", [1, 64])  # split-KV (with its workspace) and unsplit grids
-def test_cuda_graph_replay(batch):
-    """Capture once, then copy new queries, pages, tables and lengths into the captured buffers and replay."""
+@pytest.mark.parametrize("with_total", [False, True])  # the kernel's own sum, or the caller's
+@pytest.mark.parametrize("batch", [1, 64, 300])  # from many splits a sequence to one
+def test_cuda_graph_replay(batch, with_total):
+    """Capture once, then copy new queries, pages, tables and lengths (and their total) into the captured
+    buffers and replay."""
     rng = random.Random(batch)
     num_heads, num_kv_heads, head_dim, block_size, dtype = 16, 8, 128, 16, torch.bfloat16
     max_blocks, num_blocks = 40, batch * 40 + 8
@@ -153,25 +167,27 @@ def test_cuda_graph_replay(batch):
         k, v, clean_k, clean_v = padded
         q = torch.randn(batch, num_heads, head_dim, device="cuda").to(dtype)
         lens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
-        return (q, k, v, full_tables, lens), (clean_k, clean_v)
+        total = torch.tensor([sum(lengths)], dtype=torch.int64, device="cuda") if with_total else None
+        return (q, k, v, full_tables, lens, total), (clean_k, clean_v)
 
     buffers, _ = fresh_inputs()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
+    q, k, v, tables, lens, total = buffers
     with torch.cuda.stream(stream):
-        decode(*buffers, 0.088)  # warm-up outside capture
+        decode(q, k, v, tables, lens, 0.088, total)  # warm-up outside capture
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = decode(*buffers, 0.088)
+        out = decode(q, k, v, tables, lens, 0.088, total)
 
     for _ in range(3):
         new, (clean_k, clean_v) = fresh_inputs()
         for buffer, value in zip(buffers, new):
-            buffer.copy_(value)
+            if buffer is not None:
+                buffer.copy_(value)
         out.fill_(float("nan"))
         graph.replay()
-        q, _, _, tables, lens = buffers
         check_close(out, reference_fp32(q, clean_k, clean_v, tables, lens, 0.088), dtype)
 
 
@@ -183,6 +199,7 @@ def valid_args(**changes):
         block_tables=torch.zeros(2, 2, dtype=torch.int32, device="cuda"),
         context_lens=torch.ones(2, dtype=torch.int32, device="cuda"),
         scale=0.1,
+        total_context_len=None,
     )
     args.update(changes)
     return args
@@ -217,6 +234,9 @@ def test_valid_args_run():
         (lambda: dict(block_tables=torch.zeros(3, 2, dtype=torch.int32, device="cuda")), "block_tables must be"),
         (lambda: dict(context_lens=torch.ones(3, dtype=torch.int32, device="cuda")), "context_lens must be"),
         (lambda: dict(context_lens=torch.ones(2, dtype=torch.int64, device="cuda")), "Int"),
+        (lambda: dict(total_context_len=torch.ones(1, dtype=torch.int32, device="cuda")), "total_context_len"),
+        (lambda: dict(total_context_len=torch.ones(2, dtype=torch.int64, device="cuda")), "total_context_len"),
+        (lambda: dict(total_context_len=torch.ones(1, dtype=torch.int64)), "total_context_len"),
     ],
 )
 def test_bad_inputs_are_refused(make_changes, message):
