@@ -5,7 +5,11 @@ Ours is timed as CUDA-graph replays of back-to-back calls (as the engine runs de
 own copy of the pages, so working sets smaller than L2 are not served from it. The baselines run eagerly
 on one copy (their host overhead is small next to their GPU time).
 
-    python -m benchmarks.decode [--json PATH]
+Besides uniform batches, two kinds of mixed batch: 64 contexts drawn from 128..8k, and the contexts of
+benchmarks.throughput's workload at a few decode steps, with that benchmark's block tables (4096 tokens wide),
+as the engine runs them.
+
+    python -m benchmarks.decode [--json PATH] [--mixed-only] [--case BLOCK,BATCH,CONTEXT]
 """
 
 import math
@@ -22,6 +26,7 @@ from benchmarks.common import (
     time_cuda_ms,
     write_json,
 )
+from benchmarks.workload import nano_vllm_workload
 from minivllm.ops import paged_attention_decode, reference
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, DTYPE = 16, 8, 128, torch.bfloat16  # Qwen3-0.6B
@@ -32,6 +37,8 @@ L2_ROTATION_BYTES = 256 << 20  # rotate copies until a graph's calls together to
 MAX_CACHE_BYTES = 16 << 30  # K+V of one copy; larger rows are skipped
 MAX_VECTORISED_BYTES = 20 << 30  # the reference's fp32, head-repeated temporaries
 MAX_NAIVE_TOKENS = 1 << 20  # batch x context beyond which the per-sequence loop takes minutes
+WORKLOAD_STEPS = [100, 400, 700, 850, 950]
+WORKLOAD_TABLE_TOKENS = 4096  # benchmarks.throughput's max_model_len: the width of its graphs' block tables
 
 
 def naive_decode(q, k_cache, v_cache, block_tables, context_lens, scale):
@@ -44,9 +51,18 @@ def naive_decode(q, k_cache, v_cache, block_tables, context_lens, scale):
     return out
 
 
-def measure(block_size: int, lengths: list[int], copy_gbs: float, label: str) -> dict:
+def workload_contexts(step: int) -> list[int]:
+    """The context of every sequence still decoding at decode step `step` of benchmarks.throughput's workload,
+    when all of them run together."""
+    prompts, params = nano_vllm_workload()
+    return [len(p) + step for p, sp in zip(prompts, params) if step < sp.max_tokens]
+
+
+def measure(
+    block_size: int, lengths: list[int], copy_gbs: float, label: str, table_tokens: int = 0, baselines: bool = True
+) -> dict:
     batch, longest = len(lengths), max(lengths)
-    blocks_per_seq = math.ceil(longest / block_size)
+    blocks_per_seq = math.ceil(max(longest, table_tokens) / block_size)
     token_bytes = NUM_KV_HEADS * HEAD_DIM * DTYPE.itemsize * 2  # K and V of one token
     kv_bytes = sum(lengths) * token_bytes
     row = {"block": block_size, "batch": batch, "context": label}
@@ -64,13 +80,18 @@ def measure(block_size: int, lengths: list[int], copy_gbs: float, label: str) ->
         for c in range(copies)
     ]
     lens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
+    total = torch.tensor([sum(lengths)], dtype=torch.int64, device="cuda")  # as the engine passes it
     q = torch.randn(batch, NUM_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
     scale = HEAD_DIM**-0.5
 
-    ours_ms = graph_time_ms([lambda t=t: paged_attention_decode(q, k_cache, v_cache, t, lens, scale) for t in tables])
+    ours_ms = graph_time_ms(
+        [lambda t=t: paged_attention_decode(q, k_cache, v_cache, t, lens, scale, total) for t in tables]
+    )
     gbs = kv_bytes / (ours_ms * 1e-3) / 1e9
     row |= {"us": ours_ms * 1e3, "KV GB/s": gbs, "of copy": gbs / copy_gbs}
 
+    if not baselines:
+        return row
     args = (q, k_cache, v_cache, tables[0], lens, scale)
     vectorised_bytes = batch * blocks_per_seq * block_size * NUM_KV_HEADS * HEAD_DIM * 2 * (2 + 4 + 4 * 2)
     if vectorised_bytes <= MAX_VECTORISED_BYTES:
@@ -104,6 +125,8 @@ COLUMNS = [
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--case", metavar="BLOCK,BATCH,CONTEXT", help="measure only this row (e.g. to profile it)")
+    p.add_argument("--mixed-only", action="store_true", help="only the mixed batches, block 16")
+    p.add_argument("--ours-only", action="store_true", help="skip the PyTorch baselines")
     args = p.parse_args()
     require_cuda()
     copy_gbs = copy_bandwidth_gbs()
@@ -112,18 +135,23 @@ def main() -> None:
 
     if args.case:
         block_size, batch, context = map(int, args.case.split(","))
-        print_table([measure(block_size, [context] * batch, copy_gbs, str(context))], "paged-attention decode")
+        row = measure(block_size, [context] * batch, copy_gbs, str(context), 0, not args.ours_only)
+        print_table([row], "paged-attention decode")
         return
 
     rows = []
-    for block_size in BLOCK_SIZES:
-        for batch in BATCHES:
+    for block_size in BLOCK_SIZES[:1] if args.mixed_only else BLOCK_SIZES:
+        for batch in [] if args.mixed_only else BATCHES:
             for context in CONTEXTS:
-                rows.append(measure(block_size, [context] * batch, copy_gbs, str(context)))
+                rows.append(measure(block_size, [context] * batch, copy_gbs, str(context), 0, not args.ours_only))
                 torch.cuda.empty_cache()  # the next row's caches may be much larger
         generator = torch.Generator().manual_seed(0)
         mixed = torch.randint(128, 8193, (64,), generator=generator).tolist()
-        rows.append(measure(block_size, mixed, copy_gbs, "mixed 128..8k"))
+        rows.append(measure(block_size, mixed, copy_gbs, "mixed 128..8k", 0, not args.ours_only))
+        for step in WORKLOAD_STEPS:
+            lengths = workload_contexts(step)
+            label, table = f"workload step {step}", WORKLOAD_TABLE_TOKENS
+            rows.append(measure(block_size, lengths, copy_gbs, label, table, not args.ours_only))
     rows = [{c: row.get(c) for c in COLUMNS} for row in rows]
     print_table(rows, "paged-attention decode (us per call; KV GB/s counts K and V bytes read once)")
     write_json(args.json, {"gpu": gpu_name(), "copy_gbs": copy_gbs, "rows": rows})
