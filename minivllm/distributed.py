@@ -105,8 +105,15 @@ def init_tensor_parallel(
     return TensorParallel(rank, size, dist.group.WORLD, control, peers)
 
 
-def leave_tensor_parallel() -> None:
-    if dist.is_initialized():
+def leave_tensor_parallel(alone: bool = False) -> None:
+    """Leave the group. NCCL's shutdown is collective: every rank must leave at about the same time, or the
+    first to leave waits for the others for ever. A rank left `alone` (the others died or were killed) aborts
+    its NCCL communicators instead; gloo's shutdown waits for no one."""
+    if not dist.is_initialized():
+        return
+    if alone and dist.get_backend() == "nccl":
+        dist.distributed_c10d._abort_process_group()
+    else:
         dist.destroy_process_group()
 
 

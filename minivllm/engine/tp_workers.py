@@ -259,7 +259,9 @@ def stop_workers(processes: list[mp.Process], control: dist.ProcessGroup | None)
         try:
             dist.broadcast_object_list([None], src=0, group=control)
         except RuntimeError:
-            pass  # a worker died meanwhile: terminated below
+            pass  # a worker died meanwhile: terminated below, and rank 0 leaves alone
+        else:
+            leave_tensor_parallel()  # with the workers, which leave on hearing None: NCCL's shutdown is collective
     for process in processes:
         process.join(timeout=STOP_WAIT)
         if process.is_alive():
@@ -268,5 +270,5 @@ def stop_workers(processes: list[mp.Process], control: dist.ProcessGroup | None)
         if process.is_alive():
             process.kill()
             process.join()
-    if control is not None:  # rank 0 joined the group: leave it, so that another LLM can make one
-        leave_tensor_parallel()
+    if control is not None:  # rank 0 joined the group: leave it (if still in it), so that another LLM can make one
+        leave_tensor_parallel(alone=True)
