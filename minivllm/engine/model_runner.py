@@ -220,6 +220,14 @@ class ModelRunner:
         self.graph_capture_seconds = time.perf_counter() - start
 
 
+def release_graphs(graphs: dict[int, torch.cuda.CUDAGraph]) -> None:
+    """Destroy captured graphs. NCCL cannot destroy (or abort) a communicator while a graph that captured one
+    of its collectives lives, so tensor parallelism calls this on every rank before leaving its group."""
+    for graph in graphs.values():
+        graph.reset()
+    graphs.clear()
+
+
 def previous_step(previous: "LaunchedStep | None") -> tuple[torch.Tensor | None, list[Sequence]]:
     """The tokens and sequences of the step before, whose tokens a decode step may read."""
     return (previous.tokens, previous.seqs) if previous is not None else (None, [])

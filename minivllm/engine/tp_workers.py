@@ -23,7 +23,7 @@ import torch.multiprocessing as mp
 
 from minivllm.config import EngineConfig
 from minivllm.distributed import TensorParallel, check_shardable, init_tensor_parallel, leave_tensor_parallel
-from minivllm.engine.model_runner import ModelRunner
+from minivllm.engine.model_runner import ModelRunner, release_graphs
 from minivllm.engine.scheduler import ScheduledBatch
 from minivllm.model_loader import ModelSource
 
@@ -122,6 +122,7 @@ def run_worker(
         previous = None  # the last step, whose tokens the next one may read
         while (message := tp.broadcast_from_first()) is not None:
             previous = runner.launch(step_batch(message), [], previous)
+        release_graphs(runner.graphs)
     except BaseException as error:
         reports.put(("failed", rank, f"{type(error).__name__}: {error}\n\n{traceback.format_exc()}"))
         raise SystemExit(1) from None  # not leave_tensor_parallel(): it could wait on the broken group
@@ -147,7 +148,9 @@ def start_tensor_parallel(
     workers = WorkerGroup(config, source, dtype)
     try:
         tp = workers.join_group()
-        return ModelRunner(config, source, dtype, tp), workers
+        runner = ModelRunner(config, source, dtype, tp)
+        workers.keep_graphs(runner.graphs)
+        return runner, workers
     except BaseException:
         workers.shutdown()
         raise
@@ -173,7 +176,7 @@ class WorkerGroup:
             process.start()
         self.stopped: str | None = None  # why the group can no longer run, once it cannot
         self.control: dist.ProcessGroup | None = None
-        self._finalizer = weakref.finalize(self, stop_workers, self.processes, None)
+        self._finalizer = weakref.finalize(self, stop_workers, self.processes, None, {})
 
     def join_group(self) -> TensorParallel:
         """Rank 0's place in the group, once every worker is up (a worker that died at start is reported)."""
@@ -181,8 +184,13 @@ class WorkerGroup:
         tp = init_tensor_parallel(0, self.config.tensor_parallel_size, self.config.device, self.store, self)
         self.control = tp.control
         self._finalizer.detach()  # stopping now tells the workers first, over the control group
-        self._finalizer = weakref.finalize(self, stop_workers, self.processes, self.control)
+        self._finalizer = weakref.finalize(self, stop_workers, self.processes, self.control, {})
         return tp
+
+    def keep_graphs(self, graphs: dict[int, torch.cuda.CUDAGraph]) -> None:
+        """Rank 0's decode graphs, which stopping destroys before rank 0 leaves the group (see release_graphs)."""
+        self._finalizer.detach()
+        self._finalizer = weakref.finalize(self, stop_workers, self.processes, self.control, graphs)
 
     def reached(self, stage: str) -> None:
         """Wait until every worker reports `stage`; raise the first failure instead."""
@@ -253,8 +261,12 @@ class WorkerGroup:
         self.stopped = self.stopped or "the LLM was shut down"
 
 
-def stop_workers(processes: list[mp.Process], control: dist.ProcessGroup | None) -> None:
-    """Tell the workers to stop (over the control group, when all are alive to hear it), then make sure."""
+def stop_workers(
+    processes: list[mp.Process], control: dist.ProcessGroup | None, graphs: dict[int, torch.cuda.CUDAGraph]
+) -> None:
+    """Tell the workers to stop (over the control group, when all are alive to hear it), then make sure. Rank 0's
+    graphs go first: while they live, leaving the NCCL group would wait for ever."""
+    release_graphs(graphs)
     if control is not None and all(p.is_alive() for p in processes):
         try:
             dist.broadcast_object_list([None], src=0, group=control)
