@@ -44,7 +44,6 @@ constexpr int kVec = 8;                             // elements in one 16-byte a
 constexpr int kMaxSplits = 128;
 constexpr int kGridWaves = 8;       // the grid holds (sequence, split) CTAs for about this many waves
 constexpr int kUnsplitWaves = 4;    // ... unless whole sequences fill this many
-constexpr int kMinSplitTiles = 2;   // shorter splits cost more in fixed work than they win in balance
 constexpr float kCtaCostTiles = 4;  // fixed cost of a CTA (start, merge), in tiles of streaming: tuned on H100
 static_assert(kThreadsPerToken == 4, "the swizzle below assumes four threads per K row in the score phase");
 
@@ -125,7 +124,7 @@ __device__ __forceinline__ int split_tiles(int tiles, int64_t total_context, con
   const float work = float(max(total_context, int64_t(0))) / kTile * (p.args.num_kv_heads * p.head_chunks);
   const float balanced = ceilf(sqrtf(kCtaCostTiles * work / p.slots));
   const int whole = static_cast<int>(fminf(balanced, float(max(tiles, 1))));  // no split beyond the context
-  return max(max(whole, kMinSplitTiles), (tiles + p.num_splits - 1) / p.num_splits);
+  return max(max(whole, 1), (tiles + p.num_splits - 1) / p.num_splits);
 }
 
 template <typename scalar_t, int kHeadDim>
@@ -368,33 +367,31 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) paged_decode_kernel(cons
 }
 
 // out = sum_s 2^(lse_s - max) * partial_s / sum_s 2^(lse_s - max) over the splits that hold tokens.
-// One CTA per sequence, whose threads walk its (query head, output dim) pairs: most steps split few
-// sequences, and a CTA per sequence finds out cheaply that it has nothing to do. A context in one split was
-// written by the decode kernel.
-constexpr int kMergeThreads = 256;
+// One CTA per (sequence, query head), one thread per output dim (one CTA a sequence, looping over the heads,
+// made batch-1 decode at 4k 0.6 ms a token slower on the H100). A context in one split was written by the
+// decode kernel.
 template <typename scalar_t, int kHeadDim>
-__global__ void __launch_bounds__(kMergeThreads) merge_splits_kernel(const KernelParams p) {
+__global__ void __launch_bounds__(kHeadDim) merge_splits_kernel(const KernelParams p) {
   const DecodeArgs& a = p.args;
-  const int seq = blockIdx.x;
+  const int row = blockIdx.x;  // sequence * num_heads + head
+  const int seq = row / a.num_heads;
+  const int d = threadIdx.x;
   const int tiles = (a.context_lens[seq] + kTile - 1) / kTile;
   const int per_split = split_tiles(tiles, *a.total_context, p);
   const int used = (tiles + per_split - 1) / per_split;
   if (used <= 1) return;
-  for (int i = threadIdx.x; i < a.num_heads * kHeadDim; i += kMergeThreads) {
-    const int64_t row = int64_t(seq) * a.num_heads + i / kHeadDim;  // sequence * num_heads + head
-    const int d = i % kHeadDim;
-    const float* lse = p.partial_lse + row * p.num_splits;
-    const float* partial = p.partial_out + row * p.num_splits * kHeadDim;
-    float lse_max = -INFINITY;
-    for (int s = 0; s < used; ++s) lse_max = fmaxf(lse_max, lse[s]);
-    float num = 0.f, den = 0.f;
-    for (int s = 0; s < used; ++s) {
-      const float w = exp2f(lse[s] - lse_max);
-      num += w * partial[s * kHeadDim + d];
-      den += w;
-    }
-    static_cast<scalar_t*>(a.out)[row * kHeadDim + d] = scalar_t(num / den);
+  const float* lse = p.partial_lse + int64_t(row) * p.num_splits;
+  const float* partial = p.partial_out + int64_t(row) * p.num_splits * kHeadDim;
+
+  float lse_max = -INFINITY;
+  for (int s = 0; s < used; ++s) lse_max = fmaxf(lse_max, lse[s]);
+  float num = 0.f, den = 0.f;
+  for (int s = 0; s < used; ++s) {
+    const float w = exp2f(lse[s] - lse_max);
+    num += w * partial[s * kHeadDim + d];
+    den += w;
   }
+  static_cast<scalar_t*>(a.out)[int64_t(row) * kHeadDim + d] = scalar_t(num / den);
 }
 
 // CTAs of the decode kernel one SM holds at once, read once per device.
@@ -423,8 +420,7 @@ inline int grid_splits(int work_items, int max_tokens, int resident_slots) {
   if (work_items >= kUnsplitWaves * resident_slots) return 1;
   const int max_tiles = (max_tokens + kTile - 1) / kTile;
   const int wanted = (kGridWaves * resident_slots + work_items - 1) / work_items;
-  const int most_useful = (max_tiles + kMinSplitTiles - 1) / kMinSplitTiles;
-  return std::clamp(wanted, 1, std::clamp(most_useful, 1, kMaxSplits));
+  return std::clamp(wanted, 1, std::clamp(max_tiles, 1, kMaxSplits));
 }
 
 template <typename scalar_t, int kHeadDim>
@@ -456,7 +452,7 @@ void launch_paged_decode(const DecodeArgs& args, const c10::Device& device) {
   paged_decode_kernel<scalar_t, kHeadDim><<<grid, kThreads, L::kSmemBytes, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (p.num_splits > 1) {
-    merge_splits_kernel<scalar_t, kHeadDim><<<args.batch, kMergeThreads, 0, stream>>>(p);
+    merge_splits_kernel<scalar_t, kHeadDim><<<args.batch * args.num_heads, kHeadDim, 0, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
