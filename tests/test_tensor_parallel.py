@@ -149,6 +149,47 @@ def test_interpreter_exit_stops_the_workers(qwen3_kv2):
             os.kill(pid, 0)
 
 
+class RecordedProcess:
+    """A worker process that is alive until joined, and says when it was joined."""
+
+    def __init__(self, events: list[str]):
+        self.events, self.alive = events, True
+
+    def is_alive(self) -> bool:
+        return self.alive
+
+    def join(self, timeout=None) -> None:
+        self.events.append("join")
+        self.alive = False
+
+
+class RecordedGraph:
+    def __init__(self, events: list[str]):
+        self.events = events
+
+    def reset(self) -> None:
+        self.events.append("graph reset")
+
+
+@pytest.mark.parametrize("workers_alive_at_stop", [True, False])
+def test_rank_zero_leaves_the_group_in_an_order_nccl_can_finish(monkeypatch, workers_alive_at_stop):
+    """NCCL's shutdown is collective and waits for every graph that captured a collective: rank 0 must destroy
+    its graphs, tell the workers to stop, and leave the group together with them before it waits for them to
+    exit. Left alone (a worker died), it aborts instead."""
+    events: list[str] = []
+    monkeypatch.setattr(tp_workers.dist, "broadcast_object_list", lambda obj, **kw: events.append(f"send {obj}"))
+    monkeypatch.setattr(tp_workers, "leave_tensor_parallel", lambda alone=False: events.append(f"leave {alone}"))
+    processes = [RecordedProcess(events), RecordedProcess(events)]
+    processes[1].alive = workers_alive_at_stop
+    graphs = {8: RecordedGraph(events), 16: RecordedGraph(events)}
+    tp_workers.stop_workers(processes, object(), graphs)
+    if workers_alive_at_stop:
+        assert events == ["graph reset", "graph reset", "send [None]", "leave False", "join", "join", "leave True"]
+    else:
+        assert events == ["graph reset", "graph reset", "join", "join", "leave True"]
+    assert graphs == {}
+
+
 # ----- a failing rank ----------------------------------------------------------------------------------------
 def test_rank_failing_to_load_stops_the_group(qwen3_kv2, monkeypatch, no_stray_workers):
     monkeypatch.setattr(tp_workers, "run_worker", functools.partial(failing_worker, "load"))
