@@ -7,6 +7,7 @@ and nearly all tokens. `pytest -s` prints the agreement.
 """
 
 import gc
+import time
 
 import pytest
 import torch
@@ -30,7 +31,10 @@ def greedy(dtype: str, max_tokens: int, **engine) -> list[list[int]]:
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
         return [out.outputs[0].token_ids for out in llm.generate(prompts(), params, use_tqdm=False)]
     finally:
+        start = time.perf_counter()
         llm.shutdown()
+        # NCCL's shutdown is collective and waits for captured graphs: done wrong, it stalls or hangs
+        assert time.perf_counter() - start < 5, "shutting the tensor-parallel group down took too long"
         del llm
         gc.collect()
         torch.cuda.empty_cache()
