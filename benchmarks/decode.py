@@ -9,7 +9,7 @@ Besides uniform batches, two kinds of mixed batch: 64 contexts drawn from 128..8
 benchmarks.throughput's workload at a few decode steps, with that benchmark's block tables (4096 tokens wide),
 as the engine runs them.
 
-    python -m benchmarks.decode [--json PATH] [--mixed-only] [--case BLOCK,BATCH,CONTEXT]
+    python -m benchmarks.decode [--json PATH] [--mixed-only] [--ours-only] [--case BLOCK,BATCH,CONTEXT]
 """
 
 import math
@@ -128,6 +128,7 @@ def main() -> None:
     p.add_argument("--mixed-only", action="store_true", help="only the mixed batches, block 16")
     p.add_argument("--ours-only", action="store_true", help="skip the PyTorch baselines")
     args = p.parse_args()
+    baselines = not args.ours_only
     require_cuda()
     copy_gbs = copy_bandwidth_gbs()
     print(f"{gpu_name()}: device-to-device copy {copy_gbs:.0f} GB/s (read + written)")
@@ -135,7 +136,7 @@ def main() -> None:
 
     if args.case:
         block_size, batch, context = map(int, args.case.split(","))
-        row = measure(block_size, [context] * batch, copy_gbs, str(context), 0, not args.ours_only)
+        row = measure(block_size, [context] * batch, copy_gbs, str(context), baselines=baselines)
         print_table([row], "paged-attention decode")
         return
 
@@ -143,15 +144,14 @@ def main() -> None:
     for block_size in BLOCK_SIZES[:1] if args.mixed_only else BLOCK_SIZES:
         for batch in [] if args.mixed_only else BATCHES:
             for context in CONTEXTS:
-                rows.append(measure(block_size, [context] * batch, copy_gbs, str(context), 0, not args.ours_only))
+                rows.append(measure(block_size, [context] * batch, copy_gbs, str(context), baselines=baselines))
                 torch.cuda.empty_cache()  # the next row's caches may be much larger
         generator = torch.Generator().manual_seed(0)
         mixed = torch.randint(128, 8193, (64,), generator=generator).tolist()
-        rows.append(measure(block_size, mixed, copy_gbs, "mixed 128..8k", 0, not args.ours_only))
+        rows.append(measure(block_size, mixed, copy_gbs, "mixed 128..8k", baselines=baselines))
         for step in WORKLOAD_STEPS:
-            lengths = workload_contexts(step)
-            label, table = f"workload step {step}", WORKLOAD_TABLE_TOKENS
-            rows.append(measure(block_size, lengths, copy_gbs, label, table, not args.ours_only))
+            rows.append(measure(block_size, workload_contexts(step), copy_gbs, f"workload step {step}",
+                                table_tokens=WORKLOAD_TABLE_TOKENS, baselines=baselines))
     rows = [{c: row.get(c) for c in COLUMNS} for row in rows]
     print_table(rows, "paged-attention decode (us per call; KV GB/s counts K and V bytes read once)")
     write_json(args.json, {"gpu": gpu_name(), "copy_gbs": copy_gbs, "rows": rows})
