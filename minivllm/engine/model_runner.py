@@ -43,6 +43,8 @@ class ModelRunner:
         self.graph_capture_seconds = 0.0
         if self.device.type == "cuda" and not config.enforce_eager and ops.use_kernels(self.kv_cache):
             self.capture_decode_graphs()
+        if self.device.type == "cuda":
+            self.warm_up_sampler()
 
     # ----- KV cache -------------------------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
@@ -192,6 +194,21 @@ class ModelRunner:
         self.graph_inputs.fill(seqs, graph_size, *previous_step(previous))
         self.graphs[graph_size].replay()
         return self.graph_hidden[:batch_size]
+
+    @torch.inference_mode()
+    def warm_up_sampler(self) -> None:
+        """Compile the sampler's fused kernel now, rather than in the first steps that sample with a
+        temperature: torch.compile specialises a batch of one row, so one row and two rows compile the two
+        graphs that every later batch reuses. A generator of its own leaves the engine's draws untouched."""
+        generator = torch.Generator(self.device)
+        hidden = torch.zeros(2, self.model.config.hidden_size, dtype=self.dtype, device=self.device)
+        for rows in (1, 2):
+            logits = self.model.compute_logits(hidden[:rows])  # every rank: the lm_head gathers across them
+            if logits is not None:
+                temperatures = torch.ones(rows, dtype=torch.float32, device=self.device)
+                batch = SamplingBatch(temperatures, top_k=None, top_p=None, min_p=None, seeded_rows=[], banned=[],
+                                      all_greedy=False, any_greedy=False, generator=generator)
+                sample(logits, batch)
 
     # ----- CUDA graphs ----------------------------------------------------------------------------------
     def graph_batch_sizes(self) -> list[int]:
