@@ -225,6 +225,17 @@ def test_seeded_sampling_reproduces_under_preemption(qwen3_dir):
     assert tiny.engine.scheduler.num_preemptions > 0
 
 
+
+def test_sampler_warm_up_leaves_the_engines_draws_alone(qwen3_dir):
+    """On a GPU the sampler is compiled at start-up (warm_up_sampler); its draws must not advance the engine's
+    generator, or LLM(seed=) would sample differently than without the warm-up."""
+    prompts = token_prompts(random_prompts(3, 5, 30, seed=52))
+    params = SamplingParams(temperature=1.0, max_tokens=10, ignore_eos=True)
+    plain, warmed = (LLM(qwen3_dir, max_model_len=96, seed=7) for _ in range(2))
+    warmed.engine.runner.warm_up_sampler()
+    assert completions(warmed.generate(prompts, params, use_tqdm=False)) == completions(
+        plain.generate(prompts, params, use_tqdm=False))
+
 @pytest.mark.parametrize(
     "knobs",
     [dict(top_k=1), dict(top_p=1e-6), dict(min_p=1.0), dict(temperature=1e-4)],
