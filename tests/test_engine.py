@@ -225,7 +225,6 @@ def test_seeded_sampling_reproduces_under_preemption(qwen3_dir):
     assert tiny.engine.scheduler.num_preemptions > 0
 
 
-
 def test_sampler_warm_up_leaves_the_engines_draws_alone(qwen3_dir):
     """On a GPU the sampler is compiled at start-up (warm_up_sampler); its draws must not advance the engine's
     generator, or LLM(seed=) would sample differently than without the warm-up."""
@@ -235,6 +234,7 @@ def test_sampler_warm_up_leaves_the_engines_draws_alone(qwen3_dir):
     warmed.engine.runner.warm_up_sampler()
     assert completions(warmed.generate(prompts, params, use_tqdm=False)) == completions(
         plain.generate(prompts, params, use_tqdm=False))
+
 
 @pytest.mark.parametrize(
     "knobs",
