@@ -11,7 +11,9 @@ own error and stops the group. The groups' timeouts are the last resort (an NCCL
 """
 
 import copy
+import os
 import queue
+import sys
 import time
 import traceback
 import weakref
@@ -127,6 +129,13 @@ def run_worker(
         reports.put(("failed", rank, f"{type(error).__name__}: {error}\n\n{traceback.format_exc()}"))
         raise SystemExit(1) from None  # not leave_tensor_parallel(): it could wait on the broken group
     leave_tensor_parallel()
+    # The interpreter's own teardown (the CUDA context, torch.compile's worker pool) took 2 to 10 s on H100 and
+    # H200, and LLM.shutdown() waits for it. The group is left: flush what rank 0 may still read, and go.
+    reports.close()
+    reports.join_thread()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def rank_device(device: torch.device, rank: int) -> torch.device:

@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from minivllm import LLM, SamplingParams, ops
-from minivllm.engine.tp_workers import STOP_WAIT
 
 pytestmark = pytest.mark.skipif(
     torch.cuda.device_count() < 2 or not ops.KERNELS_BUILT, reason="needs two CUDA GPUs and the built kernels"
@@ -36,10 +35,10 @@ def greedy(dtype: str, max_tokens: int, **engine) -> list[list[int]]:
         start = time.perf_counter()
         llm.shutdown()
         # NCCL's shutdown is collective and waits for captured graphs: done wrong, a worker hangs in it until
-        # it is terminated (exit code -SIGTERM), or rank 0 hangs. Leaving takes 0.1 s; a worker's exit (its
-        # CUDA context, compile workers) took up to 6.6 s on 2 x H200.
+        # it is terminated (exit code -SIGTERM), or rank 0 hangs. Leaving takes 0.1 s; a worker then exits at
+        # once (the interpreter's teardown, which it skips, took up to 10 s on 2 x H100).
         assert [p.exitcode for p in processes] == [0] * len(processes), "a worker did not leave by itself"
-        assert time.perf_counter() - start < STOP_WAIT, "shutting the tensor-parallel group down took too long"
+        assert time.perf_counter() - start < 3, "shutting the tensor-parallel group down took too long"
         del llm
         gc.collect()
         torch.cuda.empty_cache()
