@@ -45,7 +45,8 @@ torch::Tensor flash_attn_varlen(const torch::Tensor& q, const torch::Tensor& k, 
 torch::Tensor paged_attention_decode(const torch::Tensor& q, const torch::Tensor& k_cache,
                                      const torch::Tensor& v_cache, const torch::Tensor& block_tables,
                                      const torch::Tensor& context_lens, double scale,
-                                     const std::optional<torch::Tensor>& total_context_len);
+                                     const std::optional<torch::Tensor>& total_context_len,
+                                     std::optional<int64_t> split_kv_heads);
 
 // The naive prefill kernel (attention/naive_prefill.cu) is a baseline for benchmarks and tests, not used by
 // the engine: causal, packed k and v, one row of fp32 scores per (query, head) in a global scratch.

@@ -21,7 +21,7 @@ TORCH_LIBRARY(minivllm, m) {
       "int max_seqlen_q, int max_seqlen_k, float scale) -> Tensor");
   m.def(
       "paged_attention_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
-      "Tensor context_lens, float scale, Tensor? total_context_len=None) -> Tensor");
+      "Tensor context_lens, float scale, Tensor? total_context_len=None, int? split_kv_heads=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(minivllm, CUDA, m) {

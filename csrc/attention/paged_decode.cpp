@@ -17,7 +17,8 @@ void check_aligned_16(const torch::Tensor& t, const char* name) {
 torch::Tensor paged_attention_decode(const torch::Tensor& q, const torch::Tensor& k_cache,
                                      const torch::Tensor& v_cache, const torch::Tensor& block_tables,
                                      const torch::Tensor& context_lens, double scale,
-                                     const std::optional<torch::Tensor>& total_context_len) {
+                                     const std::optional<torch::Tensor>& total_context_len,
+                                     std::optional<int64_t> split_kv_heads) {
   MINIVLLM_CHECK_CUDA(q);
   MINIVLLM_CHECK_CUDA(k_cache);
   MINIVLLM_CHECK_CUDA(v_cache);
@@ -83,6 +84,10 @@ torch::Tensor paged_attention_decode(const torch::Tensor& q, const torch::Tensor
                 " on ", total.device());
   }
 
+  const int64_t split_heads = split_kv_heads.value_or(num_kv_heads);
+  TORCH_CHECK(split_heads >= num_kv_heads && split_heads <= (1 << 16), "paged_attention_decode: split_kv_heads ",
+              split_heads, " must be from num_kv_heads = ", num_kv_heads, " (the default) to 65536");
+
   auto out = torch::empty({batch, num_heads, head_dim}, q.options());
   if (batch == 0) return out;
 
@@ -103,6 +108,7 @@ torch::Tensor paged_attention_decode(const torch::Tensor& q, const torch::Tensor
   args.batch = static_cast<int>(batch);
   args.num_heads = static_cast<int>(num_heads);
   args.num_kv_heads = static_cast<int>(num_kv_heads);
+  args.split_kv_heads = static_cast<int>(split_heads);
   args.max_blocks = static_cast<int>(max_blocks);
   args.block_size = static_cast<int>(block_size);
   args.scale = static_cast<float>(scale);

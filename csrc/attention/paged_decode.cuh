@@ -21,6 +21,9 @@ struct DecodeArgs {
   const int64_t* total_context;  // [1]: the sum of context_lens, which sizes the splits
   void* out;
   int batch, num_heads, num_kv_heads, max_blocks, block_size;
+  // The KV heads the context splits are sized for: num_kv_heads, or under tensor parallelism with invariant
+  // numerics the whole model's, so that a rank cuts every context where one GPU does.
+  int split_kv_heads;
   float scale;
 };
 

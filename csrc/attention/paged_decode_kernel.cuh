@@ -118,10 +118,10 @@ struct KernelParams {
 // Tiles per split for a sequence of `tiles` tiles, the same in every CTA of the sequence and in the merge.
 // A step's decode takes about (all tiles + kCtaCostTiles x CTAs) / slots + the longest CTA: splits of s tiles
 // make about work / s CTAs, and s = sqrt(kCtaCostTiles x work / slots) minimises the sum. Work counts every
-// (sequence, kv head, head chunk)'s tiles, from the batch's total context. Whatever that total says, a
-// sequence never needs more splits than the grid has.
+// (sequence, kv head, head chunk)'s tiles, from the batch's total context, over split_kv_heads heads (see
+// DecodeArgs). Whatever that total says, a sequence never needs more splits than the grid has.
 __device__ __forceinline__ int split_tiles(int tiles, int64_t total_context, const KernelParams& p) {
-  const float work = float(max(total_context, int64_t(0))) / kTile * (p.args.num_kv_heads * p.head_chunks);
+  const float work = float(max(total_context, int64_t(0))) / kTile * (p.args.split_kv_heads * p.head_chunks);
   const float balanced = ceilf(sqrtf(kCtaCostTiles * work / p.slots));
   const int whole = static_cast<int>(fminf(balanced, float(max(tiles, 1))));  // no split beyond the context
   return max(max(whole, 1), (tiles + p.num_splits - 1) / p.num_splits);
@@ -434,7 +434,8 @@ void launch_paged_decode(const DecodeArgs& args, const c10::Device& device) {
   const int max_tokens = args.max_blocks * args.block_size;
   p.slots = resident_ctas_per_sm<scalar_t, kHeadDim>(device.index()) *
             at::cuda::getDeviceProperties(device.index())->multiProcessorCount;
-  p.num_splits = grid_splits(work_items, max_tokens, p.slots);
+  const int64_t split_items = int64_t(args.batch) * args.split_kv_heads * p.head_chunks;  // as split_tiles counts
+  p.num_splits = grid_splits(static_cast<int>(std::min<int64_t>(split_items, INT32_MAX)), max_tokens, p.slots);
 
   // Workspace sized by shapes alone; the caching allocator makes this safe inside graph capture.
   at::Tensor partial_out, partial_lse;

@@ -31,9 +31,13 @@ class AttentionMetadata:
 
 
 class Attention(nn.Module):
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
+    def __init__(
+        self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, split_kv_heads: int | None = None
+    ):
+        """split_kv_heads: see ops.paged_attention_decode (None: this layer's num_kv_heads)."""
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
+        self.split_kv_heads = split_kv_heads
         self.k_cache = self.v_cache = torch.tensor([])  # views into the engine's KV cache, set by the runner
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -43,7 +47,7 @@ class Attention(nn.Module):
         if not meta.is_prefill:
             return ops.paged_attention_decode(
                 q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens, self.scale,
-                meta.total_context_len,
+                meta.total_context_len, self.split_kv_heads,
             )
         if meta.block_tables is not None:
             k, v = self.k_cache, self.v_cache

@@ -113,14 +113,17 @@ def paged_attention_decode(
     context_lens: torch.Tensor,
     scale: float,
     total_context_len: torch.Tensor | None = None,
+    split_kv_heads: int | None = None,
 ) -> torch.Tensor:
     """One query token per sequence, q [B, Hq, D], against its context_lens[b] cached keys. The kernel cuts long
     contexts into splits sized from the batch's total context: pass it as total_context_len (one int64 on the
     device, the sum of context_lens) when many calls share the lengths, as a step's layers do; without it the
-    kernel sums context_lens itself. The reference needs no total."""
+    kernel sums context_lens itself. It sizes the splits for the cache's KV heads, or for split_kv_heads: a
+    tensor-parallel rank passes the whole model's count to cut contexts where one GPU does, so that its heads
+    come out bit for bit the same. The reference needs neither."""
     args = (q, k_cache, v_cache, block_tables, context_lens, scale)
     if use_kernels(q):
-        return torch.ops.minivllm.paged_attention_decode(*args, total_context_len)
+        return torch.ops.minivllm.paged_attention_decode(*args, total_context_len, split_kv_heads)
     return reference.paged_attention_decode(*args)
 
 

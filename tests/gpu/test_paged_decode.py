@@ -1,5 +1,6 @@
 """The paged-attention decode kernel against the fp32 torch reference: random shapes and page layouts,
-split and unsplit grids, CUDA-graph replay, and the refusals of bad input."""
+split and unsplit grids, a part of the heads cut as the whole (split_kv_heads), CUDA-graph replay, and
+the refusals of bad input."""
 
 import math
 import random
@@ -134,6 +135,26 @@ def test_long_context(block_size, dtype):
     run_case(rng, 2, 16, 8, 128, dtype, block_size, [32768, 20001], strided_q=False)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("lengths", [[5000, 64, 1, 0, 3000, 129, 2048, 700], [40000], [300] * 40, [33] * 300])
+def test_split_kv_heads_gives_a_part_of_the_heads_the_same_bits(lengths, dtype):
+    """A tensor-parallel rank holds a part of the KV heads. Told the whole model's count (split_kv_heads), it
+    must cut every context where the whole model's launch does, so that its heads come out bit for bit the
+    same (tp_invariant); the grid and the split sizes otherwise depend on the heads a launch has."""
+    rng = random.Random(len(lengths))
+    num_heads, num_kv_heads, head_dim = 16, 8, 128
+    k_cache, v_cache, tables, _, _ = make_pages(rng, lengths, 16, num_kv_heads, head_dim, dtype, 0)
+    lens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
+    q = torch.randn(len(lengths), num_heads, head_dim, device="cuda").to(dtype)
+    whole = decode(q, k_cache, v_cache, tables, lens, 0.088)
+    for ranks in (2, 4, 8):
+        heads, kv = num_heads // ranks, num_kv_heads // ranks
+        for r in range(ranks):
+            caches = (cache[:, :, r * kv:(r + 1) * kv].contiguous() for cache in (k_cache, v_cache))
+            part = decode(q[:, r * heads:(r + 1) * heads], *caches, tables, lens, 0.088, None, num_kv_heads)
+            assert torch.equal(part, whole[:, r * heads:(r + 1) * heads]), f"rank {r} of {ranks}"
+
+
 def test_empty_and_single_token_rows():
     """Padding rows of a captured batch have context 0 (zeros out) or 1, among real rows."""
     rng = random.Random(0)
@@ -200,6 +221,7 @@ def valid_args(**changes):
         context_lens=torch.ones(2, dtype=torch.int32, device="cuda"),
         scale=0.1,
         total_context_len=None,
+        split_kv_heads=None,
     )
     args.update(changes)
     return args
@@ -237,6 +259,8 @@ def test_valid_args_run():
         (lambda: dict(total_context_len=torch.ones(1, dtype=torch.int32, device="cuda")), "total_context_len"),
         (lambda: dict(total_context_len=torch.ones(2, dtype=torch.int64, device="cuda")), "total_context_len"),
         (lambda: dict(total_context_len=torch.ones(1, dtype=torch.int64)), "total_context_len"),
+        (lambda: dict(split_kv_heads=1), "split_kv_heads 1 must be from num_kv_heads = 2"),
+        (lambda: dict(split_kv_heads=1 << 17), "split_kv_heads 131072"),
     ],
 )
 def test_bad_inputs_are_refused(make_changes, message):
