@@ -1,7 +1,8 @@
 """End-to-end offline throughput on nano-vllm's workload: 256 requests of random token ids, prompts of
 100..1024 tokens, 100..1024 output tokens each (ignore_eos, temperature 0.6), Qwen3-0.6B preset in bf16.
 
-python -m benchmarks.throughput [--model qwen3-0.6b] [--tensor-parallel-size N] [--compare-hf] [--json PATH]
+python -m benchmarks.throughput [--model qwen3-0.6b] [--tensor-parallel-size N] [--tp-invariant N] [--compare-hf]
+                                [--json PATH]
 """
 
 import time
@@ -20,6 +21,7 @@ def main() -> None:
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs to split the model over")
+    p.add_argument("--tp-invariant", type=int, default=0, help="LLM(tp_invariant=N): bitwise the same at every TP size")
     p.add_argument("--compare-hf", action="store_true", help="also time HF transformers' generate on a slice")
     args = p.parse_args()
     if args.compare_hf and args.tensor_parallel_size > 1:
@@ -31,7 +33,7 @@ def main() -> None:
     expected_tokens = sum(sp.max_tokens for sp in params)
     start = time.perf_counter()
     llm = LLM(args.model, max_model_len=args.max_model_len, enforce_eager=args.enforce_eager,
-              tensor_parallel_size=args.tensor_parallel_size)
+              tensor_parallel_size=args.tensor_parallel_size, tp_invariant=args.tp_invariant)
     startup = time.perf_counter() - start
     llm.generate(["Benchmark: "], SamplingParams(), use_tqdm=False)  # warm-up request
 
@@ -53,6 +55,7 @@ def main() -> None:
     row = {
         "engine": "minivllm",
         "tensor_parallel_size": args.tensor_parallel_size,
+        "tp_invariant": args.tp_invariant,
         "requests": len(prompts),
         "output_tokens": produced,
         "seconds": elapsed,

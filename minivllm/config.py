@@ -30,6 +30,9 @@ class EngineConfig:
     enforce_eager: bool = False
     tensor_parallel_size: int = 1
     async_scheduling: bool = True  # schedule and launch step N+1 while step N runs
+    # N > 0 (a power of two): the same output, bit for bit, at every tensor_parallel_size dividing N, for a
+    # cost in speed (layers/linear.py, RowParallelLinear.invariant_forward); 0: the fastest sums
+    tp_invariant: int = 0
 
     def __post_init__(self) -> None:
         positive = {
@@ -38,7 +41,8 @@ class EngineConfig:
             "tensor_parallel_size": self.tensor_parallel_size,
         }
         optional_positive = {"max_model_len": self.max_model_len, "num_kv_blocks": self.num_kv_blocks}
-        for name, value in {**positive, **optional_positive, "seed": self.seed}.items():
+        ints = {**positive, **optional_positive, "seed": self.seed, "tp_invariant": self.tp_invariant}
+        for name, value in ints.items():
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
                 raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
         for name, value in positive.items():
@@ -49,6 +53,10 @@ class EngineConfig:
                 raise ValueError(f"{name} must be at least 1 (or None for the default), got {value}")
         if not isinstance(self.block_size, int) or self.block_size not in (16, 32, 64, 128, 256):
             raise ValueError(f"block_size must be a power of two from 16 to 256, got {self.block_size!r}")
+        invariant = self.tp_invariant
+        if invariant and (invariant < 0 or invariant & (invariant - 1) or invariant % self.tensor_parallel_size):
+            raise ValueError(f"tp_invariant must be 0 (off) or a power of two that tensor_parallel_size "
+                             f"{self.tensor_parallel_size} divides, got {invariant}")
         if not isinstance(self.async_scheduling, bool):
             raise TypeError(f"async_scheduling must be a bool, got {self.async_scheduling!r}")
         if not 0 < self.gpu_memory_utilization <= 1:

@@ -40,12 +40,23 @@ class TensorParallel:
     group: dist.ProcessGroup | None = None  # the model's collectives
     control: dist.ProcessGroup | None = None  # gloo: steps from rank 0, KV-cache agreement
     peers: Peers | None = None
+    # Row-parallel products summed over this many K slices in one fixed tree, so that every tensor_parallel_size
+    # dividing it gives the same bits (EngineConfig.tp_invariant); 0: one product a rank, summed by all_reduce.
+    invariant_splits: int = 0
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum x over the ranks, in place (capturable in a CUDA graph with NCCL)."""
         if self.size > 1:
             self._collective(dist.all_reduce, x, group=self.group)
         return x
+
+    def all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        """Every rank's x stacked along a new first dimension in rank order, on every rank."""
+        if self.size == 1:
+            return x.unsqueeze(0)
+        out = x.new_empty(self.size, *x.shape)
+        self._collective(dist.all_gather, list(out.unbind(0)), x.contiguous(), group=self.group)
+        return out
 
     def gather_last_dim(self, x: torch.Tensor) -> torch.Tensor | None:
         """Every rank's x concatenated along the last dimension, on rank 0; None on the others."""
@@ -96,13 +107,13 @@ class TensorParallel:
 
 
 def init_tensor_parallel(
-    rank: int, size: int, device: torch.device, store: dist.Store, peers: Peers
+    rank: int, size: int, device: torch.device, store: dist.Store, peers: Peers, invariant_splits: int
 ) -> TensorParallel:
     """Join the group (the default process group of this process, so one group per process at a time)."""
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=MODEL_GROUP_TIMEOUT)
     control = dist.new_group(backend="gloo", timeout=CONTROL_GROUP_TIMEOUT)
-    return TensorParallel(rank, size, dist.group.WORLD, control, peers)
+    return TensorParallel(rank, size, dist.group.WORLD, control, peers, invariant_splits)
 
 
 def leave_tensor_parallel(alone: bool = False) -> None:
@@ -119,17 +130,34 @@ def leave_tensor_parallel(alone: bool = False) -> None:
 
 def check_shardable(config: PretrainedConfig, size: int) -> None:
     """A ValueError, before any process starts, when the model's heads or MLP do not split over `size` ranks."""
-    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-    problems = []
-    if heads % size:
-        problems.append(f"num_attention_heads {heads} is not a multiple of tensor_parallel_size {size}")
-    if kv_heads % size and size % kv_heads:
+    problems = shard_problems(config, size, "tensor_parallel_size")
+    if config.num_key_value_heads % size and size % config.num_key_value_heads:
         problems.append(
-            f"num_key_value_heads {kv_heads} neither divides by tensor_parallel_size {size} nor divides it "
-            "(KV heads are split across ranks, or replicated when there are fewer than the ranks)"
+            f"num_key_value_heads {config.num_key_value_heads} neither divides by tensor_parallel_size {size} nor "
+            "divides it (KV heads are split across ranks, or replicated when there are fewer than the ranks)"
         )
-    if config.intermediate_size % size:
-        problems.append(f"intermediate_size {config.intermediate_size} is not a multiple of {size}")
     if problems:
         raise ValueError(f"this model cannot be split over {size} ranks: {'; '.join(problems)}; choose another "
                          "tensor_parallel_size")
+
+
+def check_invariant_splits(config: PretrainedConfig, splits: int) -> None:
+    """A ValueError, before any work, when tp_invariant=splits cannot hold for this model: every tensor-parallel
+    size dividing it must split the heads, the KV heads (no replication: a replicated head's rank sees another
+    grouping) and the MLP evenly."""
+    problems = shard_problems(config, splits, "tp_invariant")
+    if config.num_key_value_heads % splits:
+        problems.append(f"num_key_value_heads {config.num_key_value_heads} is not a multiple of tp_invariant "
+                        f"{splits}")
+    if problems:
+        raise ValueError(f"tp_invariant={splits} does not fit this model: {'; '.join(problems)}; use a smaller "
+                         "power of two that divides them, or 0")
+
+
+def shard_problems(config: PretrainedConfig, size: int, name: str) -> list[str]:
+    problems = []
+    if config.num_attention_heads % size:
+        problems.append(f"num_attention_heads {config.num_attention_heads} is not a multiple of {name} {size}")
+    if config.intermediate_size % size:
+        problems.append(f"intermediate_size {config.intermediate_size} is not a multiple of {name} {size}")
+    return problems

@@ -11,6 +11,7 @@ from tqdm import tqdm
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from minivllm.config import EngineConfig
+from minivllm.distributed import check_invariant_splits
 from minivllm.engine.llm_engine import LLMEngine
 from minivllm.engine.model_runner import ModelRunner
 from minivllm.engine.scheduler import ScheduledBatch
@@ -41,13 +42,16 @@ class LLM:
         enforce_eager: bool = False,
         tensor_parallel_size: int = 1,
         async_scheduling: bool = True,
+        tp_invariant: int = 0,
     ):
         self.config = EngineConfig(
             model, tokenizer, dtype, device, seed, max_model_len, max_num_seqs, max_num_batched_tokens,
             block_size, num_kv_blocks, gpu_memory_utilization, enable_prefix_caching, enforce_eager,
-            tensor_parallel_size, async_scheduling,
+            tensor_parallel_size, async_scheduling, tp_invariant,
         )
         source = resolve_model(model, tokenizer)
+        if tp_invariant:
+            check_invariant_splits(source.config, tp_invariant)
         self.hf_config = source.config
         self.tokenizer = load_tokenizer(source)
         dtype = self.config.resolve_dtype(getattr(source.config, "dtype", None))

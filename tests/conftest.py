@@ -5,6 +5,7 @@ milliseconds per step. The initializer range is larger than HF's default 0.02 so
 random model are spread out: greedy comparisons then do not hinge on near-ties.
 """
 
+import contextlib
 import functools
 import json
 import os
@@ -22,6 +23,7 @@ from transformers import (
 )
 
 import minivllm
+from minivllm.engine import model_runner
 from minivllm.presets import qwen3_tokenizer_dir
 
 # The tiny models' matrices are far too small to split across threads: on a shared 2-core machine intra-op
@@ -132,3 +134,15 @@ def token_prompts(prompts: list[list[int]]) -> list[dict]:
 def completions(outputs) -> list[list[int]]:
     """Token ids of every completion of every request, in order."""
     return [c.token_ids for out in outputs for c in out.outputs]
+
+
+@contextlib.contextmanager
+def recorded_logits():
+    """Inside: every step's logits as rank 0 samples from them (all ranks' vocabulary under tensor parallelism),
+    appended to the list it yields. Make the LLM before: its sampler warm-up samples too."""
+    seen, sample = [], model_runner.sample
+    model_runner.sample = lambda logits, batch: sample(seen.append(logits.clone()) or logits, batch)
+    try:
+        yield seen
+    finally:
+        model_runner.sample = sample

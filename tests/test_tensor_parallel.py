@@ -25,7 +25,7 @@ from minivllm.engine.tp_workers import TensorParallelError
 from minivllm.model_loader import resolve_model
 from minivllm.models.decoder import kv_head_split
 from minivllm.presets import PRESETS
-from tests.conftest import completions, random_prompts, token_prompts, write_checkpoint
+from tests.conftest import completions, random_prompts, recorded_logits, token_prompts, write_checkpoint
 from tests.tp_faults import failing_worker
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
@@ -208,6 +208,30 @@ def test_rank_failing_in_a_step_stops_the_group(qwen3_kv2, monkeypatch, no_stray
         llm.generate(token_prompts(random_prompts(1, 5, 20, seed=5)), GREEDY, use_tqdm=False)
 
 
+def logits_and_tokens(path: str, **engine) -> tuple[torch.Tensor, list[list[int]]]:
+    """Every step's logits, and the greedy tokens."""
+    llm = LLM(path, dtype="bfloat16", max_model_len=128, max_num_batched_tokens=48, max_num_seqs=8, **engine)
+    try:
+        prompts = token_prompts(random_prompts(6, 1, 70, seed=3))
+        with recorded_logits() as seen:
+            outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True), False)
+    finally:
+        llm.shutdown()
+    return torch.cat(seen), completions(outputs)
+
+
+@pytest.mark.parametrize("tp_invariant", [2, 4])  # one K slice a rank, or two summed on the rank first
+def test_tp_invariant_gives_the_same_bits(tp_invariant, tmp_path, no_stray_workers):
+    """In bf16, where each rank rounding its own part changes the last bits (and with tp_invariant=0 the logits
+    here differ): every step's logits at tensor_parallel_size 2 are TP=1's, bit for bit, with chunked prefill."""
+    path, _ = write_checkpoint(tmp_path, "qwen3", seed=5, num_attention_heads=8, num_key_value_heads=4, head_dim=32)
+    single_logits, single_tokens = logits_and_tokens(path, tp_invariant=tp_invariant)
+    split_logits, split_tokens = logits_and_tokens(path, tp_invariant=tp_invariant, tensor_parallel_size=2)
+    assert split_logits.shape == single_logits.shape and split_logits.shape[0] >= 16
+    assert torch.equal(split_logits, single_logits)
+    assert split_tokens == single_tokens
+
+
 # ----- bad sizes, refused before any process starts ------------------------------------------------------
 @pytest.mark.parametrize(
     "size, error, message",
@@ -217,6 +241,17 @@ def test_rank_failing_in_a_step_stops_the_group(qwen3_kv2, monkeypatch, no_stray
 def test_bad_tensor_parallel_size(qwen3_kv2, size, error, message, no_stray_workers):
     with pytest.raises(error, match=message):
         LLM(qwen3_kv2, tensor_parallel_size=size)
+
+
+@pytest.mark.parametrize(
+    "tp_invariant, size, error, message",
+    [(-2, 1, ValueError, "tp_invariant must be 0"), (3, 1, ValueError, "power of two"),
+     (2, 4, ValueError, "that tensor_parallel_size 4 divides"), (2.0, 1, TypeError, "tp_invariant must be an int"),
+     (4, 1, ValueError, "tp_invariant=4 does not fit this model: num_key_value_heads 2 is not a multiple")],
+)
+def test_bad_tp_invariant(qwen3_kv2, tp_invariant, size, error, message, no_stray_workers):
+    with pytest.raises(error, match=message):
+        LLM(qwen3_kv2, tensor_parallel_size=size, tp_invariant=tp_invariant)
 
 
 def test_kv_heads_that_neither_divide_nor_are_divided(tmp_path):

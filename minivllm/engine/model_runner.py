@@ -29,7 +29,8 @@ class ModelRunner:
         self.device = config.device
         self.dtype = dtype
         self.block_size = config.block_size
-        self.tp = tp or TensorParallel()  # this rank's place when the model is split over several GPUs
+        # this rank's place when the model is split over several GPUs
+        self.tp = tp or TensorParallel(invariant_splits=config.tp_invariant)
         self.model = build_model(source, dtype, self.device, config.seed, self.tp)
         # unseeded requests draw from this, so an engine's sampling reproduces for a given LLM(seed=), as in vLLM
         self.sampling_generator = torch.Generator(self.device).manual_seed(config.seed)

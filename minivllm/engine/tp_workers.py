@@ -119,7 +119,7 @@ def run_worker(
         peers.reached("started")
         size = config.tensor_parallel_size
         store = dist.TCPStore(HOST, port, size, is_master=False, timeout=RENDEZVOUS_TIMEOUT)
-        tp = init_tensor_parallel(rank, size, config.device, store, peers)
+        tp = init_tensor_parallel(rank, size, config.device, store, peers, config.tp_invariant)
         runner = ModelRunner(config, source, dtype, tp)
         previous = None  # the last step, whose tokens the next one may read
         while (message := tp.broadcast_from_first()) is not None:
@@ -190,7 +190,9 @@ class WorkerGroup:
     def join_group(self) -> TensorParallel:
         """Rank 0's place in the group, once every worker is up (a worker that died at start is reported)."""
         self.reached("started")
-        tp = init_tensor_parallel(0, self.config.tensor_parallel_size, self.config.device, self.store, self)
+        tp = init_tensor_parallel(
+            0, self.config.tensor_parallel_size, self.config.device, self.store, self, self.config.tp_invariant
+        )
         self.control = tp.control
         self._finalizer.detach()  # stopping now tells the workers first, over the control group
         self._finalizer = weakref.finalize(self, stop_workers, self.processes, self.control, {})

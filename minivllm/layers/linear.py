@@ -95,7 +95,9 @@ class ColumnParallelLinear(nn.Linear):
 
 class RowParallelLinear(nn.Linear):
     """Input columns split across ranks; the partial outputs are summed by an all-reduce. The bias is added
-    once, by rank 0, before the sum."""
+    once, by rank 0, before the sum. Each rank rounds its part to the model's dtype before the sum, so the
+    last bits differ from one GPU's; tp_invariant makes them the same (invariant_forward).
+    """
 
     def __init__(self, full_in_features: int, out_features: int, bias: bool, tp: TensorParallel):
         split = Split(tp.size, tp.rank)
@@ -104,4 +106,28 @@ class RowParallelLinear(nn.Linear):
         self.tp = tp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp.invariant_splits:
+            return self.invariant_forward(x)
         return self.tp.all_reduce(ops.linear(x, self.weight, self.bias if self.tp.rank == 0 else None))
+
+    def invariant_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The product with K cut into tp.invariant_splits equal slices, each slice's product computed alone (the
+        same shapes at every tensor_parallel_size, so the same kernels and bits) and all of them added in one
+        fixed pairwise tree: a rank sums its own slices, the tree's lower levels, and the ranks' sums make the
+        top levels. Every tensor_parallel_size that divides the splits then adds the same fp32 numbers in the
+        same order as one GPU; the bias comes last, on every rank alike."""
+        slices = self.tp.invariant_splits // self.tp.size
+        width = self.weight.shape[1] // slices
+        parts = torch.stack([
+            ops.linear(x[..., i * width:(i + 1) * width], self.weight[:, i * width:(i + 1) * width], fp32_out=True)
+            for i in range(slices)
+        ])
+        out = pairwise_sum(self.tp.all_gather(pairwise_sum(parts)))
+        return out if self.bias is None else out + self.bias
+
+
+def pairwise_sum(parts: torch.Tensor) -> torch.Tensor:
+    """The sum over dim 0 (a power of two long) as a balanced tree of neighbours: (p0 + p1) + (p2 + p3), ..."""
+    while parts.shape[0] > 1:
+        parts = parts[0::2] + parts[1::2]
+    return parts[0]

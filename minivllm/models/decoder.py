@@ -51,7 +51,9 @@ class DecoderAttention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, self.norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, self.norm_eps) if qk_norm else None
         self.rotary = rotary
-        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5)
+        # Invariant numerics: the decode kernel cuts contexts as for the whole model's KV heads, as one GPU does
+        split_kv_heads = config.num_key_value_heads if tp.invariant_splits else None
+        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5, split_kv_heads)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         qkv = self.qkv_proj(x)

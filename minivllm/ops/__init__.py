@@ -130,7 +130,7 @@ def paged_attention_decode(
 def linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, fp32_out: bool = False
 ) -> torch.Tensor:
-    """x [..., K] @ weight[N, K]^T (+ bias), in x's dtype, or in fp32 when fp32_out (logits).
+    """x [..., K] @ weight[N, K]^T (+ bias), in x's dtype, or in fp32 when fp32_out (logits, tp_invariant sums).
 
     A decode step's 1..SMALL_M_MAX_ROWS rows run our small-M kernel, which streams the weights near copy
     bandwidth where cuBLAS gets about half; larger batches stay with cuBLAS and the CPU with torch.
