@@ -7,11 +7,12 @@ engine and its dependencies.
 import importlib
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "SamplingParams", "RequestOutputKind", "RequestOutput", "CompletionOutput"]
 
 _WHERE = {
     "LLM": "minivllm.llm",
     "SamplingParams": "minivllm.sampling_params",
+    "RequestOutputKind": "minivllm.sampling_params",
     "RequestOutput": "minivllm.outputs",
     "CompletionOutput": "minivllm.outputs",
 }

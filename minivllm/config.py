@@ -1,8 +1,12 @@
-"""The engine's settings, checked once when an LLM is made."""
+"""The engine's settings: EngineArgs as the user gave them (checked when made), and EngineConfig, everything
+resolved from them once (model source, dtype, device, max_model_len) before any runner is built."""
 
+import warnings
 from dataclasses import dataclass
 
 import torch
+
+from minivllm.model_loader import ModelSource, resolve_model
 
 DTYPES = {
     "float32": torch.float32,
@@ -13,8 +17,8 @@ DTYPES = {
 }
 
 
-@dataclass
-class EngineConfig:
+@dataclass(frozen=True, kw_only=True)
+class EngineArgs:
     model: str
     tokenizer: str | None = None
     dtype: str | torch.dtype = "auto"
@@ -61,29 +65,74 @@ class EngineConfig:
             raise TypeError(f"async_scheduling must be a bool, got {self.async_scheduling!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        self.device = resolve_device(self.device)
-        if self.device.type == "cuda" and self.device.index + self.tensor_parallel_size > torch.cuda.device_count():
+        device = resolve_device(self.device)
+        if device.type == "cuda" and device.index + self.tensor_parallel_size > torch.cuda.device_count():
             raise ValueError(
-                f"tensor_parallel_size={self.tensor_parallel_size} needs one GPU a rank from {self.device} on, but "
+                f"tensor_parallel_size={self.tensor_parallel_size} needs one GPU a rank from {device} on, but "
                 f"only {torch.cuda.device_count()} CUDA GPU(s) are visible; lower it or pick an earlier device"
             )
 
-    def resolve_dtype(self, config_dtype: torch.dtype | None) -> torch.dtype:
-        """The model dtype: as asked, or for "auto" the checkpoint's on a GPU and fp32 on the CPU."""
-        if isinstance(self.dtype, torch.dtype):
-            dtype = self.dtype
-        elif self.dtype == "auto":
-            if self.device.type == "cpu":
-                return torch.float32
-            dtype = config_dtype if config_dtype in DTYPES.values() else torch.bfloat16
-            return torch.float16 if dtype == torch.float32 else dtype
-        elif isinstance(self.dtype, str) and self.dtype in DTYPES:
-            dtype = DTYPES[self.dtype]
-        else:
-            raise ValueError(f"dtype {self.dtype!r} is not supported; use 'auto', {', '.join(map(repr, DTYPES))}")
-        if dtype not in DTYPES.values():
-            raise ValueError(f"dtype {dtype} is not supported; use float32, float16 or bfloat16")
-        return dtype
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """What every part of the engine reads: the user's args and what was resolved from them, never changed."""
+
+    args: EngineArgs
+    source: ModelSource
+    dtype: torch.dtype
+    device: torch.device  # rank 0's; rank r runs on the r-th GPU from it
+    max_model_len: int  # within the model's positions and, when it is known up front, the KV cache's capacity
+    max_model_len_capped: str | None = None  # why max_model_len is below what the user asked for
+
+    @classmethod
+    def resolve(cls, args: EngineArgs) -> "EngineConfig":
+        """Find the model and settle dtype, device and max_model_len; warn if what was asked does not fit."""
+        source = resolve_model(args.model, args.tokenizer)
+        device = resolve_device(args.device)
+        dtype = resolve_dtype(args.dtype, device, getattr(source.config, "dtype", None))
+        positions = source.config.max_position_embeddings
+        max_model_len, capped = args.max_model_len or positions, None
+        if max_model_len > positions:
+            max_model_len, capped = positions, f"max_model_len capped at the model's {positions} positions"
+        if args.num_kv_blocks is not None and max_model_len > args.num_kv_blocks * args.block_size:
+            capacity = args.num_kv_blocks * args.block_size
+            max_model_len, capped = capacity, f"max_model_len capped to the KV cache's capacity of {capacity} tokens"
+        if args.max_model_len is None:
+            capped = None  # nothing the user asked for was cut
+        return cls(args, source, dtype, device, max_model_len, capped)
+
+    def check_kv_capacity(self, num_blocks: int) -> int:
+        """num_blocks, or a ValueError (as vLLM's) when they cannot hold one sequence of max_model_len tokens."""
+        capacity = num_blocks * self.args.block_size
+        if capacity < self.max_model_len:
+            raise ValueError(
+                f"the KV cache holds {max(capacity, 0)} tokens, less than one sequence of max_model_len="
+                f"{self.max_model_len}; lower max_model_len (to {max(capacity, 0)} at most), raise "
+                "gpu_memory_utilization, lower max_num_batched_tokens, or pass num_kv_blocks"
+            )
+        return num_blocks
+
+    def warn_if_capped(self, stacklevel: int) -> None:
+        if self.max_model_len_capped:
+            warnings.warn(self.max_model_len_capped, stacklevel=stacklevel + 1)
+
+
+def resolve_dtype(asked: str | torch.dtype, device: torch.device, config_dtype: torch.dtype | None) -> torch.dtype:
+    """The model dtype: as asked, or for "auto" the checkpoint's on a GPU and fp32 on the CPU."""
+    if isinstance(asked, torch.dtype):
+        dtype = asked
+    elif asked == "auto":
+        if device.type == "cpu":
+            return torch.float32
+        dtype = config_dtype if config_dtype in DTYPES.values() else torch.bfloat16
+        return torch.float16 if dtype == torch.float32 else dtype
+    elif isinstance(asked, str) and asked in DTYPES:
+        dtype = DTYPES[asked]
+    else:
+        raise ValueError(f"dtype {asked!r} is not supported; use 'auto', {', '.join(map(repr, DTYPES))}")
+    if dtype not in DTYPES.values():
+        raise ValueError(f"dtype {dtype} is not supported; use float32, float16 or bfloat16")
+    return dtype
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

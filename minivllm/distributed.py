@@ -1,34 +1,21 @@
-"""Tensor parallelism's process groups and collectives, and the checks a model must pass to be split.
+"""Tensor parallelism's collectives for the model's layers, and the checks a model must pass to be split.
 
-Every rank holds a slice of each weight matrix and its own KV cache for its heads. Two groups join the
-ranks: the model's (NCCL on GPUs, gloo on the CPU) for the all-reduces and the logits gather inside a
-step, and a gloo control group over which rank 0 sends each step's batch and the ranks agree on the KV
-cache's size. At tensor_parallel_size 1 there is no group and every collective here is skipped.
+Every rank holds a slice of each weight matrix and its own KV cache for its heads. The model's group (NCCL on
+GPUs, gloo on the CPU) runs the all-reduces and the logits gather inside a step. How ranks meet outside a
+step (steps sent from rank 0, start-up, failures) is the control plane's business: engine/tp_workers.py. At
+tensor_parallel_size 1 there is no group and every collective here is skipped.
 """
 
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 from transformers import PretrainedConfig
 
 # The model group's collectives run in lockstep inside a step, so a long wait there means a rank hung:
-# the timeout is the last resort behind rank 0's own checks. The control group waits for the next step,
-# which may come any time later (an idle LLM between generate calls), so it must not time out.
+# the timeout is the last resort behind rank 0's own checks.
 MODEL_GROUP_TIMEOUT = timedelta(minutes=5)
-CONTROL_GROUP_TIMEOUT = timedelta(days=365)
-
-
-class Peers(Protocol):
-    """How a rank meets the others outside collectives (see engine/tp_workers.py)."""
-
-    def reached(self, stage: str) -> None: ...
-
-    def send_step(self, step: Any) -> None: ...
-
-    def failure(self, error: BaseException) -> BaseException: ...
 
 
 @dataclass
@@ -38,16 +25,14 @@ class TensorParallel:
     rank: int = 0
     size: int = 1
     group: dist.ProcessGroup | None = None  # the model's collectives
-    control: dist.ProcessGroup | None = None  # gloo: steps from rank 0, KV-cache agreement
-    peers: Peers | None = None
     # Row-parallel products summed over this many K slices in one fixed tree, so that every tensor_parallel_size
-    # dividing it gives the same bits (EngineConfig.tp_invariant); 0: one product a rank, summed by all_reduce.
+    # dividing it gives the same bits (EngineArgs.tp_invariant); 0: one product a rank, summed by all_reduce.
     invariant_splits: int = 0
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum x over the ranks, in place (capturable in a CUDA graph with NCCL)."""
         if self.size > 1:
-            self._collective(dist.all_reduce, x, group=self.group)
+            dist.all_reduce(x, group=self.group)
         return x
 
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
@@ -55,7 +40,7 @@ class TensorParallel:
         if self.size == 1:
             return x.unsqueeze(0)
         out = x.new_empty(self.size, *x.shape)
-        self._collective(dist.all_gather, list(out.unbind(0)), x.contiguous(), group=self.group)
+        dist.all_gather(list(out.unbind(0)), x.contiguous(), group=self.group)
         return out
 
     def gather_last_dim(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -64,56 +49,22 @@ class TensorParallel:
             return x
         x = x.contiguous()
         parts = [torch.empty_like(x) for _ in range(self.size)] if self.rank == 0 else None
-        self._collective(dist.gather, x, parts, dst=0, group=self.group)
+        dist.gather(x, parts, dst=0, group=self.group)
         return torch.cat(parts, dim=-1) if self.rank == 0 else None
 
     def broadcast_from_first_rank(self, x: torch.Tensor) -> torch.Tensor:
         """rank 0's x on every rank, in place, over the model's group (on the device, no host sync)."""
         if self.size > 1:
-            self._collective(dist.broadcast, x, src=0, group=self.group)
+            dist.broadcast(x, src=0, group=self.group)
         return x
 
-    def min_over_ranks(self, value: int) -> int:
-        if self.size == 1:
-            return value
-        tensor = torch.tensor([value], dtype=torch.int64)
-        self._collective(dist.all_reduce, tensor, dist.ReduceOp.MIN, group=self.control)
-        return int(tensor.item())
 
-    def broadcast_from_first(self, obj: Any = None) -> Any:
-        """rank 0's obj on every rank (over the control group)."""
-        box = [obj]
-        self._collective(dist.broadcast_object_list, box, src=0, group=self.control)
-        return box[0]
-
-    def reached(self, stage: str) -> None:
-        """Mark a start-up stage (e.g. weights loaded); rank 0 waits until every rank reached it, and raises a
-        failed rank's own error rather than waiting on it in the next collective."""
-        if self.peers is not None:
-            self.peers.reached(stage)
-
-    def send_step(self, step: Any) -> None:
-        """On rank 0: hand this step's batch to the other ranks, which run the same step (no-op elsewhere)."""
-        if self.peers is not None:
-            self.peers.send_step(step)
-
-    def _collective(self, collective, *args, **kwargs) -> None:
-        try:
-            collective(*args, **kwargs)
-        except RuntimeError as error:  # a peer died mid-collective: report its error, not the socket's
-            if self.peers is None:
-                raise
-            raise self.peers.failure(error) from error
-
-
-def init_tensor_parallel(
-    rank: int, size: int, device: torch.device, store: dist.Store, peers: Peers, invariant_splits: int
-) -> TensorParallel:
-    """Join the group (the default process group of this process, so one group per process at a time)."""
+def init_tensor_parallel(rank: int, size: int, device: torch.device, store: dist.Store,
+                         invariant_splits: int) -> TensorParallel:
+    """Join the model's group (the default process group of this process, so one group per process at a time)."""
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=MODEL_GROUP_TIMEOUT)
-    control = dist.new_group(backend="gloo", timeout=CONTROL_GROUP_TIMEOUT)
-    return TensorParallel(rank, size, dist.group.WORLD, control, peers, invariant_splits)
+    return TensorParallel(rank, size, dist.group.WORLD, invariant_splits)
 
 
 def leave_tensor_parallel(alone: bool = False) -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from huggingface_hub import constants, try_to_load_from_cache
 from safetensors import safe_open
-from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PretrainedConfig, PreTrainedTokenizerBase
 
 from minivllm.models import DecoderForCausalLM
 from minivllm.presets import PRESETS, preset_config, qwen3_tokenizer_dir
@@ -73,6 +73,22 @@ def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase | None:
     if source.tokenizer_dir is None:
         return None
     return AutoTokenizer.from_pretrained(source.tokenizer_dir, trust_remote_code=False)
+
+
+def eos_token_ids(source: ModelSource, tokenizer: PreTrainedTokenizerBase | None) -> list[int]:
+    """End-of-sequence ids from the config, the generation config and the tokenizer, as vLLM gathers them."""
+    ids: set[int] = set()
+    candidates = [getattr(source.config, "eos_token_id", None)]
+    if source.weights_dir is not None:
+        try:
+            candidates.append(GenerationConfig.from_pretrained(source.weights_dir).eos_token_id)
+        except OSError:
+            pass  # no generation_config.json
+    if tokenizer is not None:
+        candidates.append(tokenizer.eos_token_id)
+    for candidate in candidates:
+        ids.update([candidate] if isinstance(candidate, int) else candidate or [])
+    return sorted(ids)
 
 
 def weight_files(directory: str) -> list[str]:

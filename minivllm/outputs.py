@@ -8,7 +8,7 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None = None  # "stop" or "length"
+    finish_reason: str | None = None  # "stop", "length" or "abort"; None while it runs
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it; None for eos
 
 

@@ -1,6 +1,16 @@
 """SamplingParams: vLLM's names and defaults, validated when constructed."""
 
+import enum
 from dataclasses import dataclass, field
+
+
+class RequestOutputKind(enum.Enum):
+    """What a request's outputs hold while it runs (vLLM's names): everything so far, what is new since the last
+    output, or nothing until it finishes (what LLM.generate asks for)."""
+
+    CUMULATIVE = 0
+    DELTA = 1
+    FINAL_ONLY = 2
 
 
 @dataclass
@@ -17,6 +27,7 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     stop_strings: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -46,6 +57,8 @@ class SamplingParams:
             isinstance(s, str) for s in ([self.stop] if isinstance(self.stop, str) else self.stop or [])
         ):
             raise TypeError(f"SamplingParams.stop must be a string or a list of strings, got {self.stop!r}")
+        if not isinstance(self.output_kind, RequestOutputKind):
+            raise TypeError(f"SamplingParams.output_kind must be a RequestOutputKind, got {self.output_kind!r}")
         ids = self.stop_token_ids or []
         if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
             raise TypeError(f"SamplingParams.stop_token_ids must be a list of ints, got {self.stop_token_ids!r}")

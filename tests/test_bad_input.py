@@ -24,7 +24,7 @@ def baseline(llm) -> list[list[int]]:
 
 
 def assert_untouched_and_serving(llm: minivllm.LLM, baseline: list[list[int]]) -> None:
-    engine = llm.engine
+    engine = llm.llm_engine
     assert not engine.scheduler.waiting and not engine.scheduler.running and not engine.requests
     assert engine.scheduler.block_manager.num_free_blocks == engine.runner.num_kv_blocks
     assert completions(llm.generate(token_prompts(PROMPTS), GREEDY, use_tqdm=False)) == baseline
@@ -155,7 +155,7 @@ def test_prompt_that_could_never_fit_the_kv_cache(qwen3_dir):
     # the longest prompt that fits still runs, and stops at max_model_len
     out = small.generate({"prompt_token_ids": [5] * 32}, GREEDY, use_tqdm=False)[0].outputs[0]
     assert len(out.token_ids) == 1 and out.finish_reason == "length"
-    assert small.engine.scheduler.block_manager.num_free_blocks == 2
+    assert small.llm_engine.scheduler.block_manager.num_free_blocks == 2
 
 
 def test_empty_text_prompt_and_bad_chat(tok_llm):
@@ -168,7 +168,7 @@ def test_empty_text_prompt_and_bad_chat(tok_llm):
         tok_llm.chat([{"content": "no role"}], GREEDY, use_tqdm=False)
     with pytest.raises(TypeError):
         tok_llm.chat("just a string", GREEDY, use_tqdm=False)
-    assert not tok_llm.engine.requests and not tok_llm.engine.scheduler.waiting
+    assert not tok_llm.llm_engine.requests and not tok_llm.llm_engine.scheduler.waiting
     assert tok_llm.generate("Hello", GREEDY, use_tqdm=False)[0].outputs[0].token_ids == before
 
 
@@ -179,21 +179,21 @@ def test_chat_without_template_is_refused(llm, baseline):
 
 
 def test_interrupted_generate_leaves_engine_serving(llm, baseline):
-    runner = llm.engine.runner
-    launch, calls = runner.launch, []
+    runner = llm.llm_engine.runner
+    execute, calls = runner.execute, []
 
-    def interrupted(batch, eos_ids, previous):
+    def interrupted(step):
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return launch(batch, eos_ids, previous)
+        return execute(step)
 
-    runner.launch = interrupted
+    runner.execute = interrupted
     try:
         with pytest.raises(KeyboardInterrupt):
             llm.generate(token_prompts(PROMPTS * 3), GREEDY, use_tqdm=False)
     finally:
-        runner.launch = launch
+        del runner.execute
     assert_untouched_and_serving(llm, baseline)
 
 
@@ -283,7 +283,7 @@ def test_fp16_and_bf16_run_on_cpu(qwen3_dir, baseline):
     """Not bad input: half precisions are supported (through the reference ops) and stay close to fp32."""
     for dtype in ("bfloat16", "float16"):
         half = LLM(qwen3_dir, max_model_len=128, dtype=dtype)
-        assert half.engine.runner.dtype == getattr(torch, dtype)
+        assert half.llm_engine.runner.dtype == getattr(torch, dtype)
         out = completions(half.generate(token_prompts(PROMPTS), GREEDY, use_tqdm=False))
         assert [len(c) for c in out] == [8, 8, 8]
         assert out[0][:2] == baseline[0][:2]
@@ -294,18 +294,17 @@ def test_interrupted_prefill_does_not_poison_the_prefix_cache(qwen3_dir):
     llm = LLM(qwen3_dir, max_model_len=128)
     prompts = token_prompts(random_prompts(2, 40, 60, seed=72))
     expected = completions(LLM(qwen3_dir, max_model_len=128).generate(prompts, GREEDY, use_tqdm=False))
-    runner = llm.engine.runner
-    launch = runner.launch
+    runner = llm.llm_engine.runner
 
-    def interrupted(batch, eos_ids, previous):
+    def interrupted(step):
         raise KeyboardInterrupt
 
-    runner.launch = interrupted
+    runner.execute = interrupted
     try:
         with pytest.raises(KeyboardInterrupt):
             llm.generate(prompts, GREEDY, use_tqdm=False)
     finally:
-        runner.launch = launch
+        del runner.execute
     assert completions(llm.generate(prompts, GREEDY, use_tqdm=False)) == expected
 
 
@@ -336,18 +335,18 @@ def test_fuzzed_arguments_are_served_or_refused_cleanly(llm, prompts, params):
     try:
         outputs = llm.generate(prompts, params, use_tqdm=False)
     except (TypeError, ValueError):
-        engine = llm.engine
+        engine = llm.llm_engine
         assert not engine.scheduler.waiting and not engine.scheduler.running and not engine.requests
     else:
         assert outputs and all(o.finished for o in outputs)
-    assert llm.engine.scheduler.block_manager.num_free_blocks == llm.engine.runner.num_kv_blocks
+    assert llm.llm_engine.scheduler.block_manager.num_free_blocks == llm.llm_engine.runner.num_kv_blocks
 
 
 @pytest.mark.parametrize("content", [None, ["a list"]], ids=["none", "list"])
 def test_chat_message_content_the_template_cannot_render(tok_llm, content):
     with pytest.raises((TypeError, ValueError)):
         tok_llm.chat([{"role": "user", "content": content}], GREEDY, use_tqdm=False)
-    assert not tok_llm.engine.requests and not tok_llm.engine.scheduler.waiting
+    assert not tok_llm.llm_engine.requests and not tok_llm.llm_engine.scheduler.waiting
 
 
 number = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-5, 5), st.just(2**70))

@@ -15,22 +15,16 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 
 
 def record_batches(llm: minivllm.LLM) -> list[dict]:
-    """Wrap the runner so every step's batch is recorded: kind, tokens and each sequence's block table."""
-    runner, log = llm.engine.runner, []
-    launch = runner.launch
+    """Wrap the runner so every step message is recorded: kind, tokens and each row's block table."""
+    runner, log = llm.llm_engine.runner, []
+    execute = runner.execute
 
-    def recording_launch(batch, eos_ids, previous):
-        log.append(
-            dict(
-                is_prefill=batch.is_prefill,
-                num_tokens=batch.num_tokens,
-                tables={seq.seq_id: list(seq.block_table) for seq in batch.seqs},
-                seqs=list(batch.seqs),
-            )
-        )
-        return launch(batch, eos_ids, previous)
+    def recording_execute(step):
+        log.append(dict(is_prefill=step.is_prefill, num_tokens=step.num_tokens,
+                        tables=[list(table) for table in step.block_tables]))
+        return execute(step)
 
-    runner.launch = recording_launch
+    runner.execute = recording_execute
     return log
 
 
@@ -104,12 +98,12 @@ def test_preemption_under_tiny_cache_equals_unconstrained_run(qwen3_dir):
     for caching in (False, True):
         tiny = LLM(qwen3_dir, max_model_len=96, num_kv_blocks=8, enable_prefix_caching=caching)
         outputs = tiny.generate(token_prompts(prompts), params, use_tqdm=False)
-        assert tiny.engine.scheduler.num_preemptions > 0
+        assert tiny.llm_engine.scheduler.num_preemptions > 0
         assert len(outputs) == len(prompts) and all(o.finished for o in outputs)
         assert [o.prompt_token_ids for o in outputs] == prompts
         assert completions(outputs) == expected
         assert all(c.finish_reason == "length" and len(c.token_ids) == 40 for o in outputs for c in o.outputs)
-        assert tiny.engine.scheduler.block_manager.num_free_blocks == 8  # everything given back
+        assert tiny.llm_engine.scheduler.block_manager.num_free_blocks == 8  # everything given back
 
 
 def test_max_model_len_is_capped_by_kv_capacity(qwen3_dir):
@@ -142,7 +136,7 @@ def test_async_scheduling_changes_no_output(qwen3_dir):
     turns = [p + t + [7, 8] for p, t in zip(prompts, tokens)]
     log = record_batches(overlapped)
     assert greedy_reference(overlapped, turns, greedy) == greedy_reference(sync, turns, greedy)
-    block = overlapped.config.block_size
+    block = overlapped.config.args.block_size
     assert prefill_tokens(log) <= sum(len(t) - (len(p) + len(a) - 1) // block * block
                                       for t, p, a in zip(turns, prompts, tokens))
 
@@ -180,7 +174,7 @@ def test_random_engine_settings_keep_greedy_tokens(
                   async_scheduling=async_scheduling)
     params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
     assert greedy_reference(llm, chosen, params) == [expected[tuple(p)] for p in chosen]
-    assert llm.engine.scheduler.block_manager.num_free_blocks == num_blocks
+    assert llm.llm_engine.scheduler.block_manager.num_free_blocks == num_blocks
 
 
 # ----- n > 1 and seeds -------------------------------------------------------------------------------------
@@ -194,7 +188,7 @@ def test_n_completions_share_prompt_blocks_and_differ(qwen3_dir):
     assert all(len(c.token_ids) == 10 for c in out.outputs)
     assert len({tuple(c.token_ids) for c in out.outputs}) == 3, "seeded completions should differ"
     first_decode = next(step for step in log if not step["is_prefill"])
-    tables = list(first_decode["tables"].values())
+    tables = first_decode["tables"]
     assert len(tables) == 3
     full_blocks = (len(prompt) - 1) // 16
     assert all(t[:full_blocks] == tables[0][:full_blocks] for t in tables), tables
@@ -222,7 +216,7 @@ def test_seeded_sampling_reproduces_under_preemption(qwen3_dir):
     expected = completions(LLM(qwen3_dir, max_model_len=96).generate(token_prompts(prompts), params, use_tqdm=False))
     tiny = LLM(qwen3_dir, max_model_len=96, num_kv_blocks=6, max_num_batched_tokens=16)
     assert completions(tiny.generate(token_prompts(prompts), params, use_tqdm=False)) == expected
-    assert tiny.engine.scheduler.num_preemptions > 0
+    assert tiny.llm_engine.scheduler.num_preemptions > 0
 
 
 def test_sampler_warm_up_leaves_the_engines_draws_alone(qwen3_dir):
@@ -231,7 +225,7 @@ def test_sampler_warm_up_leaves_the_engines_draws_alone(qwen3_dir):
     prompts = token_prompts(random_prompts(3, 5, 30, seed=52))
     params = SamplingParams(temperature=1.0, max_tokens=10, ignore_eos=True)
     plain, warmed = (LLM(qwen3_dir, max_model_len=96, seed=7) for _ in range(2))
-    warmed.engine.runner.warm_up_sampler()
+    warmed.llm_engine.runner.warm_up_sampler()
     assert completions(warmed.generate(prompts, params, use_tqdm=False)) == completions(
         plain.generate(prompts, params, use_tqdm=False))
 

@@ -112,7 +112,7 @@ def test_tiny_preset_runs_with_random_seeded_weights(monkeypatch):
     with pytest.warns(UserWarning):
         same = build_model(source, torch.float32, torch.device("cpu"), seed=0)
         other = build_model(source, torch.float32, torch.device("cpu"), seed=1)
-    ours = dict(llm.engine.runner.model.named_parameters())
+    ours = dict(llm.llm_engine.runner.model.named_parameters())
     for name, param in same.named_parameters():
         assert torch.equal(param, ours[name]), name
     assert not torch.equal(other.model.embed_tokens.weight, same.model.embed_tokens.weight)
@@ -219,7 +219,7 @@ def test_bf16_checkpoint_loads_into_fp32(tmp_path):
     with open(tmp_path / "config.json") as f:
         assert json.load(f)["dtype"] == "bfloat16"
     llm = LLM(str(tmp_path), max_model_len=64)
-    assert llm.engine.runner.dtype == torch.float32
+    assert llm.llm_engine.runner.dtype == torch.float32
     hf = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     prompts = [p["prompt_token_ids"] for p in PROMPTS]
     ours = completions(llm.generate(PROMPTS, GREEDY, use_tqdm=False))

@@ -5,6 +5,8 @@ import pytest
 import torch
 
 from minivllm.engine.sequence import Sequence
+from minivllm.engine.step_inputs import SAMPLING_COLUMNS, sampling_batch, sampling_columns
+from minivllm.engine.step_message import sampling_rows
 from minivllm.layers.sampler import SamplingBatch, sample
 from minivllm.sampling_params import SamplingParams
 
@@ -19,7 +21,10 @@ def batch_of(params: list[SamplingParams], eos_ids=(), seeds=None, outputs=0) ->
         seq = Sequence([1, 2, 3], p, generator)
         seq.token_ids += [4] * outputs
         seqs.append(seq)
-    return SamplingBatch.from_sequences(seqs, list(eos_ids), torch.device("cpu"))
+    rows = sampling_rows(seqs, list(eos_ids))  # the engine's columns, staged as the runner stages them
+    columns = {name: torch.tensor(values, dtype=SAMPLING_COLUMNS[name][0])
+               for name, values in sampling_columns(rows).items()}
+    return sampling_batch(rows, columns, None)
 
 
 def frequencies(params: SamplingParams, logits: torch.Tensor, rows: int = ROWS) -> torch.Tensor:

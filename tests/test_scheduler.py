@@ -1,11 +1,12 @@
 """Scheduler + BlockManager + LLMEngine bookkeeping under random workloads, with a fake model runner.
 
-The fake runner keeps a fake KV cache (slot -> (token, position)): it writes every scheduled token into
-its slot, then checks that every key a sequence attends to is really there. Its "model" is a hash of the
-whole token sequence, so the output of every request is fixed by its prompt alone: any run, whatever the
-cache size, token budget, prefix caching, preemption or async scheduling, must produce exactly the same
-tokens. With async scheduling it plays the GPU: a token the host has not collected yet is read from the
-previous step's result, as the real runner reads it from the device.
+The fake runner reads only the step messages, as the real one does. It keeps a fake KV cache
+(slot -> (token, position)): it writes every new token into its slot, then reads every key a row attends to
+back from the pages. Its "model" is a hash of the token sequence it read there, so the output of every request
+is fixed by its prompt alone: any run, whatever the cache size, token budget, prefix caching, preemption,
+async scheduling or requests arriving and aborted mid-run, must produce exactly the same tokens, and a page
+holding the wrong token changes them. With async scheduling it plays the GPU: a token the host has not
+collected yet is read from the previous step's result, as the real runner reads it on the device.
 """
 
 import random
@@ -18,6 +19,7 @@ from hypothesis import strategies as st
 
 from minivllm.engine.llm_engine import LLMEngine
 from minivllm.engine.model_runner import LaunchedStep
+from minivllm.engine.step_message import StepMessage
 from minivllm.sampling_params import SamplingParams
 from tests.test_block_manager import check_block_manager
 
@@ -29,76 +31,78 @@ def next_token(token_ids: list[int]) -> int:
 
 
 class FakeRunner:
-    def __init__(self, num_blocks: int, block_size: int, budget: int, max_num_seqs: int, caching: bool,
-                 max_model_len: int, async_scheduling: bool):
-        self.config = SimpleNamespace(
-            block_size=block_size, enable_prefix_caching=caching, max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=budget, async_scheduling=async_scheduling, tensor_parallel_size=1,
-        )
-        self.num_kv_blocks = num_blocks
-        self.max_model_len = max_model_len
-        self.device = "cpu"
+    """The executor and its runner in one: execute(step) -> LaunchedStep."""
+
+    def __init__(self, num_blocks: int, block_size: int, budget: int, max_num_seqs: int):
+        self.runner, self.num_kv_blocks = self, num_blocks
+        self.block_size, self.budget, self.max_num_seqs = block_size, budget, max_num_seqs
         self.cache: dict[int, tuple[int, int]] = {}
+        self.previous_tokens: list[int] = []
         self.steps = 0
         self.prefill_tokens = 0
 
-    def slot(self, seq, position: int) -> int:
-        size = self.config.block_size
-        return seq.block_table[position // size] * size + position % size
+    def slot(self, table: list[int], position: int) -> int:
+        return table[position // self.block_size] * self.block_size + position % self.block_size
 
-    def launch(self, batch, eos_ids: list[int], previous: LaunchedStep | None) -> LaunchedStep:
+    def execute(self, step: StepMessage) -> LaunchedStep:
         self.steps += 1
-        assert batch.seqs and len(batch.seqs) <= self.config.max_num_seqs
-        assert len({seq.seq_id for seq in batch.seqs}) == len(batch.seqs)
-        if batch.is_prefill:
-            assert batch.num_tokens <= self.config.max_num_batched_tokens
-            self.prefill_tokens += batch.num_tokens
-        on_device = dict(zip(previous.seqs, previous.tokens.tolist())) if previous else {}
-        all_tokens = {}
-        for seq in batch.seqs:
-            assert seq.num_pending_tokens <= 1 and (not seq.num_pending_tokens or not batch.is_prefill)
-            all_tokens[seq] = seq.token_ids + ([on_device[seq]] if seq.num_pending_tokens else [])
-        for seq in batch.seqs:  # every layer writes the whole batch's K/V first ...
-            assert seq.num_scheduled_tokens >= 1
-            assert batch.is_prefill or seq.num_scheduled_tokens == 1
-            end = seq.num_computed_tokens + seq.num_scheduled_tokens
-            assert end <= len(seq) <= seq.max_len and len(seq.block_table) * self.config.block_size >= end
-            for position in range(seq.num_computed_tokens, end):
-                self.cache[self.slot(seq, position)] = (all_tokens[seq][position], position)
-        sampled, tokens = [], []
-        for seq in batch.seqs:  # ... then attention reads every key of the sequence from the pages
-            end = seq.num_computed_tokens + seq.num_scheduled_tokens
-            for position in range(end):
-                assert self.cache.get(self.slot(seq, position)) == (all_tokens[seq][position], position), (
-                    f"seq {seq.seq_id} position {position}: the page holds another token"
-                )
-            if seq.samples_this_step:
-                sampled.append(seq)
-                tokens.append(next_token(all_tokens[seq]))
-        tensor = torch.tensor(tokens, dtype=torch.int64)
-        return LaunchedStep(sampled, tensor, tensor)
+        assert 1 <= step.num_rows <= self.max_num_seqs
+        assert sum(step.num_new_tokens) == step.num_tokens
+        if step.is_prefill:
+            assert step.num_tokens <= self.budget
+            self.prefill_tokens += step.num_tokens
+        else:
+            assert step.num_new_tokens == [1] * step.num_rows and step.sampling_rows == list(range(step.num_rows))
+        tokens = list(step.token_ids)
+        offsets = [sum(step.num_new_tokens[:row]) for row in range(step.num_rows)]
+        for row, source in step.pending:  # a row's last new token, sampled by the step before
+            tokens[offsets[row] + step.num_new_tokens[row] - 1] = self.previous_tokens[source]
+        ends = [start + n for start, n in zip(step.start_positions, step.num_new_tokens)]
+        for row, table in enumerate(step.block_tables):  # every layer writes the whole batch's K/V first ...
+            assert step.num_new_tokens[row] >= 1 and len(table) * self.block_size >= ends[row]
+            for i, position in enumerate(range(step.start_positions[row], ends[row])):
+                self.cache[self.slot(table, position)] = (tokens[offsets[row] + i], position)
+        sampled = []
+        for row in step.sampling_rows:  # ... then attention reads every key of the sequence from the pages
+            seen = [self.cache.get(self.slot(step.block_tables[row], p)) for p in range(ends[row])]
+            assert all(entry is not None and entry[1] == p for p, entry in enumerate(seen)), "a page lost its key"
+            sampled.append(next_token([token for token, _ in seen]))
+        self.previous_tokens = sampled
+        tensor = torch.tensor(sampled, dtype=torch.int64)
+        return LaunchedStep(tensor, tensor)
+
+    def shutdown(self) -> None:
+        pass
 
 
-def run_engine(prompts: list[list[int]], params: list[SamplingParams], *, num_blocks=1000, block_size=4,
-               budget=1000, max_num_seqs=1000, caching=True, max_model_len=1000, eos_ids=(),
-               check_every_step=True, async_scheduling=True):
-    runner = FakeRunner(num_blocks, block_size, budget, max_num_seqs, caching, max_model_len, async_scheduling)
-    engine = LLMEngine(runner, None, list(eos_ids))
-    requests = [engine.add_request(str(i), None, p, sp) for i, (p, sp) in enumerate(zip(prompts, params))]
-    finished = []
+def fake_engine(num_blocks=1000, block_size=4, budget=1000, max_num_seqs=1000, caching=True, max_model_len=1000,
+                eos_ids=(), async_scheduling=True) -> LLMEngine:
+    args = SimpleNamespace(block_size=block_size, enable_prefix_caching=caching, max_num_seqs=max_num_seqs,
+                           max_num_batched_tokens=budget, async_scheduling=async_scheduling)
+    config = SimpleNamespace(args=args, max_model_len=max_model_len, device=torch.device("cpu"),
+                             source=SimpleNamespace(config=SimpleNamespace(vocab_size=VOCAB)))
+    return LLMEngine(config, FakeRunner(num_blocks, block_size, budget, max_num_seqs), None, list(eos_ids))
+
+
+def run_engine(prompts: list[list[int]], params: list[SamplingParams], *, check_every_step=True, **settings):
+    engine = fake_engine(**settings)
+    for i, (p, sp) in enumerate(zip(prompts, params)):
+        engine.add_request(str(i), {"prompt_token_ids": p}, sp)
+    finished = {}
     step_limit = 20 * sum(len(p) + sp.max_tokens * sp.n for p, sp in zip(prompts, params)) + 100
-    while engine.has_unfinished:
-        _, _, done = engine.step()
-        finished += [r.request_id for r in done]
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            assert out.request_id not in finished, "a request finished twice"
+            if out.finished:
+                finished[out.request_id] = out
         if check_every_step:
             check_engine(engine)
-        assert runner.steps < step_limit, "the engine stopped making progress"
+        assert engine.runner.steps < step_limit, "the engine stopped making progress"
     check_engine(engine)
-    assert sorted(finished, key=int) == [r.request_id for r in requests], "a request finished twice or never"
+    assert sorted(finished, key=int) == [str(i) for i in range(len(prompts))], "a request never finished"
     bm = engine.scheduler.block_manager
-    assert bm.num_free_blocks == num_blocks, "blocks leaked after every request finished"
-    outputs = [engine.output(r) for r in requests]
-    return outputs, engine
+    assert bm.num_free_blocks == engine.runner.num_kv_blocks, "blocks leaked after every request finished"
+    return [finished[str(i)] for i in range(len(prompts))], engine
 
 
 def check_engine(engine: LLMEngine) -> None:

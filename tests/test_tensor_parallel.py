@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from minivllm import LLM, SamplingParams
-from minivllm.config import EngineConfig
+from minivllm.config import EngineArgs
 from minivllm.distributed import TensorParallel
 from minivllm.engine import tp_workers
 from minivllm.engine.model_runner import build_model
@@ -139,7 +139,7 @@ def test_interpreter_exit_stops_the_workers(qwen3_kv2):
         "from minivllm import LLM\n"
         "if __name__ == '__main__':\n"
         f"    llm = LLM({qwen3_kv2!r}, max_model_len=64, tensor_parallel_size=2)\n"
-        "    print(*[p.pid for p in llm.workers.processes])\n"
+        "    print(*[p.pid for p in llm.llm_engine.executor.processes])\n"
     )
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=repo)
@@ -264,8 +264,8 @@ def test_more_ranks_than_visible_gpus(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    assert EngineConfig("m", device="cuda", tensor_parallel_size=2).tensor_parallel_size == 2
+    assert EngineArgs(model="m", device="cuda", tensor_parallel_size=2).tensor_parallel_size == 2
     with pytest.raises(ValueError, match="only 2 CUDA GPU"):
-        EngineConfig("m", device="cuda", tensor_parallel_size=4)
+        EngineArgs(model="m", device="cuda", tensor_parallel_size=4)
     with pytest.raises(ValueError, match="only 2 CUDA GPU"):
-        EngineConfig("m", device="cuda:1", tensor_parallel_size=2)
+        EngineArgs(model="m", device="cuda:1", tensor_parallel_size=2)

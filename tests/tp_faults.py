@@ -16,13 +16,13 @@ def failing_worker(where: str, *args) -> None:
 
         model_runner.load_weights = corrupt
     else:
-        launch, calls = model_runner.ModelRunner.launch, []
+        execute, calls = model_runner.ModelRunner.execute, []
 
-        def launch_then_fail(self, batch, eos_ids, previous):
-            calls.append(batch)
+        def execute_then_fail(self, step):
+            calls.append(step)
             if len(calls) == 2:
                 raise RuntimeError("injected: step failed")
-            return launch(self, batch, eos_ids, previous)
+            return execute(self, step)
 
-        model_runner.ModelRunner.launch = launch_then_fail
+        model_runner.ModelRunner.execute = execute_then_fail
     tp_workers.run_worker(*args)

@@ -1,25 +1,37 @@
-"""The engine loop: requests in, scheduler and model runner each step, stop checks, outputs out."""
+"""The online engine, in vLLM's shape: requests are added and aborted at any time, and each step() schedules
+a batch, runs it and returns the outputs of the requests that progressed.
+
+With async scheduling, step N+1 is scheduled and launched while step N still runs on the GPU, and N's tokens
+are collected after that: the host's work overlaps the GPU's. A sequence that stops on step N's token (say,
+at eos) has run one step too many; that step's token is dropped.
+"""
 
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from minivllm.config import EngineArgs, EngineConfig
+from minivllm.distributed import check_invariant_splits
 from minivllm.engine.block_manager import BlockManager
-from minivllm.engine.model_runner import LaunchedStep, ModelRunner
-from minivllm.engine.scheduler import ScheduledBatch, Scheduler
+from minivllm.engine.detokenizer import IncrementalDetokenizer
+from minivllm.engine.executor import Executor, start_executor
+from minivllm.engine.model_runner import LaunchedStep
+from minivllm.engine.scheduler import Scheduler
 from minivllm.engine.sequence import Sequence
+from minivllm.engine.step_message import build_step
+from minivllm.inputs import InputProcessor, ProcessedPrompt, Prompt
+from minivllm.model_loader import eos_token_ids, load_tokenizer
 from minivllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from minivllm.sampling_params import SamplingParams
+from minivllm.sampling_params import RequestOutputKind, SamplingParams
 
 
 @dataclass
 class Request:
     request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
+    prompt: ProcessedPrompt
     params: SamplingParams
     seqs: list[Sequence]
     metrics: RequestMetrics
@@ -29,145 +41,189 @@ class Request:
         return all(seq.is_finished for seq in self.seqs)
 
 
+@dataclass
+class InFlight:
+    """A launched step whose tokens the host has not collected yet, and the sequences that sampled them."""
+
+    seqs: list[Sequence]
+    launched: LaunchedStep
+
+
+@dataclass
+class EngineStats:
+    """Totals since the engine started (the server's metrics, the progress bar)."""
+
+    prompt_tokens: int = 0  # prompt tokens computed (prefix-cache hits are not)
+    generation_tokens: int = 0
+
+
 class LLMEngine:
-    """Steps the scheduler and the runner. With async scheduling, step N+1 is scheduled and launched while
-    step N still runs on the GPU, and N's tokens are collected after that: the host's work overlaps the
-    GPU's. A sequence that stops on step N's token (say, at eos) has run one step too many; that step's
-    token is dropped."""
+    def __init__(self, config: EngineConfig, executor: Executor, tokenizer: PreTrainedTokenizerBase | None,
+                 eos_ids: list[int]):
+        self.config, self.executor, self.tokenizer, self.eos_ids = config, executor, tokenizer, eos_ids
+        self.max_model_len = config.max_model_len
+        self.inputs = InputProcessor(tokenizer, config.source.config.vocab_size, self.max_model_len)
+        args = config.args
+        block_manager = BlockManager(executor.runner.num_kv_blocks, args.block_size, args.enable_prefix_caching)
+        self.scheduler = Scheduler(block_manager, args.max_num_seqs, args.max_num_batched_tokens)
+        self.requests: dict[str, Request] = {}  # unfinished, by id
+        self.request_of: dict[int, Request] = {}  # by seq_id, for every unfinished sequence's request
+        self.aborted: list[RequestOutput] = []  # the last outputs of aborted requests, for the next step()
+        self.overlap = int(args.async_scheduling)  # steps launched and not yet collected: at most overlap + 1
+        self.in_flight: deque[InFlight] = deque()
+        self.stats = EngineStats()
 
-    def __init__(self, runner: ModelRunner, tokenizer: PreTrainedTokenizerBase | None, eos_ids: list[int]):
-        self.runner = runner
-        self.tokenizer = tokenizer
-        self.eos_ids = eos_ids
-        self.max_model_len = runner.max_model_len
-        config = runner.config
-        block_manager = BlockManager(runner.num_kv_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.requests: dict[Sequence, Request] = {}
-        self.overlap = int(config.async_scheduling)  # steps launched and not yet collected: at most overlap + 1
-        self.launched: deque[LaunchedStep] = deque()
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs, stacklevel: int = 1) -> "LLMEngine":
+        """Resolve the config, load the tokenizer, and start the runner (and the other ranks)."""
+        config = EngineConfig.resolve(args)
+        if args.tp_invariant:
+            check_invariant_splits(config.source.config, args.tp_invariant)
+        config.warn_if_capped(stacklevel + 1)
+        tokenizer = load_tokenizer(config.source)
+        executor = start_executor(config)
+        return cls(config, executor, tokenizer, eos_token_ids(config.source, tokenizer))
 
-    def add_request(self, request_id: str, prompt: str | None, token_ids: list[int], params: SamplingParams) -> Request:
-        request = Request(request_id, prompt, token_ids, params, [], RequestMetrics(time.time()))
+    @property
+    def runner(self):
+        """Rank 0's model runner."""
+        return self.executor.runner
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()
+
+    # ----- requests ---------------------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt: Prompt | ProcessedPrompt, params: SamplingParams,
+                    arrival_time: float | None = None) -> None:
+        """Queue a request; it joins the batch at the next step. Checked first: nothing changes if it is bad."""
+        if not isinstance(request_id, str):
+            raise TypeError(f"request_id must be a str, got {type(request_id).__name__} {request_id!r}")
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already running; give each request its own id")
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+        prompt = self.inputs.process(prompt)
+        request = Request(request_id, prompt, params, [], RequestMetrics(arrival_time or time.time()))
         for index in range(params.n):
             generator = None
             if params.seed is not None:
-                generator = torch.Generator(self.runner.device).manual_seed(params.seed + index)
-            seq = Sequence(token_ids, params, generator)
+                generator = torch.Generator(self.config.device).manual_seed(params.seed + index)
+            seq = Sequence(prompt.token_ids, params, generator)
             seq.max_len = min(seq.max_len, self.max_model_len)
+            if params.output_kind != RequestOutputKind.FINAL_ONLY or params.stop_strings:
+                seq.detokenizer = IncrementalDetokenizer(self.tokenizer, params) if self.tokenizer else None
             request.seqs.append(seq)
-            self.requests[seq] = request
+            self.request_of[seq.seq_id] = request
             self.scheduler.add(seq)
-        return request
+        self.requests[request_id] = request
 
-    @property
-    def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished or bool(self.launched)
+    def abort_request(self, request_id: str | list[str]) -> None:
+        """Stop requests now and free their KV blocks; each is reported once more, by the next step(), with
+        finish_reason "abort". An id that is not running (unknown, finished, aborted) is let be."""
+        for rid in [request_id] if isinstance(request_id, str) else list(request_id):
+            request = self.requests.pop(rid, None)
+            if request is None:
+                continue
+            for seq in request.seqs:
+                if not seq.is_finished:
+                    # blocks that a step scheduled but never ran (it raised) published: they hold no K/V
+                    self.scheduler.block_manager.unpublish_uncomputed(seq)
+                    self.finish(seq, "abort", None)
+            request.metrics.finished_time = time.time()
+            self.aborted.append(self.output(request))
 
-    def step(self) -> tuple[ScheduledBatch | None, int, list[Request]]:
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests or self.aborted)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.requests)
+
+    # ----- stepping ---------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
         """Launch the next batch, if one can run, and collect the tokens of the step before it (of this one,
-        without async scheduling); the batch, how many new tokens were collected, and the requests finished."""
+        without async scheduling): the outputs of the requests that progressed, aborted ones included."""
+        outputs, self.aborted = self.aborted, []
         batch = self.scheduler.schedule() if self.scheduler.has_unfinished else None
         if batch is not None:
-            previous = self.launched[-1] if self.launched else None
-            self.launched.append(self.runner.launch(batch, self.eos_ids, previous))
+            previous = self.in_flight[-1].seqs if self.in_flight else []
+            launched = self.executor.execute(build_step(batch, previous, self.eos_ids))
+            self.in_flight.append(InFlight([seq for seq in batch.seqs if seq.samples_this_step], launched))
+            if batch.is_prefill:
+                self.stats.prompt_tokens += batch.num_tokens
             for seq in batch.seqs:
                 seq.num_pending_tokens += seq.samples_this_step
                 seq.num_computed_tokens += seq.num_scheduled_tokens
                 seq.num_scheduled_tokens = 0
-        if not self.launched or (batch is not None and len(self.launched) <= self.overlap):
-            return batch, 0, []
-        step = self.launched.popleft()
-        tokens = step.token_ids()  # waits for that step on the GPU
-        finished, num_new = [], 0
-        for seq, token in zip(step.seqs, tokens):
+        if not self.in_flight or (batch is not None and len(self.in_flight) <= self.overlap):
+            return outputs
+        return outputs + self.collect(self.in_flight.popleft())
+
+    def collect(self, step: InFlight) -> list[RequestOutput]:
+        """Take a step's tokens (waiting for it on the GPU) into its sequences; the outputs due."""
+        progressed: dict[str, Request] = {}
+        for seq, token in zip(step.seqs, step.launched.token_ids()):
             seq.num_pending_tokens -= 1
             if seq.is_finished:
-                continue  # it stopped on its previous token: this one came from a step too many
-            num_new += 1
-            if self.append_token(seq, token):
-                request = self.requests[seq]
-                if request.finished:
-                    request.metrics.finished_time = time.time()
-                    finished.append(request)
-        return batch, num_new, finished
+                continue  # it stopped on its previous token, or was aborted: this one is from a step too many
+            self.stats.generation_tokens += 1
+            request = self.request_of[seq.seq_id]
+            progressed[request.request_id] = request
+            self.append_token(seq, token, request.metrics)
+        outputs = []
+        for request in progressed.values():
+            if request.finished:
+                request.metrics.finished_time = time.time()
+                del self.requests[request.request_id]
+            if request.finished or request.params.output_kind != RequestOutputKind.FINAL_ONLY:
+                outputs.append(self.output(request))
+        return outputs
 
-    def append_token(self, seq: Sequence, token: int) -> bool:
-        """Add a sampled token and apply every stop condition; True when seq finished."""
+    def append_token(self, seq: Sequence, token: int, metrics: RequestMetrics) -> None:
+        """Add a sampled token and apply every stop condition."""
         seq.token_ids.append(token)
         self.scheduler.block_manager.token_arrived(seq)
-        request = self.requests[seq]
-        if request.metrics.first_token_time is None:
-            request.metrics.first_token_time = time.time()
+        if metrics.first_token_time is None:
+            metrics.first_token_time = time.time()
         params = seq.params
         if seq.num_output_tokens >= params.min_tokens:
             if token in params.stop_token_ids:
                 return self.finish(seq, "stop", token)
             if not params.ignore_eos and token in self.eos_ids:
                 return self.finish(seq, "stop", None)
-        if params.stop_strings and self.tokenizer is not None:
-            stop = self.detect_stop_string(seq)
+        if seq.detokenizer is not None:
+            stop = seq.detokenizer.add(token, seq.num_output_tokens)
             if stop is not None:
                 return self.finish(seq, "stop", stop)
         if len(seq.token_ids) >= seq.max_len:  # max_tokens, or max_model_len
-            return self.finish(seq, "length", None)
-        return False
+            self.finish(seq, "length", None)
 
-    def detect_stop_string(self, seq: Sequence) -> str | None:
-        """Detokenise the new token incrementally; cut the text at a stop string if one now appears."""
-        ids = seq.output_token_ids
-        skip = seq.params.skip_special_tokens
-        before = self.tokenizer.decode(ids[seq.prefix_offset : seq.read_offset], skip_special_tokens=skip)
-        after = self.tokenizer.decode(ids[seq.prefix_offset :], skip_special_tokens=skip)
-        if len(after) <= len(before) or after.endswith("\ufffd"):
-            return None  # an incomplete character: wait for the next token
-        new_text = after[len(before) :]
-        seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
-        checked = len(seq.text)
-        seq.text += new_text
-        if seq.num_output_tokens <= seq.params.min_tokens:
-            return None  # as vLLM: only text after the first min_tokens tokens can end in a stop string
-        # a stop string must end in the new text: text before it was checked (or is within min_tokens)
-        hits = [(seq.text.find(s, max(0, checked - len(s) + 1)), s) for s in seq.params.stop_strings]
-        hits = [(pos, s) for pos, s in hits if pos >= 0]
-        if not hits:
-            return None
-        pos, stop = min(hits)
-        seq.text = seq.text[:pos]
-        return stop
-
-    def finish(self, seq: Sequence, reason: str, stop_reason: int | str | None) -> bool:
+    def finish(self, seq: Sequence, reason: str, stop_reason: int | str | None) -> None:
         seq.finish_reason, seq.stop_reason = reason, stop_reason
         self.scheduler.finish(seq)
-        return True
+        del self.request_of[seq.seq_id]
 
+    # ----- outputs ----------------------------------------------------------------------------------------
     def output(self, request: Request) -> RequestOutput:
-        completions = [
-            CompletionOutput(i, self.text_of(seq), seq.output_token_ids, seq.finish_reason, seq.stop_reason)
-            for i, seq in enumerate(request.seqs)
-        ]
-        for seq in request.seqs:
-            self.requests.pop(seq, None)
-        return RequestOutput(
-            request.request_id, request.prompt, request.prompt_token_ids, completions, request.finished,
-            request.metrics,
-        )
+        """The request's output as its output_kind asks: everything so far, or what is new since the last one."""
+        delta = request.params.output_kind == RequestOutputKind.DELTA
+        completions = []
+        for index, seq in enumerate(request.seqs):
+            text, token_ids = self.text_of(seq), seq.output_token_ids
+            if delta:
+                text, token_ids = text[seq.num_reported_chars :], token_ids[seq.num_reported_tokens :]
+            seq.num_reported_chars += len(text) if delta else 0
+            seq.num_reported_tokens += len(token_ids) if delta else 0
+            completions.append(CompletionOutput(index, text, token_ids, seq.finish_reason, seq.stop_reason))
+        prompt = request.prompt
+        return RequestOutput(request.request_id, prompt.text, prompt.token_ids, completions, request.finished,
+                             replace(request.metrics))
 
     def text_of(self, seq: Sequence) -> str:
         if self.tokenizer is None:
             return ""
-        if isinstance(seq.stop_reason, str):
-            return seq.text  # already detokenised and cut at the stop string
+        if seq.detokenizer is not None and (isinstance(seq.stop_reason, str) or not seq.is_finished):
+            return seq.detokenizer.text if seq.is_finished else seq.detokenizer.streamed_text()
         ids = seq.output_token_ids
         if seq.finish_reason == "stop":
             ids = ids[:-1]  # as vLLM, the eos or stop id that ended it is in token_ids but not in the text
         return self.tokenizer.decode(ids, skip_special_tokens=seq.params.skip_special_tokens)
-
-    def abort_all(self) -> None:
-        """Drop every request (after an interrupt), freeing their blocks, so the engine can serve again."""
-        self.launched.clear()
-        for seq in list(self.scheduler.running):
-            self.scheduler.block_manager.unpublish_uncomputed(seq)
-            self.scheduler.finish(seq)
-        self.scheduler.waiting.clear()
-        self.requests.clear()

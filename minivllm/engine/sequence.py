@@ -5,6 +5,7 @@ import itertools
 
 import torch
 
+from minivllm.engine.detokenizer import IncrementalDetokenizer
 from minivllm.sampling_params import SamplingParams
 
 
@@ -33,9 +34,9 @@ class Sequence:
         # they count in len(seq), and the next step reads them from the GPU
         self.num_pending_tokens = 0
         self.max_len = self.num_prompt_tokens + params.max_tokens  # its length when it stops at the latest
-        self.text = ""  # detokenised output, kept incrementally only when stop strings need it
-        self.prefix_offset = 0
-        self.read_offset = 0
+        # its text as it grows, when stop strings or a streaming request need it before the end
+        self.detokenizer: IncrementalDetokenizer | None = None
+        self.num_reported_tokens = self.num_reported_chars = 0  # what DELTA outputs have given so far
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
 

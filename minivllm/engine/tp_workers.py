@@ -1,23 +1,25 @@
-"""Tensor parallelism's processes: rank 0 is the LLM's own process; ranks 1..N-1 are spawned here, one a GPU.
+"""Tensor parallelism's processes and control plane: rank 0 is the engine's own process; ranks 1..N-1 are
+spawned here, one a GPU.
 
-Rank 0 owns the scheduler. Before each step it sends the step's batch to the other ranks over the gloo
-control group (per sequence only what the runner reads: the tokens to compute, how many are cached, the
-block table), and every rank runs the same forward on its slice of the model and its own KV cache.
+Rank 0 owns the scheduler. Before each step it sends the step message to the other ranks over a gloo
+control group, and every rank runs the same step on its slice of the model and its own KV cache. The
+runner on each rank knows nothing of this: the worker loop below and rank 0's WorkerGroup drive it.
 
 A rank that fails must not leave the others waiting in a collective forever. Workers report their
 exceptions on a queue; rank 0 checks that queue and the workers' liveness before each step and at each
-start-up stage, and when a collective breaks (gloo notices a peer that exited) it raises the failed rank's
-own error and stops the group. The groups' timeouts are the last resort (an NCCL peer that dies mid-step).
+start-up stage, and when a step breaks (gloo notices a peer that exited) it raises the failed rank's own
+error and stops the group. The groups' timeouts are the last resort (an NCCL peer that dies mid-step).
 """
 
-import copy
 import os
 import queue
 import sys
 import time
 import traceback
 import weakref
+from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -25,112 +27,72 @@ import torch.multiprocessing as mp
 
 from minivllm.config import EngineConfig
 from minivllm.distributed import TensorParallel, check_shardable, init_tensor_parallel, leave_tensor_parallel
-from minivllm.engine.model_runner import ModelRunner, release_graphs
-from minivllm.engine.scheduler import ScheduledBatch
-from minivllm.model_loader import ModelSource
+from minivllm.engine.model_runner import LaunchedStep, ModelRunner, rank_device, release_graphs
+from minivllm.engine.step_message import StepMessage
 
 HOST = "127.0.0.1"
 POLL_SECONDS = 0.2
-FAILURE_REPORT_WAIT = 5.0  # after a collective broke, how long rank 0 waits for the failed rank's report
+FAILURE_REPORT_WAIT = 5.0  # after a step broke, how long rank 0 waits for the failed rank's report
 STOP_WAIT = 10.0  # how long a worker gets to leave the group before it is terminated
 RENDEZVOUS_TIMEOUT = timedelta(minutes=5)  # also how far a worker may lag rank 0 at a start-up stage
+# The control group waits for the next step, which may come any time later (an idle engine), so it must not
+# time out.
+CONTROL_GROUP_TIMEOUT = timedelta(days=365)
 
 
 class TensorParallelError(RuntimeError):
     """The tensor-parallel group has stopped (a rank failed, or the LLM was shut down): the LLM cannot run."""
 
 
-# ----- the step, as sent to the other ranks -----------------------------------------------------------------
-def step_message(batch: ScheduledBatch) -> tuple[bool, list[tuple]]:
-    """(is_prefill, per sequence: the known tokens computed this step, their start, how many are computed, the
-    length, block table, whether it samples, its id, and how many of its tokens are still on the GPU)."""
-    rows = []
-    for seq in batch.seqs:
-        start, end = seq.num_computed_tokens, seq.num_computed_tokens + seq.num_scheduled_tokens
-        rows.append((seq.token_ids[start:end], start, seq.num_scheduled_tokens, len(seq), seq.block_table,
-                     seq.samples_this_step, seq.seq_id, seq.num_pending_tokens))
-    return batch.is_prefill, rows
+@dataclass
+class ControlGroup:
+    """The ranks' gloo group outside the model: step messages from rank 0, and agreeing on the KV cache's size."""
+
+    group: dist.ProcessGroup
+
+    def broadcast(self, obj: Any = None) -> Any:
+        """rank 0's obj on every rank."""
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, group=self.group)
+        return box[0]
+
+    def min(self, value: int) -> int:
+        tensor = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(tensor, dist.ReduceOp.MIN, group=self.group)
+        return int(tensor.item())
 
 
-class TokenWindow:
-    """The tokens of a sequence from `start` on: all that a step reads (sending every token would grow with
-    the sequence)."""
-
-    def __init__(self, tokens: list[int], start: int, length: int):
-        self.tokens, self.start, self.length = tokens, start, length
-
-    def __getitem__(self, index: int | slice) -> int | list[int]:
-        if isinstance(index, slice):
-            start, stop, _ = index.indices(self.length)
-            return self.tokens[start - self.start : stop - self.start]
-        return self.tokens[(index % self.length) - self.start]
-
-
-class StepSequence:
-    """What the model runner reads of a Sequence in one step, rebuilt on a rank other than 0. A token still on
-    the GPU (async scheduling) is read from the previous step's tokens, which rank 0 broadcast."""
-
-    def __init__(self, tokens: list[int], start: int, scheduled: int, length: int, block_table: list[int],
-                 samples: bool, seq_id: int, pending: int):
-        self.token_ids = TokenWindow(tokens, start, length - pending)
-        self.num_computed_tokens, self.num_scheduled_tokens = start, scheduled
-        self.block_table, self.samples_this_step, self.length = block_table, samples, length
-        self.seq_id, self.num_pending_tokens = seq_id, pending
-
-    def __len__(self) -> int:
-        return self.length
-
-
-def step_batch(message: tuple[bool, list[tuple]]) -> ScheduledBatch:
-    is_prefill, rows = message
-    return ScheduledBatch([StepSequence(*row) for row in rows], is_prefill)  # type: ignore[misc]
+def join_group(rank: int, config: EngineConfig, store: dist.Store) -> tuple[TensorParallel, ControlGroup]:
+    size, device = config.args.tensor_parallel_size, rank_device(config.device, rank)
+    tp = init_tensor_parallel(rank, size, device, store, config.args.tp_invariant)
+    return tp, ControlGroup(dist.new_group(backend="gloo", timeout=CONTROL_GROUP_TIMEOUT))
 
 
 # ----- ranks 1..N-1 ------------------------------------------------------------------------------------------
-class ReportToFirst:
-    """A worker's side of the start-up stages: it tells rank 0 that it reached each one."""
-
-    def __init__(self, reports: mp.Queue, rank: int):
-        self.reports, self.rank = reports, rank
-
-    def reached(self, stage: str) -> None:
-        self.reports.put((stage, self.rank, None))
-
-    def send_step(self, step) -> None:
-        pass  # a worker received this step from rank 0
-
-    def failure(self, error: BaseException) -> BaseException:
-        return RuntimeError(f"the tensor-parallel group broke (rank 0 or another rank went away): {error}")
-
-
-def run_worker(
-    rank: int, config: EngineConfig, source: ModelSource, dtype: torch.dtype, port: int, num_threads: int,
-    reports: mp.Queue,
-) -> None:
+def run_worker(rank: int, config: EngineConfig, port: int, num_threads: int, reports: mp.Queue) -> None:
     """A rank other than 0: build its part of the model, then run every step rank 0 sends until told to stop."""
     try:
-        config = copy.copy(config)  # not dataclasses.replace: rank 0 checked it, for rank 0's device
-        config.device = rank_device(config.device, rank)
-        if config.device.type == "cuda":
-            torch.cuda.set_device(config.device)
+        device = rank_device(config.device, rank)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
         else:
             torch.set_num_threads(num_threads)  # as rank 0's process chose
-        peers = ReportToFirst(reports, rank)
-        peers.reached("started")
-        size = config.tensor_parallel_size
-        store = dist.TCPStore(HOST, port, size, is_master=False, timeout=RENDEZVOUS_TIMEOUT)
-        tp = init_tensor_parallel(rank, size, config.device, store, peers, config.tp_invariant)
-        runner = ModelRunner(config, source, dtype, tp)
-        previous = None  # the last step, whose tokens the next one may read
-        while (message := tp.broadcast_from_first()) is not None:
-            previous = runner.launch(step_batch(message), [], previous)
+        reports.put(("started", rank, None))
+        store = dist.TCPStore(HOST, port, config.args.tensor_parallel_size, is_master=False,
+                              timeout=RENDEZVOUS_TIMEOUT)
+        tp, control = join_group(rank, config, store)
+        runner = ModelRunner(config, tp)
+        reports.put(("weights loaded", rank, None))
+        runner.init_kv_cache(control.min(runner.available_kv_blocks()))  # one block table serves every rank
+        while (step := control.broadcast()) is not None:
+            runner.execute(step)
         release_graphs(runner.graphs)
     except BaseException as error:
         reports.put(("failed", rank, f"{type(error).__name__}: {error}\n\n{traceback.format_exc()}"))
         raise SystemExit(1) from None  # not leave_tensor_parallel(): it could wait on the broken group
     leave_tensor_parallel()
-    # The interpreter's own teardown (the CUDA context, torch.compile's worker pool) took 2 to 10 s on H100 and
-    # H200, and LLM.shutdown() waits for it. The group is left: flush what rank 0 may still read, and go.
+    # The interpreter's own teardown (the CUDA context, torch.compile's worker pool) took seconds and
+    # LLM.shutdown() waits for it. The group is left: flush what rank 0 may still read, and go.
     reports.close()
     reports.join_thread()
     sys.stdout.flush()
@@ -138,74 +100,75 @@ def run_worker(
     os._exit(0)
 
 
-def rank_device(device: torch.device, rank: int) -> torch.device:
-    """Rank r runs on the r-th GPU from rank 0's (the CPU for all ranks on the CPU)."""
-    return torch.device("cuda", device.index + rank) if device.type == "cuda" else device
-
-
 # ----- rank 0 ------------------------------------------------------------------------------------------------
-def start_tensor_parallel(
-    config: EngineConfig, source: ModelSource, dtype: torch.dtype
-) -> tuple[ModelRunner, "WorkerGroup"]:
+def start_tensor_parallel(config: EngineConfig) -> "WorkerGroup":
     """Spawn ranks 1..N-1 and build rank 0's runner; every rank has its model and KV cache when this returns."""
-    check_shardable(source.config, config.tensor_parallel_size)
+    check_shardable(config.source.config, config.args.tensor_parallel_size)
     if dist.is_initialized():
         raise RuntimeError(
             "this process already belongs to a tensor-parallel group: an LLM with tensor_parallel_size > 1 is "
             "still alive here; call its shutdown() before making another"
         )
-    workers = WorkerGroup(config, source, dtype)
+    workers = WorkerGroup(config)
     try:
-        tp = workers.join_group()
-        runner = ModelRunner(config, source, dtype, tp)
-        workers.keep_graphs(runner.graphs)
-        return runner, workers
+        workers.start()
+        return workers
     except BaseException:
         workers.shutdown()
         raise
 
 
 class WorkerGroup:
-    """Ranks 1..N-1 seen from rank 0: starts them, sends them steps, notices when one fails, stops them."""
+    """Ranks 1..N-1 seen from rank 0, with rank 0's own runner: starts them, sends them each step and runs it,
+    notices when one fails, stops them."""
 
-    def __init__(self, config: EngineConfig, source: ModelSource, dtype: torch.dtype):
+    def __init__(self, config: EngineConfig):
         self.config = config
-        self.store = dist.TCPStore(HOST, 0, config.tensor_parallel_size, is_master=True, wait_for_workers=False,
-                                   timeout=RENDEZVOUS_TIMEOUT)
+        size = config.args.tensor_parallel_size
+        self.store = dist.TCPStore(HOST, 0, size, is_master=True, wait_for_workers=False, timeout=RENDEZVOUS_TIMEOUT)
         context = mp.get_context("spawn")
         self.reports = context.Queue()
         self.processes = [
             context.Process(
                 target=run_worker, name=f"minivllm-tp-rank{rank}", daemon=True,
-                args=(rank, config, source, dtype, self.store.port, torch.get_num_threads(), self.reports),
+                args=(rank, config, self.store.port, torch.get_num_threads(), self.reports),
             )
-            for rank in range(1, config.tensor_parallel_size)
+            for rank in range(1, size)
         ]
         for process in self.processes:
             process.start()
         self.stopped: str | None = None  # why the group can no longer run, once it cannot
-        self.control: dist.ProcessGroup | None = None
         self._finalizer = weakref.finalize(self, stop_workers, self.processes, None, {})
 
-    def join_group(self) -> TensorParallel:
-        """Rank 0's place in the group, once every worker is up (a worker that died at start is reported)."""
+    def start(self) -> None:
+        """Join the group once every worker is up, build rank 0's runner and agree on the KV cache's size."""
         self.reached("started")
-        tp = init_tensor_parallel(
-            0, self.config.tensor_parallel_size, self.config.device, self.store, self, self.config.tp_invariant
-        )
-        self.control = tp.control
-        self._finalizer.detach()  # stopping now tells the workers first, over the control group
-        self._finalizer = weakref.finalize(self, stop_workers, self.processes, self.control, {})
-        return tp
-
-    def keep_graphs(self, graphs: dict[int, torch.cuda.CUDAGraph]) -> None:
-        """Rank 0's decode graphs, which stopping destroys before rank 0 leaves the group (see release_graphs)."""
+        tp, self.control = join_group(0, self.config, self.store)
+        self.runner = ModelRunner(self.config, tp)
+        # stopping now tells the workers first, over the control group, after destroying rank 0's decode graphs
+        # (see release_graphs)
         self._finalizer.detach()
-        self._finalizer = weakref.finalize(self, stop_workers, self.processes, self.control, graphs)
+        self._finalizer = weakref.finalize(self, stop_workers, self.processes, self.control.group, self.runner.graphs)
+        self.reached("weights loaded")
+        num_blocks = self.guarded(self.control.min, self.runner.available_kv_blocks())
+        self.guarded(self.runner.init_kv_cache, self.config.check_kv_capacity(num_blocks))
+
+    def execute(self, step: StepMessage) -> LaunchedStep:
+        """Send the step to the other ranks and run rank 0's part of it."""
+        self.check()
+        self.guarded(self.control.broadcast, step.for_other_ranks())
+        return self.guarded(self.runner.execute, step)
+
+    def guarded(self, work, *args):
+        """work(*args); when it breaks (a peer died mid-collective), the failed rank's error instead."""
+        try:
+            return work(*args)
+        except RuntimeError as error:
+            raise self.failure(error) from error
 
     def reached(self, stage: str) -> None:
         """Wait until every worker reports `stage`; raise the first failure instead."""
-        waiting = set(range(1, self.config.tensor_parallel_size))
+        waiting = set(range(1, self.config.args.tensor_parallel_size))
         deadline = time.monotonic() + RENDEZVOUS_TIMEOUT.total_seconds()
         while waiting:
             try:
@@ -219,13 +182,6 @@ class WorkerGroup:
                 raise self.stop(rank, report)
             if what == stage:
                 waiting.discard(rank)
-
-    def send_step(self, batch: ScheduledBatch) -> None:
-        self.check()
-        try:
-            dist.broadcast_object_list([step_message(batch)], src=0, group=self.control)
-        except RuntimeError as error:
-            raise self.failure(error) from error
 
     def check(self) -> None:
         """Raise if the group stopped, a worker reported a failure, or a worker died without one."""
@@ -242,7 +198,7 @@ class WorkerGroup:
                 raise self.stop(rank, self.report_of(rank, FAILURE_REPORT_WAIT))
 
     def failure(self, error: BaseException) -> BaseException:
-        """The error to raise on rank 0 when a collective broke: the failed rank's own report if one comes."""
+        """The error to raise on rank 0 when a step broke: the failed rank's own report if one comes."""
         try:
             what, rank, report = self.reports.get(timeout=FAILURE_REPORT_WAIT)
         except queue.Empty:  # no rank reports a failure: the group broke under rank 0 itself

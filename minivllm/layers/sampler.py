@@ -8,13 +8,25 @@ from dataclasses import dataclass
 
 import torch
 
-from minivllm.engine.sequence import Sequence
-from minivllm.host_copy import to_device
 from minivllm.layers.fusion import fused_on_gpu
+
+
+@dataclass(frozen=True)
+class SamplingRows:
+    """The sampling parameters of a step's sampling rows, on the host, as the engine hands them to the runner."""
+
+    temperatures: list[float]  # 0 for greedy rows
+    top_k: list[int]  # 0 off
+    top_p: list[float]
+    min_p: list[float]
+    generators: list[torch.Generator | None]  # a request's own, when it has a seed
+    banned: list[list[int]]  # ids a row may not draw yet (min_tokens)
 
 
 @dataclass
 class SamplingBatch:
+    """SamplingRows on the device, as sample() reads them."""
+
     temperatures: torch.Tensor  # [B], 0 for greedy rows
     top_k: torch.Tensor | None  # [B] int, 0 off; None when no row uses it
     top_p: torch.Tensor | None  # [B]
@@ -24,35 +36,6 @@ class SamplingBatch:
     all_greedy: bool
     any_greedy: bool
     generator: torch.Generator | None = None  # draws for rows without a seed: the engine's, seeded by LLM(seed=)
-
-    @classmethod
-    def from_sequences(
-        cls, seqs: list[Sequence], eos_ids: list[int], device: torch.device, generator: torch.Generator | None = None
-    ) -> "SamplingBatch":
-        params = [seq.params for seq in seqs]
-
-        def column(values: list, dtype: torch.dtype, off: float | None) -> torch.Tensor | None:
-            if off is not None and all(v == off for v in values):
-                return None
-            return to_device(values, dtype, device)
-
-        banned = [
-            (row, p.stop_token_ids + ([] if p.ignore_eos else eos_ids))
-            for row, (seq, p) in enumerate(zip(seqs, params))
-            if len(seq) - seq.num_prompt_tokens < p.min_tokens  # outputs so far, one still on the GPU counted
-        ]
-        return cls(
-            temperatures=column([p.temperature for p in params], torch.float32, None),
-            # a k past any vocabulary keeps every token, as off does (and would overflow int64)
-            top_k=column([p.top_k if p.top_k < 2**31 else 0 for p in params], torch.int64, 0),
-            top_p=column([p.top_p for p in params], torch.float32, 1.0),
-            min_p=column([p.min_p for p in params], torch.float32, 0.0),
-            seeded_rows=[(row, seq.generator) for row, seq in enumerate(seqs) if seq.generator is not None],
-            banned=[(row, ids) for row, ids in banned if ids],
-            all_greedy=all(p.greedy for p in params),
-            any_greedy=any(p.greedy for p in params),
-            generator=generator,
-        )
 
 
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:

@@ -140,11 +140,11 @@ def paged_attention_decode(
     """One query token per sequence, q [B, Hq, D], against its context_lens[b] cached keys.
 
     Vectorised over the batch: every sequence's pages are gathered to the longest table and the tail masked.
-    Entries of block_tables past a sequence's last page are never used and may hold any valid block index.
+    Entries of block_tables past a sequence's last page are never used and may hold any value.
     """
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
-    table = block_tables.long().clamp(min=0)
+    table = block_tables.long().clamp(0, k_cache.shape[0] - 1)  # past a sequence's pages: masked below
     keys = k_cache[table].reshape(batch, -1, num_kv_heads, head_dim).float()
     values = v_cache[table].reshape(batch, -1, num_kv_heads, head_dim).float()
     group = num_heads // num_kv_heads

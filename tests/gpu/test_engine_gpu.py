@@ -69,7 +69,7 @@ def test_first_step_logits_match_hf(checkpoint):
     path, hf = checkpoint
     hf_bf16 = copy.deepcopy(hf).to(torch.bfloat16)
     llm = make_llm(path)
-    model = llm.engine.runner.model
+    model = llm.llm_engine.runner.model
     for prompt in prompts(1):
         ids = torch.tensor(prompt, device="cuda")
         cu = torch.tensor([0, len(prompt)], dtype=torch.int32, device="cuda")
@@ -119,12 +119,12 @@ def test_graphs_prefix_caching_and_preemption_keep_greedy_output(checkpoint):
     release(llm)
 
     llm = make_llm(path)  # CUDA graphs and prefix caching on
-    assert llm.engine.runner.graphs, "no CUDA graph was captured"
+    assert llm.llm_engine.runner.graphs, "no CUDA graph was captured"
     assert greedy(llm, batch) == reference
     assert greedy(llm, batch) == reference  # second pass: every full prompt block is a cache hit
     release(llm)
 
     llm = make_llm(path, num_kv_blocks=40, max_model_len=300)  # too small for the batch at once
     assert greedy(llm, batch) == reference
-    assert llm.engine.scheduler.num_preemptions > 0
+    assert llm.llm_engine.scheduler.num_preemptions > 0
     release(llm)

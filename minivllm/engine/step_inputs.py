@@ -1,0 +1,193 @@
+"""A step's input tensors, built from its StepMessage in one place for every kind of step (prefill, eager
+decode, CUDA-graph decode) and sent to the device in one host-to-device copy.
+
+Every input lives in one device byte buffer, at an offset a Layout gives. The host fills a pinned mirror of
+that buffer and copies what the step uses. There are two mirrors, used in turn: when a step fills one, the
+copy from the other may still be queued behind the step before (async scheduling), but the copy from this
+one ran before that step's tokens were collected. A decode step's graph inputs come first, at offsets that
+depend only on its padded row count: a graph captured over the views of one size reads the same addresses
+at every replay.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from minivllm.engine.step_message import StepMessage
+from minivllm.layers.attention import AttentionMetadata
+from minivllm.layers.sampler import SamplingBatch, SamplingRows
+
+# sampling columns: (dtype, the value that turns the column off, or None when it is always sent)
+SAMPLING_COLUMNS = {
+    "temperatures": (torch.float32, None),
+    "top_k": (torch.int64, 0),
+    "top_p": (torch.float32, 1.0),
+    "min_p": (torch.float32, 0.0),
+}
+
+
+class Layout:
+    """Named arrays back to back in a byte buffer, each at an 8-byte aligned offset."""
+
+    def __init__(self) -> None:
+        self.fields: dict[str, tuple[int, torch.dtype, int]] = {}
+        self.nbytes = 0
+
+    def add(self, name: str, dtype: torch.dtype, count: int) -> None:
+        offset = -(-self.nbytes // 8) * 8
+        self.fields[name] = (offset, dtype, count)
+        self.nbytes = offset + count * dtype.itemsize
+
+    def views(self, buffer: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {name: buffer[o : o + n * d.itemsize].view(d) for name, (o, d, n) in self.fields.items()}
+
+
+def step_layout(is_prefill: bool, tokens: int, rows: int, width: int, samples: int, pending: int,
+                columns: list[str]) -> Layout:
+    layout = Layout()
+    for name in ("input_ids", "positions", "slot_mapping"):
+        layout.add(name, torch.int64, tokens)
+    if is_prefill:
+        layout.add("cu_seqlens_q", torch.int32, rows + 1)
+        layout.add("cu_seqlens_k", torch.int32, rows + 1)
+    else:
+        layout.add("total_context_len", torch.int64, 1)
+        layout.add("context_lens", torch.int32, rows)
+    layout.add("block_tables", torch.int32, rows * width)
+    # below this line nothing is read inside a captured graph
+    if is_prefill:
+        layout.add("sample_rows", torch.int64, samples)
+    layout.add("pending_rows", torch.int64, pending)
+    layout.add("pending_sources", torch.int64, pending)
+    for name in columns:
+        layout.add(name, SAMPLING_COLUMNS[name][0], samples)
+    return layout
+
+
+@dataclass
+class StagedStep:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    meta: AttentionMetadata
+    sample_rows: torch.Tensor | None  # prefill: the rows of the hidden states that sample; decode: all
+    sampling: SamplingBatch | None  # None on ranks other than 0, and when no row samples
+
+
+class StepInputs:
+    def __init__(self, max_tokens: int, max_rows: int, max_blocks: int, block_size: int, device: torch.device):
+        self.max_rows, self.max_blocks, self.block_size, self.device = max_rows, max_blocks, block_size, device
+        columns = list(SAMPLING_COLUMNS)
+        nbytes = max(
+            step_layout(True, max_tokens, max_rows, max_blocks, max_rows, max_rows, columns).nbytes,
+            step_layout(False, max_rows, max_rows, max_blocks, max_rows, max_rows, columns).nbytes,
+        )
+        self.buffer = torch.zeros(nbytes, dtype=torch.uint8, device=device)
+        pin = device.type == "cuda"
+        self.mirrors = [torch.zeros(nbytes, dtype=torch.uint8, pin_memory=pin) for _ in range(2)]
+        self.turn = 0
+
+    def decode_views(self, rows: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """(input ids, positions, metadata) of a decode step padded to `rows`, as a graph of that size reads them;
+        staging an empty step first makes every row padding, which writes and reads nothing."""
+        staged = self.stage(StepMessage(False, [], [], [], [], [], []), rows, None, None)
+        return staged.input_ids, staged.positions, staged.meta
+
+    def stage(self, step: StepMessage, rows: int, previous_tokens: torch.Tensor | None,
+              generator: torch.Generator | None) -> StagedStep:
+        """Lay the step out in the next host mirror (decode padded to `rows`), copy it to the device, and put in
+        the tokens still on the GPU from previous_tokens, the tokens the step before sampled."""
+        n, prefill = step.num_rows, step.is_prefill
+        lengths = np.asarray(step.num_new_tokens, dtype=np.int64)
+        starts = np.asarray(step.start_positions, dtype=np.int64)
+        ends = starts + lengths
+        paged = not prefill or bool(starts.any())  # prefill reads keys from the pages once some are cached
+        width = (max(map(len, step.block_tables)) if prefill else self.max_blocks) if paged else 0
+        columns = sampling_columns(step.sampling)
+        layout = step_layout(prefill, step.num_tokens if prefill else rows, rows, width, len(step.sampling_rows),
+                             len(step.pending), list(columns))
+        mirror = self.mirrors[self.turn]
+        self.turn ^= 1
+        host = {name: view.numpy() for name, view in layout.views(mirror).items()}
+        tables = host["block_tables"].reshape(rows, width) if paged else np.zeros((n, max(map(len, step.block_tables))),
+                                                                                  dtype=np.int32)
+        for row, table in enumerate(step.block_tables):  # entries past a row's last block are never read
+            tables[row, : len(table)] = table
+        cu_q = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(lengths, out=cu_q[1:])
+        row_of = np.repeat(np.arange(n), lengths)
+        positions = np.arange(step.num_tokens) - cu_q[row_of] + starts[row_of]
+        host["input_ids"][: step.num_tokens] = step.token_ids
+        host["positions"][: step.num_tokens] = positions
+        bs = self.block_size
+        host["slot_mapping"][: step.num_tokens] = tables[row_of, positions // bs] * bs + positions % bs
+        if prefill:
+            host["cu_seqlens_q"][:] = cu_q
+            host["cu_seqlens_k"][0] = 0
+            np.cumsum(ends, out=host["cu_seqlens_k"][1:])
+            host["sample_rows"][:] = cu_q[1:][step.sampling_rows] - 1
+        else:  # padding rows: nothing to write, nothing to attend to
+            host["input_ids"][n:] = host["positions"][n:] = 0
+            host["slot_mapping"][n:] = -1
+            host["context_lens"][:n] = ends
+            host["context_lens"][n:] = 0
+            host["total_context_len"][0] = ends.sum()
+        for i, (row, source) in enumerate(step.pending):
+            host["pending_rows"][i] = cu_q[row + 1] - 1
+            host["pending_sources"][i] = source
+        for name, values in columns.items():
+            host[name][:] = values
+        self.buffer[: layout.nbytes].copy_(mirror[: layout.nbytes], non_blocking=True)
+        device = layout.views(self.buffer)
+        if step.pending:
+            put_pending_tokens(device, step, previous_tokens)
+        if prefill:
+            meta = AttentionMetadata(
+                True, device["slot_mapping"], device["cu_seqlens_q"], device["cu_seqlens_k"], int(lengths.max()),
+                int(ends.max()), block_tables=device["block_tables"].view(rows, width) if paged else None,
+            )
+        else:
+            meta = AttentionMetadata(
+                False, device["slot_mapping"], context_lens=device["context_lens"],
+                block_tables=device["block_tables"].view(rows, width), total_context_len=device["total_context_len"],
+            )
+        sampling = None
+        if step.sampling is not None and step.sampling_rows:
+            sampling = sampling_batch(step.sampling, device, generator)
+        return StagedStep(device["input_ids"], device["positions"], meta,
+                          device["sample_rows"] if prefill else None, sampling)
+
+
+def put_pending_tokens(device: dict[str, torch.Tensor], step: StepMessage, previous_tokens: torch.Tensor) -> None:
+    """The step's tokens still on the GPU, from the tokens the step before sampled: one copy when this is that
+    step's batch in its order (decode after decode), else a gather."""
+    n = step.num_rows
+    if (not step.is_prefill and len(step.pending) == n == len(previous_tokens)
+            and all(row == source for row, source in step.pending)):
+        device["input_ids"][:n].copy_(previous_tokens)
+    else:
+        device["input_ids"][device["pending_rows"]] = previous_tokens[device["pending_sources"]]
+
+
+def sampling_columns(rows: SamplingRows | None) -> dict[str, list]:
+    """The columns the sampler needs: temperatures always, the others only when some row uses them."""
+    if rows is None:
+        return {}
+    columns = {name: getattr(rows, name) for name in SAMPLING_COLUMNS}
+    return {name: values for name, values in columns.items()
+            if SAMPLING_COLUMNS[name][1] is None or any(v != SAMPLING_COLUMNS[name][1] for v in values)}
+
+
+def sampling_batch(rows: SamplingRows, device: dict[str, torch.Tensor], generator: torch.Generator | None
+                   ) -> SamplingBatch:
+    return SamplingBatch(
+        temperatures=device["temperatures"],
+        top_k=device.get("top_k"),
+        top_p=device.get("top_p"),
+        min_p=device.get("min_p"),
+        seeded_rows=[(row, g) for row, g in enumerate(rows.generators) if g is not None],
+        banned=[(row, ids) for row, ids in enumerate(rows.banned) if ids],
+        all_greedy=all(t == 0 for t in rows.temperatures),
+        any_greedy=any(t == 0 for t in rows.temperatures),
+        generator=generator,
+    )
