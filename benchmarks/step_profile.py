@@ -18,13 +18,14 @@ from minivllm import LLM, SamplingParams
 
 
 class StepClock:
-    """Wraps the engine's scheduler and runner to time each decode step's phases on the host."""
+    """Wraps the engine's scheduler and executor to time each decode step's phases on the host."""
 
     def __init__(self, engine):
         self.phases: dict[str, float] = defaultdict(float)
         self.decode_steps = 0
-        self.schedule, self.launch = engine.scheduler.schedule, engine.runner.launch
-        engine.scheduler.schedule, engine.runner.launch = self.timed_schedule, self.timed_launch
+        self.last_was_decode = False
+        self.schedule, self.execute = engine.scheduler.schedule, engine.executor.execute
+        engine.scheduler.schedule, engine.executor.execute = self.timed_schedule, self.timed_execute
 
     def timed_schedule(self):
         start = time.perf_counter()
@@ -32,10 +33,11 @@ class StepClock:
         self.last_schedule = time.perf_counter() - start
         return batch
 
-    def timed_launch(self, batch, eos_ids, previous):
+    def timed_execute(self, step):
         start = time.perf_counter()
-        launched = self.launch(batch, eos_ids, previous)
-        if not batch.is_prefill:
+        launched = self.execute(step)
+        self.last_was_decode = not step.is_prefill
+        if self.last_was_decode:
             self.decode_steps += 1
             self.phases["schedule"] += self.last_schedule
             self.phases["launch"] += time.perf_counter() - start
@@ -63,7 +65,7 @@ def main() -> None:
     require_cuda()
     llm = LLM(args.model, max_model_len=4096)
     llm.generate([{"prompt_token_ids": [1, 2, 3]}], SamplingParams(max_tokens=4), use_tqdm=False)
-    engine = llm.engine
+    engine = llm.llm_engine
     clock = StepClock(engine)
     if args.context:
         rng = random.Random(0)
@@ -73,20 +75,21 @@ def main() -> None:
     else:
         prompts, params = nano_vllm_workload(args.num_seqs)
     for i, (ids, sp) in enumerate(zip(prompts, params)):
-        engine.add_request(f"profile-{i}", None, ids, sp)
+        engine.add_request(f"profile-{i}", {"prompt_token_ids": ids}, sp)
 
     start = time.perf_counter()
     window: dict[str, float] = {}
     prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
-    while engine.has_unfinished:
+    while engine.has_unfinished_requests():
         if clock.decode_steps == args.skip and not window:
             torch.cuda.synchronize()
             batch_size = len(engine.scheduler.running)
             prof.start()
             window = {"start": time.perf_counter(), "steps_before": clock.decode_steps}
         step_start = time.perf_counter()
-        batch, _, _ = engine.step()
-        if batch is not None and not batch.is_prefill:
+        clock.last_was_decode = False
+        engine.step()
+        if clock.last_was_decode:
             clock.phases["whole step"] += time.perf_counter() - step_start
         if window and "wall" not in window and clock.decode_steps == args.skip + args.steps:
             torch.cuda.synchronize()

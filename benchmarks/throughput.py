@@ -45,7 +45,7 @@ def main() -> None:
     produced = sum(len(o.outputs[0].token_ids) for o in outputs)
     assert produced == expected_tokens, f"produced {produced} tokens, the workload asks for {expected_tokens}"
 
-    runner = llm.engine.runner
+    runner = llm.llm_engine.runner
     weight_bytes = sum(t.numel() * t.element_size() for t in runner.model.parameters())
     floor_bytes = decode_floor_bytes(
         [len(ids) for ids in prompts], [sp.max_tokens for sp in params],
@@ -62,7 +62,7 @@ def main() -> None:
         "tokens_per_s": produced / elapsed,
         "floor_s": floor_s,
         "fraction_of_floor": floor_s / elapsed,
-        "preemptions": llm.engine.scheduler.num_preemptions,
+        "preemptions": llm.llm_engine.scheduler.num_preemptions,
     }
     rows = [row]
     print(f"GPU {gpu_name()}, copy bandwidth {bandwidth:.0f} GB/s, KV blocks {runner.num_kv_blocks} "
@@ -106,7 +106,7 @@ def compare_hf(llm: LLM, prompts: list[list[int]], params: list[SamplingParams],
 
 def hf_state_dict(llm: LLM) -> dict[str, torch.Tensor]:
     """Our weights under HF's names: packed qkv and gate_up split back into their checkpoint matrices."""
-    model = llm.engine.runner.model
+    model = llm.llm_engine.runner.model
     unpack = {}
     for piece, (packed, shard) in model.packed_modules.items():
         unpack.setdefault(packed, []).append((shard, piece))

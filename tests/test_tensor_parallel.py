@@ -133,6 +133,37 @@ def test_tokens_equal_single_process(case, tmp_path, no_stray_workers):
         split.generate(batches[1][0], GREEDY, use_tqdm=False)
 
 
+def run_arrivals(llm: LLM) -> dict[str, tuple[list[int], str]]:
+    """Requests arriving at steps 0, 2 and 5 and one aborted at step 4, stepped on llm's online engine: each
+    request's tokens and finish reason."""
+    engine, prompts = llm.llm_engine, random_prompts(6, 1, 60, seed=12)
+    finished: dict[str, tuple[list[int], str]] = {}
+    for step in range(500):
+        if step in (0, 2, 5):
+            for i in (step, step + 1):
+                engine.add_request(f"r{i}", {"prompt_token_ids": prompts[i % 6]}, [GREEDY, SEEDED][i % 2])
+        if step == 4:
+            engine.abort_request("r1")
+        finished.update((o.request_id, (o.outputs[0].token_ids, o.outputs[0].finish_reason))
+                        for o in engine.step() if o.finished)
+        if step > 5 and not engine.has_unfinished_requests():
+            return finished
+    raise AssertionError("the engine stopped making progress")
+
+
+def test_arrivals_mid_run_equal_single_process(qwen3_kv2, no_stray_workers):
+    """The online engine at tensor_parallel_size 2: requests joining a running batch (with async scheduling) and
+    an abort give what one process gives."""
+    engine = dict(max_model_len=128, max_num_batched_tokens=48, max_num_seqs=8)
+    expected = run_arrivals(LLM(qwen3_kv2, **engine))
+    assert expected["r1"][1] == "abort" and sorted(expected) == [f"r{i}" for i in (0, 1, 2, 3, 5, 6)]
+    split = LLM(qwen3_kv2, tensor_parallel_size=2, **engine)
+    try:
+        assert run_arrivals(split) == expected
+    finally:
+        split.shutdown()
+
+
 def test_interpreter_exit_stops_the_workers(qwen3_kv2):
     """An LLM never shut down: its workers stop when the interpreter exits."""
     script = (
