@@ -28,14 +28,15 @@ SAMPLING_COLUMNS = {
 
 
 class Layout:
-    """Named arrays back to back in a byte buffer, each at an 8-byte aligned offset."""
+    """Named arrays back to back in a byte buffer, each at a 16-byte aligned offset (torch.compile's kernels, the
+    sampler's, assume that alignment of their inputs, and compile again for anything less)."""
 
     def __init__(self) -> None:
         self.fields: dict[str, tuple[int, torch.dtype, int]] = {}
         self.nbytes = 0
 
     def add(self, name: str, dtype: torch.dtype, count: int) -> None:
-        offset = -(-self.nbytes // 8) * 8
+        offset = -(-self.nbytes // 16) * 16
         self.fields[name] = (offset, dtype, count)
         self.nbytes = offset + count * dtype.itemsize
 
