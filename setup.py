@@ -77,7 +77,7 @@ setup(
     name="minivllm",
     version="0.1.0",
     description="A small, fast, readable LLM inference engine with hand-written CUDA kernels",
-    packages=find_packages(include=["minivllm", "minivllm.*", "benchmarks"]),
+    packages=find_packages(include=["minivllm", "minivllm.*"]),  # benchmarks/ runs from a checkout
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",

@@ -6,8 +6,6 @@
 // head, so rotate_half's partners d and d + D/2 are in the same lane and the norm needs one warp reduction.
 // Numerics follow the torch reference: the norm in fp32, rounded to the model dtype before the weight
 // multiply (as HF does); the rotary embedding in fp32, rounded once.
-//
-// Numbers in the check messages are formatted with minivllm::str, not streamed (see flash_prefill.cu).
 #include <c10/cuda/CUDAGuard.h>
 
 #include <cmath>

@@ -11,8 +11,6 @@
 //   lane % 4) loads 8 consecutive elements of weight row g and uses them as its k values {2t, 2t+1, 2t+8,
 //   2t+9} of two mmas; the same 8 elements of x's rows g and g + 8 are the matching A values. x is read
 //   through L1, where every CTA on an SM finds it after the first.
-//
-// Numbers in the check messages are formatted with minivllm::str, not streamed (see flash_prefill.cu).
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>

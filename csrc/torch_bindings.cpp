@@ -1,5 +1,5 @@
-// Registers minivllm's ops with the torch dispatcher, so they compose with CUDA graphs and
-// torch.compile: torch.ops.minivllm.<name>.
+// Registers minivllm's ops with the torch dispatcher as torch.ops.minivllm.<name>, which CUDA graphs capture
+// like any torch op. They have no fake (meta) implementations, so torch.compile cannot trace through them.
 #include <torch/library.h>
 
 #include "ops.h"

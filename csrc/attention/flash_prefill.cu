@@ -1,9 +1,5 @@
 // torch entry of the flash prefill kernel: checks every input, fills FlashParams and picks the
 // instantiation for (dtype, head_dim). The kernel itself is in flash_prefill_kernel.cuh.
-//
-// Numbers in the check messages are formatted with std::to_string rather than streamed: on the GPU machine
-// (extension built with /opt/gcc, torch 2.11) streaming an integer into a TORCH_CHECK message crashed the
-// process with a segfault, while strings (dtype names, "cpu") streamed fine (device runs, 2026-11-26).
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_bf16.h>

@@ -8,8 +8,7 @@
 #include <string>
 
 namespace minivllm {
-// Numbers and shapes as text, for messages built where TORCH_CHECK's stream formatting of them is not
-// wanted (nvcc-compiled host code; see scripts/gpu_build.sh).
+// Numbers and shapes as text, for check messages built up as strings.
 inline std::string str(int64_t value) { return std::to_string(value); }
 
 inline std::string str(c10::IntArrayRef dims) {
