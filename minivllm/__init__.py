@@ -7,10 +7,11 @@ engine and its dependencies.
 import importlib
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams", "RequestOutputKind", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "AsyncLLM", "SamplingParams", "RequestOutputKind", "RequestOutput", "CompletionOutput"]
 
 _WHERE = {
     "LLM": "minivllm.llm",
+    "AsyncLLM": "minivllm.async_llm",
     "SamplingParams": "minivllm.sampling_params",
     "RequestOutputKind": "minivllm.sampling_params",
     "RequestOutput": "minivllm.outputs",
