@@ -10,6 +10,8 @@ benchmarks.throughput's workload at a few decode steps, with that benchmark's bl
 as the engine runs them.
 
     python -m benchmarks.decode [--json PATH] [--mixed-only] [--ours-only] [--case BLOCK,BATCH,CONTEXT]
+
+--case BLOCK,workload,STEP measures the workload's batch at that decode step.
 """
 
 import math
@@ -125,7 +127,7 @@ COLUMNS = [
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--case", metavar="BLOCK,BATCH,CONTEXT", help="measure only this row (e.g. to profile it)")
-    p.add_argument("--mixed-only", action="store_true", help="only the mixed batches, block 16")
+    p.add_argument("--mixed-only", action="store_true", help="only the mixed batches (both block sizes)")
     p.add_argument("--ours-only", action="store_true", help="skip the PyTorch baselines")
     args = p.parse_args()
     baselines = not args.ours_only
@@ -135,13 +137,17 @@ def main() -> None:
     print(f"shape (Hq, Hkv, D) = ({NUM_HEADS}, {NUM_KV_HEADS}, {HEAD_DIM}), {DTYPE}")
 
     if args.case:
-        block_size, batch, context = map(int, args.case.split(","))
-        row = measure(block_size, [context] * batch, copy_gbs, str(context), baselines=baselines)
+        block, batch, context = args.case.split(",")
+        if batch == "workload":
+            row = measure(int(block), workload_contexts(int(context)), copy_gbs, f"workload step {context}",
+                          table_tokens=WORKLOAD_TABLE_TOKENS, baselines=baselines)
+        else:
+            row = measure(int(block), [int(context)] * int(batch), copy_gbs, context, baselines=baselines)
         print_table([row], "paged-attention decode")
         return
 
     rows = []
-    for block_size in BLOCK_SIZES[:1] if args.mixed_only else BLOCK_SIZES:
+    for block_size in BLOCK_SIZES:
         for batch in [] if args.mixed_only else BATCHES:
             for context in CONTEXTS:
                 rows.append(measure(block_size, [context] * batch, copy_gbs, str(context), baselines=baselines))

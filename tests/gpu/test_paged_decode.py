@@ -1,6 +1,6 @@
 """The paged-attention decode kernel against the fp32 torch reference: random shapes and page layouts,
-split and unsplit grids, a part of the heads cut as the whole (split_kv_heads), CUDA-graph replay, and
-the refusals of bad input."""
+mixed-length batches (very long next to very short, empty rows, tile edges, more than 256 rows), a part
+of the heads cut as the whole (split_kv_heads), CUDA-graph replay, and the refusals of bad input."""
 
 import math
 import random
@@ -17,6 +17,7 @@ pytestmark = pytest.mark.skipif(
 # Largest per-row relative error ||out - ref|| / ||ref|| allowed: a few times the output's own rounding.
 ROW_TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
 EDGE_LENGTHS = [1, 15, 16, 17, 63, 64, 65, 255, 256, 257, 4096]
+KV_GROUPS = [(8, 1), (8, 2), (4, 4), (2, 8), (4, 2), (1, 16), (3, 3), (1, 12), (2, 1)]  # (num_kv_heads, group)
 
 
 def decode(*args):
@@ -67,6 +68,18 @@ def reference_fp32(q, k_cache, v_cache, tables, lens, scale):
     return torch.where((lens > 0).view(-1, 1, 1), out, 0.0)  # no keys: the kernel's contract is zeros
 
 
+def reference_per_sequence(q, k_cache, v_cache, tables, lengths, scale):
+    """The fp32 reference one sequence at a time: batches of very different lengths, which the vectorised
+    reference would pad to the longest."""
+    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    for b, length in enumerate(lengths):
+        if length:
+            k = reference.gather_pages(k_cache, tables[b], length).float()
+            v = reference.gather_pages(v_cache, tables[b], length).float()
+            out[b : b + 1] = reference.attend(q[b : b + 1].float(), k, v, scale, causal=False)
+    return out
+
+
 def check_close(out, ref, dtype):
     assert out.dtype == dtype
     assert not out.isnan().any(), "NaN in the kernel's output"
@@ -102,7 +115,7 @@ def random_case(seed: int):
     rng = random.Random(seed)
     dtype = rng.choice([torch.float16, torch.bfloat16])
     head_dim = rng.choice([64, 128])
-    num_kv_heads, group = rng.choice([(8, 1), (8, 2), (4, 4), (2, 8), (4, 2), (1, 16), (3, 3), (1, 12), (2, 1)])
+    num_kv_heads, group = rng.choice(KV_GROUPS)
     block_size = rng.choice([16, 16, 32, 32, 256, 64, 128])
     batch = rng.choice([1, 1, 2, 3, 5, 8, 16, 33, 64])
     max_len = rng.choice([64, 300, 1024, 4096])
@@ -118,6 +131,51 @@ def random_case(seed: int):
 @pytest.mark.parametrize("seed", range(120))
 def test_random_cases(seed):
     run_case(*random_case(seed))
+
+
+def mixed_lengths(rng: random.Random, pattern: str, batch: int) -> list[int]:
+    """Batches of very different lengths, where a work split by length goes wrong first: very long contexts
+    among short or empty ones, lengths on tile edges, padding rows of context 0, hundreds of rows."""
+    if pattern == "long among short":
+        lengths = [rng.randint(0, 100) for _ in range(batch)]
+        for b in rng.sample(range(batch), max(1, batch // 50)):
+            lengths[b] = rng.randint(8000, 40000)
+    elif pattern == "tile edges":
+        lengths = [rng.choice([0, 1, 63, 64, 65, 127, 128, 129, rng.randint(1, 3000)]) for _ in range(batch)]
+    elif pattern == "workload":  # as benchmarks.throughput's batches
+        lengths = [rng.randint(100, 2000) for _ in range(batch)]
+    elif pattern == "padded":  # a captured batch: real rows, then padding rows of context 0
+        real = rng.randint(1, batch)
+        lengths = [rng.randint(1, 5000) for _ in range(real)] + [0] * (batch - real)
+    elif pattern == "one long":
+        lengths = [rng.randint(20000, 50000)] + [rng.choice([0, 1]) for _ in range(batch - 1)]
+        rng.shuffle(lengths)
+    else:  # "all short": hundreds of tiny contexts
+        lengths = [rng.randint(0, 16) for _ in range(batch)]
+    return lengths
+
+
+MIXED_PATTERNS = ["long among short", "tile edges", "workload", "padded", "one long", "all short"]
+
+
+@pytest.mark.parametrize("seed", range(48))
+def test_mixed_length_batches(seed):
+    rng = random.Random(1000 + seed)
+    pattern = MIXED_PATTERNS[seed % len(MIXED_PATTERNS)]
+    num_kv_heads, group = KV_GROUPS[seed % len(KV_GROUPS)]
+    num_heads, dtype = num_kv_heads * group, rng.choice([torch.float16, torch.bfloat16])
+    head_dim, block_size = rng.choice([64, 128]), rng.choice([16, 256, 16, 256, 32])
+    batch = rng.choice([2, 7, 64, 257, 300] if pattern != "all short" else [64, 300, 600])
+    lengths = mixed_lengths(rng, pattern, batch)
+    k_cache, v_cache, tables, clean_k, clean_v = make_pages(
+        rng, lengths, block_size, num_kv_heads, head_dim, dtype, extra_columns=rng.randint(0, 2)
+    )
+    lens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
+    q = (rng.choice([1.0, 3.0]) * torch.randn(batch, num_heads, head_dim, device="cuda")).to(dtype)
+    poison_allocator(batch * num_heads * head_dim * 2)
+    out = decode(q, k_cache, v_cache, tables, lens, head_dim**-0.5)
+    check_close(out, reference_per_sequence(q, clean_k, clean_v, tables, lengths, head_dim**-0.5), dtype)
+    assert (out[lens == 0] == 0).all()
 
 
 @pytest.mark.parametrize("total", [0, -7, 1, "sum", 3 << 20, 1 << 62])
@@ -136,7 +194,10 @@ def test_long_context(block_size, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("lengths", [[5000, 64, 1, 0, 3000, 129, 2048, 700], [40000], [300] * 40, [33] * 300])
+@pytest.mark.parametrize(
+    "lengths",
+    [[5000, 64, 1, 0, 3000, 129, 2048, 700], [40000], [300] * 40, [33] * 300, [7, 0, 30000] + [65] * 290 + [0] * 9],
+)
 def test_split_kv_heads_gives_a_part_of_the_heads_the_same_bits(lengths, dtype):
     """A tensor-parallel rank holds a part of the KV heads. Told the whole model's count (split_kv_heads), it
     must cut every context where the whole model's launch does, so that its heads come out bit for bit the
@@ -171,14 +232,26 @@ def test_empty_and_single_token_rows():
 @pytest.mark.parametrize("batch", [1, 64, 300])  # from many splits a sequence to one
 def test_cuda_graph_replay(batch, with_total):
     """Capture once, then copy new queries, pages, tables and lengths (and their total) into the captured
-    buffers and replay."""
+    buffers and replay: uniform, padded and one-long-among-short mixes, each equal to an eager call."""
     rng = random.Random(batch)
     num_heads, num_kv_heads, head_dim, block_size, dtype = 16, 8, 128, 16, torch.bfloat16
     max_blocks, num_blocks = 40, batch * 40 + 8
+    capacity = max_blocks * block_size
 
-    def fresh_inputs():
-        lengths = [rng.randint(0, max_blocks * block_size) for _ in range(batch)]
-        lengths[0] = rng.choice([0, 1, max_blocks * block_size])
+    def fresh_lengths(mix):
+        if mix == "padded":
+            real = rng.randint(1, batch)
+            return [rng.randint(1, capacity) for _ in range(real)] + [0] * (batch - real)
+        if mix == "one long":
+            lengths = [rng.choice([0, 1, 2]) for _ in range(batch)]
+            lengths[rng.randrange(batch)] = capacity
+            return lengths
+        lengths = [rng.randint(0, capacity) for _ in range(batch)]
+        lengths[0] = rng.choice([0, 1, capacity])
+        return lengths
+
+    def fresh_inputs(mix="uniform"):
+        lengths = fresh_lengths(mix)
         k, v, tables, clean_k, clean_v = make_pages(rng, lengths, block_size, num_kv_heads, head_dim, dtype, 0)
         # Same shapes every time: pad tables to max_blocks and caches to num_blocks.
         full_tables = torch.randint(0, num_blocks, (batch, max_blocks), dtype=torch.int32, device="cuda")
@@ -202,14 +275,15 @@ def test_cuda_graph_replay(batch, with_total):
     with torch.cuda.graph(graph):
         out = decode(q, k, v, tables, lens, 0.088, total)
 
-    for _ in range(3):
-        new, (clean_k, clean_v) = fresh_inputs()
+    for mix in ["uniform", "padded", "one long", "uniform"]:
+        new, (clean_k, clean_v) = fresh_inputs(mix)
         for buffer, value in zip(buffers, new):
             if buffer is not None:
                 buffer.copy_(value)
         out.fill_(float("nan"))
         graph.replay()
         check_close(out, reference_fp32(q, clean_k, clean_v, tables, lens, 0.088), dtype)
+        assert torch.equal(out, decode(q, k, v, tables, lens, 0.088, total)), mix
 
 
 def valid_args(**changes):
