@@ -1,6 +1,17 @@
-"""What generate() returns: vLLM's RequestOutput and CompletionOutput shapes."""
+"""What generate() returns: vLLM's RequestOutput, CompletionOutput and Logprob shapes."""
 
 from dataclasses import dataclass, field
+
+
+@dataclass
+class Logprob:
+    logprob: float  # of the model's raw distribution (log-softmax of the logits before any processing), fp32
+    rank: int  # 1 for the most likely token
+    decoded_token: str | None = None
+
+
+# One position's logprobs: the token there (sampled, or the prompt's) and the top k, by token id.
+PositionLogprobs = dict[int, Logprob]
 
 
 @dataclass
@@ -8,6 +19,8 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
+    cumulative_logprob: float | None = None  # the sum of the tokens' logprobs, when logprobs were asked for
+    logprobs: list[PositionLogprobs] | None = None  # one a generated token, when asked for
     finish_reason: str | None = None  # "stop", "length" or "abort"; None while it runs
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it; None for eos
 
@@ -27,3 +40,5 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics = field(default=None)  # type: ignore[assignment]
+    prompt_logprobs: list[PositionLogprobs | None] | None = None  # None for the first token, when asked for
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache

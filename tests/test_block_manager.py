@@ -41,7 +41,7 @@ def check_block_manager(bm: BlockManager, holders: list[Sequence]) -> None:
 
 
 def new_seq(tokens: list[int]) -> Sequence:
-    return Sequence(tokens, SamplingParams(max_tokens=1000), None)
+    return Sequence(tokens, SamplingParams(max_tokens=1000), None, 10**6)
 
 
 def compute(bm: BlockManager, seq: Sequence, num_tokens: int) -> bool:

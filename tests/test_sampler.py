@@ -5,30 +5,37 @@ import pytest
 import torch
 
 from minivllm.engine.sequence import Sequence
-from minivllm.engine.step_inputs import SAMPLING_COLUMNS, sampling_batch, sampling_columns
+from minivllm.engine.step_inputs import StepInputs
 from minivllm.engine.step_message import sampling_rows
-from minivllm.layers.sampler import SamplingBatch, sample
+from minivllm.layers.sampler import COLUMNS, SamplingBatch, sample
 from minivllm.sampling_params import SamplingParams
 
 ROWS = 20000
 PROBS = torch.tensor([0.05, 0.5, 0.0, 0.15, 0.3])  # a shuffled order, so nothing relies on sorted input
 
 
-def batch_of(params: list[SamplingParams], eos_ids=(), seeds=None, outputs=0) -> SamplingBatch:
+STAGING = StepInputs(8, 8, 1, 16, torch.device("cpu"))
+
+
+def batch_of(params: list[SamplingParams], eos_ids=(), seeds=None, outputs=0, vocab_size=1000) -> SamplingBatch:
     seqs = []
     for i, p in enumerate(params):
         generator = None if seeds is None or seeds[i] is None else torch.Generator().manual_seed(seeds[i])
-        seq = Sequence([1, 2, 3], p, generator)
-        seq.token_ids += [4] * outputs
+        seq = Sequence([1, 2, 3], p, generator, 1000)
+        for _ in range(outputs):
+            seq.append_token(4)
         seqs.append(seq)
-    rows = sampling_rows(seqs, list(eos_ids))  # the engine's columns, staged as the runner stages them
-    columns = {name: torch.tensor(values, dtype=SAMPLING_COLUMNS[name][0])
-               for name, values in sampling_columns(rows).items()}
-    return sampling_batch(rows, columns, None)
+    rows = sampling_rows(seqs, list(eos_ids), vocab_size)  # the engine's rows, staged as the runner stages them
+    columns = {name: torch.tensor(values, dtype=COLUMNS[name][0]) for name, values in rows.used_columns().items()}
+    return STAGING.sampling_batch(rows, columns, None, None)
+
+
+def draw(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    return sample(logits, batch).tokens
 
 
 def frequencies(params: SamplingParams, logits: torch.Tensor, rows: int = ROWS) -> torch.Tensor:
-    tokens = sample(logits.expand(rows, -1).clone(), batch_of([params] * rows))
+    tokens = draw(logits.expand(rows, -1).clone(), batch_of([params] * rows))
     return torch.bincount(tokens, minlength=logits.shape[-1]).float() / rows
 
 
@@ -81,7 +88,7 @@ def test_mixed_batch_rows_follow_their_own_params():
         SamplingParams(temperature=0.0, top_k=50),
     ]
     for _ in range(20):
-        tokens = sample(logits.clone(), batch_of(params))
+        tokens = draw(logits.clone(), batch_of(params))
         greedy = logits.argmax(-1)
         assert tokens[[0, 1, 2, 3, 5]].tolist() == greedy[[0, 1, 2, 3, 5]].tolist()
         assert tokens[4].item() in logits[4].topk(3).indices.tolist()
@@ -98,7 +105,7 @@ def test_min_tokens_bans_eos_and_stop_ids_until_reached():
         SamplingParams(temperature=0.0, min_tokens=3, ignore_eos=True),
     ]
     logits[3, eos] = 100.0
-    tokens = sample(logits.clone(), batch_of(params, eos_ids=[eos], outputs=2))
+    tokens = draw(logits.clone(), batch_of(params, eos_ids=[eos], outputs=2))
     assert tokens[0] != eos and tokens[0] == logits[0].topk(2).indices[1]
     assert tokens[1] != top[1]
     assert tokens[2] == top[2]
@@ -120,7 +127,7 @@ def test_seeded_row_does_not_depend_on_the_batch():
         for _ in range(steps):
             rows = logits[:size].clone()
             rows[row] = logits[0]
-            out.append(sample(rows, batch)[row].item())
+            out.append(draw(rows, batch)[row].item())
         return out
 
     alone = draws(0, 1)
@@ -136,7 +143,7 @@ def test_engine_generator_drives_unseeded_rows():
     def draws(seed: int) -> list[list[int]]:
         batch = batch_of(params)
         batch.generator = torch.Generator().manual_seed(seed)
-        return [sample(logits.clone(), batch).tolist() for _ in range(5)]
+        return [draw(logits.clone(), batch).tolist() for _ in range(5)]
 
     assert draws(1) == draws(1)
     assert draws(1) != draws(2)
@@ -149,7 +156,7 @@ def test_bans_ignore_ids_outside_the_vocabulary():
         SamplingParams(temperature=0.0, min_tokens=5, stop_token_ids=[10**6, -1]),
         SamplingParams(temperature=1.0, seed=1, min_tokens=5, stop_token_ids=[50]),
     ]
-    tokens = sample(logits.clone(), batch_of(params, eos_ids=[77], seeds=[None, 1]))
+    tokens = draw(logits.clone(), batch_of(params, eos_ids=[77], seeds=[None, 1], vocab_size=50))
     assert tokens[0] == logits[0].argmax()  # -1 must not ban the last token
     assert 0 <= tokens[1] < 50
 

@@ -52,8 +52,8 @@ class BlockManager:
         At least one token is always left to compute, since its logits give the next token.
         """
         assert not seq.block_table and seq.num_computed_tokens == 0 and not seq.num_pending_tokens
-        if not self.enable_prefix_caching:
-            return
+        if not self.enable_prefix_caching or seq.params.prompt_logprobs is not None:
+            return  # prompt logprobs need every prompt token's logits: none may come from the cache
         for i in range((len(seq) - 1) // self.block_size):
             block_id = self.cached.get(self._block_hash(seq, i))
             if block_id is None or self.blocks[block_id].token_ids != tuple(self._block_tokens(seq, i)):
@@ -61,6 +61,8 @@ class BlockManager:
             self._take(block_id)
             seq.block_table.append(block_id)
             seq.num_computed_tokens += self.block_size
+        if seq.num_cached_tokens is None:
+            seq.num_cached_tokens = seq.num_computed_tokens
 
     def reserve(self, seq: Sequence, num_tokens: int) -> bool:
         """Add the blocks seq needs to compute num_tokens more; False, with nothing changed, if too few are free."""

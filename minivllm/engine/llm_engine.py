@@ -24,7 +24,7 @@ from minivllm.engine.sequence import Sequence
 from minivllm.engine.step_message import build_step
 from minivllm.inputs import InputProcessor, ProcessedPrompt, Prompt
 from minivllm.model_loader import eos_token_ids, load_tokenizer
-from minivllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from minivllm.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestMetrics, RequestOutput
 from minivllm.sampling_params import RequestOutputKind, SamplingParams
 
 
@@ -35,6 +35,7 @@ class Request:
     params: SamplingParams
     seqs: list[Sequence]
     metrics: RequestMetrics
+    prompt_logprobs: list[PositionLogprobs | None] | None = None  # position i: of prompt token i (None for 0)
 
     @property
     def finished(self) -> bool:
@@ -47,6 +48,8 @@ class InFlight:
 
     seqs: list[Sequence]
     launched: LaunchedStep
+    # (sequence, its first computed position, tokens, k) for each row of the step's prompt_logprobs
+    prompt_rows: list[tuple[Sequence, int, int, int]]
 
 
 @dataclass
@@ -72,6 +75,7 @@ class LLMEngine:
         self.overlap = int(args.async_scheduling)  # steps launched and not yet collected: at most overlap + 1
         self.in_flight: deque[InFlight] = deque()
         self.stats = EngineStats()
+        self.decoded: dict[int, str] = {}  # token id -> its text alone, for logprobs
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs, stacklevel: int = 1) -> "LLMEngine":
@@ -102,20 +106,36 @@ class LLMEngine:
             raise ValueError(f"request_id {request_id!r} is already running; give each request its own id")
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+        params.validate()  # again: a field may have changed since it was made
+        if (params.stop_strings or params.bad_words) and self.tokenizer is None:
+            raise ValueError("stop strings and bad_words need a tokenizer; this model has none")
         prompt = self.inputs.process(prompt)
+        if params.truncate_prompt_tokens is not None and len(prompt.token_ids) > params.truncate_prompt_tokens:
+            prompt = ProcessedPrompt(None, prompt.token_ids[-params.truncate_prompt_tokens :])
+        bad_words = self.bad_word_ids(params.bad_words or [])
         request = Request(request_id, prompt, params, [], RequestMetrics(arrival_time or time.time()))
+        if params.prompt_logprobs is not None:
+            request.prompt_logprobs = [None] * len(prompt.token_ids)
         for index in range(params.n):
             generator = None
             if params.seed is not None:
                 generator = torch.Generator(self.config.device).manual_seed(params.seed + index)
-            seq = Sequence(prompt.token_ids, params, generator)
-            seq.max_len = min(seq.max_len, self.max_model_len)
-            if params.output_kind != RequestOutputKind.FINAL_ONLY or params.stop_strings:
-                seq.detokenizer = IncrementalDetokenizer(self.tokenizer, params) if self.tokenizer else None
+            seq = Sequence(prompt.token_ids, params, generator, self.max_model_len)
+            seq.bad_words = bad_words
+            seq.wants_prompt_logprobs = index == 0 and params.prompt_logprobs is not None
+            streams = params.output_kind != RequestOutputKind.FINAL_ONLY and params.detokenize
+            if self.tokenizer is not None and (streams or params.stop_strings):
+                seq.detokenizer = IncrementalDetokenizer(self.tokenizer, params)
             request.seqs.append(seq)
             self.request_of[seq.seq_id] = request
             self.scheduler.add(seq)
         self.requests[request_id] = request
+
+    def bad_word_ids(self, words: list[str]) -> list[list[int]]:
+        """Each bad word's tokens, alone and after a space, as vLLM bans them."""
+        variants = {tuple(self.tokenizer.encode(text, add_special_tokens=False))
+                    for word in words for text in (word, " " + word.lstrip())}
+        return [list(ids) for ids in variants if ids]
 
     def abort_request(self, request_id: str | list[str]) -> None:
         """Stop requests now and free their KV blocks; each is reported once more, by the next step(), with
@@ -146,8 +166,12 @@ class LLMEngine:
         batch = self.scheduler.schedule() if self.scheduler.has_unfinished else None
         if batch is not None:
             previous = self.in_flight[-1].seqs if self.in_flight else []
-            launched = self.executor.execute(build_step(batch, previous, self.eos_ids))
-            self.in_flight.append(InFlight([seq for seq in batch.seqs if seq.samples_this_step], launched))
+            vocab_size = self.config.source.config.vocab_size
+            message = build_step(batch, previous, self.eos_ids, vocab_size)
+            launched = self.executor.execute(message)
+            prompt_rows = [(batch.seqs[row], batch.seqs[row].num_computed_tokens, len(targets), k)
+                           for row, k, targets in message.prompt_logprobs]
+            self.in_flight.append(InFlight([seq for seq in batch.seqs if seq.samples_this_step], launched, prompt_rows))
             if batch.is_prefill:
                 self.stats.prompt_tokens += batch.num_tokens
             for seq in batch.seqs:
@@ -161,13 +185,19 @@ class LLMEngine:
     def collect(self, step: InFlight) -> list[RequestOutput]:
         """Take a step's tokens (waiting for it on the GPU) into its sequences; the outputs due."""
         progressed: dict[str, Request] = {}
-        for seq, token in zip(step.seqs, step.launched.token_ids()):
+        tokens = step.launched.token_ids()
+        logprobs = step.launched.logprobs()
+        if step.prompt_rows:
+            self.add_prompt_logprobs(step.prompt_rows, step.launched.prompt_logprobs())
+        for row, (seq, token) in enumerate(zip(step.seqs, tokens)):
             seq.num_pending_tokens -= 1
             if seq.is_finished:
                 continue  # it stopped on its previous token, or was aborted: this one is from a step too many
             self.stats.generation_tokens += 1
             request = self.request_of[seq.seq_id]
             progressed[request.request_id] = request
+            if seq.params.logprobs is not None:
+                self.add_logprobs(seq, token, row, logprobs)
             self.append_token(seq, token, request.metrics)
         outputs = []
         for request in progressed.values():
@@ -178,9 +208,46 @@ class LLMEngine:
                 outputs.append(self.output(request))
         return outputs
 
+    def add_logprobs(self, seq: Sequence, token: int, row: int, logprobs: tuple[list, ...]) -> None:
+        top_ids, top_logprobs, sampled_logprobs, sampled_ranks = (column[row] for column in logprobs)
+        k = seq.params.logprobs
+        entry = {token: Logprob(sampled_logprobs, sampled_ranks, self.token_text(token))}
+        for rank, (token_id, logprob) in enumerate(zip(top_ids[:k], top_logprobs[:k]), start=1):
+            entry.setdefault(token_id, Logprob(logprob, rank, self.token_text(token_id)))
+        seq.logprobs.append(entry)
+        seq.cumulative_logprob += sampled_logprobs
+
+    def add_prompt_logprobs(self, rows: list[tuple[Sequence, int, int, int]], columns: tuple[list, ...]) -> None:
+        """Fill the requests' prompt logprobs from ModelRunner.prompt_logprobs' flat columns."""
+        top_ids, top_logprobs, target_logprobs, target_ranks = columns
+        flat = 0  # into the top columns; the target columns have one entry a token
+        done = 0
+        for seq, start, count, k in rows:
+            request = self.request_of.get(seq.seq_id)
+            for i in range(count):
+                position = start + i + 1  # these logits give the logprob of the next prompt token
+                if request is not None and position < seq.num_prompt_tokens:
+                    token = seq.token_ids[position]
+                    entry = {token: Logprob(target_logprobs[done + i], target_ranks[done + i], self.token_text(token))}
+                    for rank in range(k):
+                        token_id = top_ids[flat + i * k + rank]
+                        entry.setdefault(token_id, Logprob(top_logprobs[flat + i * k + rank], rank + 1,
+                                                           self.token_text(token_id)))
+                    request.prompt_logprobs[position] = entry
+            flat, done = flat + count * k, done + count
+
+    def token_text(self, token_id: int) -> str | None:
+        """A token's text alone (for logprobs), decoded once per token id."""
+        if self.tokenizer is None:
+            return None
+        text = self.decoded.get(token_id)
+        if text is None:
+            text = self.decoded[token_id] = self.tokenizer.decode([token_id])
+        return text
+
     def append_token(self, seq: Sequence, token: int, metrics: RequestMetrics) -> None:
         """Add a sampled token and apply every stop condition."""
-        seq.token_ids.append(token)
+        seq.append_token(token)
         self.scheduler.block_manager.token_arrived(seq)
         if metrics.first_token_time is None:
             metrics.first_token_time = time.time()
@@ -205,25 +272,37 @@ class LLMEngine:
     # ----- outputs ----------------------------------------------------------------------------------------
     def output(self, request: Request) -> RequestOutput:
         """The request's output as its output_kind asks: everything so far, or what is new since the last one."""
-        delta = request.params.output_kind == RequestOutputKind.DELTA
+        params = request.params
+        delta = params.output_kind == RequestOutputKind.DELTA
         completions = []
         for index, seq in enumerate(request.seqs):
             text, token_ids = self.text_of(seq), seq.output_token_ids
+            logprobs = seq.logprobs if params.logprobs is not None else None
             if delta:
                 text, token_ids = text[seq.num_reported_chars :], token_ids[seq.num_reported_tokens :]
-            seq.num_reported_chars += len(text) if delta else 0
-            seq.num_reported_tokens += len(token_ids) if delta else 0
-            completions.append(CompletionOutput(index, text, token_ids, seq.finish_reason, seq.stop_reason))
-        prompt = request.prompt
+                logprobs = logprobs[seq.num_reported_tokens :] if logprobs is not None else None
+                seq.num_reported_chars += len(text)
+                seq.num_reported_tokens += len(token_ids)
+            completions.append(CompletionOutput(
+                index, text, token_ids, seq.cumulative_logprob if logprobs is not None else None, logprobs,
+                seq.finish_reason, seq.stop_reason,
+            ))
+        prompt, prompt_logprobs = request.prompt, request.prompt_logprobs
+        if prompt_logprobs is not None and any(entry is None for entry in prompt_logprobs[1:]):
+            prompt_logprobs = None  # not all computed yet
         return RequestOutput(request.request_id, prompt.text, prompt.token_ids, completions, request.finished,
-                             replace(request.metrics))
+                             replace(request.metrics), prompt_logprobs, request.seqs[0].num_cached_tokens or 0)
 
     def text_of(self, seq: Sequence) -> str:
-        if self.tokenizer is None:
+        params = seq.params
+        if self.tokenizer is None or not params.detokenize:
             return ""
         if seq.detokenizer is not None and (isinstance(seq.stop_reason, str) or not seq.is_finished):
-            return seq.detokenizer.text if seq.is_finished else seq.detokenizer.streamed_text()
+            if not seq.is_finished:
+                return seq.detokenizer.streamed_text()
+            # cut before the stop string, which the output may keep
+            return seq.detokenizer.text + (seq.stop_reason if params.include_stop_str_in_output else "")
         ids = seq.output_token_ids
-        if seq.finish_reason == "stop":
+        if seq.finish_reason == "stop" and not params.include_stop_str_in_output:
             ids = ids[:-1]  # as vLLM, the eos or stop id that ended it is in token_ids but not in the text
-        return self.tokenizer.decode(ids, skip_special_tokens=seq.params.skip_special_tokens)
+        return self.tokenizer.decode(ids, skip_special_tokens=params.skip_special_tokens)

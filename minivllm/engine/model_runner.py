@@ -17,11 +17,12 @@ from minivllm.distributed import TensorParallel
 from minivllm.engine.step_inputs import StepInputs
 from minivllm.engine.step_message import StepMessage
 from minivllm.layers.attention import Attention, AttentionMetadata
-from minivllm.layers.sampler import SamplingBatch, sample
+from minivllm.layers.sampler import SamplerOutput, SamplingBatch, sample
 from minivllm.model_loader import ModelSource, init_random_weights, load_weights
 from minivllm.models import DecoderForCausalLM, model_architecture
 from minivllm.models.decoder import head_dim_of
 
+PROMPT_LOGITS_ROWS = 512  # prompt logprobs' logits are made this many tokens at a time (fp32 [rows, vocab])
 CPU_KV_CACHE_BYTES = 2 << 30  # the CPU has no memory to profile against; a fixed budget keeps runs predictable
 
 
@@ -115,25 +116,43 @@ class ModelRunner:
             hidden = self.graph_hidden[: step.num_rows]
         else:
             hidden = self.model(staged.input_ids, staged.positions, staged.meta)
+            prompt_logprobs = self.prompt_logprobs(step, hidden) if step.prompt_logprobs else None
             if not step.sampling_rows:  # prompt chunks that do not reach their prompt's end
                 self.previous_tokens = None
-                return LaunchedStep.nothing()
+                return LaunchedStep.copy_to_host(torch.empty(0, dtype=torch.int64), None, prompt_logprobs)
             if staged.sample_rows is not None:
                 hidden = hidden[staged.sample_rows]
         logits = self.model.compute_logits(hidden)
         if logits is None:  # a tensor-parallel rank other than 0: rank 0 samples, and sends the tokens
-            tokens = torch.empty(len(step.sampling_rows), dtype=torch.int64, device=self.device)
+            out = SamplerOutput(torch.empty(len(step.sampling_rows), dtype=torch.int64, device=self.device))
         else:
-            tokens = sample(logits, staged.sampling)
-        self.tp.broadcast_from_first_rank(tokens)  # every rank's next step may read them (async scheduling)
-        self.previous_tokens = tokens
-        if self.device.type != "cuda":
-            return LaunchedStep(tokens, tokens)
-        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-        host.copy_(tokens, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record()
-        return LaunchedStep(tokens, host, done)
+            out = sample(logits, staged.sampling)
+        self.tp.broadcast_from_first_rank(out.tokens)  # every rank's next step may read them (async scheduling)
+        self.previous_tokens = out.tokens
+        logprobs = (out.top_ids, out.top_logprobs, out.sampled_logprobs, out.sampled_ranks)
+        return LaunchedStep.copy_to_host(out.tokens, logprobs if out.top_ids is not None else None,
+                                         prompt_logprobs if step.is_prefill and graph_size is None else None)
+
+    def prompt_logprobs(self, step: StepMessage, hidden: torch.Tensor) -> list[torch.Tensor] | None:
+        """For each row of step.prompt_logprobs, over its new tokens: (top ids, top logprobs, the next prompt token's
+        logprob and rank), concatenated in that order (rank 0 only; the others join the lm_head's gather)."""
+        offsets = np.cumsum([0, *step.num_new_tokens])
+        columns: list[list[torch.Tensor]] = [[], [], [], []]
+        for row, k, targets in step.prompt_logprobs:
+            for start in range(offsets[row], offsets[row + 1], PROMPT_LOGITS_ROWS):  # [rows, vocab] fp32 at most
+                end = min(start + PROMPT_LOGITS_ROWS, offsets[row + 1])
+                logits = self.model.compute_logits(hidden[start:end])
+                if logits is None:
+                    continue
+                raw = logits.float().log_softmax(dim=-1)
+                chunk = targets[start - offsets[row] : end - offsets[row]]
+                target = torch.tensor(chunk, dtype=torch.int64).clamp(min=0).to(self.device, non_blocking=True)
+                target_logprobs = raw.gather(1, target.unsqueeze(1)).squeeze(1)
+                top_logprobs, top_ids = raw.topk(k, dim=-1)
+                ranks = (raw > target_logprobs.unsqueeze(1)).sum(dim=-1) + 1
+                for column, part in zip(columns, (top_ids.flatten(), top_logprobs.flatten(), target_logprobs, ranks)):
+                    column.append(part)
+        return [torch.cat(column) for column in columns] if columns[0] else None
 
     @torch.inference_mode()
     def warm_up_sampler(self) -> None:
@@ -146,7 +165,7 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[:rows])  # every rank: the lm_head gathers across them
             if logits is not None:
                 temperatures = torch.ones(rows, dtype=torch.float32, device=self.device)
-                batch = SamplingBatch(temperatures, top_k=None, top_p=None, min_p=None, seeded_rows=[], banned=[],
+                batch = SamplingBatch(temperatures, top_k=None, top_p=None, min_p=None, seeded_rows=[],
                                       all_greedy=False, any_greedy=False, generator=generator)
                 sample(logits, batch)
 
@@ -186,21 +205,40 @@ def release_graphs(graphs: dict[int, torch.cuda.CUDAGraph]) -> None:
 
 @dataclass
 class LaunchedStep:
-    """A launched step's sampled tokens: on the device at once, readable on the host once the step is done."""
+    """A launched step's sampled tokens (and their logprobs): on the device at once, readable on the host once
+    the step is done."""
 
     tokens: torch.Tensor  # [sampling rows] int64 on the device
     host_tokens: torch.Tensor  # their copy in pinned memory (on the CPU: the same tensor)
-    done: torch.cuda.Event | None = None  # recorded after that copy
+    done: torch.cuda.Event | None = None  # recorded after the copies
+    # (top ids, top logprobs, sampled logprobs, sampled ranks) on the host, when a row asked for logprobs
+    host_logprobs: list[torch.Tensor] | None = None
+    host_prompt_logprobs: list[torch.Tensor] | None = None  # see ModelRunner.prompt_logprobs
 
     @classmethod
-    def nothing(cls) -> "LaunchedStep":
-        empty = torch.empty(0, dtype=torch.int64)
-        return cls(empty, empty)
+    def copy_to_host(cls, tokens: torch.Tensor, logprobs: tuple[torch.Tensor, ...] | None,
+                     prompt_logprobs: list[torch.Tensor] | None = None) -> "LaunchedStep":
+        if not tokens.is_cuda and not (prompt_logprobs and prompt_logprobs[0].is_cuda):
+            return cls(tokens, tokens, None, list(logprobs) if logprobs else None, prompt_logprobs)
+        logprobs, prompt_logprobs = list(logprobs or []), prompt_logprobs or []
+        host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+                for t in (tokens, *logprobs, *prompt_logprobs)]
+        done = torch.cuda.Event()
+        done.record()
+        return cls(tokens, host[0], done, host[1 : 1 + len(logprobs)] or None, host[1 + len(logprobs) :] or None)
 
     def token_ids(self) -> list[int]:
         if self.done is not None:
             self.done.synchronize()
         return self.host_tokens.tolist()
+
+    def logprobs(self) -> tuple[list, ...] | None:
+        """(top ids, top logprobs, sampled logprobs, sampled ranks) as lists, a row each; after token_ids()."""
+        return tuple(t.tolist() for t in self.host_logprobs) if self.host_logprobs is not None else None
+
+    def prompt_logprobs(self) -> tuple[list, ...] | None:
+        """ModelRunner.prompt_logprobs' columns as flat lists; after token_ids()."""
+        return tuple(t.tolist() for t in self.host_prompt_logprobs) if self.host_prompt_logprobs else None
 
 
 def rank_device(device: torch.device, rank: int) -> torch.device:

@@ -96,8 +96,9 @@ class Scheduler:
     def _schedule_decode(self) -> ScheduledBatch | None:
         seqs = []
         for seq in list(self.running):
-            if seq.status != SequenceStatus.RUNNING or seq.num_uncomputed_tokens > 1 or seq.awaits_last_token:
-                continue  # preempted below to make room for an older sequence, still mid-prompt, or done
+            if (seq.status != SequenceStatus.RUNNING or seq.num_uncomputed_tokens > 1 or seq.awaits_last_token
+                    or (seq.num_pending_tokens and seq.needs_host_tokens)):
+                continue  # preempted below to make room for an older sequence, mid-prompt, done, or waiting
             while not self.block_manager.reserve(seq, 1):
                 self._preempt(self.running[-1])
                 if seq.status != SequenceStatus.RUNNING:

@@ -3,6 +3,7 @@
 import enum
 import itertools
 
+import numpy as np
 import torch
 
 from minivllm.engine.detokenizer import IncrementalDetokenizer
@@ -19,7 +20,8 @@ _ids = itertools.count()
 
 
 class Sequence:
-    def __init__(self, prompt_token_ids: list[int], params: SamplingParams, generator: torch.Generator | None):
+    def __init__(self, prompt_token_ids: list[int], params: SamplingParams, generator: torch.Generator | None,
+                 max_model_len: int):
         self.seq_id = next(_ids)
         self.token_ids = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
@@ -33,12 +35,27 @@ class Sequence:
         # tokens sampled by a launched step whose values have not reached the host yet (async scheduling):
         # they count in len(seq), and the next step reads them from the GPU
         self.num_pending_tokens = 0
-        self.max_len = self.num_prompt_tokens + params.max_tokens  # its length when it stops at the latest
+        max_tokens = params.max_tokens if params.max_tokens is not None else max_model_len
+        self.max_len = min(self.num_prompt_tokens + max_tokens, max_model_len)  # its length when it stops at the latest
+        # every token so far as an array, grown as tokens arrive, for the penalties (which read it each step)
+        self.history = np.asarray(prompt_token_ids, dtype=np.int64) if params.has_penalties else None
+        self.bad_words: list[list[int]] = []  # token sequences of params.bad_words, filled by the engine
+        self.wants_prompt_logprobs = False  # the first completion of a request with prompt_logprobs computes them
+        self.num_cached_tokens: int | None = None  # prompt tokens the prefix cache held when it was first admitted
+        self.cumulative_logprob = 0.0
+        self.logprobs: list[dict] = []  # with params.logprobs: one {token id: Logprob} a generated token
         # its text as it grows, when stop strings or a streaming request need it before the end
         self.detokenizer: IncrementalDetokenizer | None = None
         self.num_reported_tokens = self.num_reported_chars = 0  # what DELTA outputs have given so far
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
+
+    def append_token(self, token: int) -> None:
+        self.token_ids.append(token)
+        if self.history is not None:
+            if len(self.token_ids) > len(self.history):
+                self.history = np.resize(self.history, 2 * len(self.token_ids))  # amortised growth
+            self.history[len(self.token_ids) - 1] = token
 
     def __len__(self) -> int:
         return len(self.token_ids) + self.num_pending_tokens
@@ -59,6 +76,12 @@ class Sequence:
     def awaits_last_token(self) -> bool:
         """Its final token is still on the GPU: there is nothing left to compute for it."""
         return self.num_pending_tokens > 0 and len(self) >= self.max_len
+
+    @property
+    def needs_host_tokens(self) -> bool:
+        """Its next step needs every token on the host (bad words are matched there): with async scheduling it
+        waits for a token still on the GPU instead of being decoded from it."""
+        return bool(self.bad_words)
 
     @property
     def is_finished(self) -> bool:

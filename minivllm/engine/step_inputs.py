@@ -6,7 +6,8 @@ that buffer and copies what the step uses. There are two mirrors, used in turn: 
 copy from the other may still be queued behind the step before (async scheduling), but the copy from this
 one ran before that step's tokens were collected. A decode step's graph inputs come first, at offsets that
 depend only on its padded row count: a graph captured over the views of one size reads the same addresses
-at every replay.
+at every replay. The sampling extras whose size has no bound (penalty histories, flat token lists) go the
+same way through a second buffer that grows when it must, copied only in the steps that use them.
 """
 
 from dataclasses import dataclass
@@ -16,15 +17,9 @@ import torch
 
 from minivllm.engine.step_message import StepMessage
 from minivllm.layers.attention import AttentionMetadata
-from minivllm.layers.sampler import SamplingBatch, SamplingRows
+from minivllm.layers.sampler import COLUMNS, Penalties, SamplingBatch, SamplingRows
 
-# sampling columns: (dtype, the value that turns the column off, or None when it is always sent)
-SAMPLING_COLUMNS = {
-    "temperatures": (torch.float32, None),
-    "top_k": (torch.int64, 0),
-    "top_p": (torch.float32, 1.0),
-    "min_p": (torch.float32, 0.0),
-}
+TORCH_DTYPES = {np.dtype(np.int64): torch.int64, np.dtype(np.float32): torch.float32}
 
 
 class Layout:
@@ -42,6 +37,35 @@ class Layout:
 
     def views(self, buffer: torch.Tensor) -> dict[str, torch.Tensor]:
         return {name: buffer[o : o + n * d.itemsize].view(d) for name, (o, d, n) in self.fields.items()}
+
+
+class Staging:
+    """A device byte buffer and its two pinned host mirrors, used in turn (see the module's docstring)."""
+
+    def __init__(self, nbytes: int, device: torch.device, growable: bool):
+        self.device, self.growable = device, growable
+        self.allocate(nbytes)
+
+    def allocate(self, nbytes: int) -> None:
+        self.buffer = torch.zeros(nbytes, dtype=torch.uint8, device=self.device)
+        pin = self.device.type == "cuda"
+        self.mirrors = [torch.zeros(nbytes, dtype=torch.uint8, pin_memory=pin) for _ in range(2)]
+        self.turn = 0
+
+    def host(self, layout: Layout) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
+        """The next mirror and the layout's arrays in it, to fill."""
+        if layout.nbytes > len(self.buffer):
+            assert self.growable, "a step's fixed inputs outgrew their buffer"
+            # the old buffers stay alive while a queued copy reads them (pinned memory is freed after its uses)
+            self.allocate(1 << (layout.nbytes - 1).bit_length())
+        mirror = self.mirrors[self.turn]
+        self.turn ^= 1
+        return mirror, {name: view.numpy() for name, view in layout.views(mirror).items()}
+
+    def send(self, layout: Layout, mirror: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Copy what the layout uses to the device; its arrays there."""
+        self.buffer[: layout.nbytes].copy_(mirror[: layout.nbytes], non_blocking=True)
+        return layout.views(self.buffer)
 
 
 def step_layout(is_prefill: bool, tokens: int, rows: int, width: int, samples: int, pending: int,
@@ -62,7 +86,17 @@ def step_layout(is_prefill: bool, tokens: int, rows: int, width: int, samples: i
     layout.add("pending_rows", torch.int64, pending)
     layout.add("pending_sources", torch.int64, pending)
     for name in columns:
-        layout.add(name, SAMPLING_COLUMNS[name][0], samples)
+        layout.add(name, COLUMNS[name][0], samples)
+    return layout
+
+
+def extras_layout(rows: SamplingRows) -> Layout:
+    layout = Layout()
+    for name, array in rows.arrays.items():
+        layout.add(name, TORCH_DTYPES[array.dtype], array.size)
+    if rows.history is not None:
+        layout.add("history", torch.int64, rows.history.size)
+        layout.add("history_pending", torch.int64, 2 * len(rows.history_pending or []))
     return layout
 
 
@@ -77,16 +111,14 @@ class StagedStep:
 
 class StepInputs:
     def __init__(self, max_tokens: int, max_rows: int, max_blocks: int, block_size: int, device: torch.device):
-        self.max_rows, self.max_blocks, self.block_size, self.device = max_rows, max_blocks, block_size, device
-        columns = list(SAMPLING_COLUMNS)
+        self.max_blocks, self.block_size = max_blocks, block_size
+        columns = list(COLUMNS)
         nbytes = max(
             step_layout(True, max_tokens, max_rows, max_blocks, max_rows, max_rows, columns).nbytes,
             step_layout(False, max_rows, max_rows, max_blocks, max_rows, max_rows, columns).nbytes,
         )
-        self.buffer = torch.zeros(nbytes, dtype=torch.uint8, device=device)
-        pin = device.type == "cuda"
-        self.mirrors = [torch.zeros(nbytes, dtype=torch.uint8, pin_memory=pin) for _ in range(2)]
-        self.turn = 0
+        self.inputs = Staging(nbytes, device, growable=False)
+        self.extras = Staging(1 << 16, device, growable=True)
 
     def decode_views(self, rows: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """(input ids, positions, metadata) of a decode step padded to `rows`, as a graph of that size reads them;
@@ -104,12 +136,10 @@ class StepInputs:
         ends = starts + lengths
         paged = not prefill or bool(starts.any())  # prefill reads keys from the pages once some are cached
         width = (max(map(len, step.block_tables)) if prefill else self.max_blocks) if paged else 0
-        columns = sampling_columns(step.sampling)
+        columns = step.sampling.used_columns() if step.sampling is not None else {}
         layout = step_layout(prefill, step.num_tokens if prefill else rows, rows, width, len(step.sampling_rows),
                              len(step.pending), list(columns))
-        mirror = self.mirrors[self.turn]
-        self.turn ^= 1
-        host = {name: view.numpy() for name, view in layout.views(mirror).items()}
+        mirror, host = self.inputs.host(layout)
         tables = host["block_tables"].reshape(rows, width) if paged else np.zeros((n, max(map(len, step.block_tables))),
                                                                                   dtype=np.int32)
         for row, table in enumerate(step.block_tables):  # entries past a row's last block are never read
@@ -138,8 +168,7 @@ class StepInputs:
             host["pending_sources"][i] = source
         for name, values in columns.items():
             host[name][:] = values
-        self.buffer[: layout.nbytes].copy_(mirror[: layout.nbytes], non_blocking=True)
-        device = layout.views(self.buffer)
+        device = self.inputs.send(layout, mirror)
         if step.pending:
             put_pending_tokens(device, step, previous_tokens)
         if prefill:
@@ -154,9 +183,47 @@ class StepInputs:
             )
         sampling = None
         if step.sampling is not None and step.sampling_rows:
-            sampling = sampling_batch(step.sampling, device, generator)
+            sampling = self.sampling_batch(step.sampling, device, previous_tokens, generator)
         return StagedStep(device["input_ids"], device["positions"], meta,
                           device["sample_rows"] if prefill else None, sampling)
+
+    def sampling_batch(self, rows: SamplingRows, device: dict[str, torch.Tensor],
+                       previous_tokens: torch.Tensor | None, generator: torch.Generator | None) -> SamplingBatch:
+        """The sampler's view of the rows: their columns from the step's buffer, the extras through their own."""
+        arrays, penalties = None, None
+        if rows.arrays or rows.history is not None:
+            layout = extras_layout(rows)
+            mirror, host = self.extras.host(layout)
+            for name, array in rows.arrays.items():
+                host[name][:] = array.reshape(-1)
+            if rows.history is not None:
+                host["history"][:] = rows.history.reshape(-1)
+                host["history_pending"][:] = np.asarray(rows.history_pending or [], dtype=np.int64).T.reshape(-1)
+            extras = self.extras.send(layout, mirror)
+            arrays = {name: extras[name].view(array.shape) for name, array in rows.arrays.items()}
+            if rows.history is not None:
+                history = extras["history"].view(rows.history.shape)
+                if rows.history_pending:  # the rows' newest tokens, still on the GPU
+                    targets, sources = extras["history_pending"].view(2, -1)
+                    history.view(-1)[targets] = previous_tokens[sources]
+                penalty_rows = arrays.pop("penalty_rows")
+                penalties = Penalties(penalty_rows, history, arrays.pop("prompt_lens"),
+                                      *(device[name][penalty_rows] for name in
+                                        ("presence_penalty", "frequency_penalty", "repetition_penalty")))
+        temperatures = rows.columns["temperatures"]
+        return SamplingBatch(
+            temperatures=device["temperatures"],
+            top_k=device.get("top_k"),
+            top_p=device.get("top_p"),
+            min_p=device.get("min_p"),
+            seeded_rows=[(row, g) for row, g in enumerate(rows.generators) if g is not None],
+            all_greedy=all(t == 0 for t in temperatures),
+            any_greedy=any(t == 0 for t in temperatures),
+            generator=generator,
+            arrays=arrays,
+            penalties=penalties,
+            num_logprobs=rows.num_logprobs,
+        )
 
 
 def put_pending_tokens(device: dict[str, torch.Tensor], step: StepMessage, previous_tokens: torch.Tensor) -> None:
@@ -168,27 +235,3 @@ def put_pending_tokens(device: dict[str, torch.Tensor], step: StepMessage, previ
         device["input_ids"][:n].copy_(previous_tokens)
     else:
         device["input_ids"][device["pending_rows"]] = previous_tokens[device["pending_sources"]]
-
-
-def sampling_columns(rows: SamplingRows | None) -> dict[str, list]:
-    """The columns the sampler needs: temperatures always, the others only when some row uses them."""
-    if rows is None:
-        return {}
-    columns = {name: getattr(rows, name) for name in SAMPLING_COLUMNS}
-    return {name: values for name, values in columns.items()
-            if SAMPLING_COLUMNS[name][1] is None or any(v != SAMPLING_COLUMNS[name][1] for v in values)}
-
-
-def sampling_batch(rows: SamplingRows, device: dict[str, torch.Tensor], generator: torch.Generator | None
-                   ) -> SamplingBatch:
-    return SamplingBatch(
-        temperatures=device["temperatures"],
-        top_k=device.get("top_k"),
-        top_p=device.get("top_p"),
-        min_p=device.get("min_p"),
-        seeded_rows=[(row, g) for row, g in enumerate(rows.generators) if g is not None],
-        banned=[(row, ids) for row, ids in enumerate(rows.banned) if ids],
-        all_greedy=all(t == 0 for t in rows.temperatures),
-        any_greedy=any(t == 0 for t in rows.temperatures),
-        generator=generator,
-    )

@@ -5,7 +5,9 @@ no Sequence: rows of plain lists, so it goes to the other tensor-parallel ranks 
 needs nothing else to build its inputs. Only the sampling parameters stay on rank 0, which alone samples.
 """
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+
+import numpy as np
 
 from minivllm.engine.scheduler import ScheduledBatch
 from minivllm.engine.sequence import Sequence
@@ -24,6 +26,8 @@ class StepMessage:
     # sampled and the host has not seen yet (async scheduling); the runner reads it where it is, on the device
     pending: list[tuple[int, int]]
     sampling: SamplingRows | None = None  # per sampling row; rank 0 alone samples, so the others get None
+    # (row, k, the prompt token after each of its new tokens, or -1): rows whose prompt logprobs are wanted
+    prompt_logprobs: list[tuple[int, int, list[int]]] = field(default_factory=list)
 
     @property
     def num_rows(self) -> int:
@@ -37,7 +41,7 @@ class StepMessage:
         return replace(self, sampling=None)
 
 
-def build_step(batch: ScheduledBatch, previous: list[Sequence], eos_ids: list[int]) -> StepMessage:
+def build_step(batch: ScheduledBatch, previous: list[Sequence], eos_ids: list[int], vocab_size: int) -> StepMessage:
     """The message for a scheduled batch; `previous` are the sequences that sampled in the step before, in row
     order, whose tokens may still be on the GPU."""
     token_ids: list[int] = []
@@ -59,23 +63,86 @@ def build_step(batch: ScheduledBatch, previous: list[Sequence], eos_ids: list[in
         block_tables=[seq.block_table for seq in batch.seqs],  # read at once, before the scheduler runs again
         sampling_rows=[row for row, seq in enumerate(batch.seqs) if seq.samples_this_step],
         pending=pending,
-        sampling=sampling_rows(sampling_seqs, eos_ids),
+        sampling=sampling_rows(sampling_seqs, eos_ids, vocab_size, previous_row),
+        prompt_logprobs=[(row, seq.params.prompt_logprobs, prompt_targets(seq))
+                         for row, seq in enumerate(batch.seqs)
+                         if seq.wants_prompt_logprobs and seq.num_computed_tokens + 1 < seq.num_prompt_tokens],
     )
 
 
-def sampling_rows(seqs: list[Sequence], eos_ids: list[int]) -> SamplingRows:
+def prompt_targets(seq: Sequence) -> list[int]:
+    """For each token computed this step, the prompt token after it (whose logprob its logits give), or -1."""
+    start = seq.num_computed_tokens
+    return [seq.token_ids[p + 1] if p + 1 < seq.num_prompt_tokens else -1
+            for p in range(start, start + seq.num_scheduled_tokens)]
+
+
+def sampling_rows(seqs: list[Sequence], eos_ids: list[int], vocab_size: int,
+                  previous_row: dict[int, int] | None = None) -> SamplingRows:
+    """The sampler's inputs for these sequences, one row each; previous_row: where the step before sampled a
+    sequence's token that is still on the GPU."""
     params = [seq.params for seq in seqs]
-    # a k past any vocabulary keeps every token, as off does (and would overflow int64)
-    top_k = [p.top_k if p.top_k < 2**31 else 0 for p in params]
-    banned = [  # while a row may not end yet (min_tokens; outputs so far, one still on the GPU counted)
-        p.stop_token_ids + ([] if p.ignore_eos else eos_ids) if len(seq) - seq.num_prompt_tokens < p.min_tokens else []
-        for seq, p in zip(seqs, params)
-    ]
-    return SamplingRows(
-        temperatures=[p.temperature for p in params],
-        top_k=top_k,
-        top_p=[p.top_p for p in params],
-        min_p=[p.min_p for p in params],
-        generators=[seq.generator for seq in seqs],
-        banned=banned,
-    )
+    columns = {
+        "temperatures": [p.temperature for p in params],
+        "top_k": [p.top_k if p.top_k < 2**31 else 0 for p in params],  # past any vocabulary: off (int64-safe)
+        "top_p": [p.top_p for p in params],
+        "min_p": [p.min_p for p in params],
+        "presence_penalty": [p.presence_penalty for p in params],
+        "frequency_penalty": [p.frequency_penalty for p in params],
+        "repetition_penalty": [p.repetition_penalty for p in params],
+    }
+    arrays = {}
+    banned = [(row, token) for row, seq in enumerate(seqs) for token in banned_tokens(seq, eos_ids)]
+    pairs = {
+        "banned": banned,
+        "allowed": [(row, t) for row, p in enumerate(params) for t in p.allowed_token_ids or []],
+        "bias": [(row, t) for row, p in enumerate(params) for t in (p.logit_bias or {})],
+    }
+    for name, rows_and_ids in pairs.items():
+        kept = [(row, t) for row, t in rows_and_ids if 0 <= t < vocab_size]  # the model cannot produce the others
+        if kept:
+            arrays[name] = np.asarray(kept, dtype=np.int64).T.copy()
+    if "allowed" in arrays:
+        arrays["allowed_rows"] = np.asarray([r for r, p in enumerate(params) if p.allowed_token_ids], dtype=np.int64)
+    if "bias" in arrays:
+        arrays["bias_values"] = np.asarray([params[r].logit_bias[t] for r, t in arrays["bias"].T], dtype=np.float32)
+    history, history_pending = penalty_history(seqs, previous_row or {})
+    if history is not None:
+        penalized = [row for row, p in enumerate(params) if p.has_penalties]
+        arrays["penalty_rows"] = np.asarray(penalized, dtype=np.int64)
+        arrays["prompt_lens"] = np.asarray([seqs[r].num_prompt_tokens for r in penalized], dtype=np.int64)
+    asked = [p.logprobs for p in params if p.logprobs is not None]
+    return SamplingRows(columns=columns, generators=[seq.generator for seq in seqs], arrays=arrays, history=history,
+                        history_pending=history_pending, num_logprobs=max(asked, default=-1))
+
+
+def banned_tokens(seq: Sequence, eos_ids: list[int]) -> list[int]:
+    """What seq may not draw next: its stop and eos ids while min_tokens is not reached (outputs so far, one still
+    on the GPU counted), and the last token of each bad word whose other tokens it has just generated."""
+    p = seq.params
+    banned = []
+    if len(seq) - seq.num_prompt_tokens < p.min_tokens:
+        banned += p.stop_token_ids + ([] if p.ignore_eos else eos_ids)
+    outputs = seq.output_token_ids  # bad words need every token on the host (see Sequence.needs_host_tokens)
+    for word in seq.bad_words:
+        if len(word) == 1 or (len(outputs) >= len(word) - 1 and outputs[len(outputs) - len(word) + 1:] == word[:-1]):
+            banned.append(word[-1])
+    return banned
+
+
+def penalty_history(seqs: list[Sequence], previous_row: dict[int, int]
+                    ) -> tuple[np.ndarray | None, list[tuple[int, int]]]:
+    """Every token of each sequence with penalties, a row each (-1 past its end), and where in it a token still on
+    the GPU goes: (flat index, its row among the step before's sampled tokens)."""
+    penalized = [seq for seq in seqs if seq.params.has_penalties]
+    if not penalized:
+        return None, []
+    width = max(len(seq) for seq in penalized)
+    history = np.full((len(penalized), width), -1, dtype=np.int64)
+    pending = []
+    for i, seq in enumerate(penalized):
+        known = len(seq.token_ids)
+        history[i, :known] = seq.history[:known]
+        if seq.num_pending_tokens:
+            pending.append((i * width + known, previous_row[seq.seq_id]))
+    return history, pending

@@ -1,48 +1,151 @@
-"""Sampling vectorised over the batch: greedy, temperature, top-k, top-p, min-p, and per-request seeds.
+"""Sampling vectorised over the batch: greedy, temperature, top-k, top-p, min-p, per-request seeds, the logits
+processors vLLM applies first (allowed tokens, bans, logit bias, presence / frequency / repetition penalties),
+and the logprobs of the model's raw distribution.
 
 Sampling draws argmax(probs / E) with E ~ Exp(1), which picks token i with probability probs[i]; a
 request with a seed draws its row of E from its own generator, so its tokens do not depend on the batch.
+Every processor runs on the device over flat index arrays (one op each), never a loop over rows or the vocab.
 """
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from minivllm.layers.fusion import fused_on_gpu
 
+# The per-row sampling columns: name -> (dtype, the value that means "off", None when a column is always sent).
+COLUMNS = {
+    "temperatures": (torch.float32, None),
+    "top_k": (torch.int64, 0),
+    "top_p": (torch.float32, 1.0),
+    "min_p": (torch.float32, 0.0),
+    "presence_penalty": (torch.float32, 0.0),
+    "frequency_penalty": (torch.float32, 0.0),
+    "repetition_penalty": (torch.float32, 1.0),
+}
+PENALTIES = ("presence_penalty", "frequency_penalty", "repetition_penalty")
+
 
 @dataclass(frozen=True)
 class SamplingRows:
-    """The sampling parameters of a step's sampling rows, on the host, as the engine hands them to the runner."""
+    """A step's sampling rows as the engine hands them to the runner, on the host: per-row columns (sent to the
+    device only when some row uses them) and flat arrays for the processors that touch a few tokens a row."""
 
-    temperatures: list[float]  # 0 for greedy rows
-    top_k: list[int]  # 0 off
-    top_p: list[float]
-    min_p: list[float]
+    columns: dict[str, list]  # every name of COLUMNS, one value a row
     generators: list[torch.Generator | None]  # a request's own, when it has a seed
-    banned: list[list[int]]  # ids a row may not draw yet (min_tokens)
+    # flat (row, token) pairs, each an int64 array: tokens a row may not draw (min_tokens, bad words); the only
+    # tokens a row may draw (for "allowed_rows", the rows that restrict); logit bias, with its float32 values
+    arrays: dict[str, np.ndarray]
+    # the rows with penalties: [rows, width] token ids (prompt then output, -1 past the end), with their
+    # prompt lengths; a token still on the GPU is written into its row's slot on the device (see StepInputs)
+    history: np.ndarray | None = None
+    history_pending: list[tuple[int, int]] | None = None  # (flat index in history, source among the step before's)
+    num_logprobs: int = -1  # the most top logprobs a row asks for (0: the sampled token's alone); -1: no row asks
+
+    def used_columns(self) -> dict[str, list]:
+        """The columns some row uses; the three penalties together whenever a row has one."""
+        def used(name: str) -> bool:
+            off = COLUMNS[name][1]
+            return off is None or any(v != off for v in self.columns[name]) or (
+                name in PENALTIES and self.history is not None)
+        return {name: values for name, values in self.columns.items() if used(name)}
 
 
 @dataclass
 class SamplingBatch:
-    """SamplingRows on the device, as sample() reads them."""
+    """SamplingRows on the device, as sample() reads them (None: no row uses it)."""
 
     temperatures: torch.Tensor  # [B], 0 for greedy rows
-    top_k: torch.Tensor | None  # [B] int, 0 off; None when no row uses it
+    top_k: torch.Tensor | None  # [B] int, 0 off
     top_p: torch.Tensor | None  # [B]
     min_p: torch.Tensor | None  # [B]
     seeded_rows: list[tuple[int, torch.Generator]]
-    banned: list[tuple[int, list[int]]]  # rows that may not end yet (min_tokens) and the ids they may not draw
     all_greedy: bool
     any_greedy: bool
     generator: torch.Generator | None = None  # draws for rows without a seed: the engine's, seeded by LLM(seed=)
+    arrays: dict[str, torch.Tensor] | None = None  # SamplingRows.arrays on the device
+    penalties: "Penalties | None" = None
+    num_logprobs: int = -1
 
 
-def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """Next token ids [B] from logits [B, V]."""
-    vocab_size = logits.shape[-1]
-    for row, ids in batch.banned:  # ids the model cannot produce (a user's stop id past the vocab) need no ban
-        logits[row, [i for i in ids if 0 <= i < vocab_size]] = float("-inf")
+@dataclass
+class Penalties:
+    rows: torch.Tensor  # [P] the rows they apply to
+    history: torch.Tensor  # [P, W] token ids, -1 past each row's end
+    prompt_lens: torch.Tensor  # [P]
+    presence: torch.Tensor  # [P] each, for those rows
+    frequency: torch.Tensor
+    repetition: torch.Tensor
+
+
+@dataclass
+class SamplerOutput:
+    tokens: torch.Tensor  # [B] int64
+    # with logprobs: the top num_logprobs ids and logprobs of each row [B, k], and the sampled token's logprob and
+    # 1-based rank [B], all of the raw distribution (log-softmax of the logits before any processor)
+    top_ids: torch.Tensor | None = None
+    top_logprobs: torch.Tensor | None = None
+    sampled_logprobs: torch.Tensor | None = None
+    sampled_ranks: torch.Tensor | None = None
+
+
+def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+    """Next token ids [B] from logits [B, V] (which it may change in place), with their logprobs if asked."""
+    raw = logits.float().log_softmax(dim=-1) if batch.num_logprobs >= 0 else None
+    logits = process_logits(logits, batch)
+    tokens = choose(logits, batch)
+    if raw is None:
+        return SamplerOutput(tokens)
+    top_logprobs, top_ids = raw.topk(batch.num_logprobs, dim=-1)
+    sampled = raw.gather(1, tokens.unsqueeze(1)).squeeze(1)
+    ranks = (raw > sampled.unsqueeze(1)).sum(dim=-1) + 1
+    return SamplerOutput(tokens, top_ids, top_logprobs, sampled, ranks)
+
+
+def process_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """vLLM's logits processors, in its order: allowed tokens, bans, logit bias, then penalties."""
+    arrays = batch.arrays or {}
+    if "allowed" in arrays or "banned" in arrays or "bias" in arrays or batch.penalties is not None:
+        logits = logits.float()
+    if "allowed" in arrays:  # the rows that restrict ("allowed_rows") may draw their allowed ids alone
+        rows, ids = arrays["allowed"]
+        keep = torch.zeros_like(logits, dtype=torch.bool)
+        keep[rows, ids] = True
+        restricted = arrays["allowed_rows"]
+        logits[restricted] = logits[restricted].masked_fill(~keep[restricted], float("-inf"))
+    if "banned" in arrays:
+        rows, ids = arrays["banned"]
+        logits[rows, ids] = float("-inf")
+    if "bias" in arrays:
+        rows, ids = arrays["bias"]
+        logits.index_put_((rows, ids), arrays["bias_values"], accumulate=True)
+    if batch.penalties is not None:
+        apply_penalties(logits, batch.penalties)
+    return logits
+
+
+def apply_penalties(logits: torch.Tensor, p: Penalties) -> None:
+    """Repetition over prompt and output tokens (positive logits divided, negative multiplied), then frequency
+    (times the count) and presence (once) over output tokens, as vLLM; in place on p.rows of logits."""
+    vocab = logits.shape[-1]
+    positions = torch.arange(p.history.shape[1], device=logits.device)
+    valid = p.history >= 0
+    is_output = valid & (positions >= p.prompt_lens.unsqueeze(1))
+    ids = torch.where(valid, p.history, vocab)  # past the end: an extra column, cut off below
+    counts = torch.zeros(len(p.rows), vocab + 1, dtype=torch.int32, device=logits.device)
+    counts.scatter_add_(1, ids, is_output.int())
+    seen = torch.zeros(len(p.rows), vocab + 1, dtype=torch.bool, device=logits.device).scatter_(1, ids, True)
+    counts, seen = counts[:, :vocab], seen[:, :vocab]
+    rows = logits[p.rows]
+    repetition = p.repetition.unsqueeze(1)
+    rows = torch.where(seen, torch.where(rows > 0, rows / repetition, rows * repetition), rows)
+    rows -= p.frequency.unsqueeze(1) * counts + p.presence.unsqueeze(1) * (counts > 0)
+    logits[p.rows] = rows
+
+
+def choose(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """The sampled token of each row: argmax for greedy rows, else a draw under temperature, min-p, top-k/p."""
     if batch.all_greedy:
         return logits.argmax(dim=-1)
     noise = torch.empty(logits.shape, dtype=torch.float32, device=logits.device).exponential_(generator=batch.generator)
