@@ -3,6 +3,10 @@
 import copy
 import enum
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from minivllm.structured_outputs import StructuredOutputsParams
 
 MAX_LOGPROBS = 20  # as vLLM's default max_logprobs: top logprobs a request may ask for
 
@@ -42,6 +46,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True  # slow tokenizers only (as in vLLM, fast ones ignore it)
     truncate_prompt_tokens: int | None = None  # keep only the last k prompt tokens
+    structured_outputs: "StructuredOutputsParams | None" = None  # the output follows a JSON schema, regex, ...
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
@@ -102,6 +107,13 @@ class SamplingParams:
                      "spaces_between_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"SamplingParams.{name} must be a bool, got {getattr(self, name)!r}")
+        if self.structured_outputs is not None:
+            from minivllm.structured_outputs import StructuredOutputsParams  # only now: it imports xgrammar
+
+            if not isinstance(self.structured_outputs, StructuredOutputsParams):
+                raise TypeError("SamplingParams.structured_outputs must be a StructuredOutputsParams, got "
+                                f"{type(self.structured_outputs).__name__}")
+            self.structured_outputs.validate()
         if not isinstance(self.output_kind, RequestOutputKind):
             raise TypeError(f"SamplingParams.output_kind must be a RequestOutputKind, got {self.output_kind!r}")
 

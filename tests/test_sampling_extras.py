@@ -155,3 +155,57 @@ def test_output_options(tok_llm, llm):
     copy = params.clone()
     copy.logit_bias[1] = 3.0
     assert params.logit_bias == {1: 2.0} and copy.stop == ["x"]
+
+
+# ----- structured outputs through the engine (the grammar module itself: tests/test_structured_outputs.py) -----
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+          "required": ["name", "age"]}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_structured_outputs_always_conform_in_a_mixed_batch(tok_llm, seed):
+    """At temperature 1 with async scheduling, next to unconstrained requests: JSON schema, regex, choice and a
+    small grammar each conform whenever the output is not cut by max_tokens."""
+    import json
+    import re
+
+    from minivllm import StructuredOutputsParams
+
+    kinds = {
+        "json": StructuredOutputsParams(json=SCHEMA, disable_any_whitespace=True),
+        "regex": StructuredOutputsParams(regex=r"[a-z]{2,6}-[0-9]{1,3}"),
+        "choice": StructuredOutputsParams(choice=["yes", "no", "maybe so"]),
+        "grammar": StructuredOutputsParams(grammar='root ::= "(" [0-9]+ ("+" [0-9]+)* ")"'),
+    }
+    params = [SamplingParams(temperature=1.0, seed=seed * 10 + i, max_tokens=48, structured_outputs=s, min_tokens=2)
+              for i, s in enumerate(kinds.values())]
+    params.append(SamplingParams(temperature=1.0, seed=seed, max_tokens=12, ignore_eos=True))
+    outputs = tok_llm.generate(["Answer:"] * len(params), params, use_tqdm=False)
+    checks = {
+        "json": lambda t: set(json.loads(t)) == {"name", "age"} and isinstance(json.loads(t)["age"], int),
+        "regex": lambda t: re.fullmatch(r"[a-z]{2,6}-[0-9]{1,3}", t) is not None,
+        "choice": lambda t: t in ("yes", "no", "maybe so"),
+        "grammar": lambda t: re.fullmatch(r"\([0-9]+(\+[0-9]+)*\)", t) is not None,
+    }
+    finished = 0
+    for (kind, check), out in zip(checks.items(), outputs):
+        completion = out.outputs[0]
+        if completion.finish_reason == "stop":
+            finished += 1
+            assert check(completion.text), (kind, completion.text)
+    assert finished >= 3, [o.outputs[0].finish_reason for o in outputs]
+    assert len(outputs[-1].outputs[0].token_ids) == 12
+
+
+def test_structured_outputs_bad_grammar_is_refused_before_any_work(tok_llm):
+    from minivllm import StructuredOutputsParams
+
+    engine = tok_llm.llm_engine
+    before = engine.stats.prompt_tokens
+    with pytest.raises(ValueError, match="regex"):
+        tok_llm.generate("x", SamplingParams(structured_outputs=StructuredOutputsParams(regex="([a-z")),
+                         use_tqdm=False)
+    with pytest.raises(TypeError, match="structured_outputs"):
+        SamplingParams(structured_outputs={"json": {}})
+    assert engine.stats.prompt_tokens == before and not engine.has_unfinished_requests()

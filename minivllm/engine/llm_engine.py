@@ -6,9 +6,12 @@ are collected after that: the host's work overlaps the GPU's. A sequence that st
 at eos) has run one step too many; that step's token is dropped.
 """
 
+import functools
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -26,6 +29,9 @@ from minivllm.inputs import InputProcessor, ProcessedPrompt, Prompt
 from minivllm.model_loader import eos_token_ids, load_tokenizer
 from minivllm.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestMetrics, RequestOutput
 from minivllm.sampling_params import RequestOutputKind, SamplingParams
+
+if TYPE_CHECKING:
+    from minivllm.structured_outputs import GrammarMatcher
 
 
 @dataclass
@@ -76,6 +82,7 @@ class LLMEngine:
         self.in_flight: deque[InFlight] = deque()
         self.stats = EngineStats()
         self.decoded: dict[int, str] = {}  # token id -> its text alone, for logprobs
+        self.grammar_compiler = None  # made for the first request with structured outputs
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs, stacklevel: int = 1) -> "LLMEngine":
@@ -113,6 +120,7 @@ class LLMEngine:
         if params.truncate_prompt_tokens is not None and len(prompt.token_ids) > params.truncate_prompt_tokens:
             prompt = ProcessedPrompt(None, prompt.token_ids[-params.truncate_prompt_tokens :])
         bad_words = self.bad_word_ids(params.bad_words or [])
+        new_matcher = self.compile_grammar(params) if params.structured_outputs is not None else None
         request = Request(request_id, prompt, params, [], RequestMetrics(arrival_time or time.time()))
         if params.prompt_logprobs is not None:
             request.prompt_logprobs = [None] * len(prompt.token_ids)
@@ -122,6 +130,8 @@ class LLMEngine:
                 generator = torch.Generator(self.config.device).manual_seed(params.seed + index)
             seq = Sequence(prompt.token_ids, params, generator, self.max_model_len)
             seq.bad_words = bad_words
+            if new_matcher is not None:
+                seq.grammar = new_matcher()
             seq.wants_prompt_logprobs = index == 0 and params.prompt_logprobs is not None
             streams = params.output_kind != RequestOutputKind.FINAL_ONLY and params.detokenize
             if self.tokenizer is not None and (streams or params.stop_strings):
@@ -130,6 +140,20 @@ class LLMEngine:
             self.request_of[seq.seq_id] = request
             self.scheduler.add(seq)
         self.requests[request_id] = request
+
+    def compile_grammar(self, params: SamplingParams) -> "Callable[[], GrammarMatcher]":
+        """The request's grammar, compiled (once per distinct one), as a maker of one matcher a completion; a
+        ValueError when it cannot be compiled."""
+        if self.tokenizer is None:
+            raise ValueError("structured outputs need a tokenizer; this model has none")
+        # only now: it imports xgrammar, half a second that requests without structured outputs need not wait
+        from minivllm.structured_outputs import GrammarCompiler, GrammarMatcher
+
+        if self.grammar_compiler is None:
+            self.grammar_compiler = GrammarCompiler(self.tokenizer, self.config.source.config.vocab_size,
+                                                    stop_token_ids=self.eos_ids)
+        compiled = self.grammar_compiler.compile(params.structured_outputs)
+        return functools.partial(GrammarMatcher, compiled)
 
     def bad_word_ids(self, words: list[str]) -> list[list[int]]:
         """Each bad word's tokens, alone and after a space, as vLLM bans them."""
@@ -252,6 +276,10 @@ class LLMEngine:
         if metrics.first_token_time is None:
             metrics.first_token_time = time.time()
         params = seq.params
+        if seq.grammar is not None:
+            seq.grammar.accept(token)  # the mask allowed only what it accepts
+            if seq.grammar.is_terminated():  # it took a stop token: the output is complete
+                return self.finish(seq, "stop", None if token in self.eos_ids else token)
         if seq.num_output_tokens >= params.min_tokens:
             if token in params.stop_token_ids:
                 return self.finish(seq, "stop", token)

@@ -2,12 +2,16 @@
 
 import enum
 import itertools
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from minivllm.engine.detokenizer import IncrementalDetokenizer
 from minivllm.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from minivllm.structured_outputs import GrammarMatcher
 
 
 class SequenceStatus(enum.Enum):
@@ -40,6 +44,7 @@ class Sequence:
         # every token so far as an array, grown as tokens arrive, for the penalties (which read it each step)
         self.history = np.asarray(prompt_token_ids, dtype=np.int64) if params.has_penalties else None
         self.bad_words: list[list[int]] = []  # token sequences of params.bad_words, filled by the engine
+        self.grammar: GrammarMatcher | None = None  # with structured outputs: where it is in its grammar
         self.wants_prompt_logprobs = False  # the first completion of a request with prompt_logprobs computes them
         self.num_cached_tokens: int | None = None  # prompt tokens the prefix cache held when it was first admitted
         self.cumulative_logprob = 0.0
@@ -79,9 +84,9 @@ class Sequence:
 
     @property
     def needs_host_tokens(self) -> bool:
-        """Its next step needs every token on the host (bad words are matched there): with async scheduling it
-        waits for a token still on the GPU instead of being decoded from it."""
-        return bool(self.bad_words)
+        """Its next step needs every token on the host (bad words are matched there, the grammar's mask is made
+        there): with async scheduling it waits for a token still on the GPU instead of being decoded from it."""
+        return bool(self.bad_words) or self.grammar is not None
 
     @property
     def is_finished(self) -> bool:

@@ -223,6 +223,7 @@ class StepInputs:
             arrays=arrays,
             penalties=penalties,
             num_logprobs=rows.num_logprobs,
+            bitmask=rows.bitmask,
         )
 
 

@@ -113,7 +113,21 @@ def sampling_rows(seqs: list[Sequence], eos_ids: list[int], vocab_size: int,
         arrays["prompt_lens"] = np.asarray([seqs[r].num_prompt_tokens for r in penalized], dtype=np.int64)
     asked = [p.logprobs for p in params if p.logprobs is not None]
     return SamplingRows(columns=columns, generators=[seq.generator for seq in seqs], arrays=arrays, history=history,
-                        history_pending=history_pending, num_logprobs=max(asked, default=-1))
+                        history_pending=history_pending, num_logprobs=max(asked, default=-1),
+                        bitmask=grammar_bitmask(seqs, vocab_size))
+
+
+def grammar_bitmask(seqs: list[Sequence], vocab_size: int):
+    """The rows' allowed next tokens (every token for rows without a grammar), when some row has a grammar."""
+    if all(seq.grammar is None for seq in seqs):
+        return None
+    from minivllm.structured_outputs import allocate_bitmask  # only with structured outputs: it imports xgrammar
+
+    bitmask = allocate_bitmask(len(seqs), vocab_size)
+    for row, seq in enumerate(seqs):
+        if seq.grammar is not None:
+            seq.grammar.fill_bitmask(bitmask, row)  # every token so far is accepted (Sequence.needs_host_tokens)
+    return bitmask
 
 
 def banned_tokens(seq: Sequence, eos_ids: list[int]) -> list[int]:
@@ -121,7 +135,8 @@ def banned_tokens(seq: Sequence, eos_ids: list[int]) -> list[int]:
     on the GPU counted), and the last token of each bad word whose other tokens it has just generated."""
     p = seq.params
     banned = []
-    if len(seq) - seq.num_prompt_tokens < p.min_tokens:
+    # (a grammar decides itself when a stop token may come: banning it could leave no token at all)
+    if len(seq) - seq.num_prompt_tokens < p.min_tokens and seq.grammar is None:
         banned += p.stop_token_ids + ([] if p.ignore_eos else eos_ids)
     outputs = seq.output_token_ids  # bad words need every token on the host (see Sequence.needs_host_tokens)
     for word in seq.bad_words:

@@ -42,6 +42,7 @@ class SamplingRows:
     history: np.ndarray | None = None
     history_pending: list[tuple[int, int]] | None = None  # (flat index in history, source among the step before's)
     num_logprobs: int = -1  # the most top logprobs a row asks for (0: the sampled token's alone); -1: no row asks
+    bitmask: torch.Tensor | None = None  # structured outputs: each row's allowed tokens (structured_outputs.py)
 
     def used_columns(self) -> dict[str, list]:
         """The columns some row uses; the three penalties together whenever a row has one."""
@@ -67,6 +68,7 @@ class SamplingBatch:
     arrays: dict[str, torch.Tensor] | None = None  # SamplingRows.arrays on the device
     penalties: "Penalties | None" = None
     num_logprobs: int = -1
+    bitmask: torch.Tensor | None = None  # on the host: apply_bitmask copies it
 
 
 @dataclass
@@ -104,10 +106,15 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
 
 
 def process_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """vLLM's logits processors, in its order: allowed tokens, bans, logit bias, then penalties."""
+    """vLLM's logits processors, in its order: the grammar's mask, allowed tokens, bans, logit bias, penalties."""
     arrays = batch.arrays or {}
-    if "allowed" in arrays or "banned" in arrays or "bias" in arrays or batch.penalties is not None:
+    if batch.bitmask is not None or "allowed" in arrays or "banned" in arrays or "bias" in arrays or (
+            batch.penalties is not None):
         logits = logits.float()
+    if batch.bitmask is not None:
+        from minivllm.structured_outputs import apply_bitmask  # only with structured outputs: it imports xgrammar
+
+        apply_bitmask(logits, batch.bitmask)
     if "allowed" in arrays:  # the rows that restrict ("allowed_rows") may draw their allowed ids alone
         rows, ids = arrays["allowed"]
         keep = torch.zeros_like(logits, dtype=torch.bool)
