@@ -2,9 +2,11 @@
 100..1024 tokens, 100..1024 output tokens each (ignore_eos, temperature 0.6), Qwen3-0.6B preset in bf16.
 
 python -m benchmarks.throughput [--model qwen3-0.6b] [--tensor-parallel-size N] [--tp-invariant N] [--compare-hf]
-                                [--json PATH]
+                                [--logprobs K] [--presence-penalty X] [--repetition-penalty X] [--json PATH]
+The sampling extras (--logprobs, the penalties) apply to every request, to measure what they cost.
 """
 
+import dataclasses
 import time
 
 import torch
@@ -23,6 +25,9 @@ def main() -> None:
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs to split the model over")
     p.add_argument("--tp-invariant", type=int, default=0, help="LLM(tp_invariant=N): bitwise the same at every TP size")
     p.add_argument("--compare-hf", action="store_true", help="also time HF transformers' generate on a slice")
+    p.add_argument("--logprobs", type=int, default=None, help="SamplingParams(logprobs=K) on every request")
+    p.add_argument("--presence-penalty", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
     args = p.parse_args()
     if args.compare_hf and args.tensor_parallel_size > 1:
         p.error("--compare-hf needs the whole model in this process: use --tensor-parallel-size 1")
@@ -30,6 +35,9 @@ def main() -> None:
     bandwidth = copy_bandwidth_gbs()
 
     prompts, params = nano_vllm_workload(args.num_seqs)
+    extras = dict(logprobs=args.logprobs, presence_penalty=args.presence_penalty,
+                  repetition_penalty=args.repetition_penalty)
+    params = [dataclasses.replace(sp, **extras) for sp in params]
     expected_tokens = sum(sp.max_tokens for sp in params)
     start = time.perf_counter()
     llm = LLM(args.model, max_model_len=args.max_model_len, enforce_eager=args.enforce_eager,
@@ -56,6 +64,7 @@ def main() -> None:
         "engine": "minivllm",
         "tensor_parallel_size": args.tensor_parallel_size,
         "tp_invariant": args.tp_invariant,
+        "sampling_extras": ", ".join(f"{k}={v}" for k, v in extras.items() if v not in (None, 0.0, 1.0)) or "-",
         "requests": len(prompts),
         "output_tokens": produced,
         "seconds": elapsed,
