@@ -5,9 +5,12 @@ engine and its dependencies.
 """
 
 import importlib
+import importlib.util
+import warnings
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "AsyncLLM", "SamplingParams", "RequestOutputKind", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "AsyncLLM", "SamplingParams", "RequestOutputKind", "RequestOutput", "CompletionOutput",
+           "TextPrompt", "TokensPrompt", "StructuredOutputsParams"]
 
 _WHERE = {
     "LLM": "minivllm.llm",
@@ -16,6 +19,9 @@ _WHERE = {
     "RequestOutputKind": "minivllm.sampling_params",
     "RequestOutput": "minivllm.outputs",
     "CompletionOutput": "minivllm.outputs",
+    "TextPrompt": "minivllm.inputs",
+    "TokensPrompt": "minivllm.inputs",
+    "StructuredOutputsParams": "minivllm.structured_outputs",
 }
 
 
@@ -23,3 +29,21 @@ def __getattr__(name: str):
     if name in _WHERE:
         return getattr(importlib.import_module(_WHERE[name]), name)
     raise AttributeError(f"module 'minivllm' has no attribute {name!r}")
+
+
+def _warn_if_kernels_missing() -> None:
+    """Once, at import: on a CUDA GPU without the compiled kernels every op runs its slow torch reference."""
+    if importlib.util.find_spec("minivllm._C") is not None:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        warnings.warn(
+            "minivllm's CUDA kernels (minivllm._C) are not built, so this GPU runs the slow torch reference ops. "
+            "Build them with `pip install -r requirements.txt && pip install --no-build-isolation .` "
+            "(needs nvcc: set CUDA_HOME), or `python setup.py build_ext --inplace` in a checkout",
+            stacklevel=3,  # the line that imported minivllm
+        )
+
+
+_warn_if_kernels_missing()

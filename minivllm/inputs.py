@@ -6,6 +6,8 @@ from typing import TypedDict
 from transformers import PreTrainedTokenizerBase
 from typing_extensions import NotRequired
 
+from minivllm.config import refuse_vllm_only
+
 
 class TextPrompt(TypedDict):
     prompt: str
@@ -43,6 +45,8 @@ class InputProcessor:
         if isinstance(prompt, ProcessedPrompt):
             return prompt
         if isinstance(prompt, dict):  # vLLM's TokensPrompt {"prompt_token_ids": ...} or TextPrompt {"prompt": ...}
+            extra = {k: v for k, v in prompt.items() if k not in ("prompt", "prompt_token_ids")}
+            refuse_vllm_only("prompt", extra, known="it takes 'prompt' (a str) or 'prompt_token_ids' (a list of ints)")
             if "prompt_token_ids" in prompt:
                 return ProcessedPrompt(prompt.get("prompt"), self.check_ids(prompt["prompt_token_ids"]))
             if not isinstance(prompt.get("prompt"), str):

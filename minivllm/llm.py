@@ -1,20 +1,56 @@
 """LLM: vLLM's offline API, a loop over the online engine (llm.llm_engine). Every input is checked before any
 work starts, so a bad call leaves the engine as it was."""
 
+import dataclasses
 import itertools
+import json
+import logging
+import os
 import time
+from collections.abc import Callable
 from collections.abc import Sequence as SequenceABC
 from dataclasses import replace
+from typing import Any
 
 from jinja2 import TemplateError
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from minivllm.config import EngineArgs
+from minivllm.config import EngineArgs, refuse_vllm_only
 from minivllm.engine.llm_engine import EngineStats, LLMEngine
 from minivllm.inputs import ProcessedPrompt, Prompt
 from minivllm.outputs import RequestOutput
 from minivllm.sampling_params import RequestOutputKind, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+# generation_config.json's sampling fields, as vLLM reads them, by SamplingParams' names
+GENERATION_DEFAULTS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "repetition_penalty": "repetition_penalty",
+    "max_new_tokens": "max_tokens",
+}
+# apply_chat_template's own arguments, which chat_template_kwargs must not set (the rest reach the template)
+NOT_TEMPLATE_KWARGS = ("conversation", "tokenize", "padding", "truncation", "max_length", "return_tensors",
+                       "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs")
+TEXT_PARTS = {"text": "text", "refusal": "refusal"}  # OpenAI content part types that are text, and their key
+# vLLM's LLM methods minivllm lacks: each raises a ValueError saying so
+VLLM_ONLY_METHODS = {
+    "beam_search": "beam search; sample candidates with SamplingParams(n=..., seed=...) or decode greedily",
+    "encode": "pooling or embedding models",
+    "embed": "pooling or embedding models",
+    "classify": "pooling or embedding models",
+    "score": "pooling or embedding models",
+    "reward": "pooling or embedding models",
+    "sleep": "sleep mode",
+    "wake_up": "sleep mode",
+    "start_profile": "vLLM's profiler; use torch.profiler around generate()",
+    "stop_profile": "vLLM's profiler; use torch.profiler around generate()",
+}
+UseTqdm = bool | Callable[..., tqdm]
 
 
 class LLM:
@@ -25,7 +61,7 @@ class LLM:
         tokenizer: str | None = None,
         dtype: str = "auto",
         device: str | None = None,
-        seed: int = 0,
+        seed: int | None = 0,
         max_model_len: int | None = None,
         max_num_seqs: int = 256,
         max_num_batched_tokens: int = 8192,
@@ -37,7 +73,11 @@ class LLM:
         tensor_parallel_size: int = 1,
         async_scheduling: bool = True,
         tp_invariant: int = 0,
+        **vllm_kwargs: Any,
     ):
+        """`vllm_kwargs`: vLLM's other arguments, accepted where their value asks for nothing minivllm lacks
+        (trust_remote_code=False, quantization=None, ...), else refused with a ValueError saying so."""
+        refuse_vllm_only("LLM", vllm_kwargs, known="see help(minivllm.LLM) for the arguments minivllm takes")
         args = EngineArgs(
             model=model, tokenizer=tokenizer, dtype=dtype, device=device, seed=seed, max_model_len=max_model_len,
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
@@ -48,6 +88,7 @@ class LLM:
         self.llm_engine = LLMEngine.from_engine_args(args, stacklevel=2)
         self.config = self.llm_engine.config
         self._request_counter = itertools.count()
+        self._default_sampling_params: SamplingParams | None = None
 
     @property
     def max_model_len(self) -> int:
@@ -55,6 +96,24 @@ class LLM:
 
     def get_tokenizer(self) -> PreTrainedTokenizerBase | None:
         return self.llm_engine.tokenizer
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """SamplingParams with the checkpoint's generation_config.json sampling fields (temperature, top_p,
+        top_k, min_p, repetition_penalty, max_new_tokens as max_tokens), as vLLM's: what generate() and chat()
+        use when given no sampling_params. A copy each call."""
+        if self._default_sampling_params is None:
+            fields = {f.name for f in dataclasses.fields(SamplingParams) if f.init}
+            found = self.config.source.generation_config
+            defaults = {ours: found[theirs] for theirs, ours in GENERATION_DEFAULTS.items()
+                        if found.get(theirs) is not None and ours in fields}
+            try:
+                self._default_sampling_params = SamplingParams(**defaults)
+            except (TypeError, ValueError) as e:
+                path = os.path.join(self.config.source.weights_dir or "", "generation_config.json")
+                raise ValueError(f"{path} holds sampling defaults SamplingParams refuses: {e}") from e
+            if defaults:
+                logger.info("default sampling parameters from the checkpoint's generation_config.json: %s", defaults)
+        return replace(self._default_sampling_params)
 
     def shutdown(self) -> None:
         """Stop the tensor-parallel worker processes now (no-op at tensor_parallel_size 1)."""
@@ -64,9 +123,15 @@ class LLM:
         self,
         prompts: Prompt | list[Prompt],
         sampling_params: SamplingParams | list[SamplingParams] | None = None,
-        use_tqdm: bool = True,
+        use_tqdm: UseTqdm = True,
+        lora_request: None = None,
+        priority: list[int] | None = None,
+        **vllm_kwargs: Any,
     ) -> list[RequestOutput]:
-        """Completions for every prompt, in input order."""
+        """Completions for every prompt, in input order. `use_tqdm`: a progress bar (on stderr), False for none,
+        or a callable that makes one, as vLLM's (e.g. functools.partial(tqdm, leave=False))."""
+        refuse_vllm_only("generate", {"lora_request": lora_request, "priority": priority, **vllm_kwargs})
+        check_use_tqdm(use_tqdm)
         items = self.llm_engine.inputs.process_all(prompts)
         return self._run(items, self._params_for(items, sampling_params), use_tqdm)
 
@@ -74,32 +139,48 @@ class LLM:
         self,
         messages: list[dict] | list[list[dict]],
         sampling_params: SamplingParams | list[SamplingParams] | None = None,
-        use_tqdm: bool = True,
+        use_tqdm: UseTqdm = True,
+        lora_request: None = None,
+        chat_template: str | None = None,
+        chat_template_content_format: str = "auto",
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        tools: list[dict] | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
+        mm_processor_kwargs: None = None,
+        **vllm_kwargs: Any,
     ) -> list[RequestOutput]:
-        """Apply the tokenizer's chat template (with the generation prompt) to one or many conversations."""
+        """One or many conversations (OpenAI-style messages) rendered by the chat template, then generated.
+
+        `chat_template`: a Jinja template (or a file holding one) instead of the tokenizer's;
+        `add_generation_prompt`: end with the assistant's turn opening; `continue_final_message`: leave the last
+        message open for the model to continue (with add_generation_prompt=False); `tools`: OpenAI tool schemas
+        for the template; `chat_template_kwargs`: more variables for it (Qwen3: enable_thinking=False).
+        Content may be a str, a list of text parts ({"type": "text", "text": ...}, joined with newlines), or
+        None for an assistant message (one with tool_calls)."""
+        refuse_vllm_only("chat", {"lora_request": lora_request, "mm_processor_kwargs": mm_processor_kwargs,
+                                  "chat_template_content_format": chat_template_content_format, **vllm_kwargs})
+        check_use_tqdm(use_tqdm)
+        template_kwargs = chat_options(chat_template, add_generation_prompt, continue_final_message, tools,
+                                       chat_template_kwargs)
         tokenizer = self.llm_engine.tokenizer
-        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-            raise ValueError("chat() needs a tokenizer with a chat template; this model has none")
+        if tokenizer is None:
+            raise ValueError("chat() needs a tokenizer (with a chat template); this model has no tokenizer files")
+        if template_kwargs.get("chat_template") is None and not getattr(tokenizer, "chat_template", None):
+            raise ValueError("chat() needs a chat template: this model's tokenizer has none; pass chat_template=")
         if not isinstance(messages, list) or not messages:
             raise TypeError("messages must be a list of {'role', 'content'} dicts, or a list of such lists")
         conversations = messages if isinstance(messages[0], list) else [messages]
         items = []
         for conversation in conversations:
-            if not all(isinstance(m, dict) and all(isinstance(m.get(k), str) for k in ("role", "content"))
-                       for m in conversation):
-                raise TypeError(f"each message must be a dict with str 'role' and 'content', got {conversation!r}")
-            try:
-                text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
-            except TemplateError as e:
-                raise ValueError(f"the chat template cannot render this conversation: {e}") from e
+            text = render_chat(tokenizer, conversation, template_kwargs)
             ids = self.llm_engine.inputs.check_ids(tokenizer.encode(text, add_special_tokens=False))
             items.append(ProcessedPrompt(text, ids))
         return self._run(items, self._params_for(items, sampling_params), use_tqdm)
 
-    @staticmethod
-    def _params_for(items: list, params: SamplingParams | list[SamplingParams] | None) -> list[SamplingParams]:
+    def _params_for(self, items: list, params: SamplingParams | list[SamplingParams] | None) -> list[SamplingParams]:
         if params is None:
-            return [SamplingParams()] * len(items)
+            return [self.get_default_sampling_params()] * len(items)
         if isinstance(params, SamplingParams):
             return [params] * len(items)
         if not isinstance(params, SequenceABC) or not all(isinstance(p, SamplingParams) for p in params):
@@ -108,15 +189,19 @@ class LLM:
             raise ValueError(f"{len(items)} prompts but {len(params)} SamplingParams; give one, or one per prompt")
         return list(params)
 
-    def _run(self, items: list[ProcessedPrompt], params: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
+    def _run(self, items: list[ProcessedPrompt], params: list[SamplingParams], use_tqdm: UseTqdm
+             ) -> list[RequestOutput]:
         """Add every request, then step the engine until each has finished."""
         engine = self.llm_engine
+        # as vLLM, only the final output of each; made anew, so a SamplingParams changed since it was made is
+        # checked again here, before any request is added
+        finals = [replace(p, output_kind=RequestOutputKind.FINAL_ONLY) for p in params]
         ids = [str(next(self._request_counter)) for _ in items]
         outputs: dict[str, RequestOutput] = {}
         progress = Progress(len(items), use_tqdm, engine.stats)
         try:
-            for request_id, item, p in zip(ids, items, params):  # as vLLM, only the final output of each
-                engine.add_request(request_id, item, replace(p, output_kind=RequestOutputKind.FINAL_ONLY))
+            for request_id, item, p in zip(ids, items, finals):
+                engine.add_request(request_id, item, p)
             mine = set(ids)
             while len(outputs) < len(ids):
                 finished = [out for out in engine.step() if out.finished and out.request_id in mine]
@@ -130,20 +215,136 @@ class LLM:
         return [outputs[request_id] for request_id in ids]
 
 
-class Progress:
-    """A tqdm bar over requests with live prompt and output tokens/s, and a one-line summary."""
+def refuse_method(name: str, feature: str) -> Callable:
+    def method(self, *args, **kwargs):
+        raise ValueError(f"LLM.{name}(): minivllm does not support {feature}")
 
-    def __init__(self, total: int, enabled: bool, stats: EngineStats):
-        self.enabled, self.stats = enabled, stats
-        self.bar = tqdm(total=total, desc="Processed prompts", dynamic_ncols=True) if enabled else None
+    method.__name__ = method.__qualname__ = name
+    method.__doc__ = f"vLLM's LLM.{name}: minivllm does not support {feature}, and raises a ValueError saying so."
+    return method
+
+
+for _name, _feature in VLLM_ONLY_METHODS.items():
+    setattr(LLM, _name, refuse_method(_name, _feature))
+
+
+def check_use_tqdm(use_tqdm: UseTqdm) -> None:
+    if not isinstance(use_tqdm, bool) and not callable(use_tqdm):
+        raise TypeError(f"use_tqdm must be a bool or a callable that makes a tqdm bar, got {use_tqdm!r}")
+
+
+def chat_options(chat_template: str | None, add_generation_prompt: bool, continue_final_message: bool,
+                 tools: list[dict] | None, chat_template_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """apply_chat_template's keyword arguments, checked; chat_template_kwargs override the others, as vLLM's."""
+    for name, value in (("add_generation_prompt", add_generation_prompt),
+                        ("continue_final_message", continue_final_message)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool, got {value!r}")
+    if chat_template is not None:
+        if not isinstance(chat_template, str) or not chat_template:
+            raise TypeError(f"chat_template must be a non-empty str (a template or its file), got {chat_template!r}")
+        path = os.path.expanduser(chat_template)
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                chat_template = f.read()
+    if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)):
+        raise TypeError(f"tools must be a list of OpenAI tool dicts or None, got {str(tools)[:80]}")
+    extra = chat_template_kwargs or {}
+    if not isinstance(extra, dict) or not all(isinstance(k, str) for k in extra):
+        raise TypeError(f"chat_template_kwargs must be a dict with str keys or None, got {chat_template_kwargs!r}")
+    reserved = sorted(set(extra) & set(NOT_TEMPLATE_KWARGS))
+    if reserved:
+        raise ValueError(f"chat_template_kwargs cannot set {', '.join(reserved)}: chat() renders text and tokenizes")
+    options = dict(chat_template=chat_template, add_generation_prompt=add_generation_prompt,
+                   continue_final_message=continue_final_message, tools=tools, **extra)
+    if options["add_generation_prompt"] and options["continue_final_message"]:
+        raise ValueError("continue_final_message=True continues the last message, add_generation_prompt=True starts "
+                         "a new assistant turn: pass add_generation_prompt=False with it")
+    return options
+
+
+def render_chat(tokenizer: PreTrainedTokenizerBase, conversation: list[dict], options: dict[str, Any]) -> str:
+    messages = [chat_message(m, i) for i, m in enumerate(conversation)]
+    if options["continue_final_message"] and not messages:
+        raise ValueError("continue_final_message=True needs a message to continue")
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, **options)
+    except TemplateError as e:
+        raise ValueError(f"the chat template cannot render this conversation: {e}") from e
+    except ValueError as e:  # transformers' own checks (continue_final_message on a message the template drops)
+        raise ValueError(f"chat template: {e}") from e
+    if not isinstance(text, str):
+        raise ValueError(f"the chat template rendered {type(text).__name__}, not text")
+    return text
+
+
+def chat_message(message: Any, index: int) -> dict:
+    """An OpenAI-style message as chat templates take it (vLLM's "string" content format): text parts joined
+    with newlines, None content (an assistant's tool call) as "", tool-call arguments as dicts."""
+    if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+        raise TypeError(f"each message must be a dict with a str 'role' and a 'content', got {message!r}")
+    role, content = message["role"], message.get("content")
+    if content is None:
+        if role != "assistant":
+            raise TypeError(f"message {index} ({role}) has no content; only an assistant message may have None")
+        content = ""
+    elif isinstance(content, list):
+        content = "\n".join(text_part(part, index) for part in content)
+    elif not isinstance(content, str):
+        raise TypeError(f"message {index}: content must be a str, a list of text parts or None (assistant), "
+                        f"got {type(content).__name__}")
+    rendered = {**message, "content": content}
+    if role == "assistant" and isinstance(message.get("tool_calls"), list):
+        rendered["tool_calls"] = [tool_call(call, index) for call in message["tool_calls"]]
+    return rendered
+
+
+def text_part(part: Any, index: int) -> str:
+    if isinstance(part, str):
+        return part
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind not in TEXT_PARTS:
+        what = f"type {kind!r}" if isinstance(part, dict) else f"{type(part).__name__} {part!r}"
+        raise ValueError(f"message {index}: content part {what} is not supported; minivllm takes text parts "
+                         "({'type': 'text', 'text': ...}) only (no multi-modal inputs)")
+    text = part.get(TEXT_PARTS[kind])
+    if not isinstance(text, str):
+        raise TypeError(f"message {index}: a {kind!r} content part needs a str {TEXT_PARTS[kind]!r}, got {part!r}")
+    return text
+
+
+def tool_call(call: Any, index: int) -> Any:
+    """A tool call whose JSON-string arguments are parsed, as vLLM hands them to chat templates."""
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict):
+        return call
+    arguments = function.get("arguments")
+    if isinstance(arguments, (dict, list)):
+        return call
+    try:
+        parsed = json.loads(arguments) if arguments else {}
+    except (TypeError, json.JSONDecodeError) as e:
+        raise ValueError(f"message {index}: tool call arguments are not JSON: {arguments!r}") from e
+    return {**call, "function": {**function, "arguments": parsed}}
+
+
+class Progress:
+    """A tqdm bar over requests with live prompt and output tokens/s, and a summary logged at the end."""
+
+    def __init__(self, total: int, use_tqdm: UseTqdm, stats: EngineStats):
+        self.stats = stats
+        make_bar = use_tqdm if callable(use_tqdm) else tqdm
+        self.bar = make_bar(total=total, desc="Processed prompts", dynamic_ncols=True) if use_tqdm else None
         self.start = time.perf_counter()
         self.first = replace(stats)  # the engine's totals before this call
+        self.done = 0
 
     def counts(self) -> tuple[int, int]:
         return (self.stats.prompt_tokens - self.first.prompt_tokens,
                 self.stats.generation_tokens - self.first.generation_tokens)
 
     def update(self, num_finished: int) -> None:
+        self.done += num_finished
         if self.bar is not None:
             elapsed = max(time.perf_counter() - self.start, 1e-9)
             prompt, output = self.counts()
@@ -156,9 +357,7 @@ class Progress:
         if self.bar is None:
             return
         self.bar.close()
-        elapsed = time.perf_counter() - self.start
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
         prompt, output = self.counts()
-        print(
-            f"{self.bar.n} requests: {prompt} prompt tokens, {output} output tokens in {elapsed:.2f} s "
-            f"({prompt / elapsed:.0f} prompt tok/s, {output / elapsed:.0f} output tok/s)"
-        )
+        logger.info("%d requests: %d prompt tokens, %d output tokens in %.2f s (%.0f prompt tok/s, %.0f output tok/s)",
+                    self.done, prompt, output, elapsed, prompt / elapsed, output / elapsed)

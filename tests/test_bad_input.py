@@ -342,7 +342,11 @@ def test_fuzzed_arguments_are_served_or_refused_cleanly(llm, prompts, params):
     assert llm.llm_engine.scheduler.block_manager.num_free_blocks == llm.llm_engine.runner.num_kv_blocks
 
 
-@pytest.mark.parametrize("content", [None, ["a list"]], ids=["none", "list"])
+@pytest.mark.parametrize(
+    "content",
+    [None, [{"type": "image_url", "image_url": {"url": "x.png"}}], [42], {"text": "a dict"}],
+    ids=["none", "image-part", "int-part", "dict"],
+)  # (a list of text parts is OpenAI's form, and runs: tests/test_api_parity.py)
 def test_chat_message_content_the_template_cannot_render(tok_llm, content):
     with pytest.raises((TypeError, ValueError)):
         tok_llm.chat([{"role": "user", "content": content}], GREEDY, use_tqdm=False)
