@@ -2,7 +2,10 @@
 
 Install with `pip install --no-build-isolation .` so the kernels compile against the torch that will run
 them. Set TORCH_CUDA_ARCH_LIST to choose GPU archs (default: the local GPU's, else 8.0 8.6 8.9 9.0) and
-MAX_JOBS to bound parallel compiles.
+MAX_JOBS to bound parallel compiles; MINIVLLM_NO_KERNELS=1 installs the pure-Python engine without compiling.
+
+A build that could compile the kernels but cannot see torch (pip's build isolation hides it), or that runs on
+a GPU machine without a CUDA toolkit, fails with the command to use rather than quietly giving the slow path.
 """
 
 import glob
@@ -28,18 +31,33 @@ def find_cuda_home() -> str | None:
     return os.path.dirname(os.path.dirname(os.path.realpath(nvcc))) if nvcc else None
 
 
+def nvidia_gpu_visible() -> bool:
+    """An NVIDIA driver's device nodes or tool: a machine the kernels are for (torch may not be importable)."""
+    return bool(glob.glob("/dev/nvidia[0-9]*")) or shutil.which("nvidia-smi") is not None
+
+
 def kernel_extensions() -> tuple[list, dict]:
-    """The CUDA extension and its build command, or nothing with one line saying why."""
+    """The CUDA extension and its build command; nothing, with one line saying why, where the kernels cannot
+    run; a failed build where they could but this build would quietly leave them out."""
+    if os.environ.get("MINIVLLM_NO_KERNELS", "0") not in ("", "0"):
+        return skip("MINIVLLM_NO_KERNELS is set")
     cuda_home = find_cuda_home()
     if cuda_home:
         os.environ["CUDA_HOME"] = cuda_home  # read by torch.utils.cpp_extension at import
     try:
         import torch
     except ImportError:
-        return skip("torch is not installed (install it first, then build with --no-build-isolation)")
+        if cuda_home or nvidia_gpu_visible():
+            where = f"a CUDA toolkit ({cuda_home})" if cuda_home else "an NVIDIA GPU"
+            fail(f"torch is not importable in this build environment, but this machine has {where}: pip's build "
+                 "isolation hides the installed torch, and the wheel would have no kernels.")
+        return skip("torch is not importable in this build environment and there is no CUDA toolkit")
     if torch.version.cuda is None:
         return skip(f"torch {torch.__version__} is a CPU-only build")
     if cuda_home is None:
+        if nvidia_gpu_visible():
+            fail("this machine has an NVIDIA GPU and a CUDA build of torch, but no CUDA toolkit (nvcc) was found: "
+                 f"install the CUDA {torch.version.cuda} toolkit and set CUDA_HOME to it.")
         return skip("no CUDA toolkit found (set CUDA_HOME)")
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
@@ -64,6 +82,14 @@ def cuda_wheel_includes(torch) -> list[str]:
     """Headers of the CUDA libraries that torch's wheels bring (cuSPARSE, cuBLAS...), which a bare toolkit lacks."""
     site = os.path.dirname(os.path.dirname(torch.__file__))
     return sorted(glob.glob(os.path.join(site, "nvidia", "*", "include")))
+
+
+def fail(reason: str) -> None:
+    sys.exit(
+        f"minivllm: {reason}\nInstall torch and the build tools first, then build against them:\n"
+        "    pip install -r requirements.txt && pip install --no-build-isolation .\n"
+        "or set MINIVLLM_NO_KERNELS=1 to install the pure-Python engine (slow on a GPU: torch reference ops)."
+    )
 
 
 def skip(reason: str) -> tuple[list, dict]:
