@@ -1,4 +1,4 @@
-// Paged-attention decode: what the op wrapper (paged_decode.cu) and the per-dtype instantiations share.
+// Paged-attention decode: what the op wrapper (paged_decode.cpp) and the per-dtype instantiations share.
 // The algorithm lives in paged_decode_kernel.cuh.
 #pragma once
 

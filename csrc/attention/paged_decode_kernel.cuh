@@ -44,7 +44,7 @@ constexpr int kVec = 8;                             // elements in one 16-byte a
 constexpr int kMaxSplits = 128;
 constexpr int kGridWaves = 8;       // the grid holds (sequence, split) CTAs for about this many waves
 constexpr int kUnsplitWaves = 4;    // ... unless whole sequences fill this many
-constexpr float kCtaCostTiles = 4;  // fixed cost of a CTA (start, merge), in tiles of streaming: tuned on H100
+constexpr float kCtaCostTiles = 4;  // fixed cost of a CTA (start, merge), in tiles of streaming (a sweep: NOTES)
 static_assert(kThreadsPerToken == 4, "the swizzle below assumes four threads per K row in the score phase");
 
 template <int kHeadDim>
@@ -368,8 +368,8 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) paged_decode_kernel(cons
 
 // out = sum_s 2^(lse_s - max) * partial_s / sum_s 2^(lse_s - max) over the splits that hold tokens.
 // One CTA per (sequence, query head), one thread per output dim (one CTA a sequence, looping over the heads,
-// made batch-1 decode at 4k 0.6 ms a token slower on the H100). A context in one split was written by the
-// decode kernel.
+// made batch-1 decode slower: benchmarks/NOTES_decode.md). A context in one split was written by the decode
+// kernel.
 template <typename scalar_t, int kHeadDim>
 __global__ void __launch_bounds__(kHeadDim) merge_splits_kernel(const KernelParams p) {
   const DecodeArgs& a = p.args;
@@ -414,8 +414,8 @@ int resident_ctas_per_sm(int device) {
 // The grid's splits per sequence, from shapes only (a captured graph stays valid for any lengths): enough
 // CTAs for kGridWaves waves, so that split_tiles can cut any mix of lengths into pieces of about equal size.
 // CTAs past their sequence's last split return at once, but not for free: where whole sequences already
-// fill kUnsplitWaves waves, the tail is short and the grid does not split (on the H100, Qwen3-0.6B at batch
-// 256 of the throughput workload: 265 us unsplit, 290 us with a second, empty split and the merge).
+// fill kUnsplitWaves waves, the tail is short and the grid does not split (a second, empty split and the merge
+// cost more than the shorter tail wins: benchmarks/NOTES_decode.md).
 inline int grid_splits(int work_items, int max_tokens, int resident_slots) {
   if (work_items >= kUnsplitWaves * resident_slots) return 1;
   const int max_tiles = (max_tokens + kTile - 1) / kTile;
