@@ -10,13 +10,8 @@ out=$(realpath -m "${1:?usage: scripts/gpu_ab.sh OUT_DIR A_DIR B_DIR [pytest -k 
 a=$(realpath "${2:?A_DIR}") b=$(realpath "${3:?B_DIR}")
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
-export PYTHONUNBUFFERED=1
 log="$out/ab.log"
-if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/minivllm-site .whl/*.whl
-  export PYTHONPATH=/tmp/minivllm-site
-fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$log"
+. scripts/gpu_env.sh
 if diff -rq "$a/csrc" "$b/csrc" >/dev/null && cmp -s "$a/setup.py" "$b/setup.py"; then
   echo "same kernels in A and B: one build" | tee -a "$log"
   (cd "$b" && bash scripts/gpu_build.sh >"$out/build.log" 2>&1) || { tail -50 "$out/build.log"; exit 1; }

@@ -8,13 +8,8 @@ set -uo pipefail
 out=$(realpath -m "${1:?usage: scripts/gpu_check.sh OUT_DIR}")
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
-export PYTHONUNBUFFERED=1
 log="$out/gpu_check.log"
-if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/minivllm-site .whl/*.whl
-  export PYTHONPATH=/tmp/minivllm-site
-fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$log"
+. scripts/gpu_env.sh
 bash scripts/gpu_build.sh >"$out/build.log" 2>&1 || { tail -50 "$out/build.log"; exit 1; }
 python3 -m pytest -q tests/gpu ${2:+-k "$2"} 2>&1 | tee -a "$log"
 status=${PIPESTATUS[0]}

@@ -8,9 +8,8 @@ set -uo pipefail
 out=$(realpath -m "${1:?usage: scripts/gpu_decode.sh OUT_DIR [BASELINE_DIR [NCU_CASE]]}")
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
-export PYTHONUNBUFFERED=1
 log="$out/log"
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv 2>&1 | tee "$log"
+. scripts/gpu_env.sh
 base=/tmp/minivllm-baseline
 if [ -n "${2:-}" ]; then
   rm -rf "$base" && mkdir -p "$base" && cp -a . "$base/" && cp "$2"/paged_decode* "$base/csrc/attention/"
