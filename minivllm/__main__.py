@@ -1,26 +1,19 @@
 """The offline demo: `python -m minivllm` runs the main job (60 chat prompts x 256 tokens on the Qwen3-0.6B
 preset) on the GPU when there is one, else on the CPU, and prints a few completions and the throughput.
-`--prompt TEXT` (repeatable) runs your own text instead."""
+`--prompt TEXT` (repeatable) runs your own text instead. `python -m minivllm serve MODEL ...` runs the
+OpenAI-compatible server instead (`minivllm serve --help`)."""
 
 import argparse
 import sys
 import time
+
+from minivllm.entrypoints.cli import positive_int
 
 BASE_PROMPTS = [
     "Introduce yourself in a few sentences.",
     "List all prime numbers within 100, and explain how you found them.",
 ]
 DEFAULT_NUM_PROMPTS = 60
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def parser() -> argparse.ArgumentParser:
@@ -44,6 +37,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:
+        from minivllm.entrypoints.cli import main as cli_main
+
+        return cli_main(argv)
     args = parser().parse_args(argv)
     from minivllm import LLM, SamplingParams  # after parsing: --help and bad flags answer at once
 

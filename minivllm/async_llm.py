@@ -7,6 +7,7 @@ asyncio.Queue with loop.call_soon_threadsafe. The event loop never waits on a st
 """
 
 import asyncio
+import dataclasses
 import itertools
 import queue
 import threading
@@ -18,7 +19,7 @@ from types import TracebackType
 
 from transformers import PreTrainedTokenizerBase
 
-from minivllm.config import EngineArgs
+from minivllm.config import EngineArgs, refuse_vllm_only
 from minivllm.engine.llm_engine import EngineStats, LLMEngine
 from minivllm.inputs import ProcessedPrompt, Prompt
 from minivllm.outputs import RequestOutput
@@ -50,7 +51,11 @@ class RequestStream:
 
 class AsyncLLM:
     def __init__(self, model: str, **kwargs):
-        """The model and, by keyword, LLM's other arguments (EngineArgs' fields)."""
+        """The model and, by keyword, LLM's other arguments (EngineArgs' fields); vLLM's arguments minivllm lacks
+        are refused as LLM refuses them."""
+        fields = {f.name for f in dataclasses.fields(EngineArgs)}
+        refuse_vllm_only("LLM", {k: v for k, v in kwargs.items() if k not in fields},
+                         known="see help(minivllm.LLM) for the arguments minivllm takes")
         self.llm_engine = LLMEngine.from_engine_args(EngineArgs(model=model, **kwargs), stacklevel=2)
         self._commands: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()  # None: stop
         self._lock = threading.Lock()  # callers registering streams against the engine thread failing them

@@ -1,0 +1,339 @@
+"""The OpenAI-compatible HTTP server: a FastAPI app over one AsyncLLM (never the scheduler).
+
+Every request is read (bounded), parsed and checked before any work; errors answer with OpenAI's error body.
+Streams are server-sent events, one chunk per engine output. A client that disconnects has its requests
+aborted at once; a full queue answers 503; an engine failure answers 500 and /health fails from then on.
+"""
+
+import asyncio
+import json
+import secrets
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import pydantic
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from minivllm.async_llm import AsyncLLM
+from minivllm.entrypoints import protocol as p
+from minivllm.entrypoints.serving import (
+    Collector,
+    RequestError,
+    bad_request,
+    chat_prompt,
+    check_length,
+    completion_prompts,
+    sampling_params,
+)
+from minivllm.outputs import RequestOutput
+
+OPEN_PATHS = ("/health", "/metrics")  # answered without the API key
+# seconds; TTFT and TPOT buckets as vLLM's, end-to-end up to 20 minutes
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0)
+TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0)
+E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
+               480.0, 960.0, 1200.0)
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    served_model_name: str
+    model: str  # as given on the command line
+    api_key: str | None = None
+    max_pending_requests: int = 1024  # requests in flight (running or waiting) before new ones get 503
+    max_request_bytes: int = 8 << 20
+    chat_template: str | None = None
+
+
+class EngineMetrics:
+    """/metrics: the engine's gauges and token totals read at each scrape, latency histograms per request."""
+
+    def __init__(self, engine: AsyncLLM):
+        self.engine = engine
+        self.registry = CollectorRegistry()
+        self.registry.register(self)
+        self.ttft = Histogram("minivllm:time_to_first_token_seconds", "Time to first token.",
+                              buckets=TTFT_BUCKETS, registry=self.registry)
+        self.tpot = Histogram("minivllm:time_per_output_token_seconds", "Time per output token after the first.",
+                              buckets=TPOT_BUCKETS, registry=self.registry)
+        self.e2e = Histogram("minivllm:e2e_request_latency_seconds", "End-to-end request latency.",
+                             buckets=E2E_BUCKETS, registry=self.registry)
+
+    def collect(self):
+        engine, stats = self.engine, self.engine.stats
+        yield GaugeMetricFamily("minivllm:num_requests_running", "Sequences in the running batch.",
+                                value=engine.num_running_seqs)
+        yield GaugeMetricFamily("minivllm:num_requests_waiting", "Sequences waiting to be scheduled.",
+                                value=engine.num_waiting_seqs)
+        yield GaugeMetricFamily("minivllm:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0..1).",
+                                value=engine.kv_cache_usage)
+        yield CounterMetricFamily("minivllm:prompt_tokens", "Prompt tokens computed.", value=stats.prompt_tokens)
+        yield CounterMetricFamily("minivllm:generation_tokens", "Tokens generated.", value=stats.generation_tokens)
+
+    def observe(self, output: RequestOutput, num_tokens: int) -> None:
+        """A finished request's latencies."""
+        times = output.metrics
+        if times is None or times.first_token_time is None or times.finished_time is None:
+            return
+        self.ttft.observe(times.first_token_time - times.arrival_time)
+        self.e2e.observe(times.finished_time - times.arrival_time)
+        if num_tokens > 1:
+            self.tpot.observe((times.finished_time - times.first_token_time) / (num_tokens - 1))
+
+
+class Server:
+    """The app's state: the engine, its settings, the requests in flight and the metrics."""
+
+    def __init__(self, engine: AsyncLLM, settings: ServerSettings):
+        self.engine, self.settings = engine, settings
+        self.metrics = EngineMetrics(engine)
+        self.in_flight = 0
+
+    # ----- reading requests --------------------------------------------------------------------------------------
+    async def read(self, request: Request, model: type[pydantic.BaseModel]):
+        """The body, bounded in size, parsed and validated, and naming the field at fault when it is not."""
+        limit = self.settings.max_request_bytes
+        if int(request.headers.get("content-length") or 0) > limit:
+            raise RequestError(413, f"the request body is over the limit of {limit} bytes", code="request_too_large")
+        body = bytearray()
+        async for piece in request.stream():
+            body += piece
+            if len(body) > limit:
+                raise RequestError(413, f"the request body is over the limit of {limit} bytes",
+                                   code="request_too_large")
+        try:
+            data = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise RequestError(400, f"the request body is not valid JSON: {e}") from None
+        try:
+            parsed = model.model_validate(data)
+        except pydantic.ValidationError as e:
+            first = e.errors()[0]
+            param = ".".join(str(part) for part in first["loc"]) or None
+            raise RequestError(400, f"{param}: {first['msg']}" if param else first["msg"], param) from None
+        if getattr(parsed, "model", None) not in (None, self.settings.served_model_name):
+            raise RequestError(404, f"The model {parsed.model!r} does not exist; this server serves "
+                               f"{self.settings.served_model_name!r}", "model", code="model_not_found")
+        return parsed
+
+    # ----- generating ------------------------------------------------------------------------------------------
+    async def run(self, request: Request, prompts: list, params, collector: Collector, stream: bool) -> Response:
+        if params.structured_outputs is not None:
+            await self.compile_grammar(params)
+        if self.in_flight >= self.settings.max_pending_requests:
+            raise RequestError(503, f"the server has {self.in_flight} requests in flight, its limit; retry later",
+                               type="server_error", code="overloaded")
+        self.in_flight += 1
+        outputs = self.generate(collector.id, prompts, params)
+        try:
+            first = await anext(outputs)  # a bad request fails here, before any response is started
+        except BaseException as e:
+            self.in_flight -= 1
+            await outputs.aclose()
+            if isinstance(e, (ValueError, TypeError)):
+                raise bad_request(e, "prompt") from e
+            raise
+        if stream:
+            options = collector.stream_options or p.StreamOptions()
+            return StreamingResponse(self.stream(first, outputs, collector, options), media_type="text/event-stream")
+        try:
+            return JSONResponse((await until_disconnected(request, self.collect(first, outputs, collector))
+                                 ).model_dump())
+        finally:
+            self.in_flight -= 1
+
+    async def compile_grammar(self, params) -> None:
+        """Compile the grammar here (cached), off the event loop: AsyncLLM adds a request on its engine thread, where
+        a grammar that does not compile would stop the engine instead of failing the one request."""
+        try:
+            await asyncio.to_thread(self.engine.llm_engine.compile_grammar, params)
+        except (ValueError, TypeError) as e:
+            raise bad_request(e, "structured_outputs") from e
+
+    async def generate(self, base_id: str, prompts: list, params) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Every prompt's outputs as (prompt index, output), as they arrive; closing it aborts them all."""
+        queue: asyncio.Queue = asyncio.Queue()
+        num_tokens = [[0] * params.n for _ in prompts]  # by prompt and completion, for the TPOT histogram
+
+        async def pump(index: int, prompt) -> None:
+            try:
+                async for output in self.engine.generate(prompt, params, f"{base_id}-{index}"):
+                    queue.put_nowait((index, output))
+                queue.put_nowait((index, None))
+            except Exception as e:  # noqa: BLE001 - handed to the reader, which raises it
+                queue.put_nowait((index, e))
+
+        tasks = [asyncio.create_task(pump(i, prompt)) for i, prompt in enumerate(prompts)]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                index, item = await queue.get()
+                if isinstance(item, Exception):
+                    raise item
+                if item is None:
+                    remaining -= 1
+                    continue
+                for completion in item.outputs:
+                    num_tokens[index][completion.index] += len(completion.token_ids)
+                if item.finished:
+                    self.metrics.observe(item, max(num_tokens[index]))
+                yield index, item
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def collect(self, first, outputs, collector: Collector):
+        collector.add(*first)
+        async for index, output in outputs:
+            collector.add(index, output)
+        return collector.response()
+
+    async def stream(self, first, outputs, collector: Collector, options: p.StreamOptions) -> AsyncIterator[str]:
+        try:
+            item = first
+            while item is not None:
+                choices = collector.chunk_choices(*item)
+                if choices:
+                    usage = collector.usage() if options.continuous_usage_stats else None
+                    yield f"data: {collector.chunk(choices, usage)}\n\n"
+                item = await anext(outputs, None)
+            if options.include_usage:
+                yield f"data: {collector.chunk([], collector.usage())}\n\n"
+        except Exception as e:  # noqa: BLE001 - the engine failed mid-stream: the 200 is sent, so say it in the stream
+            yield f"data: {json.dumps(engine_failed(self.engine, e).body())}\n\n"
+        finally:
+            self.in_flight -= 1
+            await outputs.aclose()
+        yield "data: [DONE]\n\n"
+
+
+def engine_failed(engine: AsyncLLM, error: BaseException) -> RequestError:
+    what = "the engine has stopped" if not engine.is_running else "internal error"
+    return RequestError(500, f"{what}: {error!r}", type="server_error", code="engine_dead")
+
+
+async def until_disconnected(request: Request, work):
+    """work's result, or its cancellation (which aborts its requests) as soon as the client disconnects."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    return await task
+
+
+def build_app(engine: AsyncLLM, settings: ServerSettings) -> FastAPI:
+    server = Server(engine, settings)
+    app = FastAPI(title="minivllm", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = server
+    tokenizer = engine.tokenizer
+
+    @app.middleware("http")
+    async def authorize(request: Request, call_next):
+        key = settings.api_key
+        if key and request.url.path not in OPEN_PATHS:
+            given = request.headers.get("authorization", "")
+            if not secrets.compare_digest(given.encode(), f"Bearer {key}".encode()):
+                return error_response(RequestError(401, "Invalid or missing API key (Authorization: Bearer KEY)",
+                                                   code="invalid_api_key"))
+        return await call_next(request)
+
+    @app.exception_handler(RequestError)
+    async def request_error(_: Request, error: RequestError):
+        return error_response(error)
+
+    @app.exception_handler(Exception)
+    async def failed(_: Request, error: Exception):
+        return error_response(engine_failed(engine, error))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, error: StarletteHTTPException):
+        return error_response(RequestError(error.status_code, str(error.detail)))
+
+    @app.get("/health")
+    async def health() -> Response:
+        if not engine.is_running:
+            return error_response(RequestError(500, "the engine has stopped", type="server_error",
+                                               code="engine_dead"))
+        return Response(status_code=200)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        card = p.ModelCard(id=settings.served_model_name, root=settings.model, max_model_len=engine.max_model_len)
+        return p.ModelList(data=[card]).model_dump()
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        body = await server.read(request, p.CompletionRequest)
+        prompts = completion_prompts(body, tokenizer)
+        for prompt in prompts:
+            check_length(prompt, body.max_tokens, engine.max_model_len, "max_tokens")
+        wants_prompt_logprobs = body.echo and body.logprobs is not None
+        params = sampling_params(body, body.max_tokens, body.logprobs, body.logprobs if wants_prompt_logprobs else None)
+        collector = Collector("completion", settings.served_model_name, params.n, echo=body.echo)
+        collector.stream_options = body.stream_options
+        return await server.run(request, prompts, params, collector, body.stream)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Response:
+        body = await server.read(request, p.ChatCompletionRequest)
+        prompt = chat_prompt(body, tokenizer, settings.chat_template)
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        check_length(prompt, max_tokens, engine.max_model_len, param, "messages")
+        if body.top_logprobs is not None and not body.logprobs:
+            raise RequestError(400, "top_logprobs needs logprobs=true", "top_logprobs")
+        top = (body.top_logprobs or 0) if body.logprobs else None
+        params = sampling_params(body, max_tokens, top)
+        collector = Collector("chat", settings.served_model_name, params.n, top_logprobs=top)
+        collector.stream_options = body.stream_options
+        return await server.run(request, [prompt], params, collector, body.stream)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> dict:
+        body = await server.read(request, p.TokenizeRequest)
+        if tokenizer is None:
+            raise RequestError(400, "this model has no tokenizer")
+        if (body.prompt is None) == (body.messages is None):
+            raise RequestError(400, "give exactly one of prompt and messages", "prompt")
+        if body.messages is not None:
+            chat_body = p.ChatCompletionRequest(messages=body.messages, chat_template_kwargs=body.chat_template_kwargs,
+                                                add_generation_prompt=body.add_generation_prompt)
+            ids = chat_prompt(chat_body, tokenizer, settings.chat_template)["prompt_token_ids"]
+        else:
+            ids = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        return p.TokenizeResponse(count=len(ids), max_model_len=engine.max_model_len, tokens=ids).model_dump()
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> dict:
+        body = await server.read(request, p.DetokenizeRequest)
+        if tokenizer is None:
+            raise RequestError(400, "this model has no tokenizer")
+        try:
+            return p.DetokenizeResponse(prompt=tokenizer.decode(body.tokens)).model_dump()
+        except (ValueError, TypeError, OverflowError) as e:
+            raise bad_request(e, "tokens") from e
+
+    return app
+
+
+def error_response(error: RequestError) -> JSONResponse:
+    headers = {"Retry-After": "1"} if error.status == 503 else None
+    return JSONResponse(error.body(), status_code=error.status, headers=headers)

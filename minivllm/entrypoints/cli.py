@@ -1,0 +1,99 @@
+"""`minivllm serve MODEL [flags]`: the OpenAI-compatible server (also `python -m minivllm serve ...`)."""
+
+import argparse
+import logging
+import signal
+import sys
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="minivllm", description="minivllm's command line.")
+    commands = p.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="serve a model over HTTP with the OpenAI API",
+                                description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    serve.add_argument("model", help="checkpoint dir, cached repo id or preset")
+    server = serve.add_argument_group("server")
+    server.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
+    server.add_argument("--port", type=int, default=8000)
+    server.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (all but /health and "
+                        "/metrics)")
+    server.add_argument("--served-model-name", default=None, help="the model's name in the API (default: MODEL as "
+                        "given)%(default).0s")
+    server.add_argument("--chat-template", default=None, help="a Jinja chat template (or its file) instead of the "
+                        "tokenizer's")
+    server.add_argument("--max-pending-requests", type=positive_int, default=1024, metavar="N",
+                        help="requests in flight (running or waiting) beyond which new ones get 503")
+    server.add_argument("--max-request-bytes", type=positive_int, default=8 << 20, metavar="N",
+                        help="the largest request body accepted (413 beyond)")
+    server.add_argument("--shutdown-timeout", type=float, default=5.0, metavar="S",
+                        help="on SIGTERM, seconds to let requests in flight finish before aborting them")
+    server.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    engine = serve.add_argument_group("engine")
+    engine.add_argument("--tokenizer", default=None, help="tokenizer dir (default: the model's)%(default).0s")
+    engine.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)"
+                        "%(default).0s")
+    engine.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32")
+    engine.add_argument("--max-model-len", type=positive_int, default=None, help="context length (default: the "
+                        "model's)%(default).0s")
+    engine.add_argument("--max-num-seqs", type=positive_int, default=256)
+    engine.add_argument("--max-num-batched-tokens", type=positive_int, default=8192)
+    engine.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    engine.add_argument("--num-kv-blocks", type=positive_int, default=None, help="KV-cache size in blocks (default: "
+                        "from --gpu-memory-utilization)%(default).0s")
+    engine.add_argument("--tensor-parallel-size", type=positive_int, default=1)
+    engine.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    engine.add_argument("--block-size", type=positive_int, default=16)
+    engine.add_argument("--seed", type=int, default=0)
+    engine.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    return p
+
+
+ENGINE_FLAGS = ("tokenizer", "device", "dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
+                "gpu_memory_utilization", "num_kv_blocks", "tensor_parallel_size", "enforce_eager", "block_size",
+                "seed", "enable_prefix_caching")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return serve(args)
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn  # after parsing: --help and bad flags answer at once
+
+    from minivllm.async_llm import AsyncLLM
+    from minivllm.entrypoints.api_server import ServerSettings, build_app
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        engine = AsyncLLM(args.model, **{name: getattr(args, name) for name in ENGINE_FLAGS})
+    except (ValueError, TypeError) as e:
+        print(f"minivllm serve: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    settings = ServerSettings(served_model_name=args.served_model_name or args.model, model=args.model,
+                              api_key=args.api_key, max_pending_requests=args.max_pending_requests,
+                              max_request_bytes=args.max_request_bytes, chat_template=args.chat_template)
+    config = uvicorn.Config(build_app(engine, settings), host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=args.shutdown_timeout, access_log=False)
+    server = uvicorn.Server(config)
+    # uvicorn re-raises the SIGTERM it shut down on once it has; this handler takes it, so a requested stop exits 0
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        server.run()
+    finally:
+        engine.shutdown()
+    return 0 if server.started else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

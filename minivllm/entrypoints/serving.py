@@ -1,0 +1,257 @@
+"""Translation between the OpenAI protocol and the engine: a request body to prompts and SamplingParams, the
+engine's RequestOutputs to response bodies and stream chunks. No I/O here: api_server.py does that."""
+
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from minivllm.chat import chat_options, render_chat
+from minivllm.entrypoints import protocol as p
+from minivllm.inputs import TokensPrompt
+from minivllm.outputs import CompletionOutput, PositionLogprobs, RequestOutput
+from minivllm.sampling_params import RequestOutputKind, SamplingParams
+from minivllm.structured_outputs import StructuredOutputsParams
+
+
+class RequestError(Exception):
+    """An error the client gets as OpenAI's error body."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, type: str = "invalid_request_error",
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.type, self.code = status, message, param, type, code
+
+    def body(self) -> dict:
+        return p.ErrorResponse(error=p.ErrorInfo(message=self.message, type=self.type, param=self.param,
+                                                 code=self.code)).model_dump()
+
+
+def bad_request(error: Exception, param: str | None = None) -> RequestError:
+    """A 400 from an engine ValueError/TypeError, naming the field when the message does (SamplingParams.top_p)."""
+    message = " ".join(str(error).split())
+    named = re.match(r"SamplingParams\.(\w+)", message)
+    return RequestError(400, message, param or (named.group(1) if named else None))
+
+
+# ----- requests ---------------------------------------------------------------------------------------------------
+# request fields that are SamplingParams fields of the same name, passed on when given
+SAME_NAME = ("temperature", "top_p", "n", "stop", "seed", "presence_penalty", "frequency_penalty", "top_k", "min_p",
+             "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids", "include_stop_str_in_output",
+             "skip_special_tokens", "allowed_token_ids", "bad_words")
+
+
+def sampling_params(request: p.SamplingRequest, max_tokens: int | None, logprobs: int | None,
+                    prompt_logprobs: int | None = None) -> SamplingParams:
+    """The request's SamplingParams (DELTA outputs: the server streams, and sums what it collects)."""
+    given = {name: getattr(request, name) for name in SAME_NAME if getattr(request, name) is not None}
+    try:
+        bias = {int(token): value for token, value in request.logit_bias.items()} if request.logit_bias else None
+    except ValueError:
+        raise RequestError(400, "logit_bias keys must be token ids", "logit_bias") from None
+    try:
+        return SamplingParams(**given, max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                              logit_bias=bias, structured_outputs=structured_outputs(request),
+                              output_kind=RequestOutputKind.DELTA)
+    except (ValueError, TypeError) as e:
+        raise bad_request(e) from e
+
+
+def structured_outputs(request: p.SamplingRequest) -> StructuredOutputsParams | None:
+    """vLLM's structured_outputs field, else OpenAI's response_format (json_object, json_schema)."""
+    try:
+        if request.structured_outputs is not None:
+            return StructuredOutputsParams(**request.structured_outputs)
+    except (ValueError, TypeError) as e:
+        raise bad_request(e, "structured_outputs") from e
+    form = request.response_format
+    if form is None or form.type == "text":
+        return None
+    if form.type == "json_object":
+        return StructuredOutputsParams(json_object=True)
+    if form.json_schema is None or form.json_schema.schema_ is None:
+        raise RequestError(400, "response_format json_schema needs json_schema.schema", "response_format")
+    return StructuredOutputsParams(json=form.json_schema.schema_)
+
+
+def completion_prompts(request: p.CompletionRequest, tokenizer: PreTrainedTokenizerBase | None
+                       ) -> list[TokensPrompt]:
+    """Each prompt (a str, a list of str, token ids, a list of those) as token ids with its text."""
+    prompt = request.prompt
+    items = prompt if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else [prompt]
+    if not items:
+        raise RequestError(400, "prompt must not be empty", "prompt")
+    prompts = []
+    for item in items:
+        if isinstance(item, str):
+            if tokenizer is None:
+                raise RequestError(400, "this model has no tokenizer; send the prompt as token ids", "prompt")
+            prompts.append(TokensPrompt(prompt_token_ids=tokenizer.encode(item), prompt=item))
+        else:
+            text = tokenizer.decode(item) if tokenizer is not None and request.echo else None
+            prompts.append(TokensPrompt(prompt_token_ids=item, **({"prompt": text} if text is not None else {})))
+    return prompts
+
+
+def chat_prompt(request: p.ChatCompletionRequest, tokenizer: PreTrainedTokenizerBase | None,
+                chat_template: str | None) -> TokensPrompt:
+    """The conversation rendered by the chat template (as LLM.chat renders it), as token ids with its text."""
+    if tokenizer is None:
+        raise RequestError(400, "chat needs a tokenizer with a chat template; this model has none", "messages")
+    try:
+        options = chat_options(chat_template, request.add_generation_prompt, request.continue_final_message,
+                               request.tools, request.chat_template_kwargs)
+        text = render_chat(tokenizer, request.messages, options)
+    except (ValueError, TypeError) as e:
+        raise bad_request(e, "messages") from e
+    return TokensPrompt(prompt_token_ids=tokenizer.encode(text, add_special_tokens=False), prompt=text)
+
+
+def check_length(prompt: TokensPrompt, max_tokens: int | None, max_model_len: int, param: str,
+                 prompt_param: str = "prompt") -> None:
+    """A 400 naming the limit when the prompt, or the prompt and max_tokens, do not fit in the context."""
+    num_prompt = len(prompt["prompt_token_ids"])
+    if num_prompt > max_model_len:
+        raise RequestError(400, f"This model's maximum context length is {max_model_len} tokens, but the prompt has "
+                           f"{num_prompt} tokens. Shorten the prompt.", prompt_param)
+    if max_tokens is not None and num_prompt + max_tokens > max_model_len:
+        raise RequestError(400, f"This model's maximum context length is {max_model_len} tokens. However, you "
+                           f"requested {num_prompt + max_tokens} tokens ({num_prompt} in the prompt, {max_tokens} "
+                           f"in the completion). Reduce the prompt or {param}.", param)
+
+
+# ----- logprobs ---------------------------------------------------------------------------------------------------
+def completion_logprobs(token_ids: list[int], positions: list[PositionLogprobs | None], offset: int
+                        ) -> p.CompletionLogprobs:
+    """The legacy shape; offset: the characters before the first token (an echoed prompt, earlier chunks)."""
+    result = p.CompletionLogprobs()
+    for token, entry in zip(token_ids, positions):
+        text = entry[token].decoded_token or "" if entry is not None else ""
+        result.tokens.append(text)
+        result.token_logprobs.append(entry[token].logprob if entry is not None else None)
+        result.top_logprobs.append({lp.decoded_token or "": lp.logprob for lp in entry.values()}
+                                   if entry is not None else None)
+        result.text_offset.append(offset)
+        offset += len(text)
+    return result
+
+
+def chat_logprobs(token_ids: list[int], positions: list[PositionLogprobs], top: int) -> p.ChatLogprobs:
+    content = []
+    for token, entry in zip(token_ids, positions):
+        ranked = sorted((lp for lp in entry.values() if lp.rank <= top), key=lambda lp: lp.rank)
+        content.append(p.TokenLogprob(**top_logprob(entry[token]).model_dump(),
+                                      top_logprobs=[top_logprob(lp) for lp in ranked]))
+    return p.ChatLogprobs(content=content)
+
+
+def top_logprob(lp) -> p.TopLogprob:
+    text = lp.decoded_token or ""
+    return p.TopLogprob(token=text, logprob=max(lp.logprob, -9999.0), bytes=list(text.encode()))
+
+
+# ----- outputs ----------------------------------------------------------------------------------------------------
+@dataclass
+class Choice:
+    """One choice as its deltas arrive: its text so far (for offsets), its token count, whether it ended."""
+
+    text_len: int = 0
+    num_tokens: int = 0
+    finished: bool = False
+    final: tuple[str | None, int | str | None] = (None, None)  # finish_reason, stop_reason
+
+
+@dataclass
+class Collector:
+    """Turns one HTTP request's DELTA RequestOutputs (one engine request a prompt) into response bodies or
+    stream chunks, and counts usage. Choice i of prompt j is index j * n + i, as vLLM numbers them."""
+
+    kind: str  # "completion" or "chat"
+    model: str
+    n: int
+    echo: bool = False
+    top_logprobs: int | None = None  # chat: logprobs=True with this many alternatives
+    stream_options: p.StreamOptions | None = None
+    id: str = ""
+    created: int = field(default_factory=lambda: int(time.time()))
+    choices: dict[int, Choice] = field(default_factory=dict)
+    prompt_tokens: dict[int, int] = field(default_factory=dict)
+    texts: dict[int, list[str]] = field(default_factory=dict)  # non-streaming: the pieces of each choice
+    logprobs: dict[int, list] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.id = self.id or p.random_id("cmpl" if self.kind == "completion" else "chatcmpl")
+
+    def usage(self) -> p.Usage:
+        prompt, completion = sum(self.prompt_tokens.values()), sum(c.num_tokens for c in self.choices.values())
+        return p.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+    def chunk_choices(self, prompt_index: int, output: RequestOutput) -> list:
+        """The stream choices of one engine output: those with new text, logprobs or a finish reason."""
+        first = prompt_index not in self.prompt_tokens
+        self.prompt_tokens[prompt_index] = len(output.prompt_token_ids)
+        choices = []
+        for completion in output.outputs:
+            index = prompt_index * self.n + completion.index
+            choice = self.choices.setdefault(index, Choice())
+            prefix = ""
+            if first and self.echo:
+                prefix = output.prompt or ""
+            new_finish = completion.finish_reason is not None and not choice.finished
+            if not (completion.text or completion.token_ids or prefix or new_finish or first):
+                continue
+            choices.append(self.stream_choice(index, choice, completion, output, prefix, first))
+            choice.num_tokens += len(completion.token_ids)
+            choice.text_len += len(prefix) + len(completion.text)
+            choice.finished = completion.finish_reason is not None
+        return choices
+
+    def stream_choice(self, index: int, choice: Choice, completion: CompletionOutput, output: RequestOutput,
+                      prefix: str, first: bool):
+        finish = completion.finish_reason if completion.finish_reason is not None and not choice.finished else None
+        stop_reason = completion.stop_reason if finish else None
+        if self.kind == "chat":
+            logprobs = (chat_logprobs(completion.token_ids, completion.logprobs, self.top_logprobs)
+                        if completion.logprobs is not None else None)
+            delta = p.ChatDelta(role="assistant" if first else None, content=completion.text)
+            return p.ChatStreamChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=finish,
+                                      stop_reason=stop_reason)
+        logprobs = None
+        if completion.logprobs is not None:
+            ids, positions = completion.token_ids, completion.logprobs
+            if prefix and output.prompt_logprobs is not None:
+                ids, positions = output.prompt_token_ids + ids, output.prompt_logprobs + positions
+            logprobs = completion_logprobs(ids, positions, choice.text_len)
+        return p.CompletionChoice(index=index, text=prefix + completion.text, logprobs=logprobs,
+                                  finish_reason=finish, stop_reason=stop_reason)
+
+    def chunk(self, choices: list, usage: p.Usage | None = None) -> str:
+        cls = p.ChatCompletionChunk if self.kind == "chat" else p.CompletionChunk
+        return cls(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage).model_dump_json()
+
+    def add(self, prompt_index: int, output: RequestOutput) -> None:
+        """Non-streaming: keep the output's pieces for response()."""
+        for choice in self.chunk_choices(prompt_index, output):
+            piece = choice.delta.content if self.kind == "chat" else choice.text
+            self.texts.setdefault(choice.index, []).append(piece or "")
+            self.logprobs.setdefault(choice.index, []).append(choice.logprobs)
+            self.choices[choice.index].final = (choice.finish_reason, choice.stop_reason)
+
+    def response(self) -> Any:
+        choices = []
+        for index in sorted(self.choices):
+            text, (finish, stop_reason) = "".join(self.texts[index]), self.choices[index].final
+            pieces = [lp for lp in self.logprobs[index] if lp is not None]
+            if self.kind == "chat":
+                logprobs = p.ChatLogprobs(content=[t for lp in pieces for t in lp.content]) if pieces else None
+                choices.append(p.ChatChoice(index=index, message=p.ChatMessage(content=text), logprobs=logprobs,
+                                            finish_reason=finish, stop_reason=stop_reason))
+            else:
+                logprobs = p.CompletionLogprobs(**{key: [x for lp in pieces for x in getattr(lp, key)]
+                                                   for key in p.CompletionLogprobs.model_fields}) if pieces else None
+                choices.append(p.CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=finish,
+                                                  stop_reason=stop_reason))
+        cls = p.ChatCompletionResponse if self.kind == "chat" else p.CompletionResponse
+        return cls(id=self.id, created=self.created, model=self.model, choices=choices, usage=self.usage())
