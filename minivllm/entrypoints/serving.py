@@ -60,7 +60,8 @@ def sampling_params(request: p.SamplingRequest, max_tokens: int | None, logprobs
 
 
 def structured_outputs(request: p.SamplingRequest) -> StructuredOutputsParams | None:
-    """vLLM's structured_outputs field, else OpenAI's response_format (json_object, json_schema)."""
+    """vLLM's structured_outputs field, else OpenAI's response_format (json_object, json_schema): JSON with
+    whitespace only where the default separators put it, so that a model fond of whitespace still ends it."""
     try:
         if request.structured_outputs is not None:
             return StructuredOutputsParams(**request.structured_outputs)
@@ -70,10 +71,10 @@ def structured_outputs(request: p.SamplingRequest) -> StructuredOutputsParams | 
     if form is None or form.type == "text":
         return None
     if form.type == "json_object":
-        return StructuredOutputsParams(json_object=True)
+        return StructuredOutputsParams(json_object=True, disable_any_whitespace=True)
     if form.json_schema is None or form.json_schema.schema_ is None:
         raise RequestError(400, "response_format json_schema needs json_schema.schema", "response_format")
-    return StructuredOutputsParams(json=form.json_schema.schema_)
+    return StructuredOutputsParams(json=form.json_schema.schema_, disable_any_whitespace=True)
 
 
 def completion_prompts(request: p.CompletionRequest, tokenizer: PreTrainedTokenizerBase | None
