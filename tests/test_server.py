@@ -6,7 +6,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -17,6 +16,7 @@ import openai
 import pytest
 
 from minivllm import SamplingParams
+from minivllm.entrypoints.launcher import ServerProcess
 from tests.conftest import LLM
 
 MAX_MODEL_LEN = 256
@@ -36,28 +36,9 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-class Server:
+class Server(ServerProcess):
     def __init__(self, model_dir: str, *flags: str, code: str | None = None, env: dict | None = None):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        launcher = ["-c", code, "serve"] if code else ["-m", "minivllm", "serve"]
-        self.proc = subprocess.Popen([sys.executable, *launcher, model_dir, "--port", str(self.port), *FLAGS, *flags],
-                                     env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited with {self.proc.returncode}: {self.proc.stderr.read()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.3)
-        self.kill()
-        raise RuntimeError("the server did not become healthy within 120 s")
+        super().__init__(model_dir, *FLAGS, *flags, code=code, env={"OMP_NUM_THREADS": "1", **(env or {})})
 
     def client(self, api_key: str = "none", **kwargs) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, timeout=60, max_retries=0, **kwargs)
@@ -65,11 +46,6 @@ class Server:
     def metrics(self) -> dict[str, float]:
         text = httpx.get(f"{self.url}/metrics", timeout=10).text
         return {m[1]: float(m[2]) for m in re.finditer(r"^(minivllm:\w+) (\S+)$", text, re.M) if m}
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
 
 
 def metric(server: Server, name: str) -> float:
@@ -369,3 +345,15 @@ def test_cli_help_and_the_demo_still_answer():
     assert serve.returncode == 0 and "--api-key" in serve.stdout and "--max-num-seqs" in serve.stdout
     demo = subprocess.run([sys.executable, "-m", "minivllm", "--help"], capture_output=True, text=True, timeout=60)
     assert demo.returncode == 0 and "--prompt" in demo.stdout
+
+
+def test_serving_benchmark_smoke_run(tokenizer_model_dir, tmp_path):
+    out = tmp_path / "serving.json"
+    run = subprocess.run([sys.executable, "-m", "benchmarks.serving", "--model", tokenizer_model_dir, "--device", "cpu",
+                          "--num-prompts", "3", "--max-input-len", "100", "--max-output-len", "100",
+                          "--max-model-len", str(MAX_MODEL_LEN), "--num-kv-blocks", "64", "--json", str(out)],
+                         capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["run"] for r in rows] == ["max concurrency", "poisson"]
+    assert all(r["output_tok_s"] > 0 and r["ttft_ms_p50"] > 0 and r["itl_ms_p99"] >= r["itl_ms_p50"] for r in rows)

@@ -1,0 +1,124 @@
+"""Online serving over HTTP: starts `minivllm serve` on a loopback port and replays nano-vllm's throughput workload
+(benchmarks/workload.py) through streaming clients, first all at once (maximum concurrency), then arriving at a
+Poisson rate (by default half the requests/s the first run reached). Reports time to first token, time per output
+token and inter-token latency (p50, p99) and output tokens/s.
+
+python -m benchmarks.serving [--model qwen3-0.6b] [--num-prompts 256] [--request-rate R] [--json PATH]
+A CPU smoke run: --model DIR --device cpu --num-prompts 4 --max-input-len 100 --max-output-len 100
+"""
+
+import asyncio
+import json
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import httpx
+
+from benchmarks.common import gpu_name, parser, print_table, write_json
+from benchmarks.workload import nano_vllm_workload
+from minivllm.entrypoints.launcher import ServerProcess
+
+
+@dataclass
+class Timing:
+    start: float
+    token_times: list[float] = field(default_factory=list)
+    num_tokens: int = 0
+
+
+async def one_request(client: httpx.AsyncClient, url: str, ids: list[int], params) -> Timing:
+    body = {"prompt": ids, "max_tokens": params.max_tokens, "temperature": params.temperature,
+            "ignore_eos": params.ignore_eos, "stream": True, "stream_options": {"include_usage": True}}
+    timing = Timing(time.perf_counter())
+    async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[len("data: "):])
+            if "error" in chunk:
+                raise RuntimeError(chunk["error"]["message"])
+            if chunk["choices"]:
+                timing.token_times.append(time.perf_counter())
+            if chunk.get("usage"):
+                timing.num_tokens = chunk["usage"]["completion_tokens"]
+    return timing
+
+
+async def replay(url: str, prompts: list, params: list, rate: float | None, seed: int = 0) -> tuple[list, float]:
+    """Every request (rate None: all at once; else Poisson arrivals at rate a second); (timings, seconds)."""
+    gaps = random.Random(seed)
+    limits = httpx.Limits(max_connections=len(prompts), max_keepalive_connections=len(prompts))
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
+        start, tasks = time.perf_counter(), []
+        for ids, sp in zip(prompts, params):
+            tasks.append(asyncio.create_task(one_request(client, url, ids, sp)))
+            if rate is not None:
+                await asyncio.sleep(gaps.expovariate(rate))
+        timings = await asyncio.gather(*tasks)
+    return timings, time.perf_counter() - start
+
+
+def percentiles(values: list[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    if len(values) == 1:
+        return values[0], values[0]
+    cuts = statistics.quantiles(values, n=100, method="inclusive")
+    return statistics.median(values), cuts[98]
+
+
+def summary(name: str, timings: list[Timing], elapsed: float, rate: float | None) -> dict:
+    ttft = [(t.token_times[0] - t.start) * 1e3 for t in timings if t.token_times]
+    tpot = [(t.token_times[-1] - t.token_times[0]) * 1e3 / (t.num_tokens - 1) for t in timings if t.num_tokens > 1]
+    itl = [(b - a) * 1e3 for t in timings for a, b in zip(t.token_times, t.token_times[1:])]
+    tokens = sum(t.num_tokens for t in timings)
+    row = {"run": name, "rate_req_s": rate, "requests": len(timings), "seconds": elapsed, "output_tokens": tokens,
+           "output_tok_s": tokens / elapsed}
+    for label, values in (("ttft_ms", ttft), ("tpot_ms", tpot), ("itl_ms", itl)):
+        row[f"{label}_p50"], row[f"{label}_p99"] = percentiles(values)
+    return row
+
+
+def main() -> None:
+    p = parser(__doc__)
+    p.add_argument("--model", default="qwen3-0.6b")
+    p.add_argument("--num-prompts", type=int, default=256)
+    p.add_argument("--max-input-len", type=int, default=1024)
+    p.add_argument("--max-output-len", type=int, default=1024)
+    p.add_argument("--request-rate", type=float, default=None,
+                   help="Poisson arrivals a second (default: half the maximum-concurrency run's requests/s)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--num-kv-blocks", type=int, default=None)
+    p.add_argument("--enforce-eager", action="store_true")
+    args = p.parse_args()
+
+    prompts, params = nano_vllm_workload(args.num_prompts, args.max_input_len, args.max_output_len)
+    flags = ["--max-model-len", str(args.max_model_len), "--max-num-seqs", str(args.max_num_seqs),
+             "--max-pending-requests", str(max(1024, 2 * args.num_prompts)), "--log-level", "warning"]
+    flags += ["--device", args.device] if args.device else []
+    flags += ["--num-kv-blocks", str(args.num_kv_blocks)] if args.num_kv_blocks else []
+    flags += ["--enforce-eager"] if args.enforce_eager else []
+    server = ServerProcess(args.model, *flags, timeout=600)
+    try:
+        asyncio.run(replay(server.url, prompts[:2], params[:2], None))  # warm-up
+        timings, elapsed = asyncio.run(replay(server.url, prompts, params, None))
+        rows = [summary("max concurrency", timings, elapsed, None)]
+        rate = args.request_rate or 0.5 * len(prompts) / elapsed
+        timings, elapsed = asyncio.run(replay(server.url, prompts, params, rate))
+        rows.append(summary("poisson", timings, elapsed, rate))
+    finally:
+        server.kill()
+    expected = sum(sp.max_tokens for sp in params)
+    for row in rows:
+        assert row["output_tokens"] == expected, f"{row['run']}: {row['output_tokens']} tokens, expected {expected}"
+    print_table(rows, f"benchmarks.serving on {gpu_name()}: {args.model}, {len(prompts)} requests over HTTP")
+    write_json(args.json, {"device": gpu_name(), "model": args.model, "num_prompts": len(prompts), "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
