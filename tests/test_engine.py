@@ -498,3 +498,15 @@ def test_vllm_text_prompt_dict_and_prompt_tuple(tok_llm):
     expected = completions(tok_llm.generate(["Hello", "World"], GREEDY, use_tqdm=False))
     assert completions(tok_llm.generate({"prompt": "Hello"}, GREEDY, use_tqdm=False)) == expected[:1]
     assert completions(tok_llm.generate(("Hello", "World"), GREEDY, use_tqdm=False)) == expected
+
+
+def test_cpu_kv_cache_is_sized_from_available_memory(qwen3_dir, monkeypatch):
+    """A share of the memory available, at least one max_model_len sequence, at most what max_num_seqs need;
+    num_kv_blocks overrides it."""
+    from minivllm.engine import model_runner
+
+    per_block = 2 * 2 * 2 * 64 * 4 * 16  # K and V, 2 layers, 2 KV heads, head_dim 64, fp32, 16 tokens
+    for available, blocks in [(1 << 40, 4 * 128 // 16), (64 * per_block, 16), (1, 128 // 16)]:
+        monkeypatch.setattr(model_runner, "available_memory_bytes", lambda available=available: available)
+        assert LLM(qwen3_dir, max_model_len=128, max_num_seqs=4).llm_engine.runner.num_kv_blocks == blocks
+    assert LLM(qwen3_dir, max_model_len=128, num_kv_blocks=11).llm_engine.runner.num_kv_blocks == 11

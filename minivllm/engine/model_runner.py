@@ -5,6 +5,7 @@ The runner knows nothing of requests or of the other ranks beyond its shard of t
 (the engine, or the tensor-parallel worker loop) sizes the cache across ranks and hands it every step.
 """
 
+import os
 import time
 from dataclasses import dataclass
 
@@ -23,7 +24,7 @@ from minivllm.models import DecoderForCausalLM, model_architecture
 from minivllm.models.decoder import head_dim_of
 
 PROMPT_LOGITS_ROWS = 512  # prompt logprobs' logits are made this many tokens at a time (fp32 [rows, vocab])
-CPU_KV_CACHE_BYTES = 2 << 30  # the CPU has no memory to profile against; a fixed budget keeps runs predictable
+CPU_KV_CACHE_SHARE = 0.25  # of the memory available at start-up: the CPU's KV cache (num_kv_blocks overrides it)
 
 
 class ModelRunner:
@@ -50,7 +51,8 @@ class ModelRunner:
 
     def available_kv_blocks(self) -> int:
         """How many blocks this rank can hold: num_kv_blocks if given, else what fits in the GPU memory left after
-        a profiling forward, else the CPU's budget (with room for at least one max_model_len sequence)."""
+        a profiling forward, else a share of the CPU's available memory (with room for at least one max_model_len
+        sequence, and no more than max_num_seqs of them need)."""
         args = self.config.args
         if args.num_kv_blocks is not None:
             return args.num_kv_blocks
@@ -59,7 +61,8 @@ class ModelRunner:
         max_len = self.config.max_model_len
         wanted = args.max_num_seqs * max_len * self.kv_bytes_per_block() // self.block_size
         one_sequence = -(-max_len // self.block_size) * self.kv_bytes_per_block()
-        return min(max(CPU_KV_CACHE_BYTES, one_sequence), wanted) // self.kv_bytes_per_block()
+        budget = int(CPU_KV_CACHE_SHARE * available_memory_bytes()) // self.tp.size  # the ranks share the machine
+        return min(max(budget, one_sequence), wanted) // self.kv_bytes_per_block()
 
     def init_kv_cache(self, num_blocks: int) -> None:
         """Allocate num_blocks blocks (the same on every rank: one block table serves all), then capture the decode
@@ -110,7 +113,8 @@ class ModelRunner:
     def execute(self, step: StepMessage) -> "LaunchedStep":
         """Start the step on the device, without waiting for it: the next token of each sampling row."""
         graph_size = None if step.is_prefill else next((s for s in sorted(self.graphs) if s >= step.num_rows), None)
-        staged = self.inputs.stage(step, graph_size or step.num_rows, self.previous_tokens, self.sampling_generator)
+        staged = self.inputs.stage(step, graph_size or step.num_rows, self.previous_tokens, self.sampling_generator,
+                                   for_graph=graph_size is not None)
         if graph_size is not None:
             self.graphs[graph_size].replay()
             hidden = self.graph_hidden[: step.num_rows]
@@ -239,6 +243,16 @@ class LaunchedStep:
     def prompt_logprobs(self) -> tuple[list, ...] | None:
         """ModelRunner.prompt_logprobs' columns as flat lists; after token_ids()."""
         return tuple(t.tolist() for t in self.host_prompt_logprobs) if self.host_prompt_logprobs else None
+
+
+def available_memory_bytes() -> int:
+    """The memory the system can give without swapping (Linux's MemAvailable), else its free pages."""
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def rank_device(device: torch.device, rank: int) -> torch.device:

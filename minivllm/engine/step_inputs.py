@@ -123,19 +123,21 @@ class StepInputs:
     def decode_views(self, rows: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """(input ids, positions, metadata) of a decode step padded to `rows`, as a graph of that size reads them;
         staging an empty step first makes every row padding, which writes and reads nothing."""
-        staged = self.stage(StepMessage(False, [], [], [], [], [], []), rows, None, None)
+        staged = self.stage(StepMessage(False, [], [], [], [], [], []), rows, None, None, for_graph=True)
         return staged.input_ids, staged.positions, staged.meta
 
     def stage(self, step: StepMessage, rows: int, previous_tokens: torch.Tensor | None,
-              generator: torch.Generator | None) -> StagedStep:
+              generator: torch.Generator | None, for_graph: bool = False) -> StagedStep:
         """Lay the step out in the next host mirror (decode padded to `rows`), copy it to the device, and put in
-        the tokens still on the GPU from previous_tokens, the tokens the step before sampled."""
+        the tokens still on the GPU from previous_tokens, the tokens the step before sampled. A graph's block
+        tables are as wide as the longest sequence can need; elsewhere as the batch's widest (the CPU's
+        reference attention reads every entry)."""
         n, prefill = step.num_rows, step.is_prefill
         lengths = np.asarray(step.num_new_tokens, dtype=np.int64)
         starts = np.asarray(step.start_positions, dtype=np.int64)
         ends = starts + lengths
         paged = not prefill or bool(starts.any())  # prefill reads keys from the pages once some are cached
-        width = (max(map(len, step.block_tables)) if prefill else self.max_blocks) if paged else 0
+        width = (self.max_blocks if for_graph else max(map(len, step.block_tables))) if paged else 0
         columns = step.sampling.used_columns() if step.sampling is not None else {}
         layout = step_layout(prefill, step.num_tokens if prefill else rows, rows, width, len(step.sampling_rows),
                              len(step.pending), list(columns))
