@@ -31,24 +31,29 @@ class InputProcessor:
     def __init__(self, tokenizer: PreTrainedTokenizerBase | None, vocab_size: int, max_model_len: int):
         self.tokenizer, self.vocab_size, self.max_model_len = tokenizer, vocab_size, max_model_len
 
-    def process_all(self, prompts: Prompt | list[Prompt]) -> list[ProcessedPrompt]:
-        """Each of one or many prompts, every one checked."""
+    @staticmethod
+    def as_list(prompts: Prompt | list[Prompt]) -> list[Prompt]:
+        """One or many prompts as a list, before each is processed."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         elif isinstance(prompts, (list, tuple)) and prompts and all(isinstance(t, int) for t in prompts):
             raise TypeError("a list of ints is ambiguous; pass {'prompt_token_ids': ids} or a list of such lists")
         if not isinstance(prompts, (list, tuple)) or not prompts:
             raise TypeError(f"prompts must be a str, a dict or a non-empty list of those, got {type(prompts).__name__}")
-        return [self.process(p) for p in prompts]
+        return list(prompts)
 
-    def process(self, prompt: Prompt | list[int]) -> ProcessedPrompt:
+    def process(self, prompt: Prompt | list[int] | ProcessedPrompt, truncate: int | None = None) -> ProcessedPrompt:
+        """The prompt checked and tokenized; with `truncate` (SamplingParams.truncate_prompt_tokens), only its last
+        `truncate` tokens (and no text: it no longer matches), which must then fit max_model_len."""
         if isinstance(prompt, ProcessedPrompt):
-            return prompt
+            if truncate is None or len(prompt.token_ids) <= truncate:
+                return prompt
+            return ProcessedPrompt(None, prompt.token_ids[-truncate:])
         if isinstance(prompt, dict):  # vLLM's TokensPrompt {"prompt_token_ids": ...} or TextPrompt {"prompt": ...}
             extra = {k: v for k, v in prompt.items() if k not in ("prompt", "prompt_token_ids")}
             refuse_vllm_only("prompt", extra, known="it takes 'prompt' (a str) or 'prompt_token_ids' (a list of ints)")
             if "prompt_token_ids" in prompt:
-                return ProcessedPrompt(prompt.get("prompt"), self.check_ids(prompt["prompt_token_ids"]))
+                return self.checked(prompt.get("prompt"), prompt["prompt_token_ids"], truncate)
             if not isinstance(prompt.get("prompt"), str):
                 raise TypeError(f"a dict prompt needs 'prompt_token_ids' or a str 'prompt', got keys {sorted(prompt)}")
             prompt = prompt["prompt"]
@@ -57,10 +62,15 @@ class InputProcessor:
                 raise ValueError("this model has no tokenizer files; pass prompts as {'prompt_token_ids': [...]}")
             if not prompt:
                 raise ValueError("a prompt is empty; every prompt needs at least one token")
-            return ProcessedPrompt(prompt, self.check_ids(self.tokenizer.encode(prompt)))
+            return self.checked(prompt, self.tokenizer.encode(prompt), truncate)
         if isinstance(prompt, list):
-            return ProcessedPrompt(None, self.check_ids(prompt))
+            return self.checked(None, prompt, truncate)
         raise TypeError(f"a prompt must be a str, a dict with 'prompt_token_ids', or a list of ints, got {prompt!r}")
+
+    def checked(self, text: str | None, ids: list[int], truncate: int | None) -> ProcessedPrompt:
+        if truncate is not None and isinstance(ids, (list, tuple)) and len(ids) > truncate:
+            text, ids = None, ids[-truncate:]  # the text no longer matches the tokens
+        return ProcessedPrompt(text, self.check_ids(ids))
 
     def check_ids(self, ids: list[int]) -> list[int]:
         if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):

@@ -127,8 +127,11 @@ class LLM:
         or a callable that makes one, as vLLM's (e.g. functools.partial(tqdm, leave=False))."""
         refuse_vllm_only("generate", {"lora_request": lora_request, "priority": priority, **vllm_kwargs})
         check_use_tqdm(use_tqdm)
-        items = self.llm_engine.inputs.process_all(prompts)
-        return self._run(items, self._params_for(items, sampling_params), use_tqdm)
+        inputs = self.llm_engine.inputs
+        prompts = inputs.as_list(prompts)
+        params = self._params_for(prompts, sampling_params)
+        items = [inputs.process(prompt, p.truncate_prompt_tokens) for prompt, p in zip(prompts, params)]
+        return self._run(items, params, use_tqdm)
 
     def chat(
         self,

@@ -209,3 +209,13 @@ def test_structured_outputs_bad_grammar_is_refused_before_any_work(tok_llm):
     with pytest.raises(TypeError, match="structured_outputs"):
         SamplingParams(structured_outputs={"json": {}})
     assert engine.stats.prompt_tokens == before and not engine.has_unfinished_requests()
+
+
+def test_truncation_makes_a_too_long_prompt_fit(llm):
+    """As vLLM, truncate_prompt_tokens cuts before the max_model_len check: a prompt too long to run whole runs."""
+    prompt = list(range(2, 2 + llm.max_model_len + 20))
+    with pytest.raises(ValueError, match="max_model_len"):
+        llm.generate({"prompt_token_ids": prompt}, SamplingParams(max_tokens=2), use_tqdm=False)
+    [out] = llm.generate({"prompt_token_ids": prompt}, SamplingParams(max_tokens=2, truncate_prompt_tokens=30),
+                         use_tqdm=False)
+    assert out.prompt_token_ids == prompt[-30:] and len(out.outputs[0].token_ids) == 2

@@ -116,9 +116,7 @@ class LLMEngine:
         params.validate()  # again: a field may have changed since it was made
         if (params.stop_strings or params.bad_words) and self.tokenizer is None:
             raise ValueError("stop strings and bad_words need a tokenizer; this model has none")
-        prompt = self.inputs.process(prompt)
-        if params.truncate_prompt_tokens is not None and len(prompt.token_ids) > params.truncate_prompt_tokens:
-            prompt = ProcessedPrompt(None, prompt.token_ids[-params.truncate_prompt_tokens :])
+        prompt = self.inputs.process(prompt, params.truncate_prompt_tokens)
         bad_words = self.bad_word_ids(params.bad_words or [])
         new_matcher = self.compile_grammar(params) if params.structured_outputs is not None else None
         request = Request(request_id, prompt, params, [], RequestMetrics(arrival_time or time.time()))
@@ -163,7 +161,8 @@ class LLMEngine:
 
     def abort_request(self, request_id: str | list[str]) -> None:
         """Stop requests now and free their KV blocks; each is reported once more, by the next step(), with
-        finish_reason "abort". An id that is not running (unknown, finished, aborted) is let be."""
+        finish_reason "abort". An id that is not running (unknown, finished, aborted) is let be. That last output
+        carries the id: a front end that reuses ids at once should make its own engine ids unique (AsyncLLM does)."""
         for rid in [request_id] if isinstance(request_id, str) else list(request_id):
             request = self.requests.pop(rid, None)
             if request is None:
