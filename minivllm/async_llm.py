@@ -139,7 +139,8 @@ class AsyncLLM:
             raise TypeError(f"request_id must be a str, got {type(request_id).__name__} {request_id!r}")
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
-        processed, arrival_time, loop = self.llm_engine.inputs.process(prompt), time.time(), asyncio.get_running_loop()
+        processed = self.llm_engine.inputs.process(prompt, params.truncate_prompt_tokens)
+        arrival_time, loop = time.time(), asyncio.get_running_loop()
         with self._lock:
             if self._error is not None:
                 message = f"the engine loop has stopped ({self._error!r}); start a new AsyncLLM"
@@ -184,7 +185,11 @@ class AsyncLLM:
 
     def _add(self, stream: RequestStream, prompt: ProcessedPrompt, params: SamplingParams,
              arrival_time: float) -> None:
-        self.llm_engine.add_request(stream.engine_id, prompt, params, arrival_time)
+        try:
+            self.llm_engine.add_request(stream.engine_id, prompt, params, arrival_time)
+        except (ValueError, TypeError) as error:  # this request alone is bad (its grammar does not compile)
+            stream.put(error)
+            return
         self._routes[stream.engine_id] = stream
 
     def _abort(self, stream: RequestStream, detach: bool) -> None:

@@ -324,3 +324,24 @@ def test_duplicate_running_id_raises(qwen3_dir, make_engine):
     first, again = run(main())
     check_stream(first, expected)
     check_stream(again, expected)
+
+
+def test_a_grammar_that_does_not_compile_fails_its_request_alone(tokenizer_model_dir):
+    """Compiled on the engine thread when the request is added: the error reaches that generator, the engine
+    goes on serving."""
+    from minivllm import StructuredOutputsParams
+
+    engine = AsyncLLM(tokenizer_model_dir, device="cpu", max_model_len=64)
+    bad = SamplingParams(max_tokens=4, structured_outputs=StructuredOutputsParams(regex="([a-z"))
+
+    async def run() -> list:
+        with pytest.raises(ValueError, match="regex"):
+            async for _ in engine.generate("x", bad, "bad"):
+                pass
+        return [o async for o in engine.generate("x", SamplingParams(max_tokens=3, ignore_eos=True), "good")]
+
+    try:
+        outputs = asyncio.run(asyncio.wait_for(run(), 60))
+        assert outputs[-1].finished and len(outputs[-1].outputs[0].token_ids) == 3 and engine.is_running
+    finally:
+        engine.shutdown()

@@ -122,8 +122,6 @@ class Server:
 
     # ----- generating ------------------------------------------------------------------------------------------
     async def run(self, request: Request, prompts: list, params, collector: Collector, stream: bool) -> Response:
-        if params.structured_outputs is not None:
-            await self.compile_grammar(params)
         if self.in_flight >= self.settings.max_pending_requests:
             raise RequestError(503, f"the server has {self.in_flight} requests in flight, its limit; retry later",
                                type="server_error", code="overloaded")
@@ -134,8 +132,9 @@ class Server:
         except BaseException as e:
             self.in_flight -= 1
             await outputs.aclose()
-            if isinstance(e, (ValueError, TypeError)):
-                raise bad_request(e, "prompt") from e
+            if isinstance(e, (ValueError, TypeError)):  # the prompt, or a grammar that does not compile
+                grammar = str(e).startswith("structured outputs")
+                raise bad_request(e, "structured_outputs" if grammar else "prompt") from e
             raise
         if stream:
             options = collector.stream_options or p.StreamOptions()
@@ -145,14 +144,6 @@ class Server:
                                  ).model_dump())
         finally:
             self.in_flight -= 1
-
-    async def compile_grammar(self, params) -> None:
-        """Compile the grammar here (cached), off the event loop: AsyncLLM adds a request on its engine thread, where
-        a grammar that does not compile would stop the engine instead of failing the one request."""
-        try:
-            await asyncio.to_thread(self.engine.llm_engine.compile_grammar, params)
-        except (ValueError, TypeError) as e:
-            raise bad_request(e, "structured_outputs") from e
 
     async def generate(self, base_id: str, prompts: list, params) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Every prompt's outputs as (prompt index, output), as they arrive; closing it aborts them all."""
