@@ -18,7 +18,7 @@ from minivllm.distributed import TensorParallel
 from minivllm.engine.step_inputs import StepInputs
 from minivllm.engine.step_message import StepMessage
 from minivllm.layers.attention import Attention, AttentionMetadata
-from minivllm.layers.sampler import SamplerOutput, SamplingBatch, sample
+from minivllm.layers.sampler import SamplerOutput, SamplingBatch, logprobs_of, sample
 from minivllm.model_loader import ModelSource, init_random_weights, load_weights
 from minivllm.models import DecoderForCausalLM, model_architecture
 from minivllm.models.decoder import head_dim_of
@@ -115,6 +115,7 @@ class ModelRunner:
         graph_size = None if step.is_prefill else next((s for s in sorted(self.graphs) if s >= step.num_rows), None)
         staged = self.inputs.stage(step, graph_size or step.num_rows, self.previous_tokens, self.sampling_generator,
                                    for_graph=graph_size is not None)
+        prompt_logprobs = None
         if graph_size is not None:
             self.graphs[graph_size].replay()
             hidden = self.graph_hidden[: step.num_rows]
@@ -134,8 +135,7 @@ class ModelRunner:
         self.tp.broadcast_from_first_rank(out.tokens)  # every rank's next step may read them (async scheduling)
         self.previous_tokens = out.tokens
         logprobs = (out.top_ids, out.top_logprobs, out.sampled_logprobs, out.sampled_ranks)
-        return LaunchedStep.copy_to_host(out.tokens, logprobs if out.top_ids is not None else None,
-                                         prompt_logprobs if step.is_prefill and graph_size is None else None)
+        return LaunchedStep.copy_to_host(out.tokens, logprobs if out.top_ids is not None else None, prompt_logprobs)
 
     def prompt_logprobs(self, step: StepMessage, hidden: torch.Tensor) -> list[torch.Tensor] | None:
         """For each row of step.prompt_logprobs, over its new tokens: (top ids, top logprobs, the next prompt token's
@@ -148,14 +148,11 @@ class ModelRunner:
                 logits = self.model.compute_logits(hidden[start:end])
                 if logits is None:
                     continue
-                raw = logits.float().log_softmax(dim=-1)
                 chunk = targets[start - offsets[row] : end - offsets[row]]
-                target = torch.tensor(chunk, dtype=torch.int64).clamp(min=0).to(self.device, non_blocking=True)
-                target_logprobs = raw.gather(1, target.unsqueeze(1)).squeeze(1)
-                top_logprobs, top_ids = raw.topk(k, dim=-1)
-                ranks = (raw > target_logprobs.unsqueeze(1)).sum(dim=-1) + 1
-                for column, part in zip(columns, (top_ids.flatten(), top_logprobs.flatten(), target_logprobs, ranks)):
-                    column.append(part)
+                target = torch.tensor(chunk, dtype=torch.int64).clamp(min=0).to(self.device)
+                parts = logprobs_of(logits.float().log_softmax(dim=-1), target, k)
+                for column, part in zip(columns, parts):
+                    column.append(part.flatten())
         return [torch.cat(column) for column in columns] if columns[0] else None
 
     @torch.inference_mode()

@@ -99,10 +99,16 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
     tokens = choose(logits, batch)
     if raw is None:
         return SamplerOutput(tokens)
-    top_logprobs, top_ids = raw.topk(batch.num_logprobs, dim=-1)
-    sampled = raw.gather(1, tokens.unsqueeze(1)).squeeze(1)
-    ranks = (raw > sampled.unsqueeze(1)).sum(dim=-1) + 1
-    return SamplerOutput(tokens, top_ids, top_logprobs, sampled, ranks)
+    return SamplerOutput(tokens, *logprobs_of(raw, tokens, batch.num_logprobs))
+
+
+def logprobs_of(raw: torch.Tensor, tokens: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
+    """From log-softmaxed logits [B, V]: each row's top k (ids, logprobs), and the logprob and 1-based rank of
+    its token in tokens [B]."""
+    top_logprobs, top_ids = raw.topk(k, dim=-1)
+    chosen = raw.gather(1, tokens.unsqueeze(1)).squeeze(1)
+    ranks = (raw > chosen.unsqueeze(1)).sum(dim=-1) + 1
+    return top_ids, top_logprobs, chosen, ranks
 
 
 def process_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
