@@ -158,5 +158,14 @@ class SamplingParams:
             raise ValueError("SamplingParams.allowed_token_ids must not be empty (None allows every token)")
 
 
+def __getattr__(name: str):
+    """StructuredOutputsParams where vLLM has it (vllm.sampling_params), loaded on first use: it imports xgrammar."""
+    if name == "StructuredOutputsParams":
+        from minivllm.structured_outputs import StructuredOutputsParams
+
+        return StructuredOutputsParams
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
