@@ -31,7 +31,7 @@ def prompts(count: int = 12) -> list[dict]:
 def greedy(dtype: str, max_tokens: int, **engine) -> tuple[list[list[int]], torch.Tensor]:
     """The greedy tokens, and every step's logits."""
     llm = LLM("qwen3-0.6b", dtype=dtype, max_model_len=1024, max_num_seqs=16, gpu_memory_utilization=0.5, **engine)
-    processes = llm.workers.processes if llm.workers is not None else []
+    processes = getattr(llm.llm_engine.executor, "processes", [])  # the spawned ranks, at tensor_parallel_size > 1
     try:
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
         with recorded_logits() as seen:
