@@ -25,9 +25,11 @@ from minivllm.entrypoints.serving import (
     RequestError,
     bad_request,
     chat_prompt,
-    check_length,
-    completion_prompts,
-    sampling_params,
+    parse_json,
+    prepare_chat,
+    prepare_completion,
+    refused,
+    validate_request,
 )
 from minivllm.outputs import RequestOutput
 
@@ -105,20 +107,7 @@ class Server:
             if len(body) > limit:
                 raise RequestError(413, f"the request body is over the limit of {limit} bytes",
                                    code="request_too_large")
-        try:
-            data = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise RequestError(400, f"the request body is not valid JSON: {e}") from None
-        try:
-            parsed = model.model_validate(data)
-        except pydantic.ValidationError as e:
-            first = e.errors()[0]
-            param = ".".join(str(part) for part in first["loc"]) or None
-            raise RequestError(400, f"{param}: {first['msg']}" if param else first["msg"], param) from None
-        if getattr(parsed, "model", None) not in (None, self.settings.served_model_name):
-            raise RequestError(404, f"The model {parsed.model!r} does not exist; this server serves "
-                               f"{self.settings.served_model_name!r}", "model", code="model_not_found")
-        return parsed
+        return validate_request(parse_json(bytes(body)), model, self.settings.served_model_name)
 
     # ----- generating ------------------------------------------------------------------------------------------
     async def run(self, request: Request, prompts: list, params, collector: Collector, stream: bool) -> Response:
@@ -132,9 +121,8 @@ class Server:
         except BaseException as e:
             self.in_flight -= 1
             await outputs.aclose()
-            if isinstance(e, (ValueError, TypeError)):  # the prompt, or a grammar that does not compile
-                grammar = str(e).startswith("structured outputs")
-                raise bad_request(e, "structured_outputs" if grammar else "prompt") from e
+            if isinstance(e, (ValueError, TypeError)):
+                raise refused(e) from e
             raise
         if stream:
             options = collector.stream_options or p.StreamOptions()
@@ -273,29 +261,16 @@ def build_app(engine: AsyncLLM, settings: ServerSettings) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         body = await server.read(request, p.CompletionRequest)
-        prompts = completion_prompts(body, tokenizer)
-        for prompt in prompts:
-            check_length(prompt, body.max_tokens, engine.max_model_len, "max_tokens")
-        wants_prompt_logprobs = body.echo and body.logprobs is not None
-        params = sampling_params(body, body.max_tokens, body.logprobs, body.logprobs if wants_prompt_logprobs else None)
-        collector = Collector("completion", settings.served_model_name, params.n, echo=body.echo)
-        collector.stream_options = body.stream_options
+        prompts, params, collector = prepare_completion(body, tokenizer, engine.max_model_len,
+                                                        settings.served_model_name)
         return await server.run(request, prompts, params, collector, body.stream)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
         body = await server.read(request, p.ChatCompletionRequest)
-        prompt = chat_prompt(body, tokenizer, settings.chat_template)
-        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-        check_length(prompt, max_tokens, engine.max_model_len, param, "messages")
-        if body.top_logprobs is not None and not body.logprobs:
-            raise RequestError(400, "top_logprobs needs logprobs=true", "top_logprobs")
-        top = (body.top_logprobs or 0) if body.logprobs else None
-        params = sampling_params(body, max_tokens, top)
-        collector = Collector("chat", settings.served_model_name, params.n, top_logprobs=top)
-        collector.stream_options = body.stream_options
-        return await server.run(request, [prompt], params, collector, body.stream)
+        prompts, params, collector = prepare_chat(body, tokenizer, engine.max_model_len, settings.served_model_name,
+                                                  settings.chat_template)
+        return await server.run(request, prompts, params, collector, body.stream)
 
     @app.post("/tokenize")
     async def tokenize(request: Request) -> dict:

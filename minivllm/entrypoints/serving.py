@@ -1,11 +1,13 @@
 """Translation between the OpenAI protocol and the engine: a request body to prompts and SamplingParams, the
 engine's RequestOutputs to response bodies and stream chunks. No I/O here: api_server.py does that."""
 
+import json
 import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import pydantic
 from transformers import PreTrainedTokenizerBase
 
 from minivllm.chat import chat_options, render_chat
@@ -36,7 +38,60 @@ def bad_request(error: Exception, param: str | None = None) -> RequestError:
     return RequestError(400, message, param or (named.group(1) if named else None))
 
 
+def refused(error: Exception) -> RequestError:
+    """A 400 for a request the engine refused when it was added: the prompt, or a grammar that does not compile."""
+    return bad_request(error, "structured_outputs" if str(error).startswith("structured outputs") else "prompt")
+
+
 # ----- requests ---------------------------------------------------------------------------------------------------
+def parse_json(body: bytes | str) -> Any:
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RequestError(400, f"the request body is not valid JSON: {e}") from None
+
+
+def validate_request(data: Any, model: type[pydantic.BaseModel], served_model_name: str):
+    """The parsed body validated as `model`, naming the field at fault when it is not; a 404 for another model."""
+    try:
+        parsed = model.model_validate(data)
+    except pydantic.ValidationError as e:
+        first = e.errors()[0]
+        param = ".".join(str(part) for part in first["loc"]) or None
+        raise RequestError(400, f"{param}: {first['msg']}" if param else first["msg"], param) from None
+    if getattr(parsed, "model", None) not in (None, served_model_name):
+        raise RequestError(404, f"The model {parsed.model!r} does not exist; this server serves "
+                           f"{served_model_name!r}", "model", code="model_not_found")
+    return parsed
+
+
+def prepare_completion(body: p.CompletionRequest, tokenizer: PreTrainedTokenizerBase | None, max_model_len: int,
+                       model_name: str) -> tuple[list[TokensPrompt], SamplingParams, "Collector"]:
+    """A /v1/completions body's prompts, SamplingParams and the Collector of its response."""
+    prompts = completion_prompts(body, tokenizer)
+    for prompt in prompts:
+        check_length(prompt, body.max_tokens, max_model_len, "max_tokens")
+    wants_prompt_logprobs = body.echo and body.logprobs is not None
+    params = sampling_params(body, body.max_tokens, body.logprobs, body.logprobs if wants_prompt_logprobs else None)
+    collector = Collector("completion", model_name, params.n, echo=body.echo, stream_options=body.stream_options)
+    return prompts, params, collector
+
+
+def prepare_chat(body: p.ChatCompletionRequest, tokenizer: PreTrainedTokenizerBase | None, max_model_len: int,
+                 model_name: str, chat_template: str | None) -> tuple[list[TokensPrompt], SamplingParams, "Collector"]:
+    """A /v1/chat/completions body's prompt (one), SamplingParams and the Collector of its response."""
+    prompt = chat_prompt(body, tokenizer, chat_template)
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    check_length(prompt, max_tokens, max_model_len, param, "messages")
+    if body.top_logprobs is not None and not body.logprobs:
+        raise RequestError(400, "top_logprobs needs logprobs=true", "top_logprobs")
+    top = (body.top_logprobs or 0) if body.logprobs else None
+    params = sampling_params(body, max_tokens, top)
+    collector = Collector("chat", model_name, params.n, top_logprobs=top, stream_options=body.stream_options)
+    return [prompt], params, collector
+
+
 # request fields that are SamplingParams fields of the same name, passed on when given
 SAME_NAME = ("temperature", "top_p", "n", "stop", "seed", "presence_penalty", "frequency_penalty", "top_k", "min_p",
              "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids", "include_stop_str_in_output",
