@@ -1,7 +1,8 @@
 """The offline demo: `python -m minivllm` runs the main job (60 chat prompts x 256 tokens on the Qwen3-0.6B
 preset) on the GPU when there is one, else on the CPU, and prints a few completions and the throughput.
 `--prompt TEXT` (repeatable) runs your own text instead. `python -m minivllm serve MODEL ...` runs the
-OpenAI-compatible server instead (`minivllm serve --help`)."""
+OpenAI-compatible server instead (`minivllm serve --help`), `python -m minivllm run-batch ...` an OpenAI batch file
+(`minivllm run-batch --help`)."""
 
 import argparse
 import sys
@@ -38,7 +39,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["serve"]:
+    if argv[:1] in (["serve"], ["run-batch"]):
         from minivllm.entrypoints.cli import main as cli_main
 
         return cli_main(argv)

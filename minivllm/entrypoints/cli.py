@@ -1,4 +1,5 @@
-"""`minivllm serve MODEL [flags]`: the OpenAI-compatible server (also `python -m minivllm serve ...`)."""
+"""`minivllm serve MODEL [flags]`: the OpenAI-compatible server; `minivllm run-batch -i IN.jsonl -o OUT.jsonl --model
+MODEL [flags]`: an OpenAI batch file answered offline (also `python -m minivllm serve|run-batch ...`)."""
 
 import argparse
 import logging
@@ -38,7 +39,14 @@ def parser() -> argparse.ArgumentParser:
     server.add_argument("--shutdown-timeout", type=float, default=5.0, metavar="S",
                         help="on SIGTERM, seconds to let requests in flight finish before aborting them")
     server.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    engine = serve.add_argument_group("engine")
+    add_engine_flags(serve)
+    add_run_batch(commands)
+    return p
+
+
+def add_engine_flags(command: argparse.ArgumentParser) -> None:
+    """The LLM's arguments as flags (ENGINE_FLAGS names them), shared by every command that builds an engine."""
+    engine = command.add_argument_group("engine")
     engine.add_argument("--tokenizer", default=None, help="tokenizer dir (default: the model's)%(default).0s")
     engine.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)"
                         "%(default).0s")
@@ -55,7 +63,29 @@ def parser() -> argparse.ArgumentParser:
     engine.add_argument("--block-size", type=positive_int, default=16)
     engine.add_argument("--seed", type=int, default=0)
     engine.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
-    return p
+
+
+def add_run_batch(commands) -> None:
+    batch = commands.add_parser("run-batch", help="answer an OpenAI batch file (JSONL) offline",
+                                description="Answer an OpenAI batch file (one request a line) as the server would, "
+                                "in one engine or over Ray replicas.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    batch.add_argument("-i", "--input-file", required=True, metavar="INPUT.jsonl",
+                       help="one request a line: custom_id, method, url (/v1/completions, /v1/chat/completions), body")
+    batch.add_argument("-o", "--output-file", required=True, metavar="OUTPUT.jsonl",
+                       help="one answer a line, in input order: id, custom_id, response, error")
+    batch.add_argument("--model", required=True, help="checkpoint dir, cached repo id or preset")
+    batch.add_argument("--served-model-name", default=None, help="the model's name in the bodies (default: MODEL "
+                       "as given)%(default).0s")
+    batch.add_argument("--chat-template", default=None, help="a Jinja chat template (or its file) instead of the "
+                       "tokenizer's")
+    batch.add_argument("--replicas", type=positive_int, default=1, metavar="N",
+                       help="engines to spread the lines over: 1 runs in this process; more are Ray actors "
+                       "(pip install 'minivllm[ray]'), each holding --tensor-parallel-size GPUs on GPUs")
+    batch.add_argument("--ray-address", default=None, metavar="ADDR", help="the Ray cluster to run the replicas on "
+                       "(default: a local one started for the run; 'auto': the one this machine is in)%(default).0s")
+    batch.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add_engine_flags(batch)
 
 
 ENGINE_FLAGS = ("tokenizer", "device", "dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
@@ -63,8 +93,16 @@ ENGINE_FLAGS = ("tokenizer", "device", "dtype", "max_model_len", "max_num_seqs",
                 "seed", "enable_prefix_caching")
 
 
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    return {name: getattr(args, name) for name in ENGINE_FLAGS}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.command == "run-batch":
+        from minivllm.entrypoints.run_batch import run_batch
+
+        return run_batch(args)
     return serve(args)
 
 
@@ -76,7 +114,7 @@ def serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
-        engine = AsyncLLM(args.model, **{name: getattr(args, name) for name in ENGINE_FLAGS})
+        engine = AsyncLLM(args.model, **engine_kwargs(args))
     except (ValueError, TypeError) as e:
         print(f"minivllm serve: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
