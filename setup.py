@@ -119,6 +119,8 @@ setup(
         "pydantic>=2",
         "prometheus-client",
     ],
+    # minivllm.ray and `run-batch --replicas N`: replicas as Ray actors, Ray Data for LLMPredictor
+    extras_require={"ray": ["ray[data]>=2.10"]},
     entry_points={"console_scripts": ["minivllm = minivllm.entrypoints.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
