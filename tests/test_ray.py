@@ -209,6 +209,15 @@ def test_a_replica_lost_for_good_has_its_lines_run_on_another(cluster, offline, 
     check_answers(answers, lines, texts, chats)
 
 
+def test_a_tensor_parallel_replica_answers_as_one_engine(cluster, offline, tokenizer_model_dir):
+    """A replica of tensor_parallel_size 2 (on the CPU: the actor and the rank it spawns, two CPUs asked of Ray)."""
+    texts, _, chats = greedy_texts(offline)
+    lines = batch_lines(tokenizer_model_dir)
+    answers = run_on_replicas(lines, 1, tokenizer_model_dir, tokenizer_model_dir, None,
+                              {**ENGINE, "tensor_parallel_size": 2})
+    check_answers(answers, lines, texts, chats)
+
+
 def test_replica_resources():
     assert replica_resources(1, "cpu") == {"num_cpus": 1}
     assert replica_resources(2, "cuda") == {"num_cpus": 1, "num_gpus": 2}

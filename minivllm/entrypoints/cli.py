@@ -71,10 +71,11 @@ def add_run_batch(commands) -> None:
                                 "in one engine or over Ray replicas.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     batch.add_argument("-i", "--input-file", required=True, metavar="INPUT.jsonl",
-                       help="one request a line: custom_id, method, url (/v1/completions, /v1/chat/completions), body")
+                       help="one request a line: custom_id, method, url (/v1/completions, /v1/chat/completions), "
+                       "body%(default).0s")
     batch.add_argument("-o", "--output-file", required=True, metavar="OUTPUT.jsonl",
-                       help="one answer a line, in input order: id, custom_id, response, error")
-    batch.add_argument("--model", required=True, help="checkpoint dir, cached repo id or preset")
+                       help="one answer a line, in input order: id, custom_id, response, error%(default).0s")
+    batch.add_argument("--model", required=True, help="checkpoint dir, cached repo id or preset%(default).0s")
     batch.add_argument("--served-model-name", default=None, help="the model's name in the bodies (default: MODEL "
                        "as given)%(default).0s")
     batch.add_argument("--chat-template", default=None, help="a Jinja chat template (or its file) instead of the "

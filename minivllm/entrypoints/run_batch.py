@@ -77,7 +77,8 @@ class BatchRunner:
     have finished, so the lines run batched as the engine schedules them."""
 
     def __init__(self, llm, model_name: str, chat_template: str | None = None):
-        self.engine, self.model_name, self.chat_template = llm.llm_engine, model_name, chat_template
+        self.llm, self.engine = llm, llm.llm_engine
+        self.model_name, self.chat_template = model_name, chat_template
 
     def prepare(self, line: str) -> tuple[str, list, Any, Collector]:
         """The line's custom_id, prompts, SamplingParams and collector; a RequestError as the server gives."""

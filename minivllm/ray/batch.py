@@ -17,6 +17,7 @@ logger = logging.getLogger("minivllm")
 
 MAX_RESTARTS = 3  # per replica: Ray restarts it and retries its chunk this many times
 MAX_RESUBMITS = 2  # per chunk: resubmitted to another replica after its own is lost for good
+SHUTDOWN_TIMEOUT_S = 30
 CHUNKS_PER_REPLICA = 4  # fewer: bigger batches; more: less work lost with a replica, better balance
 
 
@@ -30,6 +31,9 @@ class BatchReplica:
 
     def answer(self, lines: list[str]) -> list[dict]:
         return self.runner.answer(lines)
+
+    def shutdown(self) -> None:
+        self.runner.llm.shutdown()  # its tensor-parallel ranks, which a kill would leave to notice on their own
 
 
 def run_on_replicas(lines: list[str], num_replicas: int, model: str, model_name: str, chat_template: str | None,
@@ -96,6 +100,9 @@ class Dispatcher:
                         self.answers[i] = line_answer
                 free.append(actor)
         finally:
+            stopping = [actor.shutdown.remote() for actor in free]
+            if stopping:
+                ray.wait(stopping, num_returns=len(stopping), timeout=SHUTDOWN_TIMEOUT_S)
             for actor in list(free) + [actor for actor, _, _ in running.values()]:
                 ray.kill(actor)
         return self.answers
