@@ -253,3 +253,15 @@ def test_run_batch_one_replica_cli_without_ray(offline, tokenizer_model_dir, tmp
     missing = run_cli("run-batch", *flags, "--replicas", "2")
     assert missing.returncode == 2
     assert "pip install 'minivllm[ray]'" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_run_batch_with_replicas_refuses_a_bad_model_at_once(tmp_path):
+    """Checked in the driver before any replica starts: one line and exit 2, not lines lost with failed actors."""
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/completions",
+                                  "body": {"model": "m", "prompt": "hi"}}) + "\n")
+    done = subprocess.run([sys.executable, "-m", "minivllm", "run-batch", "-i", str(source), "-o",
+                           str(tmp_path / "out.jsonl"), "--model", str(tmp_path / "nope"), "--replicas", "2"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 2 and "not found" in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert not (tmp_path / "out.jsonl").exists()

@@ -158,6 +158,10 @@ def run_batch(args: argparse.Namespace) -> int:
         else:
             from minivllm.ray.batch import run_on_replicas  # raises ImportError naming the package without Ray
 
+            if args.ray_address is None:  # a local cluster sees this machine's files: check the model here, at once,
+                from minivllm.config import EngineArgs, EngineConfig  # rather than as replicas that fail to start
+
+                EngineConfig.resolve(EngineArgs(model=args.model, **engine_kwargs(args)))
             answers = run_on_replicas(lines, args.replicas, args.model, model_name, args.chat_template,
                                       engine_kwargs(args), ray_address=args.ray_address)
     except (ValueError, TypeError, ImportError, OSError) as e:
