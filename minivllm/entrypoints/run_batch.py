@@ -154,6 +154,8 @@ def run_batch(args: argparse.Namespace) -> int:
             from minivllm.llm import LLM
 
             runner = BatchRunner(LLM(args.model, **engine_kwargs(args)), model_name, args.chat_template)
+            logger.info("run-batch: engine ready in %.2f s", time.perf_counter() - start)
+            start = time.perf_counter()
             answers = runner.answer(lines)
         else:
             from minivllm.ray.batch import run_on_replicas  # raises ImportError naming the package without Ray
@@ -170,7 +172,9 @@ def run_batch(args: argparse.Namespace) -> int:
     with open(args.output_file, "w", encoding="utf-8") as f:
         for line in answers:
             f.write(json.dumps(line) + "\n")
-    num_ok = sum(1 for a in answers if a["response"] is not None and a["response"]["status_code"] == 200)
-    logger.info("run-batch: %d lines (%d answered 200) in %.2f s on %d replica(s)", len(answers), num_ok,
-                time.perf_counter() - start, args.replicas)
+    ok = [a["response"]["body"] for a in answers if a["response"] is not None and a["response"]["status_code"] == 200]
+    elapsed = time.perf_counter() - start
+    generated = sum(body["usage"]["completion_tokens"] for body in ok)
+    logger.info("run-batch: %d lines (%d answered 200) in %.2f s on %d replica(s): %d output tokens, %.0f tokens/s",
+                len(answers), len(ok), elapsed, args.replicas, generated, generated / elapsed)
     return 0
