@@ -15,7 +15,7 @@ import json
 import logging
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from minivllm.entrypoints import protocol as p
@@ -28,6 +28,7 @@ from minivllm.entrypoints.serving import (
     refused,
     validate_request,
 )
+from minivllm.sampling_params import RequestOutputKind
 
 logger = logging.getLogger("minivllm")
 
@@ -106,6 +107,8 @@ class BatchRunner:
             for index, line in enumerate(lines):
                 try:
                     custom_id, prompts, params, collector = self.prepare(line)
+                    # nothing streams here: the final output alone, rather than a delta a step for every request
+                    params = replace(params, output_kind=RequestOutputKind.FINAL_ONLY)
                     pending = Pending(index, custom_id, collector, len(prompts))
                     added = []
                     try:
