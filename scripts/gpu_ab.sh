@@ -3,6 +3,8 @@
 # in place, the GPU tests run on B, and benchmarks.throughput and benchmarks.latency run on both, interleaved
 # (B A ... A B) so that drift of the machine shows. Logs and JSON go to OUT_DIR.
 #   scripts/gpu_ab.sh OUT_DIR A_DIR B_DIR [pytest -k expression]
+# AB_EXTRAS="--logprobs 5 ..." adds throughput runs with those arguments on both trees (A B, twice); AB_LATENCY=0 skips
+# the latency runs.
 # Make the trees with `git archive REV | tar -x -C DIR` into a folder .git/info/exclude ignores, and carry it.
 # Packages the machine lacks can travel as wheels in .whl/ (see scripts/gpu_check.sh).
 set -uo pipefail
@@ -34,7 +36,17 @@ bench() {  # bench TREE NAME ARGS...: one benchmark in one tree, bounded in time
 bench "$b" throughput
 (cd "$b" && timeout 300 python3 -m pytest -q -p no:cacheprovider tests/gpu ${4:+-k "$4"}) 2>&1 | tail -15 | tee -a "$log"
 bench "$a" throughput
-bench "$a" latency
-bench "$b" latency
+if [ -n "${AB_EXTRAS:-}" ]; then
+  bench "$a" throughput $AB_EXTRAS
+  bench "$b" throughput $AB_EXTRAS
+fi
+if [ "${AB_LATENCY:-1}" != 0 ]; then
+  bench "$a" latency
+  bench "$b" latency
+fi
 bench "$a" throughput
 bench "$b" throughput
+if [ -n "${AB_EXTRAS:-}" ]; then
+  bench "$a" throughput $AB_EXTRAS
+  bench "$b" throughput $AB_EXTRAS
+fi

@@ -4,9 +4,11 @@ frequencies are close to the probabilities), and its per-request seeds and bans.
 import pytest
 import torch
 
+from minivllm.engine.penalty_slots import PenaltySlots
 from minivllm.engine.sequence import Sequence
 from minivllm.engine.step_inputs import StepInputs
 from minivllm.engine.step_message import sampling_rows
+from minivllm.layers.penalties import PenaltyCounts
 from minivllm.layers.sampler import COLUMNS, SamplingBatch, sample
 from minivllm.sampling_params import SamplingParams
 
@@ -25,9 +27,10 @@ def batch_of(params: list[SamplingParams], eos_ids=(), seeds=None, outputs=0, vo
         for _ in range(outputs):
             seq.append_token(4)
         seqs.append(seq)
-    rows = sampling_rows(seqs, list(eos_ids), vocab_size)  # the engine's rows, staged as the runner stages them
+    # the engine's rows, staged as the runner stages them
+    rows = sampling_rows(seqs, list(eos_ids), vocab_size, PenaltySlots(len(seqs)))
     columns = {name: torch.tensor(values, dtype=COLUMNS[name][0]) for name, values in rows.used_columns().items()}
-    return STAGING.sampling_batch(rows, columns, None, None)
+    return STAGING.sampling_batch(rows, columns, None, PenaltyCounts(vocab_size, len(seqs), torch.device("cpu")))
 
 
 def draw(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:

@@ -114,6 +114,41 @@ def test_penalties_bias_and_allowed_ids_equal_a_greedy_loop_over_hf_logits(check
     assert all(out.outputs[0].token_ids != plain for out in outputs[:-1] if out.prompt_token_ids == plain)
 
 
+def test_penalty_counts_survive_preemption(checkpoint):
+    """Few KV blocks for eight penalised requests: sequences are preempted and recomputed, keeping their counts on
+    the device; every output still equals the greedy loop."""
+    path, model = checkpoint
+    llm = LLM(path, max_model_len=64, max_num_seqs=3, num_kv_blocks=7)
+    prompts = random_prompts(8, 3, 20, seed=33)
+    params = [SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, **EXTRAS[i % 5]) for i in range(8)]
+    outputs = llm.generate(token_prompts(prompts), params, use_tqdm=False)
+    assert llm.llm_engine.scheduler.num_preemptions > 0
+    for prompt, p, out in zip(prompts, params, outputs):
+        assert out.outputs[0].token_ids == hf_greedy(model, prompt, p), p
+    assert not llm.llm_engine.penalty_slots.holders, "finished sequences kept their slots"
+
+
+def test_penalty_slots_are_taken_back_from_preempted_sequences():
+    """Slots go lowest first; a finished sequence's is reused; when none is free, a preempted holder's is taken
+    (and it must fill a new one), never a running one's."""
+    from minivllm.engine.penalty_slots import PenaltySlots
+    from minivllm.engine.sequence import Sequence, SequenceStatus
+
+    seqs = [Sequence([1, 2], SamplingParams(presence_penalty=1.0), None, 64) for _ in range(4)]
+    slots = PenaltySlots(2)
+    for seq in seqs:
+        seq.status = SequenceStatus.RUNNING
+    assert slots.take(seqs[0]) and slots.take(seqs[1]) and not slots.take(seqs[0])
+    assert [seqs[0].penalty_slot, seqs[1].penalty_slot] == [0, 1]
+    slots.release(seqs[0])
+    assert seqs[0].penalty_slot is None and slots.take(seqs[2]) and seqs[2].penalty_slot == 0
+    seqs[1].status = SequenceStatus.WAITING  # preempted
+    assert slots.take(seqs[3]) and seqs[3].penalty_slot == 1 and seqs[1].penalty_slot is None
+    seqs[1].status = SequenceStatus.RUNNING  # back, after seqs[2] finished
+    slots.release(seqs[2])
+    assert slots.take(seqs[1]) and seqs[1].penalty_slot == 0 and slots.num_used == 2
+
+
 def test_bad_words_are_never_generated(tok_llm):
     prompt = "The quick brown fox jumps over the lazy dog. The quick brown"
     greedy = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)

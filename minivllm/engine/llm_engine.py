@@ -22,6 +22,7 @@ from minivllm.engine.block_manager import BlockManager
 from minivllm.engine.detokenizer import IncrementalDetokenizer
 from minivllm.engine.executor import Executor, start_executor
 from minivllm.engine.model_runner import LaunchedStep
+from minivllm.engine.penalty_slots import PenaltySlots
 from minivllm.engine.scheduler import Scheduler
 from minivllm.engine.sequence import Sequence
 from minivllm.engine.step_message import build_step
@@ -75,6 +76,7 @@ class LLMEngine:
         args = config.args
         block_manager = BlockManager(executor.runner.num_kv_blocks, args.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(block_manager, args.max_num_seqs, args.max_num_batched_tokens)
+        self.penalty_slots = PenaltySlots(args.max_num_seqs)
         self.requests: dict[str, Request] = {}  # unfinished, by id
         self.request_of: dict[int, Request] = {}  # by seq_id, for every unfinished sequence's request
         self.aborted: list[RequestOutput] = []  # the last outputs of aborted requests, for the next step()
@@ -190,7 +192,7 @@ class LLMEngine:
         if batch is not None:
             previous = self.in_flight[-1].seqs if self.in_flight else []
             vocab_size = self.config.source.config.vocab_size
-            message = build_step(batch, previous, self.eos_ids, vocab_size)
+            message = build_step(batch, previous, self.eos_ids, vocab_size, self.penalty_slots)
             launched = self.executor.execute(message)
             prompt_rows = [(batch.seqs[row], batch.seqs[row].num_computed_tokens, len(targets), k)
                            for row, k, targets in message.prompt_logprobs]
@@ -294,6 +296,7 @@ class LLMEngine:
     def finish(self, seq: Sequence, reason: str, stop_reason: int | str | None) -> None:
         seq.finish_reason, seq.stop_reason = reason, stop_reason
         self.scheduler.finish(seq)
+        self.penalty_slots.release(seq)
         del self.request_of[seq.seq_id]
 
     # ----- outputs ----------------------------------------------------------------------------------------

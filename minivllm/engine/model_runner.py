@@ -18,6 +18,7 @@ from minivllm.distributed import TensorParallel
 from minivllm.engine.step_inputs import StepInputs
 from minivllm.engine.step_message import StepMessage
 from minivllm.layers.attention import Attention, AttentionMetadata
+from minivllm.layers.penalties import Penalties, PenaltyCounts
 from minivllm.layers.sampler import SamplerOutput, SamplingBatch, logprobs_of, sample
 from minivllm.model_loader import ModelSource, init_random_weights, load_weights
 from minivllm.models import DecoderForCausalLM, model_architecture
@@ -37,6 +38,7 @@ class ModelRunner:
         self.model = build_model(config.source, self.dtype, self.device, config.args.seed, self.tp)
         # unseeded requests draw from this, so an engine's sampling reproduces for a given LLM(seed=), as in vLLM
         self.sampling_generator = torch.Generator(self.device).manual_seed(config.args.seed)
+        self.penalty_counts = PenaltyCounts(config.source.config.vocab_size, config.args.max_num_seqs, self.device)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.graph_capture_seconds = 0.0
@@ -114,7 +116,7 @@ class ModelRunner:
         """Start the step on the device, without waiting for it: the next token of each sampling row."""
         graph_size = None if step.is_prefill else next((s for s in sorted(self.graphs) if s >= step.num_rows), None)
         staged = self.inputs.stage(step, graph_size or step.num_rows, self.previous_tokens, self.sampling_generator,
-                                   for_graph=graph_size is not None)
+                                   self.penalty_counts, for_graph=graph_size is not None)
         prompt_logprobs = None
         if graph_size is not None:
             self.graphs[graph_size].replay()
@@ -132,6 +134,8 @@ class ModelRunner:
             out = SamplerOutput(torch.empty(len(step.sampling_rows), dtype=torch.int64, device=self.device))
         else:
             out = sample(logits, staged.sampling)
+            if staged.sampling.penalties is not None:
+                staged.sampling.penalties.count_sampled(out.tokens)
         self.tp.broadcast_from_first_rank(out.tokens)  # every rank's next step may read them (async scheduling)
         self.previous_tokens = out.tokens
         logprobs = (out.top_ids, out.top_logprobs, out.sampled_logprobs, out.sampled_ranks)
@@ -150,25 +154,31 @@ class ModelRunner:
                     continue
                 chunk = targets[start - offsets[row] : end - offsets[row]]
                 target = torch.tensor(chunk, dtype=torch.int64).clamp(min=0).to(self.device)
-                parts = logprobs_of(logits.float().log_softmax(dim=-1), target, k)
+                parts = logprobs_of(logits, target, k)
                 for column, part in zip(columns, parts):
                     column.append(part.flatten())
         return [torch.cat(column) for column in columns] if columns[0] else None
 
     @torch.inference_mode()
     def warm_up_sampler(self) -> None:
-        """Compile the sampler's fused kernel now, rather than in the first steps that sample with a
-        temperature: torch.compile specialises a batch of one row, so one row and two rows compile the two
-        graphs that every later batch reuses. A generator of its own leaves the engine's draws untouched."""
+        """Compile the sampler's fused kernels now, rather than in the first steps that sample with a
+        temperature, penalties or logprobs: torch.compile specialises a batch of one row, so one row and two rows
+        compile the two graphs that every later batch reuses. A generator and counts of their own leave the
+        engine's draws and penalty counts untouched."""
         generator = torch.Generator(self.device)
         hidden = torch.zeros(2, self.model.config.hidden_size, dtype=self.dtype, device=self.device)
+        counts = PenaltyCounts(self.config.source.config.vocab_size, 2, self.device)
+        counts.fill(2, None, None, None)
         for rows in (1, 2):
             logits = self.model.compute_logits(hidden[:rows])  # every rank: the lm_head gathers across them
             if logits is not None:
-                temperatures = torch.ones(rows, dtype=torch.float32, device=self.device)
-                batch = SamplingBatch(temperatures, top_k=None, top_p=None, min_p=None, seeded_rows=[],
-                                      all_greedy=False, any_greedy=False, generator=generator)
-                sample(logits, batch)
+                ones = torch.ones(rows, dtype=torch.float32, device=self.device)
+                slots = torch.arange(rows, device=self.device)
+                for penalties in (None, Penalties(None, slots, ones, ones, ones, counts)):
+                    batch = SamplingBatch(ones, top_k=None, top_p=None, min_p=None, seeded_rows=[], all_greedy=False,
+                                          any_greedy=False, generator=generator, penalties=penalties,
+                                          num_logprobs=-1 if penalties is None else 1)
+                    sample(logits, batch)
 
     # ----- CUDA graphs ----------------------------------------------------------------------------------
     def graph_batch_sizes(self) -> list[int]:

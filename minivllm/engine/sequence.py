@@ -4,7 +4,6 @@ import enum
 import itertools
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 
 from minivllm.engine.detokenizer import IncrementalDetokenizer
@@ -41,8 +40,7 @@ class Sequence:
         self.num_pending_tokens = 0
         max_tokens = params.max_tokens if params.max_tokens is not None else max_model_len
         self.max_len = min(self.num_prompt_tokens + max_tokens, max_model_len)  # its length when it stops at the latest
-        # every token so far as an array, grown as tokens arrive, for the penalties (which read it each step)
-        self.history = np.asarray(prompt_token_ids, dtype=np.int64) if params.has_penalties else None
+        self.penalty_slot: int | None = None  # with penalties: its row of the runner's counts (PenaltySlots)
         self.bad_words: list[list[int]] = []  # token sequences of params.bad_words, filled by the engine
         self.grammar: GrammarMatcher | None = None  # with structured outputs: where it is in its grammar
         self.wants_prompt_logprobs = False  # the first completion of a request with prompt_logprobs computes them
@@ -57,10 +55,6 @@ class Sequence:
 
     def append_token(self, token: int) -> None:
         self.token_ids.append(token)
-        if self.history is not None:
-            if len(self.token_ids) > len(self.history):
-                self.history = np.resize(self.history, 2 * len(self.token_ids))  # amortised growth
-            self.history[len(self.token_ids) - 1] = token
 
     def __len__(self) -> int:
         return len(self.token_ids) + self.num_pending_tokens

@@ -17,7 +17,8 @@ import torch
 
 from minivllm.engine.step_message import StepMessage
 from minivllm.layers.attention import AttentionMetadata
-from minivllm.layers.sampler import COLUMNS, Penalties, SamplingBatch, SamplingRows
+from minivllm.layers.penalties import Penalties, PenaltyCounts
+from minivllm.layers.sampler import COLUMNS, PENALTIES, SamplingBatch, SamplingRows
 
 TORCH_DTYPES = {np.dtype(np.int64): torch.int64, np.dtype(np.float32): torch.float32}
 
@@ -94,9 +95,6 @@ def extras_layout(rows: SamplingRows) -> Layout:
     layout = Layout()
     for name, array in rows.arrays.items():
         layout.add(name, TORCH_DTYPES[array.dtype], array.size)
-    if rows.history is not None:
-        layout.add("history", torch.int64, rows.history.size)
-        layout.add("history_pending", torch.int64, 2 * len(rows.history_pending or []))
     return layout
 
 
@@ -127,7 +125,8 @@ class StepInputs:
         return staged.input_ids, staged.positions, staged.meta
 
     def stage(self, step: StepMessage, rows: int, previous_tokens: torch.Tensor | None,
-              generator: torch.Generator | None, for_graph: bool = False) -> StagedStep:
+              generator: torch.Generator | None, penalty_counts: PenaltyCounts | None = None,
+              for_graph: bool = False) -> StagedStep:
         """Lay the step out in the next host mirror (decode padded to `rows`), copy it to the device, and put in
         the tokens still on the GPU from previous_tokens, the tokens the step before sampled. A graph's block
         tables are as wide as the longest sequence can need; elsewhere as the batch's widest (the CPU's
@@ -185,33 +184,23 @@ class StepInputs:
             )
         sampling = None
         if step.sampling is not None and step.sampling_rows:
-            sampling = self.sampling_batch(step.sampling, device, previous_tokens, generator)
+            sampling = self.sampling_batch(step.sampling, device, generator, penalty_counts)
         return StagedStep(device["input_ids"], device["positions"], meta,
                           device["sample_rows"] if prefill else None, sampling)
 
-    def sampling_batch(self, rows: SamplingRows, device: dict[str, torch.Tensor],
-                       previous_tokens: torch.Tensor | None, generator: torch.Generator | None) -> SamplingBatch:
+    def sampling_batch(self, rows: SamplingRows, device: dict[str, torch.Tensor], generator: torch.Generator | None,
+                       penalty_counts: PenaltyCounts | None) -> SamplingBatch:
         """The sampler's view of the rows: their columns from the step's buffer, the extras through their own."""
         arrays, penalties = None, None
-        if rows.arrays or rows.history is not None:
+        if rows.arrays:
             layout = extras_layout(rows)
             mirror, host = self.extras.host(layout)
             for name, array in rows.arrays.items():
                 host[name][:] = array.reshape(-1)
-            if rows.history is not None:
-                host["history"][:] = rows.history.reshape(-1)
-                host["history_pending"][:] = np.asarray(rows.history_pending or [], dtype=np.int64).T.reshape(-1)
             extras = self.extras.send(layout, mirror)
             arrays = {name: extras[name].view(array.shape) for name, array in rows.arrays.items()}
-            if rows.history is not None:
-                history = extras["history"].view(rows.history.shape)
-                if rows.history_pending:  # the rows' newest tokens, still on the GPU
-                    targets, sources = extras["history_pending"].view(2, -1)
-                    history.view(-1)[targets] = previous_tokens[sources]
-                penalty_rows = arrays.pop("penalty_rows")
-                penalties = Penalties(penalty_rows, history, arrays.pop("prompt_lens"),
-                                      *(device[name][penalty_rows] for name in
-                                        ("presence_penalty", "frequency_penalty", "repetition_penalty")))
+            if rows.num_penalty_slots:
+                penalties = self.penalties(rows, arrays, device, penalty_counts)
         temperatures = rows.columns["temperatures"]
         return SamplingBatch(
             temperatures=device["temperatures"],
@@ -227,6 +216,21 @@ class StepInputs:
             num_logprobs=rows.num_logprobs,
             bitmask=rows.bitmask,
         )
+
+
+    @staticmethod
+    def penalties(rows: SamplingRows, arrays: dict[str, torch.Tensor], device: dict[str, torch.Tensor],
+                  counts: PenaltyCounts) -> Penalties:
+        """The penalised rows (taking their arrays out of arrays), after filling the slots taken this step."""
+        counts.fill(rows.num_penalty_slots, arrays.pop("fill_slots", None), arrays.pop("fill_prompt", None),
+                    arrays.pop("fill_outputs", None))
+        penalty_rows, slots = arrays.pop("penalty_rows"), arrays.pop("penalty_slots")
+        columns = [device[name] for name in PENALTIES]
+        if len(penalty_rows) < len(rows.generators):  # some rows have none: gather the others'
+            columns = [column[penalty_rows] for column in columns]
+        else:
+            penalty_rows = None
+        return Penalties(penalty_rows, slots, *columns, counts)
 
 
 def put_pending_tokens(device: dict[str, torch.Tensor], step: StepMessage, previous_tokens: torch.Tensor) -> None:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from minivllm.engine.penalty_slots import PenaltySlots
 from minivllm.engine.scheduler import ScheduledBatch
 from minivllm.engine.sequence import Sequence
 from minivllm.layers.sampler import SamplingRows
@@ -41,7 +42,8 @@ class StepMessage:
         return replace(self, sampling=None)
 
 
-def build_step(batch: ScheduledBatch, previous: list[Sequence], eos_ids: list[int], vocab_size: int) -> StepMessage:
+def build_step(batch: ScheduledBatch, previous: list[Sequence], eos_ids: list[int], vocab_size: int,
+               penalty_slots: PenaltySlots) -> StepMessage:
     """The message for a scheduled batch; `previous` are the sequences that sampled in the step before, in row
     order, whose tokens may still be on the GPU."""
     token_ids: list[int] = []
@@ -63,7 +65,7 @@ def build_step(batch: ScheduledBatch, previous: list[Sequence], eos_ids: list[in
         block_tables=[seq.block_table for seq in batch.seqs],  # read at once, before the scheduler runs again
         sampling_rows=[row for row, seq in enumerate(batch.seqs) if seq.samples_this_step],
         pending=pending,
-        sampling=sampling_rows(sampling_seqs, eos_ids, vocab_size, previous_row),
+        sampling=sampling_rows(sampling_seqs, eos_ids, vocab_size, penalty_slots),
         prompt_logprobs=[(row, seq.params.prompt_logprobs, prompt_targets(seq))
                          for row, seq in enumerate(batch.seqs)
                          if seq.wants_prompt_logprobs and seq.num_computed_tokens + 1 < seq.num_prompt_tokens],
@@ -78,9 +80,9 @@ def prompt_targets(seq: Sequence) -> list[int]:
 
 
 def sampling_rows(seqs: list[Sequence], eos_ids: list[int], vocab_size: int,
-                  previous_row: dict[int, int] | None = None) -> SamplingRows:
-    """The sampler's inputs for these sequences, one row each; previous_row: where the step before sampled a
-    sequence's token that is still on the GPU."""
+                  penalty_slots: PenaltySlots) -> SamplingRows:
+    """The sampler's inputs for these sequences, one row each; those with penalties take slots from
+    penalty_slots."""
     params = [seq.params for seq in seqs]
     columns = {
         "temperatures": [p.temperature for p in params],
@@ -106,14 +108,10 @@ def sampling_rows(seqs: list[Sequence], eos_ids: list[int], vocab_size: int,
         arrays["allowed_rows"] = np.asarray([r for r, p in enumerate(params) if p.allowed_token_ids], dtype=np.int64)
     if "bias" in arrays:
         arrays["bias_values"] = np.asarray([params[r].logit_bias[t] for r, t in arrays["bias"].T], dtype=np.float32)
-    history, history_pending = penalty_history(seqs, previous_row or {})
-    if history is not None:
-        penalized = [row for row, p in enumerate(params) if p.has_penalties]
-        arrays["penalty_rows"] = np.asarray(penalized, dtype=np.int64)
-        arrays["prompt_lens"] = np.asarray([seqs[r].num_prompt_tokens for r in penalized], dtype=np.int64)
+    num_penalty_slots = penalty_arrays(seqs, penalty_slots, arrays)
     asked = [p.logprobs for p in params if p.logprobs is not None]
-    return SamplingRows(columns=columns, generators=[seq.generator for seq in seqs], arrays=arrays, history=history,
-                        history_pending=history_pending, num_logprobs=max(asked, default=-1),
+    return SamplingRows(columns=columns, generators=[seq.generator for seq in seqs], arrays=arrays,
+                        num_penalty_slots=num_penalty_slots, num_logprobs=max(asked, default=-1),
                         bitmask=grammar_bitmask(seqs, vocab_size))
 
 
@@ -145,19 +143,20 @@ def banned_tokens(seq: Sequence, eos_ids: list[int]) -> list[int]:
     return banned
 
 
-def penalty_history(seqs: list[Sequence], previous_row: dict[int, int]
-                    ) -> tuple[np.ndarray | None, list[tuple[int, int]]]:
-    """Every token of each sequence with penalties, a row each (-1 past its end), and where in it a token still on
-    the GPU goes: (flat index, its row among the step before's sampled tokens)."""
-    penalized = [seq for seq in seqs if seq.params.has_penalties]
+def penalty_arrays(seqs: list[Sequence], slots: PenaltySlots, arrays: dict[str, np.ndarray]) -> int:
+    """Put the penalised rows and their slots in arrays, with the (slot, token) pairs that fill the slots these
+    sequences take now (see layers/penalties.py); the slots the counts must hold (0: no row has penalties)."""
+    penalized = [row for row, seq in enumerate(seqs) if seq.params.has_penalties]
     if not penalized:
-        return None, []
-    width = max(len(seq) for seq in penalized)
-    history = np.full((len(penalized), width), -1, dtype=np.int64)
-    pending = []
-    for i, seq in enumerate(penalized):
-        known = len(seq.token_ids)
-        history[i, :known] = seq.history[:known]
-        if seq.num_pending_tokens:
-            pending.append((i * width + known, previous_row[seq.seq_id]))
-    return history, pending
+        return 0
+    filled = [seqs[row] for row in penalized if slots.take(seqs[row])]
+    arrays["penalty_rows"] = np.asarray(penalized, dtype=np.int64)
+    arrays["penalty_slots"] = np.asarray([seqs[row].penalty_slot for row in penalized], dtype=np.int64)
+    if filled:
+        arrays["fill_slots"] = np.asarray([seq.penalty_slot for seq in filled], dtype=np.int64)
+        prompt = [(seq.penalty_slot, t) for seq in filled for t in seq.token_ids[: seq.num_prompt_tokens]]
+        outputs = [(seq.penalty_slot, t) for seq in filled for t in seq.output_token_ids]
+        for name, pairs in (("fill_prompt", prompt), ("fill_outputs", outputs)):
+            if pairs:
+                arrays[name] = np.asarray(pairs, dtype=np.int64).T.copy()
+    return slots.num_used

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from minivllm.layers.fusion import fused_on_gpu
+from minivllm.layers.penalties import Penalties, apply_penalties
 
 # The per-row sampling columns: name -> (dtype, the value that means "off", None when a column is always sent).
 COLUMNS = {
@@ -35,12 +36,11 @@ class SamplingRows:
     columns: dict[str, list]  # every name of COLUMNS, one value a row
     generators: list[torch.Generator | None]  # a request's own, when it has a seed
     # flat (row, token) pairs, each an int64 array: tokens a row may not draw (min_tokens, bad words); the only
-    # tokens a row may draw (for "allowed_rows", the rows that restrict); logit bias, with its float32 values
+    # tokens a row may draw (for "allowed_rows", the rows that restrict); logit bias, with its float32 values;
+    # the rows with penalties ("penalty_rows") and their slots ("penalty_slots"), and for the slots taken this
+    # step ("fill_slots"), (slot, token) pairs of their prompt and output tokens (layers/penalties.py)
     arrays: dict[str, np.ndarray]
-    # the rows with penalties: [rows, width] token ids (prompt then output, -1 past the end), with their
-    # prompt lengths; a token still on the GPU is written into its row's slot on the device (see StepInputs)
-    history: np.ndarray | None = None
-    history_pending: list[tuple[int, int]] | None = None  # (flat index in history, source among the step before's)
+    num_penalty_slots: int = 0  # the slots the penalty counts must hold this step; 0 when no row has penalties
     num_logprobs: int = -1  # the most top logprobs a row asks for (0: the sampled token's alone); -1: no row asks
     bitmask: torch.Tensor | None = None  # structured outputs: each row's allowed tokens (structured_outputs.py)
 
@@ -49,7 +49,7 @@ class SamplingRows:
         def used(name: str) -> bool:
             off = COLUMNS[name][1]
             return off is None or any(v != off for v in self.columns[name]) or (
-                name in PENALTIES and self.history is not None)
+                name in PENALTIES and self.num_penalty_slots)
         return {name: values for name, values in self.columns.items() if used(name)}
 
 
@@ -66,19 +66,9 @@ class SamplingBatch:
     any_greedy: bool
     generator: torch.Generator | None = None  # draws for rows without a seed: the engine's, seeded by LLM(seed=)
     arrays: dict[str, torch.Tensor] | None = None  # SamplingRows.arrays on the device
-    penalties: "Penalties | None" = None
+    penalties: Penalties | None = None
     num_logprobs: int = -1
     bitmask: torch.Tensor | None = None  # on the host: apply_bitmask copies it
-
-
-@dataclass
-class Penalties:
-    rows: torch.Tensor  # [P] the rows they apply to
-    history: torch.Tensor  # [P, W] token ids, -1 past each row's end
-    prompt_lens: torch.Tensor  # [P]
-    presence: torch.Tensor  # [P] each, for those rows
-    frequency: torch.Tensor
-    repetition: torch.Tensor
 
 
 @dataclass
@@ -93,30 +83,37 @@ class SamplerOutput:
 
 
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
-    """Next token ids [B] from logits [B, V] (which it may change in place), with their logprobs if asked."""
-    raw = logits.float().log_softmax(dim=-1) if batch.num_logprobs >= 0 else None
-    logits = process_logits(logits, batch)
-    tokens = choose(logits, batch)
-    if raw is None:
+    """Next token ids [B] from logits [B, V], with their logprobs if asked."""
+    tokens = choose(process_logits(logits, batch), batch)
+    if batch.num_logprobs < 0:
         return SamplerOutput(tokens)
-    return SamplerOutput(tokens, *logprobs_of(raw, tokens, batch.num_logprobs))
+    return SamplerOutput(tokens, *logprobs_of(logits, tokens, batch.num_logprobs))
 
 
-def logprobs_of(raw: torch.Tensor, tokens: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
-    """From log-softmaxed logits [B, V]: each row's top k (ids, logprobs), and the logprob and 1-based rank of
-    its token in tokens [B]."""
-    top_logprobs, top_ids = raw.topk(k, dim=-1)
-    chosen = raw.gather(1, tokens.unsqueeze(1)).squeeze(1)
-    ranks = (raw > chosen.unsqueeze(1)).sum(dim=-1) + 1
-    return top_ids, top_logprobs, chosen, ranks
+def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
+    """Of the log-softmax of logits [B, V], never made: each row's top k (ids, logprobs), and the logprob and
+    1-based rank of its token in tokens [B]. The top k of the logits are those of their log-softmax, and one fused
+    pass gives each row's log-sum-exp and the count of tokens above its own."""
+    top_logits, top_ids = logits.topk(k, dim=-1)
+    chosen = logits.gather(1, tokens.unsqueeze(1)).squeeze(1).float()
+    log_sum_exp, above = log_sum_exp_and_count_above(logits, chosen)
+    return top_ids, top_logits.float() - log_sum_exp.unsqueeze(1), chosen - log_sum_exp, above + 1
+
+
+@fused_on_gpu
+def log_sum_exp_and_count_above(logits: torch.Tensor, chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = logits.float()
+    return torch.logsumexp(logits, dim=-1), (logits > chosen.unsqueeze(1)).sum(dim=-1)
 
 
 def process_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """vLLM's logits processors, in its order: the grammar's mask, allowed tokens, bans, logit bias, penalties."""
+    """vLLM's logits processors, in its order: the grammar's mask, allowed tokens, bans, logit bias, penalties.
+    Never in place: the logprobs are of the logits as the model made them."""
     arrays = batch.arrays or {}
+    penalties = batch.penalties
     if batch.bitmask is not None or "allowed" in arrays or "banned" in arrays or "bias" in arrays or (
-            batch.penalties is not None):
-        logits = logits.float()
+            penalties is not None and penalties.rows is not None):  # processors that write in place
+        logits = logits.to(torch.float32, copy=True)
     if batch.bitmask is not None:
         from minivllm.structured_outputs import apply_bitmask  # only with structured outputs: it imports xgrammar
 
@@ -133,28 +130,9 @@ def process_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     if "bias" in arrays:
         rows, ids = arrays["bias"]
         logits.index_put_((rows, ids), arrays["bias_values"], accumulate=True)
-    if batch.penalties is not None:
-        apply_penalties(logits, batch.penalties)
+    if penalties is not None:
+        logits = apply_penalties(logits, penalties)
     return logits
-
-
-def apply_penalties(logits: torch.Tensor, p: Penalties) -> None:
-    """Repetition over prompt and output tokens (positive logits divided, negative multiplied), then frequency
-    (times the count) and presence (once) over output tokens, as vLLM; in place on p.rows of logits."""
-    vocab = logits.shape[-1]
-    positions = torch.arange(p.history.shape[1], device=logits.device)
-    valid = p.history >= 0
-    is_output = valid & (positions >= p.prompt_lens.unsqueeze(1))
-    ids = torch.where(valid, p.history, vocab)  # past the end: an extra column, cut off below
-    counts = torch.zeros(len(p.rows), vocab + 1, dtype=torch.int32, device=logits.device)
-    counts.scatter_add_(1, ids, is_output.int())
-    seen = torch.zeros(len(p.rows), vocab + 1, dtype=torch.bool, device=logits.device).scatter_(1, ids, True)
-    counts, seen = counts[:, :vocab], seen[:, :vocab]
-    rows = logits[p.rows]
-    repetition = p.repetition.unsqueeze(1)
-    rows = torch.where(seen, torch.where(rows > 0, rows / repetition, rows * repetition), rows)
-    rows -= p.frequency.unsqueeze(1) * counts + p.presence.unsqueeze(1) * (counts > 0)
-    logits[p.rows] = rows
 
 
 def choose(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:

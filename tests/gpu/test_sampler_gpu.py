@@ -1,13 +1,15 @@
 """The sampler's extras on the GPU against the same code on the CPU (the reference path): logits processors
-(penalties with a token still on the GPU, logit bias, allowed ids, bans), logprobs and ranks, and the
-structured-output mask, on random logits of a real vocabulary's width."""
+(penalties from counts on the device, logit bias, allowed ids, bans), logprobs and ranks, the counts after a step,
+and the structured-output mask, on random logits of a real vocabulary's width."""
 
 import pytest
 import torch
 
+from minivllm.engine.penalty_slots import PenaltySlots
 from minivllm.engine.sequence import Sequence
 from minivllm.engine.step_inputs import StepInputs
 from minivllm.engine.step_message import sampling_rows
+from minivllm.layers.penalties import PenaltyCounts
 from minivllm.layers.sampler import COLUMNS, process_logits, sample
 from minivllm.sampling_params import SamplingParams
 
@@ -22,29 +24,32 @@ PARAMS = [
 ]
 
 
-def batch_on(device: torch.device, seqs: list[Sequence], previous: torch.Tensor):
-    """The seqs' sampling batch staged on device; every sequence's newest token is still 'on the GPU' (in
-    previous, row for row), as under async scheduling."""
-    rows = sampling_rows(seqs, [0], VOCAB, {seq.seq_id: i for i, seq in enumerate(seqs)})
+def batch_on(device: torch.device, seqs: list[Sequence]):
+    """The seqs' sampling batch staged on device, their penalty slots taken and filled there."""
+    for seq in seqs:
+        seq.penalty_slot = None
+    rows = sampling_rows(seqs, [0], VOCAB, PenaltySlots(len(seqs)))
     columns = {name: torch.tensor(v, dtype=COLUMNS[name][0], device=device) for name, v in rows.used_columns().items()}
-    return StepInputs(8, 8, 1, 16, device).sampling_batch(rows, columns, previous.to(device), None)
+    counts = PenaltyCounts(VOCAB, len(seqs), device)
+    return StepInputs(8, 8, 1, 16, device).sampling_batch(rows, columns, None, counts)
 
 
+@pytest.mark.parametrize("every_row_penalised", [False, True])
 @pytest.mark.parametrize("seed", range(3))
-def test_processors_and_logprobs_equal_the_cpu(seed):
+def test_processors_and_logprobs_equal_the_cpu(seed, every_row_penalised):
     g = torch.Generator().manual_seed(seed)
     seqs = []
     for extra in PARAMS:
+        if every_row_penalised:  # the penalties then apply to the whole batch at once, not to gathered rows
+            extra = {"presence_penalty": 0.75, **extra}
         prompt = torch.randint(0, VOCAB, (int(torch.randint(1, 300, (1,), generator=g)),), generator=g).tolist()
         seq = Sequence(prompt, SamplingParams(temperature=0.0, max_tokens=500, **extra), None, 4096)
         for token in torch.randint(0, 40, (30,), generator=g).tolist():  # repeats, so counts matter
             seq.append_token(token)
-        seq.num_pending_tokens = 1
         seqs.append(seq)
-    previous = torch.randint(0, 40, (len(seqs),), generator=g)
     logits = torch.randn(len(seqs), VOCAB, generator=g) * 3
-    cpu = batch_on(torch.device("cpu"), seqs, previous)
-    gpu = batch_on(torch.device("cuda"), seqs, previous)
+    cpu = batch_on(torch.device("cpu"), seqs)
+    gpu = batch_on(torch.device("cuda"), seqs)
     want = process_logits(logits.clone(), cpu)
     got = process_logits(logits.cuda(), gpu).cpu()
     assert torch.equal(torch.isinf(got), torch.isinf(want))
@@ -56,6 +61,12 @@ def test_processors_and_logprobs_equal_the_cpu(seed):
     torch.testing.assert_close(out_gpu.sampled_logprobs.cpu(), out_cpu.sampled_logprobs, rtol=1e-5, atol=1e-5)
     assert out_gpu.sampled_ranks.cpu().tolist() == out_cpu.sampled_ranks.tolist()
     assert out_gpu.top_ids.cpu().tolist() == out_cpu.top_ids.tolist()
+    torch.testing.assert_close(out_gpu.top_logprobs.cpu(), out_cpu.top_logprobs, rtol=1e-5, atol=1e-5)
+    for batch, out in ((cpu, out_cpu), (gpu, out_gpu)):
+        batch.penalties.count_sampled(out.tokens)
+    assert torch.equal(gpu.penalties.counts.output_counts.cpu(), cpu.penalties.counts.output_counts)
+    penalised = sum(seq.params.has_penalties for seq in seqs)
+    assert cpu.penalties.counts.output_counts.sum() == 31 * penalised  # each row's 30 outputs and its sampled token
 
 
 def test_structured_output_mask_on_the_gpu():
@@ -69,8 +80,7 @@ def test_structured_output_mask_on_the_gpu():
     seq.grammar = GrammarMatcher(compiler.compile(StructuredOutputsParams(choice=["yes", "no"])))
     plain = Sequence([1, 2, 3], SamplingParams(temperature=0.0), None, 4096)
     logits = torch.randn(2, VOCAB, generator=torch.Generator().manual_seed(0))
-    cpu = batch_on(torch.device("cpu"), [seq, plain], torch.zeros(2, dtype=torch.int64))
-    gpu = batch_on(torch.device("cuda"), [seq, plain], torch.zeros(2, dtype=torch.int64))
+    cpu, gpu = batch_on(torch.device("cpu"), [seq, plain]), batch_on(torch.device("cuda"), [seq, plain])
     want, got = process_logits(logits.clone(), cpu), process_logits(logits.cuda(), gpu).cpu()
     assert torch.equal(got, want)
     assert 2 <= torch.isfinite(want[0]).sum() <= 8 and torch.isfinite(want[1]).all()  # "y", "yes", "n", "no", ...

@@ -1,0 +1,91 @@
+"""Presence, frequency and repetition penalties, from token counts kept on the device across steps.
+
+Each sequence with penalties holds a slot (the engine's PenaltySlots gives it): a row of two tables, how many
+times each token occurs in its output and which tokens its prompt holds. A slot is filled from the host once,
+when the sequence takes it (its first sampling step, or its return after a preemption gave the slot away); after
+that each step adds the tokens it samples, on the device. So a step sends no token history, and a token the step
+before sampled counts before it reaches the host (async scheduling).
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from minivllm.layers.fusion import fused_on_gpu
+
+
+class PenaltyCounts:
+    """The slots' tables, grown as more slots are used (up to max_slots): a step with penalties on a few requests
+    keeps a few rows of vocabulary width, not one for every sequence the engine may run."""
+
+    def __init__(self, vocab_size: int, max_slots: int, device: torch.device):
+        self.max_slots = max_slots
+        self.output_counts = torch.zeros(0, vocab_size, dtype=torch.int32, device=device)  # [slots, vocab]
+        self.in_prompt = torch.zeros(0, vocab_size, dtype=torch.bool, device=device)  # [slots, vocab]
+
+    def fill(self, num_slots: int, slots: torch.Tensor | None, prompt: torch.Tensor | None,
+             outputs: torch.Tensor | None) -> None:
+        """Make room for num_slots slots, then refill `slots` [R] from (slot, token) pairs [2, N] of their prompt and
+        output tokens."""
+        if num_slots > len(self.output_counts):
+            self.grow(min(self.max_slots, max(num_slots, 2 * len(self.output_counts))))
+        if slots is None:
+            return
+        self.output_counts[slots] = 0
+        self.in_prompt[slots] = False
+        if prompt is not None:
+            self.in_prompt[prompt[0], prompt[1]] = True
+        if outputs is not None:
+            self.count(outputs[0], outputs[1])
+
+    def count(self, slots: torch.Tensor, tokens: torch.Tensor) -> None:
+        """One more occurrence of tokens[i] in the output of slots[i] (a slot may repeat)."""
+        self.output_counts.index_put_((slots, tokens), torch.ones_like(slots, dtype=torch.int32), accumulate=True)
+
+    def grow(self, num_slots: int) -> None:
+        old_counts, old_prompt = self.output_counts, self.in_prompt
+        self.output_counts = old_counts.new_zeros(num_slots, old_counts.shape[1])
+        self.in_prompt = old_prompt.new_zeros(num_slots, old_prompt.shape[1])
+        self.output_counts[: len(old_counts)] = old_counts
+        self.in_prompt[: len(old_prompt)] = old_prompt
+
+
+@dataclass
+class Penalties:
+    """A step's penalised sampling rows, on the device."""
+
+    rows: torch.Tensor | None  # [P] the sampling rows they apply to; None when every row has them
+    slots: torch.Tensor  # [P] each row's slot in counts
+    presence: torch.Tensor  # [P] each, for those rows
+    frequency: torch.Tensor
+    repetition: torch.Tensor
+    counts: PenaltyCounts
+
+    def count_sampled(self, tokens: torch.Tensor) -> None:
+        """Add the step's sampled tokens [B] to the rows' counts, for the steps after."""
+        self.counts.count(self.slots, tokens if self.rows is None else tokens[self.rows])
+
+
+def apply_penalties(logits: torch.Tensor, p: Penalties) -> torch.Tensor:
+    """logits [B, V] with the penalties applied to p.rows: fp32 logits changed in place there, or when every row has
+    them, new fp32 logits."""
+    counts = p.counts
+    if p.rows is None:
+        return penalized(logits, counts.output_counts, counts.in_prompt, p.slots, p.presence, p.frequency,
+                         p.repetition)
+    logits[p.rows] = penalized(logits[p.rows], counts.output_counts, counts.in_prompt, p.slots, p.presence,
+                               p.frequency, p.repetition)
+    return logits
+
+
+@fused_on_gpu
+def penalized(logits: torch.Tensor, output_counts: torch.Tensor, in_prompt: torch.Tensor, slots: torch.Tensor,
+              presence: torch.Tensor, frequency: torch.Tensor, repetition: torch.Tensor) -> torch.Tensor:
+    """As vLLM: repetition over prompt and output tokens (positive logits divided, negative multiplied), then
+    frequency (times the count) and presence (once) over output tokens. One pass on the GPU: the slots' rows are
+    gathered inside the fused kernel, never copied out."""
+    logits, counts = logits.float(), output_counts[slots]
+    seen = in_prompt[slots] | (counts > 0)
+    repetition = repetition.unsqueeze(1)
+    logits = torch.where(seen, torch.where(logits > 0, logits / repetition, logits * repetition), logits)
+    return logits - frequency.unsqueeze(1) * counts - presence.unsqueeze(1) * (counts > 0)
