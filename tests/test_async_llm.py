@@ -1,10 +1,19 @@
-"""AsyncLLM on the CPU: concurrent streams equal the offline outputs, deltas add up, leaving a stream aborts its
-request and frees its blocks, an engine failure reaches every stream, bad requests raise in the caller, and the
-engine thread sleeps while idle. Every wait is bounded, so a bug fails a test instead of hanging it."""
+"""AsyncLLM on the CPU: concurrent streams equal the offline outputs, deltas add up (merged for a consumer that
+lags), leaving a stream aborts its request and frees its blocks, an engine failure or the engine process's death
+reaches every stream, the engine process ends with its parent, bad requests raise in the caller, start-up errors
+are LLM's, and the engine process sleeps while idle. The engine runs in a process of its own, so every check reads
+what a caller sees: outputs, errors and AsyncLLM's readings. Every wait is bounded, so a bug fails a test instead of
+hanging it."""
 
 import asyncio
 import contextlib
 import functools
+import json
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
 import time
 from dataclasses import replace
 
@@ -39,6 +48,15 @@ def make_engine():
         engine.shutdown()
 
 
+@pytest.fixture(scope="module")
+def shared_engine(qwen3_dir):
+    """One AsyncLLM(qwen3_dir, **SETTINGS) for the tests that leave it serving (an engine process takes seconds to
+    start)."""
+    engine = AsyncLLM(qwen3_dir, **SETTINGS)
+    yield engine
+    engine.shutdown()
+
+
 @functools.lru_cache
 def offline(model: str, **overrides) -> minivllm.LLM:
     return LLM(model, **{**SETTINGS, **overrides})
@@ -57,17 +75,22 @@ async def wait_until(condition, timeout: float = 10.0) -> None:
 
 
 def idle_and_free(engine: AsyncLLM) -> bool:
-    llm_engine = engine.llm_engine
-    free = llm_engine.scheduler.block_manager.num_free_blocks == llm_engine.runner.num_kv_blocks
-    return free and not llm_engine.has_unfinished_requests()
+    """Nothing runs or waits, and every KV block is free (as of the engine's last step)."""
+    return engine.num_running_seqs == engine.num_waiting_seqs == 0 and engine.kv_cache_usage == 0
+
+
+def core_process() -> multiprocessing.Process:
+    """The engine process of the one AsyncLLM alive."""
+    (process,) = [p for p in multiprocessing.active_children() if p.name == "minivllm-engine-core"]
+    return process
 
 
 def check_stream(outs: list, expected) -> None:
-    """A cumulative stream: one output per token, each extending the last, finished only at the end, ending
-    where the offline run ended."""
+    """A cumulative stream: each output extends the last by at least one token (more when the consumer lagged),
+    finished only at the end, ending where the offline run ended."""
     tokens = [out.outputs[0].token_ids for out in outs]
-    assert [len(t) for t in tokens] == list(range(1, len(outs) + 1))
-    assert all(tokens[-1][: len(t)] == t for t in tokens)
+    assert all(len(a) < len(b) and b[: len(a)] == a for a, b in zip(tokens, tokens[1:]))
+    assert tokens[0]
     assert [out.finished for out in outs] == [False] * (len(outs) - 1) + [True]
     final, want = outs[-1].outputs[0], expected.outputs[0]
     assert (final.token_ids, final.text, final.finish_reason) == (want.token_ids, want.text, want.finish_reason)
@@ -87,7 +110,7 @@ def test_concurrent_generators_equal_offline(tokenizer_model_dir, make_engine):
         first = [asyncio.create_task(collect(engine, p, sp, f"r{i}")) for i, (p, sp) in
                  enumerate(zip(prompts[:16], params[:16]))]
         await wait_until(lambda: engine.stats.generation_tokens >= 8)  # arrivals join a running batch
-        assert engine.llm_engine.has_unfinished_requests()
+        assert engine.num_running_seqs > 0
         later = [asyncio.create_task(collect(engine, p, sp, f"r{i + 16}")) for i, (p, sp) in
                  enumerate(zip(prompts[16:], params[16:]))]
         return await asyncio.gather(*first, *later)
@@ -114,33 +137,62 @@ def test_delta_outputs_concatenate_to_cumulative(tokenizer_model_dir, make_engin
     cumulative, deltas = run(main())
     for full, parts in zip(cumulative, deltas):
         final = full[-1].outputs[0]
-        assert [len(out.outputs[0].token_ids) for out in parts] == [1] * len(parts)
+        assert all(out.outputs[0].token_ids for out in parts)
         assert [tok for out in parts for tok in out.outputs[0].token_ids] == final.token_ids
         assert "".join(out.outputs[0].text for out in parts) == final.text
         assert parts[-1].finished and parts[-1].outputs[0].finish_reason == final.finish_reason
     assert all(full[-1].outputs[0].text for full in cumulative)
 
 
+def test_a_lagging_consumer_gets_the_outputs_it_missed_merged(tokenizer_model_dir, make_engine):
+    """A consumer that takes its outputs slower than the engine makes them: the engine does not wait for it, and
+    each output it gets merges the steps it missed: deltas (text, token ids, logprobs) concatenate to the offline
+    output, and a cumulative stream's newest output says everything."""
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=2)
+    want = offline(tokenizer_model_dir).generate("A slow reader", params, use_tqdm=False)[0].outputs[0]
+    engine = make_engine(tokenizer_model_dir)
+
+    async def slow(kind: RequestOutputKind, request_id: str) -> list:
+        outs = []
+        async for out in engine.generate("A slow reader", replace(params, output_kind=kind), request_id):
+            outs.append(out)
+            await asyncio.sleep(0.2)  # the whole request takes the engine far less on this model
+        return outs
+
+    async def main():
+        return await asyncio.gather(slow(RequestOutputKind.DELTA, "delta"),
+                                    slow(RequestOutputKind.CUMULATIVE, "cumulative"))
+
+    deltas, cumulative = run(main())
+    for outs in deltas, cumulative:
+        assert len(outs) < 12 and [out.finished for out in outs] == [False] * (len(outs) - 1) + [True]
+    pieces = [out.outputs[0] for out in deltas]
+    assert all(len(c.logprobs) == len(c.token_ids) > 0 for c in pieces)
+    assert [t for c in pieces for t in c.token_ids] == want.token_ids
+    assert "".join(c.text for c in pieces) == want.text and want.text
+    got = [entry for c in pieces for entry in c.logprobs]
+    assert [e[t].logprob for e, t in zip(got, want.token_ids)] == pytest.approx(
+        [e[t].logprob for e, t in zip(want.logprobs, want.token_ids)], abs=1e-5)
+    assert pieces[-1].finish_reason == "length" and pieces[-1].cumulative_logprob == pytest.approx(
+        want.cumulative_logprob, abs=1e-4)
+    final = cumulative[-1].outputs[0]
+    assert (final.token_ids, final.text, final.finish_reason) == (want.token_ids, want.text, "length")
+    assert all(out.prompt == "A slow reader" and out.prompt_token_ids for out in deltas + cumulative)
+
+
 # ----- leaving early -----------------------------------------------------------------------------------------
 def test_leaving_a_stream_aborts_it_and_frees_its_blocks(qwen3_dir, make_engine):
     """break, aclose(), a cancelled task and abort() each stop their request mid-run, while the other requests
-    (one reusing the id left by aclose() at once) finish as offline; at the end every block is free."""
+    (one reusing the id left by aclose() at once) finish as offline; at the end every block is free. The leavers
+    may run to 200 tokens: the engine's token count shows that none of them did."""
     prompts = random_prompts(10, 5, 20, seed=5)
     expected = offline(qwen3_dir).generate(token_prompts(prompts), LONG, use_tqdm=False)
-    engine = make_engine(qwen3_dir)
-    aborted_at = {}  # engine id -> output tokens when its abort reached the engine (None: it had finished)
-    abort_request = engine.llm_engine.abort_request
-
-    def recording_abort(request_id):
-        request = engine.llm_engine.requests.get(request_id)
-        aborted_at[request_id] = request.seqs[0].num_output_tokens if request else None
-        abort_request(request_id)
-
-    engine.llm_engine.abort_request = recording_abort
+    engine = make_engine(qwen3_dir, max_model_len=256)
+    leaver = replace(LONG, max_tokens=200)
 
     async def broken_off(prompt, request_id: str) -> int:
         seen = 0
-        async for _ in engine.generate(prompt, LONG, request_id):
+        async for _ in engine.generate(prompt, leaver, request_id):
             seen += 1
             if seen == 3:
                 break
@@ -150,8 +202,8 @@ def test_leaving_a_stream_aborts_it_and_frees_its_blocks(qwen3_dir, make_engine)
         two = asyncio.Event()
 
         async def consume():
-            async for out in engine.generate(prompt, LONG, "cancel"):
-                if len(out.outputs[0].token_ids) == 2:
+            async for out in engine.generate(prompt, leaver, "cancel"):
+                if len(out.outputs[0].token_ids) >= 2:
                     two.set()
 
         task = asyncio.create_task(consume())
@@ -164,17 +216,19 @@ def test_leaving_a_stream_aborts_it_and_frees_its_blocks(qwen3_dir, make_engine)
         others = [asyncio.create_task(collect(engine, {"prompt_token_ids": p}, LONG, f"keep{i}"))
                   for i, p in enumerate(prompts[5:])]
         assert await broken_off({"prompt_token_ids": prompts[0]}, "break") == 3
-        stream = engine.generate({"prompt_token_ids": prompts[1]}, LONG, "aclose")
+        stream = engine.generate({"prompt_token_ids": prompts[1]}, leaver, "aclose")
         await anext(stream)
         await stream.aclose()
         reused = asyncio.create_task(collect(engine, {"prompt_token_ids": prompts[4]}, LONG, "aclose"))
         await cancelled({"prompt_token_ids": prompts[2]})
         explicit = []
-        async for out in engine.generate({"prompt_token_ids": prompts[3]}, LONG, "explicit"):
+        async for out in engine.generate({"prompt_token_ids": prompts[3]}, leaver, "explicit"):
             explicit.append(out)
             if len(explicit) == 2:
                 await engine.abort(["explicit", "unknown"])
-        return explicit, await reused, await asyncio.gather(*others)
+        results = explicit, await reused, await asyncio.gather(*others)
+        await wait_until(lambda: idle_and_free(engine))
+        return results
 
     explicit, reused, others = run(main())
     assert explicit[-1].finished and explicit[-1].outputs[0].finish_reason == "abort"
@@ -182,43 +236,38 @@ def test_leaving_a_stream_aborts_it_and_frees_its_blocks(qwen3_dir, make_engine)
     check_stream(reused, expected[4])
     for outs, want in zip(others, expected[5:]):
         check_stream(outs, want)
-    stopped = {engine_id.split("#")[0]: tokens for engine_id, tokens in aborted_at.items()}
-    assert set(stopped) == {"break", "aclose", "cancel", "explicit"}
-    assert all(tokens is not None and tokens < LONG.max_tokens for tokens in stopped.values()), stopped
-    run(wait_until(lambda: idle_and_free(engine)))
+    # the six that finished made 100 tokens each; any one leaver that ran on to its end would alone make 200
+    left_early = engine.stats.generation_tokens - 6 * LONG.max_tokens
+    assert 0 < left_early < leaver.max_tokens, left_early
 
 
 def test_idle_engine_sleeps_and_wakes_at_once(qwen3_dir, make_engine):
+    """The engine process takes no CPU while nothing runs (it sleeps on its command pipe), before a request and
+    after it."""
     engine = make_engine(qwen3_dir)
-    calls = {"step": 0, "has_unfinished_requests": 0}  # each engine-loop turn calls both (one while idle)
+    ticks = os.sysconf("SC_CLK_TCK")
 
-    def counted(name: str):
-        method = getattr(engine.llm_engine, name)
-
-        def call():
-            calls[name] += 1
-            return method()
-
-        return call
-
-    for name in calls:
-        setattr(engine.llm_engine, name, counted(name))
+    def cpu_seconds() -> float:
+        with open(f"/proc/{core_process().pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
 
     async def main():
-        await asyncio.sleep(0.3)
-        idle = dict(calls)
+        await asyncio.sleep(0.2)
+        before = cpu_seconds()
+        await asyncio.sleep(1.0)
+        idle = cpu_seconds() - before
         start = time.perf_counter()
         outs = await collect(engine, {"prompt_token_ids": [5, 6, 7]}, SamplingParams(max_tokens=1), "wake")
         latency = time.perf_counter() - start
-        await asyncio.sleep(0.05)  # the thread's last loop turn after the request finished
-        done = dict(calls)
-        await asyncio.sleep(0.3)
-        return idle, latency, outs, done
+        await asyncio.sleep(0.2)  # the engine's last loop turns after the request finished
+        before = cpu_seconds()
+        await asyncio.sleep(1.0)
+        return idle, latency, outs, cpu_seconds() - before
 
-    idle, latency, outs, done = run(main())
-    assert idle["step"] == 0 and idle["has_unfinished_requests"] <= 1  # asleep on its queue since it started
+    idle, latency, outs, idle_after = run(main())
+    assert idle <= 0.05 and idle_after <= 0.05  # a loop that polled would take about the whole second
     assert latency < 2.0 and outs[-1].finished
-    assert calls == done  # and asleep again once the request finished
 
 
 def test_server_readings(qwen3_dir, make_engine):
@@ -227,7 +276,7 @@ def test_server_readings(qwen3_dir, make_engine):
     async def main():
         readings = []
         async for out in engine.generate({"prompt_token_ids": list(range(2, 40))}, LONG, "read"):
-            if len(out.outputs[0].token_ids) == 2:
+            if not readings and len(out.outputs[0].token_ids) >= 2:
                 readings = [engine.kv_cache_usage, engine.num_running_seqs + engine.num_waiting_seqs]
         await wait_until(lambda: idle_and_free(engine))
         return readings, out
@@ -241,28 +290,116 @@ def test_server_readings(qwen3_dir, make_engine):
 
 
 # ----- failures ----------------------------------------------------------------------------------------------
-def test_engine_failure_reaches_every_generator(qwen3_dir, make_engine):
-    """Four requests run and four wait (max_num_seqs=4) when a step raises: all eight raise that error."""
-    engine = make_engine(qwen3_dir, max_num_seqs=4)
-    boom = RuntimeError("injected step failure")
+# A script as a user would write one: the engine process imports it as multiprocessing imports a main script, so
+# its top level reaches the engine there. Its step raises once the flag file exists.
+FAILING_STEP = """import asyncio, json, os, sys
+from minivllm.engine import llm_engine
+step = llm_engine.LLMEngine.step
+def failing_step(self):
+    if os.path.exists(os.environ["MINIVLLM_TEST_FAIL"]):
+        raise RuntimeError("injected step failure")
+    return step(self)
+llm_engine.LLMEngine.step = failing_step
 
-    def failing_execute(step):
-        raise boom
+async def main(engine):
+    from minivllm import SamplingParams
+    from minivllm.async_llm import EngineDeadError
+    params = SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True)
+    async def collect(i):
+        return [o async for o in engine.generate({"prompt_token_ids": [3 + i, 4, 5]}, params, f"f{i}")]
+    streams = [asyncio.create_task(collect(i)) for i in range(8)]
+    while engine.stats.generation_tokens < 4:
+        await asyncio.sleep(0.005)
+    open(os.environ["MINIVLLM_TEST_FAIL"], "w").close()
+    errors = await asyncio.wait_for(asyncio.gather(*streams, return_exceptions=True), 10)
+    try:
+        await anext(engine.generate({"prompt_token_ids": [3, 4]}, params, "late"))
+        late = None
+    except EngineDeadError as e:
+        late = str(e)
+    return {"errors": [[type(e).__name__, str(e), "failing_step" in str(e.__cause__)] for e in errors],
+            "late": late, "running": engine.is_running}
+
+if __name__ == "__main__":
+    from minivllm import AsyncLLM
+    engine = AsyncLLM(sys.argv[1], device="cpu", max_model_len=128, max_num_seqs=4)
+    result = asyncio.run(asyncio.wait_for(main(engine), 60))
+    engine.shutdown()
+    engine.shutdown()  # idempotent
+    print(json.dumps(result))
+"""
+
+
+def test_engine_failure_reaches_every_generator(qwen3_dir, tmp_path):
+    """Four requests run and four wait (max_num_seqs=4) when a step raises in the engine process: all eight raise
+    that error, with the engine's traceback as its cause; later requests get EngineDeadError."""
+    script = tmp_path / "failing.py"
+    script.write_text(FAILING_STEP)
+    done = subprocess.run([sys.executable, str(script), qwen3_dir], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "MINIVLLM_TEST_FAIL": str(tmp_path / "fail"), "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert result["errors"] == [["RuntimeError", "injected step failure", True]] * 8
+    assert "injected step failure" in result["late"] and result["running"] is False
+
+
+def test_a_dead_engine_process_fails_every_generator(qwen3_dir, make_engine):
+    """The engine process killed mid-run (the OOM killer, a crash in native code): every pending generator and every
+    later request raises EngineDeadError naming its exit; nothing hangs."""
+    engine = make_engine(qwen3_dir, max_num_seqs=4)
 
     async def main():
-        streams = [asyncio.create_task(collect(engine, {"prompt_token_ids": p}, LONG, f"f{i}"))
+        streams = [asyncio.create_task(collect(engine, {"prompt_token_ids": p}, LONG, f"d{i}"))
                    for i, p in enumerate(random_prompts(8, 5, 20, seed=8))]
         await wait_until(lambda: engine.stats.generation_tokens >= 4)
-        engine.llm_engine.executor.execute = failing_execute
-        errors = await asyncio.wait_for(asyncio.gather(*streams, return_exceptions=True), 5)
-        with pytest.raises(EngineDeadError, match="injected step failure"):
+        os.kill(core_process().pid, signal.SIGKILL)
+        errors = await asyncio.wait_for(asyncio.gather(*streams, return_exceptions=True), 15)
+        with pytest.raises(EngineDeadError, match="died"):
             await anext(engine.generate({"prompt_token_ids": [3, 4]}, LONG, "late"))
         return errors
 
-    assert run(main()) == [boom] * 8
+    errors = run(main())
+    assert all(isinstance(e, EngineDeadError) and "exit code -9" in str(e) for e in errors), errors
     assert not engine.is_running
-    engine.shutdown()
-    engine.shutdown()  # idempotent
+
+
+@pytest.mark.parametrize("max_tokens", [2, 100])
+def test_the_engine_process_ends_with_its_parent(qwen3_dir, tmp_path, max_tokens):
+    """A parent killed without a word (SIGKILL: no shutdown, no atexit) leaves no engine process holding the
+    device, whether the engine was idle (it sees its command pipe close) or running a request (its outputs pipe
+    breaks too)."""
+    script = tmp_path / "parent.py"
+    script.write_text("""import asyncio, multiprocessing, sys
+from minivllm import AsyncLLM, SamplingParams
+async def main(engine):
+    params = SamplingParams(max_tokens=int(sys.argv[2]), ignore_eos=True)
+    async for out in engine.generate({"prompt_token_ids": [3, 4, 5]}, params, "long"):
+        if len(out.outputs[0].token_ids) >= 2:
+            core = [p for p in multiprocessing.active_children() if p.name == "minivllm-engine-core"][0]
+            print(core.pid, flush=True)
+            await asyncio.sleep(600)
+if __name__ == "__main__":
+    asyncio.run(main(AsyncLLM(sys.argv[1], device="cpu", max_model_len=128)))
+""")
+    parent = subprocess.Popen([sys.executable, str(script), qwen3_dir, str(max_tokens)], stdout=subprocess.PIPE,
+                              text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        core_pid = int(parent.stdout.readline())
+    finally:
+        parent.kill()
+        parent.wait(timeout=10)
+
+    def alive(pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] not in "ZX"  # a zombie has stopped
+        except FileNotFoundError:
+            return False
+
+    deadline = time.monotonic() + 15
+    while alive(core_pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive(core_pid)
 
 
 def test_shutdown_fails_pending_generators(qwen3_dir, make_engine):
@@ -283,6 +420,19 @@ def test_shutdown_fails_pending_generators(qwen3_dir, make_engine):
     run(main())
 
 
+def test_start_up_errors_are_llms(qwen3_dir, tmp_path):
+    """A bad checkpoint (found before the engine process starts) and a setting the engine process refuses while
+    it builds the engine: the same ValueError, with the same message, as LLM raises."""
+    for kwargs in [dict(model=str(tmp_path / "missing")), dict(model=qwen3_dir, tp_invariant=4)]:
+        with pytest.raises(ValueError) as offline_error:
+            LLM(**SETTINGS, **kwargs)
+        with pytest.raises(ValueError) as async_error:
+            AsyncLLM(**SETTINGS, **kwargs)
+        assert str(async_error.value) == str(offline_error.value)
+    assert "num_key_value_heads" in str(async_error.value)  # the engine process's own error
+    assert not [p for p in multiprocessing.active_children() if p.name == "minivllm-engine-core"]
+
+
 # ----- bad requests ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("prompt, params, request_id, error", [
     ("text, but this model has no tokenizer", LONG, "a", ValueError),
@@ -293,25 +443,26 @@ def test_shutdown_fails_pending_generators(qwen3_dir, make_engine):
     ({"prompt_token_ids": [3, 4]}, {"max_tokens": 4}, "a", TypeError),
     ({"prompt_token_ids": [3, 4]}, LONG, 7, TypeError),
 ])
-def test_bad_request_raises_in_the_caller(qwen3_dir, make_engine, prompt, params, request_id, error):
-    engine = make_engine(qwen3_dir)
+def test_bad_request_raises_in_the_caller(qwen3_dir, shared_engine, prompt, params, request_id, error):
+    engine = shared_engine
     good = SamplingParams(temperature=0.0, max_tokens=5)
 
     async def main():
+        before = engine.stats
         with pytest.raises(error):
             await anext(engine.generate(prompt, params, request_id))
-        await asyncio.sleep(0.05)  # time for the engine thread to take anything that was queued
-        assert engine.stats == EngineStats() and not engine.llm_engine.has_unfinished_requests()
+        await asyncio.sleep(0.1)  # time for the engine to run anything that was sent
+        assert engine.stats == before and idle_and_free(engine)
         return await collect(engine, {"prompt_token_ids": [3, 4, 5]}, good, "a")
 
     outs = run(main())
     check_stream(outs, offline(qwen3_dir).generate({"prompt_token_ids": [3, 4, 5]}, good, use_tqdm=False)[0])
 
 
-def test_duplicate_running_id_raises(qwen3_dir, make_engine):
+def test_duplicate_running_id_raises(qwen3_dir, shared_engine):
     prompt = {"prompt_token_ids": [9, 8, 7, 6]}
     expected = offline(qwen3_dir).generate(prompt, LONG, use_tqdm=False)[0]
-    engine = make_engine(qwen3_dir)
+    engine = shared_engine
 
     async def main():
         stream = engine.generate(prompt, LONG, "same")
@@ -327,7 +478,7 @@ def test_duplicate_running_id_raises(qwen3_dir, make_engine):
 
 
 def test_a_grammar_that_does_not_compile_fails_its_request_alone(tokenizer_model_dir):
-    """Compiled on the engine thread when the request is added: the error reaches that generator, the engine
+    """Compiled in the engine process when the request is added: the error reaches that generator, the engine
     goes on serving."""
     from minivllm import StructuredOutputsParams
 

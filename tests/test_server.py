@@ -22,7 +22,8 @@ from tests.conftest import LLM
 MAX_MODEL_LEN = 256
 FLAGS = ("--device", "cpu", "--max-model-len", str(MAX_MODEL_LEN), "--num-kv-blocks", "128", "--max-num-seqs", "64")
 PROMPTS = ["The capital of France is", "Once upon a time", "1, 2, 3, 4,", "def main():"]
-# the engine's step raises once this file exists: an engine failure on demand
+# the engine's step raises once this file exists: an engine failure on demand (in the engine-core process, which
+# imports this script as multiprocessing imports a main script)
 FAULTY = """import os, sys
 from minivllm.engine import llm_engine
 step = llm_engine.LLMEngine.step
@@ -31,8 +32,9 @@ def failing_step(self):
         raise RuntimeError("injected engine failure")
     return step(self)
 llm_engine.LLMEngine.step = failing_step
-from minivllm.entrypoints.cli import main
-sys.exit(main(sys.argv[1:]))
+if __name__ == "__main__":
+    from minivllm.entrypoints.cli import main
+    sys.exit(main(sys.argv[1:]))
 """
 
 

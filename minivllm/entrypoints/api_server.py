@@ -1,11 +1,13 @@
 """The OpenAI-compatible HTTP server: a FastAPI app over one AsyncLLM (never the scheduler).
 
 Every request is read (bounded), parsed and checked before any work; errors answer with OpenAI's error body.
-Streams are server-sent events, one chunk per engine output. A client that disconnects has its requests
-aborted at once; a full queue answers 503; an engine failure answers 500 and /health fails from then on.
+Streams are server-sent events, one chunk per engine output (the outputs that came while a client lagged, merged
+into one). A client that disconnects has its requests aborted at once; a full queue answers 503; an engine
+failure answers 500 and /health fails from then on.
 """
 
 import asyncio
+import contextlib
 import json
 import secrets
 from collections.abc import AsyncIterator
@@ -135,8 +137,23 @@ class Server:
 
     async def generate(self, base_id: str, prompts: list, params) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Every prompt's outputs as (prompt index, output), as they arrive; closing it aborts them all."""
-        queue: asyncio.Queue = asyncio.Queue()
         num_tokens = [[0] * params.n for _ in prompts]  # by prompt and completion, for the TPOT histogram
+        async with contextlib.aclosing(self.engine_outputs(base_id, prompts, params)) as outputs:
+            async for index, item in outputs:
+                for completion in item.outputs:
+                    num_tokens[index][completion.index] += len(completion.token_ids)
+                if item.finished:
+                    self.metrics.observe(item, max(num_tokens[index]))
+                yield index, item
+
+    async def engine_outputs(self, base_id: str, prompts: list, params
+                             ) -> AsyncIterator[tuple[int, RequestOutput]]:
+        if len(prompts) == 1:  # most requests: straight from the engine, no task or queue in between
+            async with contextlib.aclosing(self.engine.generate(prompts[0], params, f"{base_id}-0")) as outputs:
+                async for output in outputs:
+                    yield 0, output
+            return
+        queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(index: int, prompt) -> None:
             try:
@@ -156,10 +173,6 @@ class Server:
                 if item is None:
                     remaining -= 1
                     continue
-                for completion in item.outputs:
-                    num_tokens[index][completion.index] += len(completion.token_ids)
-                if item.finished:
-                    self.metrics.observe(item, max(num_tokens[index]))
                 yield index, item
         finally:
             for task in tasks:

@@ -17,14 +17,21 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """Starts `python -m minivllm serve MODEL FLAGS` (or `python -c code serve ...`) and waits until /health
-    answers; kill() in a finally or a fixture finalizer."""
+    """Starts `python -m minivllm serve MODEL FLAGS` (or `python SCRIPT serve ...` with code as the script) and
+    waits until /health answers; kill() in a finally or a fixture finalizer. The engine-core process, spawned,
+    imports the script too (as multiprocessing does a main script): what code changes at its top level reaches the
+    engine, and it runs the server under `if __name__ == "__main__":`."""
 
     def __init__(self, model: str, *flags: str, code: str | None = None, env: dict | None = None,
                  timeout: float = 120):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        launcher = ["-c", code, "serve"] if code else ["-m", "minivllm", "serve"]
+        launcher = ["-m", "minivllm", "serve"]
+        if code:
+            self.script = tempfile.NamedTemporaryFile("w", suffix=".py")  # removed with this object
+            self.script.write(code)
+            self.script.flush()
+            launcher = [self.script.name, "serve"]
         self.log = tempfile.TemporaryFile("w+")  # not a pipe: a pipe nobody reads would block the server when full
         self.proc = subprocess.Popen([sys.executable, *launcher, model, "--port", str(self.port), *flags],
                                      env={**os.environ, **(env or {})}, stdout=self.log, stderr=subprocess.STDOUT)

@@ -179,36 +179,42 @@ def check_length(prompt: TokensPrompt, max_tokens: int | None, max_model_len: in
 
 
 # ----- logprobs ---------------------------------------------------------------------------------------------------
-def completion_logprobs(token_ids: list[int], positions: list[PositionLogprobs | None], offset: int
-                        ) -> p.CompletionLogprobs:
-    """The legacy shape; offset: the characters before the first token (an echoed prompt, earlier chunks)."""
-    result = p.CompletionLogprobs()
+# Plain dicts in the protocol's shapes (protocol.py's models, fields in their order): a stream chunk is built for
+# every output of every request, and a pydantic model a chunk cost more than the rest of its path together.
+def completion_logprobs(token_ids: list[int], positions: list[PositionLogprobs | None], offset: int) -> dict:
+    """The legacy shape (p.CompletionLogprobs); offset: the characters before the first token (an echoed prompt,
+    earlier chunks)."""
+    result = {"text_offset": [], "token_logprobs": [], "tokens": [], "top_logprobs": []}
     for token, entry in zip(token_ids, positions):
         text = entry[token].decoded_token or "" if entry is not None else ""
-        result.tokens.append(text)
-        result.token_logprobs.append(entry[token].logprob if entry is not None else None)
-        result.top_logprobs.append({lp.decoded_token or "": lp.logprob for lp in entry.values()}
-                                   if entry is not None else None)
-        result.text_offset.append(offset)
+        result["tokens"].append(text)
+        result["token_logprobs"].append(entry[token].logprob if entry is not None else None)
+        result["top_logprobs"].append({lp.decoded_token or "": lp.logprob for lp in entry.values()}
+                                      if entry is not None else None)
+        result["text_offset"].append(offset)
         offset += len(text)
     return result
 
 
-def chat_logprobs(token_ids: list[int], positions: list[PositionLogprobs], top: int) -> p.ChatLogprobs:
+def chat_logprobs(token_ids: list[int], positions: list[PositionLogprobs], top: int) -> dict:
+    """p.ChatLogprobs' shape."""
     content = []
     for token, entry in zip(token_ids, positions):
         ranked = sorted((lp for lp in entry.values() if lp.rank <= top), key=lambda lp: lp.rank)
-        content.append(p.TokenLogprob(**top_logprob(entry[token]).model_dump(),
-                                      top_logprobs=[top_logprob(lp) for lp in ranked]))
-    return p.ChatLogprobs(content=content)
+        content.append({**top_logprob(entry[token]), "top_logprobs": [top_logprob(lp) for lp in ranked]})
+    return {"content": content}
 
 
-def top_logprob(lp) -> p.TopLogprob:
+def top_logprob(lp) -> dict:
+    """p.TopLogprob's shape."""
     text = lp.decoded_token or ""
-    return p.TopLogprob(token=text, logprob=max(lp.logprob, -9999.0), bytes=list(text.encode()))
+    return {"token": text, "logprob": max(lp.logprob, -9999.0), "bytes": list(text.encode())}
 
 
 # ----- outputs ----------------------------------------------------------------------------------------------------
+COMPACT_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))  # as pydantic writes JSON, made once
+
+
 @dataclass
 class Choice:
     """One choice as its deltas arrive: its text so far (for offsets), its token count, whether it ended."""
@@ -236,15 +242,20 @@ class Collector:
     prompt_tokens: dict[int, int] = field(default_factory=dict)
     texts: dict[int, list[str]] = field(default_factory=dict)  # non-streaming: the pieces of each choice
     logprobs: dict[int, list] = field(default_factory=dict)
+    chunk_head: str = field(init=False)  # every stream chunk's JSON up to its choices
 
     def __post_init__(self) -> None:
         self.id = self.id or p.random_id("cmpl" if self.kind == "completion" else "chatcmpl")
+        kind = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
+        head = {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+        self.chunk_head = COMPACT_JSON.encode(head)[:-1] + ',"choices":'
 
-    def usage(self) -> p.Usage:
+    def usage(self) -> dict:
+        """p.Usage's shape."""
         prompt, completion = sum(self.prompt_tokens.values()), sum(c.num_tokens for c in self.choices.values())
-        return p.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
-    def chunk_choices(self, prompt_index: int, output: RequestOutput) -> list:
+    def chunk_choices(self, prompt_index: int, output: RequestOutput) -> list[dict]:
         """The stream choices of one engine output: those with new text, logprobs or a finish reason."""
         first = prompt_index not in self.prompt_tokens
         self.prompt_tokens[prompt_index] = len(output.prompt_token_ids)
@@ -265,35 +276,35 @@ class Collector:
         return choices
 
     def stream_choice(self, index: int, choice: Choice, completion: CompletionOutput, output: RequestOutput,
-                      prefix: str, first: bool):
+                      prefix: str, first: bool) -> dict:
+        """p.ChatStreamChoice's or p.CompletionChoice's shape."""
         finish = completion.finish_reason if completion.finish_reason is not None and not choice.finished else None
         stop_reason = completion.stop_reason if finish else None
         if self.kind == "chat":
             logprobs = (chat_logprobs(completion.token_ids, completion.logprobs, self.top_logprobs)
                         if completion.logprobs is not None else None)
-            delta = p.ChatDelta(role="assistant" if first else None, content=completion.text)
-            return p.ChatStreamChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=finish,
-                                      stop_reason=stop_reason)
+            return {"index": index, "delta": {"role": "assistant" if first else None, "content": completion.text},
+                    "logprobs": logprobs, "finish_reason": finish, "stop_reason": stop_reason}
         logprobs = None
         if completion.logprobs is not None:
             ids, positions = completion.token_ids, completion.logprobs
             if prefix and output.prompt_logprobs is not None:
                 ids, positions = output.prompt_token_ids + ids, output.prompt_logprobs + positions
             logprobs = completion_logprobs(ids, positions, choice.text_len)
-        return p.CompletionChoice(index=index, text=prefix + completion.text, logprobs=logprobs,
-                                  finish_reason=finish, stop_reason=stop_reason)
+        return {"index": index, "text": prefix + completion.text, "logprobs": logprobs, "finish_reason": finish,
+                "stop_reason": stop_reason}
 
-    def chunk(self, choices: list, usage: p.Usage | None = None) -> str:
-        cls = p.ChatCompletionChunk if self.kind == "chat" else p.CompletionChunk
-        return cls(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage).model_dump_json()
+    def chunk(self, choices: list[dict], usage: dict | None = None) -> str:
+        """A stream chunk's JSON (p.ChatCompletionChunk's or p.CompletionChunk's shape)."""
+        return f"{self.chunk_head}{COMPACT_JSON.encode(choices)},\"usage\":{COMPACT_JSON.encode(usage)}}}"
 
     def add(self, prompt_index: int, output: RequestOutput) -> None:
         """Non-streaming: keep the output's pieces for response()."""
         for choice in self.chunk_choices(prompt_index, output):
-            piece = choice.delta.content if self.kind == "chat" else choice.text
-            self.texts.setdefault(choice.index, []).append(piece or "")
-            self.logprobs.setdefault(choice.index, []).append(choice.logprobs)
-            self.choices[choice.index].final = (choice.finish_reason, choice.stop_reason)
+            piece = choice["delta"]["content"] if self.kind == "chat" else choice["text"]
+            self.texts.setdefault(choice["index"], []).append(piece or "")
+            self.logprobs.setdefault(choice["index"], []).append(choice["logprobs"])
+            self.choices[choice["index"]].final = (choice["finish_reason"], choice["stop_reason"])
 
     def response(self) -> Any:
         choices = []
@@ -301,11 +312,11 @@ class Collector:
             text, (finish, stop_reason) = "".join(self.texts[index]), self.choices[index].final
             pieces = [lp for lp in self.logprobs[index] if lp is not None]
             if self.kind == "chat":
-                logprobs = p.ChatLogprobs(content=[t for lp in pieces for t in lp.content]) if pieces else None
+                logprobs = p.ChatLogprobs(content=[t for lp in pieces for t in lp["content"]]) if pieces else None
                 choices.append(p.ChatChoice(index=index, message=p.ChatMessage(content=text), logprobs=logprobs,
                                             finish_reason=finish, stop_reason=stop_reason))
             else:
-                logprobs = p.CompletionLogprobs(**{key: [x for lp in pieces for x in getattr(lp, key)]
+                logprobs = p.CompletionLogprobs(**{key: [x for lp in pieces for x in lp[key]]
                                                    for key in p.CompletionLogprobs.model_fields}) if pieces else None
                 choices.append(p.CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=finish,
                                                   stop_reason=stop_reason))
