@@ -2,6 +2,7 @@
 bandwidth measured in the same run, a terminal table and the --json dump."""
 
 import argparse
+import dataclasses
 import json
 import statistics
 from collections.abc import Callable
@@ -13,6 +14,20 @@ def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--json", metavar="PATH", help="also write the measured rows to this JSON file")
     return p
+
+
+def add_sampling_extras(p: argparse.ArgumentParser) -> None:
+    """The sampling extras a benchmark can put on every request, to measure what they cost."""
+    p.add_argument("--logprobs", type=int, default=None, help="SamplingParams(logprobs=K) on every request")
+    p.add_argument("--presence-penalty", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+
+
+def with_sampling_extras(params: list, args: argparse.Namespace) -> tuple[list, dict]:
+    """params with add_sampling_extras' arguments applied; and those arguments, by SamplingParams field."""
+    extras = dict(logprobs=args.logprobs, presence_penalty=args.presence_penalty,
+                  repetition_penalty=args.repetition_penalty)
+    return [dataclasses.replace(sp, **extras) for sp in params], extras
 
 
 def require_cuda() -> None:

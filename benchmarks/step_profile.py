@@ -2,6 +2,7 @@
 and, over a torch.profiler window of decode steps, the GPU's busy time and its kernels by total time.
 
 python -m benchmarks.step_profile [--num-seqs 256] [--skip 100] [--steps 30] [--context N] [--json PATH]
+                                  [--logprobs K] [--presence-penalty X] [--repetition-penalty X]
 """
 
 import random
@@ -12,7 +13,15 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.common import gpu_name, parser, print_table, require_cuda, write_json
+from benchmarks.common import (
+    add_sampling_extras,
+    gpu_name,
+    parser,
+    print_table,
+    require_cuda,
+    with_sampling_extras,
+    write_json,
+)
 from benchmarks.workload import nano_vllm_workload
 from minivllm import LLM, SamplingParams
 
@@ -61,6 +70,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30, help="decode steps in the profiled window")
     p.add_argument("--top", type=int, default=15)
     p.add_argument("--context", type=int, help="instead of the workload: --num-seqs prompts of this many tokens")
+    add_sampling_extras(p)
     args = p.parse_args()
     require_cuda()
     llm = LLM(args.model, max_model_len=4096)
@@ -74,6 +84,7 @@ def main() -> None:
         params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=length)] * len(prompts)
     else:
         prompts, params = nano_vllm_workload(args.num_seqs)
+    params, _ = with_sampling_extras(params, args)
     for i, (ids, sp) in enumerate(zip(prompts, params)):
         engine.add_request(f"profile-{i}", {"prompt_token_ids": ids}, sp)
 

@@ -6,12 +6,20 @@ python -m benchmarks.throughput [--model qwen3-0.6b] [--tensor-parallel-size N] 
 The sampling extras (--logprobs, the penalties) apply to every request, to measure what they cost.
 """
 
-import dataclasses
 import time
 
 import torch
 
-from benchmarks.common import copy_bandwidth_gbs, gpu_name, parser, print_table, require_cuda, write_json
+from benchmarks.common import (
+    add_sampling_extras,
+    copy_bandwidth_gbs,
+    gpu_name,
+    parser,
+    print_table,
+    require_cuda,
+    with_sampling_extras,
+    write_json,
+)
 from benchmarks.workload import decode_floor_bytes, nano_vllm_workload
 from minivllm import LLM, SamplingParams
 
@@ -25,9 +33,7 @@ def main() -> None:
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs to split the model over")
     p.add_argument("--tp-invariant", type=int, default=0, help="LLM(tp_invariant=N): bitwise the same at every TP size")
     p.add_argument("--compare-hf", action="store_true", help="also time HF transformers' generate on a slice")
-    p.add_argument("--logprobs", type=int, default=None, help="SamplingParams(logprobs=K) on every request")
-    p.add_argument("--presence-penalty", type=float, default=0.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    add_sampling_extras(p)
     args = p.parse_args()
     if args.compare_hf and args.tensor_parallel_size > 1:
         p.error("--compare-hf needs the whole model in this process: use --tensor-parallel-size 1")
@@ -35,9 +41,7 @@ def main() -> None:
     bandwidth = copy_bandwidth_gbs()
 
     prompts, params = nano_vllm_workload(args.num_seqs)
-    extras = dict(logprobs=args.logprobs, presence_penalty=args.presence_penalty,
-                  repetition_penalty=args.repetition_penalty)
-    params = [dataclasses.replace(sp, **extras) for sp in params]
+    params, extras = with_sampling_extras(params, args)
     expected_tokens = sum(sp.max_tokens for sp in params)
     start = time.perf_counter()
     llm = LLM(args.model, max_model_len=args.max_model_len, enforce_eager=args.enforce_eager,

@@ -171,14 +171,17 @@ class ModelRunner:
         counts.fill(2, None, None, None)
         for rows in (1, 2):
             logits = self.model.compute_logits(hidden[:rows])  # every rank: the lm_head gathers across them
-            if logits is not None:
-                ones = torch.ones(rows, dtype=torch.float32, device=self.device)
-                slots = torch.arange(rows, device=self.device)
-                for penalties in (None, Penalties(None, slots, ones, ones, ones, counts)):
-                    batch = SamplingBatch(ones, top_k=None, top_p=None, min_p=None, seeded_rows=[], all_greedy=False,
-                                          any_greedy=False, generator=generator, penalties=penalties,
-                                          num_logprobs=-1 if penalties is None else 1)
-                    sample(logits, batch)
+            if logits is None:
+                continue
+            # a tensor of its own for each argument: torch.compile specialises inputs that are one tensor, and
+            # would compile again for the engine's columns
+            columns = torch.ones(4, rows, dtype=torch.float32, device=self.device).unbind()
+            slots = torch.arange(rows, device=self.device)
+            for penalties in (None, Penalties(slots, slots, *columns[1:], counts)):
+                batch = SamplingBatch(columns[0], top_k=None, top_p=None, min_p=None, seeded_rows=[],
+                                      all_greedy=False, any_greedy=False, generator=generator, penalties=penalties,
+                                      num_logprobs=-1 if penalties is None else 1)
+                sample(logits, batch)
 
     # ----- CUDA graphs ----------------------------------------------------------------------------------
     def graph_batch_sizes(self) -> list[int]:

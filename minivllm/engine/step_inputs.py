@@ -221,16 +221,11 @@ class StepInputs:
     @staticmethod
     def penalties(rows: SamplingRows, arrays: dict[str, torch.Tensor], device: dict[str, torch.Tensor],
                   counts: PenaltyCounts) -> Penalties:
-        """The penalised rows (taking their arrays out of arrays), after filling the slots taken this step."""
+        """The step's penalties (taking their arrays out of arrays), after filling the slots taken this step."""
         counts.fill(rows.num_penalty_slots, arrays.pop("fill_slots", None), arrays.pop("fill_prompt", None),
                     arrays.pop("fill_outputs", None))
-        penalty_rows, slots = arrays.pop("penalty_rows"), arrays.pop("penalty_slots")
-        columns = [device[name] for name in PENALTIES]
-        if len(penalty_rows) < len(rows.generators):  # some rows have none: gather the others'
-            columns = [column[penalty_rows] for column in columns]
-        else:
-            penalty_rows = None
-        return Penalties(penalty_rows, slots, *columns, counts)
+        return Penalties(arrays.pop("penalty_rows"), arrays.pop("penalty_slots"), *(device[n] for n in PENALTIES),
+                         counts)
 
 
 def put_pending_tokens(device: dict[str, torch.Tensor], step: StepMessage, previous_tokens: torch.Tensor) -> None:

@@ -144,14 +144,15 @@ def banned_tokens(seq: Sequence, eos_ids: list[int]) -> list[int]:
 
 
 def penalty_arrays(seqs: list[Sequence], slots: PenaltySlots, arrays: dict[str, np.ndarray]) -> int:
-    """Put the penalised rows and their slots in arrays, with the (slot, token) pairs that fill the slots these
-    sequences take now (see layers/penalties.py); the slots the counts must hold (0: no row has penalties)."""
+    """Put the penalised rows and every row's slot in arrays, with the (slot, token) pairs that fill the slots
+    these sequences take now (see layers/penalties.py); the slots the counts must hold (0: no row has penalties)."""
     penalized = [row for row, seq in enumerate(seqs) if seq.params.has_penalties]
     if not penalized:
         return 0
     filled = [seqs[row] for row in penalized if slots.take(seqs[row])]
     arrays["penalty_rows"] = np.asarray(penalized, dtype=np.int64)
-    arrays["penalty_slots"] = np.asarray([seqs[row].penalty_slot for row in penalized], dtype=np.int64)
+    # every row reads a slot; one without penalties reads slot 0 with neutral values (layers/penalties.py)
+    arrays["penalty_slots"] = np.asarray([seq.penalty_slot or 0 for seq in seqs], dtype=np.int64)
     if filled:
         arrays["fill_slots"] = np.asarray([seq.penalty_slot for seq in filled], dtype=np.int64)
         prompt = [(seq.penalty_slot, t) for seq in filled for t in seq.token_ids[: seq.num_prompt_tokens]]

@@ -52,30 +52,25 @@ class PenaltyCounts:
 
 @dataclass
 class Penalties:
-    """A step's penalised sampling rows, on the device."""
+    """A step's penalties, on the device, over every sampling row: a row without penalties has the neutral values
+    (0, 0, 1), which leave its logits exactly as they are, whatever slot it reads (slot 0)."""
 
-    rows: torch.Tensor | None  # [P] the sampling rows they apply to; None when every row has them
-    slots: torch.Tensor  # [P] each row's slot in counts
-    presence: torch.Tensor  # [P] each, for those rows
+    rows: torch.Tensor  # [P] the rows that have penalties, whose sampled tokens count
+    slots: torch.Tensor  # [B] each row's slot in counts
+    presence: torch.Tensor  # [B]
     frequency: torch.Tensor
     repetition: torch.Tensor
     counts: PenaltyCounts
 
     def count_sampled(self, tokens: torch.Tensor) -> None:
-        """Add the step's sampled tokens [B] to the rows' counts, for the steps after."""
-        self.counts.count(self.slots, tokens if self.rows is None else tokens[self.rows])
+        """Add the step's sampled tokens [B] to the penalised rows' counts, for the steps after."""
+        self.counts.count(self.slots[self.rows], tokens[self.rows])
 
 
 def apply_penalties(logits: torch.Tensor, p: Penalties) -> torch.Tensor:
-    """logits [B, V] with the penalties applied to p.rows: fp32 logits changed in place there, or when every row has
-    them, new fp32 logits."""
-    counts = p.counts
-    if p.rows is None:
-        return penalized(logits, counts.output_counts, counts.in_prompt, p.slots, p.presence, p.frequency,
-                         p.repetition)
-    logits[p.rows] = penalized(logits[p.rows], counts.output_counts, counts.in_prompt, p.slots, p.presence,
-                               p.frequency, p.repetition)
-    return logits
+    """New fp32 logits [B, V] from fp32 logits, with the penalties applied."""
+    return penalized(logits, p.counts.output_counts, p.counts.in_prompt, p.slots, p.presence, p.frequency,
+                     p.repetition)
 
 
 @fused_on_gpu
@@ -84,7 +79,7 @@ def penalized(logits: torch.Tensor, output_counts: torch.Tensor, in_prompt: torc
     """As vLLM: repetition over prompt and output tokens (positive logits divided, negative multiplied), then
     frequency (times the count) and presence (once) over output tokens. One pass on the GPU: the slots' rows are
     gathered inside the fused kernel, never copied out."""
-    logits, counts = logits.float(), output_counts[slots]
+    counts = output_counts[slots]
     seen = in_prompt[slots] | (counts > 0)
     repetition = repetition.unsqueeze(1)
     logits = torch.where(seen, torch.where(logits > 0, logits / repetition, logits * repetition), logits)

@@ -37,7 +37,7 @@ class SamplingRows:
     generators: list[torch.Generator | None]  # a request's own, when it has a seed
     # flat (row, token) pairs, each an int64 array: tokens a row may not draw (min_tokens, bad words); the only
     # tokens a row may draw (for "allowed_rows", the rows that restrict); logit bias, with its float32 values;
-    # the rows with penalties ("penalty_rows") and their slots ("penalty_slots"), and for the slots taken this
+    # the rows with penalties ("penalty_rows"), every row's slot ("penalty_slots"), and for the slots taken this
     # step ("fill_slots"), (slot, token) pairs of their prompt and output tokens (layers/penalties.py)
     arrays: dict[str, np.ndarray]
     num_penalty_slots: int = 0  # the slots the penalty counts must hold this step; 0 when no row has penalties
@@ -110,9 +110,8 @@ def process_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """vLLM's logits processors, in its order: the grammar's mask, allowed tokens, bans, logit bias, penalties.
     Never in place: the logprobs are of the logits as the model made them."""
     arrays = batch.arrays or {}
-    penalties = batch.penalties
     if batch.bitmask is not None or "allowed" in arrays or "banned" in arrays or "bias" in arrays or (
-            penalties is not None and penalties.rows is not None):  # processors that write in place
+            batch.penalties is not None):  # a copy, in fp32: one dtype for the fused kernels to compile for
         logits = logits.to(torch.float32, copy=True)
     if batch.bitmask is not None:
         from minivllm.structured_outputs import apply_bitmask  # only with structured outputs: it imports xgrammar
@@ -130,8 +129,8 @@ def process_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     if "bias" in arrays:
         rows, ids = arrays["bias"]
         logits.index_put_((rows, ids), arrays["bias_values"], accumulate=True)
-    if penalties is not None:
-        logits = apply_penalties(logits, penalties)
+    if batch.penalties is not None:
+        logits = apply_penalties(logits, batch.penalties)
     return logits
 
 

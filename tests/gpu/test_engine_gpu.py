@@ -128,3 +128,24 @@ def test_graphs_prefix_caching_and_preemption_keep_greedy_output(checkpoint):
     assert greedy(llm, batch) == reference
     assert llm.llm_engine.scheduler.num_preemptions > 0
     release(llm)
+
+
+def test_sampling_extras_compile_nothing_after_start_up(checkpoint):
+    """The sampler's fused kernels are compiled at start-up: a run with a temperature, penalties on some rows and
+    logprobs, over many batch sizes, compiles no graph of its own (a compile mid-run stalls every request for
+    seconds). Dynamo's caches are cleared first, so the start-up of this engine alone must compile them."""
+    from torch._dynamo.utils import counters
+
+    from minivllm import SamplingParams
+
+    path, _ = checkpoint
+    torch._dynamo.reset()
+    llm = make_llm(path)
+    compiled = counters["stats"]["unique_graphs"]
+    params = [SamplingParams(temperature=0.8, max_tokens=24 + i, ignore_eos=True, logprobs=2,
+                             presence_penalty=0.5 if i % 2 else 0.0, repetition_penalty=1.2 if i % 3 else 1.0)
+              for i in range(8)]
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts(3)], params, use_tqdm=False)
+    assert [len(o.outputs[0].logprobs) for o in outputs] == [24 + i for i in range(8)]
+    assert counters["stats"]["unique_graphs"] == compiled, "the run compiled graphs that start-up did not"
+    release(llm)
