@@ -1,7 +1,9 @@
 """Online serving over HTTP: starts `minivllm serve` on a loopback port and replays nano-vllm's throughput workload
 (benchmarks/workload.py) through streaming clients, first all at once (maximum concurrency), then arriving at a
 Poisson rate (by default half the requests/s the first run reached). Reports time to first token, time per output
-token and inter-token latency (p50, p99) and output tokens/s.
+token and inter-token latency (p50, p99) and output tokens/s, beside the offline engine's tokens/s on the same
+requests with the same engine settings, measured first in the same run (`LLM.generate`, in a process of its own
+that has exited, memory and all, before the server starts).
 
 python -m benchmarks.serving [--model qwen3-0.6b] [--num-prompts 256] [--request-rate R] [--json PATH]
 A CPU smoke run: --model DIR --device cpu --num-prompts 4 --max-input-len 100 --max-output-len 100
@@ -9,9 +11,11 @@ A CPU smoke run: --model DIR --device cpu --num-prompts 4 --max-input-len 100 --
 
 import asyncio
 import json
+import multiprocessing
 import random
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
 import httpx
@@ -82,6 +86,28 @@ def summary(name: str, timings: list[Timing], elapsed: float, rate: float | None
     return row
 
 
+def offline_run(model: str, engine_kwargs: dict, prompts: list, params: list) -> tuple[int, float]:
+    """The requests through LLM.generate after a warm-up request: (output tokens, seconds)."""
+    from minivllm import LLM, SamplingParams
+
+    llm = LLM(model, **engine_kwargs)
+    llm.generate([{"prompt_token_ids": prompts[0][:16]}], SamplingParams(max_tokens=4), use_tqdm=False)
+    start = time.perf_counter()
+    outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompts], params, use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    llm.shutdown()
+    return sum(len(o.outputs[0].token_ids) for o in outputs), elapsed
+
+
+def engine_flags(engine_kwargs: dict) -> list[str]:
+    """The engine's settings as `minivllm serve` flags."""
+    flags = []
+    for name, value in engine_kwargs.items():
+        flag = "--" + name.replace("_", "-")
+        flags += [flag] if value is True else [flag, str(value)]
+    return flags
+
+
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--model", default="qwen3-0.6b")
@@ -98,11 +124,15 @@ def main() -> None:
     args = p.parse_args()
 
     prompts, params = nano_vllm_workload(args.num_prompts, args.max_input_len, args.max_output_len)
-    flags = ["--max-model-len", str(args.max_model_len), "--max-num-seqs", str(args.max_num_seqs),
-             "--max-pending-requests", str(max(1024, 2 * args.num_prompts)), "--log-level", "warning"]
-    flags += ["--device", args.device] if args.device else []
-    flags += ["--num-kv-blocks", str(args.num_kv_blocks)] if args.num_kv_blocks else []
-    flags += ["--enforce-eager"] if args.enforce_eager else []
+    engine_kwargs = {"max_model_len": args.max_model_len, "max_num_seqs": args.max_num_seqs,
+                     "device": args.device, "num_kv_blocks": args.num_kv_blocks, "enforce_eager": args.enforce_eager}
+    engine_kwargs = {k: v for k, v in engine_kwargs.items() if v not in (None, False)}
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        tokens, elapsed = pool.submit(offline_run, args.model, engine_kwargs, prompts, params).result()
+    offline = {"run": "offline (LLM.generate)", "requests": len(prompts), "seconds": elapsed, "output_tokens": tokens,
+               "output_tok_s": tokens / elapsed}
+    flags = [*engine_flags(engine_kwargs), "--max-pending-requests", str(max(1024, 2 * args.num_prompts)),
+             "--log-level", "warning"]
     server = ServerProcess(args.model, *flags, timeout=600)
     try:
         asyncio.run(replay(server.url, prompts[:2], params[:2], None))  # warm-up
@@ -113,6 +143,9 @@ def main() -> None:
         rows.append(summary("poisson", timings, elapsed, rate))
     finally:
         server.kill()
+    rows.insert(0, {**dict.fromkeys(rows[0]), **offline})  # the same columns, latencies left empty
+    for row in rows:
+        row["of_offline"] = row["output_tok_s"] / offline["output_tok_s"]
     expected = sum(sp.max_tokens for sp in params)
     for row in rows:
         assert row["output_tokens"] == expected, f"{row['run']}: {row['output_tokens']} tokens, expected {expected}"

@@ -180,6 +180,23 @@ def test_a_lagging_consumer_gets_the_outputs_it_missed_merged(tokenizer_model_di
     assert all(out.prompt == "A slow reader" and out.prompt_token_ids for out in deltas + cumulative)
 
 
+def test_the_engine_process_runs_tensor_parallel_workers(qwen3_dir, make_engine):
+    """The engine process starts tensor-parallel workers of its own (so it is not daemonic): greedy streams at
+    tensor_parallel_size 2 equal the single-process offline run (fp32), and shutdown() stops it all."""
+    prompts = token_prompts(random_prompts(4, 5, 20, seed=11))
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    expected = offline(qwen3_dir).generate(prompts, params, use_tqdm=False)
+    engine = make_engine(qwen3_dir, tensor_parallel_size=2)
+
+    async def main():
+        return await asyncio.gather(*(collect(engine, p, params, f"tp{i}") for i, p in enumerate(prompts)))
+
+    for outs, want in zip(run(main()), expected):
+        check_stream(outs, want)
+    engine.shutdown()
+    assert not [p for p in multiprocessing.active_children() if p.name == "minivllm-engine-core"]
+
+
 # ----- leaving early -----------------------------------------------------------------------------------------
 def test_leaving_a_stream_aborts_it_and_frees_its_blocks(qwen3_dir, make_engine):
     """break, aclose(), a cancelled task and abort() each stop their request mid-run, while the other requests

@@ -357,5 +357,7 @@ def test_serving_benchmark_smoke_run(tokenizer_model_dir, tmp_path):
                          capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
-    assert [r["run"] for r in rows] == ["max concurrency", "poisson"]
-    assert all(r["output_tok_s"] > 0 and r["ttft_ms_p50"] > 0 and r["itl_ms_p99"] >= r["itl_ms_p50"] for r in rows)
+    assert [r["run"] for r in rows] == ["offline (LLM.generate)", "max concurrency", "poisson"]
+    assert rows[0]["output_tok_s"] > 0 and rows[0]["of_offline"] == 1
+    assert all(r["output_tok_s"] > 0 and r["ttft_ms_p50"] > 0 and r["itl_ms_p99"] >= r["itl_ms_p50"] for r in rows[1:])
+    assert all(r["of_offline"] == pytest.approx(r["output_tok_s"] / rows[0]["output_tok_s"]) for r in rows)
