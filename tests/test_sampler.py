@@ -9,7 +9,7 @@ from minivllm.engine.sequence import Sequence
 from minivllm.engine.step_inputs import StepInputs
 from minivllm.engine.step_message import sampling_rows
 from minivllm.layers.penalties import PenaltyCounts
-from minivllm.layers.sampler import COLUMNS, SamplingBatch, sample
+from minivllm.layers.sampler import COLUMNS, SamplingBatch, sample, top_k
 from minivllm.sampling_params import SamplingParams
 
 ROWS = 20000
@@ -168,3 +168,18 @@ def test_engine_min_tokens_with_out_of_vocab_stop_ids(llm):
     params = SamplingParams(temperature=0.0, max_tokens=6, min_tokens=3, stop_token_ids=[10**6], ignore_eos=True)
     out = llm.generate({"prompt_token_ids": [3, 4, 5]}, params, use_tqdm=False)[0].outputs[0]
     assert len(out.token_ids) == 6 and out.finish_reason == "length"
+
+
+@pytest.mark.parametrize("vocab", [151936, 1024, 997])
+def test_top_k_equals_torch_topk(vocab):
+    """Through the chunks of highest maxima (vocab divisible by 128; 997, prime, falls back to torch.topk), with
+    ties inside and across chunks: the same values, and ids that point at them."""
+    g = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(6, vocab, generator=g)
+    logits[0, :300] = 4.0  # ties across chunk boundaries, above everything else
+    logits[1, ::7] = 5.0
+    logits[2] = 0.0  # one value everywhere
+    for k in (0, 1, 5, 20):
+        values, ids = top_k(logits, k)
+        assert torch.equal(values, logits.topk(k, dim=-1).values), k
+        assert torch.equal(logits.gather(1, ids), values) and all(len(set(r)) == len(r) for r in ids.tolist()), k

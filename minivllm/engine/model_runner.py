@@ -167,15 +167,16 @@ class ModelRunner:
         engine's draws and penalty counts untouched."""
         generator = torch.Generator(self.device)
         hidden = torch.zeros(2, self.model.config.hidden_size, dtype=self.dtype, device=self.device)
-        counts = PenaltyCounts(self.config.source.config.vocab_size, 2, self.device)
-        counts.fill(2, None, None, None)
+        counts = PenaltyCounts(self.config.source.config.vocab_size, 3, self.device)
+        counts.fill(3, None, None, None)
         for rows in (1, 2):
             logits = self.model.compute_logits(hidden[:rows])  # every rank: the lm_head gathers across them
             if logits is None:
                 continue
-            # a tensor of its own for each argument: torch.compile specialises inputs that are one tensor, and
-            # would compile again for the engine's columns
-            columns = torch.ones(4, rows, dtype=torch.float32, device=self.device).unbind()
+            # a tensor of its own for each argument, and 3 slots, unlike any row count: torch.compile specialises
+            # arguments that are one tensor, and sizes or offsets that happen to be equal, and would compile again
+            # mid-run for the engine's columns (views of one buffer)
+            columns = [torch.ones(rows, dtype=torch.float32, device=self.device) for _ in range(4)]
             slots = torch.arange(rows, device=self.device)
             for penalties in (None, Penalties(slots, slots, *columns[1:], counts)):
                 batch = SamplingBatch(columns[0], top_k=None, top_p=None, min_p=None, seeded_rows=[],

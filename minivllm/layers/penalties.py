@@ -42,6 +42,11 @@ class PenaltyCounts:
         """One more occurrence of tokens[i] in the output of slots[i] (a slot may repeat)."""
         self.output_counts.index_put_((slots, tokens), torch.ones_like(slots, dtype=torch.int32), accumulate=True)
 
+    def count_once(self, slots: torch.Tensor, tokens: torch.Tensor) -> None:
+        """count() where no slot repeats (a step's sampled tokens): a gather and a scatter, without the sort that
+        accumulating index_put_ runs on the GPU."""
+        self.output_counts[slots, tokens] += 1
+
     def grow(self, num_slots: int) -> None:
         old_counts, old_prompt = self.output_counts, self.in_prompt
         self.output_counts = old_counts.new_zeros(num_slots, old_counts.shape[1])
@@ -64,11 +69,11 @@ class Penalties:
 
     def count_sampled(self, tokens: torch.Tensor) -> None:
         """Add the step's sampled tokens [B] to the penalised rows' counts, for the steps after."""
-        self.counts.count(self.slots[self.rows], tokens[self.rows])
+        self.counts.count_once(self.slots[self.rows], tokens[self.rows])
 
 
 def apply_penalties(logits: torch.Tensor, p: Penalties) -> torch.Tensor:
-    """New fp32 logits [B, V] from fp32 logits, with the penalties applied."""
+    """New fp32 logits [B, V] with the penalties applied (fp32 in: the lm_head's on the GPU, see ParallelLMHead)."""
     return penalized(logits, p.counts.output_counts, p.counts.in_prompt, p.slots, p.presence, p.frequency,
                      p.repetition)
 

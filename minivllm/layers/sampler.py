@@ -94,10 +94,27 @@ def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> tuple[tor
     """Of the log-softmax of logits [B, V], never made: each row's top k (ids, logprobs), and the logprob and
     1-based rank of its token in tokens [B]. The top k of the logits are those of their log-softmax, and one fused
     pass gives each row's log-sum-exp and the count of tokens above its own."""
-    top_logits, top_ids = logits.topk(k, dim=-1)
+    top_logits, top_ids = top_k(logits, k)
     chosen = logits.gather(1, tokens.unsqueeze(1)).squeeze(1).float()
     log_sum_exp, above = log_sum_exp_and_count_above(logits, chosen)
     return top_ids, top_logits.float() - log_sum_exp.unsqueeze(1), chosen - log_sum_exp, above + 1
+
+
+def top_k(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.topk(logits, k) over rows of a large vocabulary, through each row's k chunks with the highest maxima:
+    they hold its k largest values (a value outside them has k chunk maxima at or above it). One pass for the
+    chunk maxima and a top-k over k chunks cost a fraction of torch.topk's radix passes over the whole row (on the
+    H200, its two kernels took 0.52 ms a decode step of 256 rows of 151,936)."""
+    rows, vocab = logits.shape
+    chunks = next(c for c in (128, 64, 32, 16, 8, 4, 2, 1) if vocab % c == 0)
+    if chunks <= k:
+        return logits.topk(k, dim=-1)
+    width = vocab // chunks
+    chunked = logits.reshape(rows, chunks, width)
+    best = chunked.amax(dim=-1).topk(k, dim=-1).indices  # [rows, k]
+    candidates = chunked.gather(1, best.unsqueeze(-1).expand(-1, -1, width)).view(rows, k * width)
+    values, where = candidates.topk(k, dim=-1)
+    return values, best.gather(1, where // width) * width + where % width
 
 
 @fused_on_gpu
@@ -110,9 +127,8 @@ def process_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """vLLM's logits processors, in its order: the grammar's mask, allowed tokens, bans, logit bias, penalties.
     Never in place: the logprobs are of the logits as the model made them."""
     arrays = batch.arrays or {}
-    if batch.bitmask is not None or "allowed" in arrays or "banned" in arrays or "bias" in arrays or (
-            batch.penalties is not None):  # a copy, in fp32: one dtype for the fused kernels to compile for
-        logits = logits.to(torch.float32, copy=True)
+    if batch.bitmask is not None or "allowed" in arrays or "banned" in arrays or "bias" in arrays:
+        logits = logits.to(torch.float32, copy=True)  # these write in place
     if batch.bitmask is not None:
         from minivllm.structured_outputs import apply_bitmask  # only with structured outputs: it imports xgrammar
 
