@@ -10,8 +10,10 @@ benchmarks.throughput's workload at a few decode steps, with that benchmark's bl
 as the engine runs them.
 
     python -m benchmarks.decode [--json PATH] [--mixed-only] [--ours-only] [--case BLOCK,BATCH,CONTEXT]
+                                [--batches 1,64] [--contexts 1024,8192] [--min-calls N]
 
---case BLOCK,workload,STEP measures the workload's batch at that decode step.
+--case BLOCK,workload,STEP measures the workload's batch at that decode step. --batches and --contexts keep
+only those uniform rows (the mixed ones always run), for sweeps that need a few rows.
 """
 
 import math
@@ -33,7 +35,7 @@ from minivllm.ops import paged_attention_decode, reference
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, DTYPE = 16, 8, 128, torch.bfloat16  # Qwen3-0.6B
 BATCHES = [1, 8, 32, 64, 128, 256]
-CONTEXTS = [512, 2048, 8192, 32768]
+CONTEXTS = [512, 1024, 2048, 8192, 32768]
 BLOCK_SIZES = [16, 256]
 L2_ROTATION_BYTES = 256 << 20  # rotate copies until a graph's calls together touch this much (L2: 50 MB)
 MAX_CACHE_BYTES = 16 << 30  # K+V of one copy; larger rows are skipped
@@ -61,7 +63,13 @@ def workload_contexts(step: int) -> list[int]:
 
 
 def measure(
-    block_size: int, lengths: list[int], copy_gbs: float, label: str, table_tokens: int = 0, baselines: bool = True
+    block_size: int,
+    lengths: list[int],
+    copy_gbs: float,
+    label: str,
+    table_tokens: int = 0,
+    baselines: bool = True,
+    min_calls: int = 1,
 ) -> dict:
     batch, longest = len(lengths), max(lengths)
     blocks_per_seq = math.ceil(max(longest, table_tokens) / block_size)
@@ -86,8 +94,9 @@ def measure(
     q = torch.randn(batch, NUM_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
     scale = HEAD_DIM**-0.5
 
+    calls = [tables[i % copies] for i in range(max(copies, min_calls))]  # copies repeat past the rotation
     ours_ms = graph_time_ms(
-        [lambda t=t: paged_attention_decode(q, k_cache, v_cache, t, lens, scale, total) for t in tables]
+        [lambda t=t: paged_attention_decode(q, k_cache, v_cache, t, lens, scale, total) for t in calls]
     )
     gbs = kv_bytes / (ours_ms * 1e-3) / 1e9
     row |= {"us": ours_ms * 1e3, "KV GB/s": gbs, "of copy": gbs / copy_gbs}
@@ -124,13 +133,22 @@ COLUMNS = [
 ]
 
 
+def int_list(text: str) -> list[int]:
+    return [int(x) for x in text.split(",")]
+
+
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--case", metavar="BLOCK,BATCH,CONTEXT", help="measure only this row (e.g. to profile it)")
     p.add_argument("--mixed-only", action="store_true", help="only the mixed batches (both block sizes)")
     p.add_argument("--ours-only", action="store_true", help="skip the PyTorch baselines")
+    p.add_argument("--batches", type=int_list, default=BATCHES, help="uniform rows of these batch sizes only")
+    p.add_argument("--contexts", type=int_list, default=CONTEXTS, help="uniform rows of these contexts only")
+    p.add_argument("--min-calls", type=int, default=1,
+                   help="at least this many calls in each timed graph (repeating copies), so that a graph launch's "
+                   "own latency weighs less on rows of one copy")
     args = p.parse_args()
-    baselines = not args.ours_only
+    opts = {"baselines": not args.ours_only, "min_calls": args.min_calls}
     require_cuda()
     copy_gbs = copy_bandwidth_gbs()
     print(f"{gpu_name()}: device-to-device copy {copy_gbs:.0f} GB/s (read + written)")
@@ -140,24 +158,24 @@ def main() -> None:
         block, batch, context = args.case.split(",")
         if batch == "workload":
             row = measure(int(block), workload_contexts(int(context)), copy_gbs, f"workload step {context}",
-                          table_tokens=WORKLOAD_TABLE_TOKENS, baselines=baselines)
+                          table_tokens=WORKLOAD_TABLE_TOKENS, **opts)
         else:
-            row = measure(int(block), [int(context)] * int(batch), copy_gbs, context, baselines=baselines)
+            row = measure(int(block), [int(context)] * int(batch), copy_gbs, context, **opts)
         print_table([row], "paged-attention decode")
         return
 
     rows = []
     for block_size in BLOCK_SIZES:
-        for batch in [] if args.mixed_only else BATCHES:
-            for context in CONTEXTS:
-                rows.append(measure(block_size, [context] * batch, copy_gbs, str(context), baselines=baselines))
+        for batch in [] if args.mixed_only else args.batches:
+            for context in args.contexts:
+                rows.append(measure(block_size, [context] * batch, copy_gbs, str(context), **opts))
                 torch.cuda.empty_cache()  # the next row's caches may be much larger
         generator = torch.Generator().manual_seed(0)
         mixed = torch.randint(128, 8193, (64,), generator=generator).tolist()
-        rows.append(measure(block_size, mixed, copy_gbs, "mixed 128..8k", baselines=baselines))
+        rows.append(measure(block_size, mixed, copy_gbs, "mixed 128..8k", **opts))
         for step in WORKLOAD_STEPS:
             rows.append(measure(block_size, workload_contexts(step), copy_gbs, f"workload step {step}",
-                                table_tokens=WORKLOAD_TABLE_TOKENS, baselines=baselines))
+                                table_tokens=WORKLOAD_TABLE_TOKENS, **opts))
     rows = [{c: row.get(c) for c in COLUMNS} for row in rows]
     print_table(rows, "paged-attention decode (us per call; KV GB/s counts K and V bytes read once)")
     write_json(args.json, {"gpu": gpu_name(), "copy_gbs": copy_gbs, "rows": rows})

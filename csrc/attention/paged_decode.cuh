@@ -1,5 +1,5 @@
-// Paged-attention decode: what the op wrapper (paged_decode.cpp) and the per-dtype instantiations share.
-// The algorithm lives in paged_decode_kernel.cuh.
+// Paged-attention decode: what the op wrapper (paged_decode.cpp) and the per-(dtype, head_dim) instantiations share.
+// The algorithm lives in paged_decode_kernel.cuh, its launch in paged_decode_launch.cuh.
 #pragma once
 
 #include <cstdint>
@@ -28,7 +28,7 @@ struct DecodeArgs {
 };
 
 // Launches the decode kernel (and the split-KV merge where it chose to split) on the current stream.
-// scalar_t is at::Half or at::BFloat16. Explicit instantiations live in paged_decode_{fp16,bf16}.cu.
+// scalar_t is at::Half or at::BFloat16. One explicit instantiation a file: paged_decode_hdim{64,128}_{bf16,fp16}.cu.
 template <typename scalar_t, int kHeadDim>
 void launch_paged_decode(const DecodeArgs& args, const c10::Device& device);
 

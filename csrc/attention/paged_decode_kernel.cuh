@@ -1,136 +1,119 @@
-// Paged-attention decode: one query token per sequence against its K/V pages.
+// Paged-attention decode on the tensor cores: one query token per sequence against its K/V pages.
 //
-// One CTA serves one (sequence, kv head, chunk of up to kMaxHeads query heads of that kv head's GQA group,
-// split of the context). It streams its context through shared memory in tiles of kTile tokens, the next
-// tile loading (cp.async, no registers held by loads in flight) while this one is used, so each K/V row is
-// read from memory once and used by every query head of the group. Per tile:
-//   1. scores: four threads per token, each dotting a quarter of the row with every query head (q in
-//      shared memory, pre-scaled by scale * log2(e) so the softmax can use exp2);
-//   2. online softmax: the tile's max per head across the CTA, probabilities into shared memory, running
-//      max and per-thread running sums rescaled;
-//   3. P.V: each thread owns 8 output dims of one head and a strided subset of the tile's tokens, so
-//      small groups spread the tokens over more threads.
-// Long contexts are split, so that every SM gets work of about equal size: each split writes a normalised
+// One CTA of kWarps warps serves one (sequence, kv head, chunk of up to kMaxHeads query heads of that kv
+// head's GQA group, split of the context). The query heads are the M dimension of mma.sync m16n8k16 (padded
+// to 16 rows with zeros: Qwen3-0.6B's group of 2 wastes 14 rows, which costs nothing, since decode needs
+// about 2 flop a byte and the tensor cores give hundreds), so each K/V byte costs a few instructions
+// instead of v4's scalar FFMA chains:
+//   S = Q K^T   (q fragments held in registers for the whole kernel, K tiles through ldmatrix)
+//   online softmax per row in fp32, in registers: a row lives in the 4 lanes of a quad, so shuffles, no barrier
+//   O += P V    (S's accumulators repacked as P's A fragments, the FA2 register trick; V through ldmatrix.trans)
+// Every warp runs its own cp.async pipeline of kPipelineStages stages over its own tokens (chunks w, w + kWarps, ...
+// of kWarpTokens tokens), so the main loop has no CTA barrier at all: a warp waits only for its own copies.
+// At the end the warps' (max, sum, O) are merged through shared memory with one barrier.
+//
+// Long contexts are split so that every SM gets work of about equal size: each split writes a normalised
 // partial output and its log-sum-exp, and merge_splits_kernel combines them. The split size comes from the
 // batch's total context (split_tiles below), read on the device, so a captured graph adapts to each step's
-// lengths; only the grid's bound on splits per sequence is fixed by shapes.
+// lengths; only the grid's bound on splits per sequence is fixed by shapes (paged_decode_launch.cuh).
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include <ATen/core/Tensor.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
+#include <c10/macros/Macros.h>
 
-#include <algorithm>
 #include <cmath>
-#include <type_traits>
+#include <cstdint>
 
+#include "flash_ptx.cuh"
 #include "paged_decode.cuh"
 
 namespace minivllm::decode {
 
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
-constexpr int kTile = 64;                           // tokens per pipeline stage
-constexpr int kStages = 2;                          // tiles in shared memory: one loading while one computes
-constexpr int kCtasPerSm = 3;                       // 24 warps an SM: enough ready warps to hide latency
-constexpr int kThreadsPerToken = kThreads / kTile;  // score phase: threads sharing one K row
-constexpr int kMaxHeads = 8;                        // query heads one CTA serves; larger groups take more CTAs
-constexpr int kVec = 8;                             // elements in one 16-byte access
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * 32;
+constexpr int kWarpTokens = 16;              // tokens a warp takes per stage: the k of one P.V mma
+constexpr int kTile = kWarps * kWarpTokens;  // tokens the CTA's warps take together; splits are whole tiles
+// Stages per warp. Decode is memory-bound once the mma's take the arithmetic (ncu, H200, workload batch:
+// about 360 instructions issued per 8 KB of K/V against v4's 1,860; the main loop is 307 SASS instructions a
+// stage), so what matters is bytes in flight: 2 CTAs x 4 warps x 2 stages ahead x 8 KB = 128 KB an SM, 4 times
+// what the H200 needs at 4 TB/s and ~1 us of loaded latency (30 KB an SM). GPUs whose blocks get less than
+// the 106 KB this takes at head_dim 128 (sm_86, sm_89: 99 KB) run kFallbackStages (paged_decode_launch.cuh).
+constexpr int kPipelineStages = 3;
+constexpr int kFallbackStages = 2;
+constexpr int kMaxHeads = 16;  // query heads one CTA serves: the mma's M; larger groups take more CTAs
 constexpr int kMaxSplits = 128;
-constexpr int kGridWaves = 8;       // the grid holds (sequence, split) CTAs for about this many waves
-constexpr int kUnsplitWaves = 4;    // ... unless whole sequences fill this many
-constexpr float kCtaCostTiles = 4;  // fixed cost of a CTA (start, merge), in tiles of streaming (a sweep: NOTES)
-static_assert(kThreadsPerToken == 4, "the swizzle below assumes four threads per K row in the score phase");
+// Split sizing; each has a MINIVLLM_DECODE_* override for sweeps (paged_decode_launch.cuh).
+constexpr float kGridWaves = 8;     // the grid holds (sequence, split) CTAs for about this many waves
+constexpr float kUnsplitWaves = 4;  // ... unless whole sequences fill this many
+constexpr float kCtaCostTiles = 4;  // fixed cost of a CTA (start, merge), in tiles of streaming (NOTES)
+constexpr float kWholeWaves = 0;    // full waves split_tiles may round the split size to; 0: none (NOTES)
 
-template <int kHeadDim>
+template <int kHeadDim, int kStages>
 struct Layout {
-  static constexpr int kChunks = kHeadDim / kVec;     // 16-byte chunks in one K or V row
-  static constexpr int kPvSlots = kThreads / kChunks;  // P.V: thread groups of kChunks threads, one row each
-  static constexpr int kTileChunks = kTile * kChunks;  // chunks in one K (or V) tile
-  // Shared memory, in bytes: kStages x (K tile, V tile), q [kMaxHeads][kHeadDim] and
-  // p [kMaxHeads][kTile] in fp32, per-warp partial maxima or sums [kWarps][kMaxHeads].
-  static constexpr int kTileBytes = kStages * 2 * kTileChunks * 16;
-  static constexpr int kQBytes = kMaxHeads * kHeadDim * 4;
-  static constexpr int kPBytes = kMaxHeads * kTile * 4;
-  static constexpr int kSmemBytes = kTileBytes + kQBytes + kPBytes + kWarps * kMaxHeads * 4;
-  static_assert(kPvSlots >= kMaxHeads, "P.V needs a thread group for every head");
-  static_assert(kPvSlots * kChunks * kVec * 4 <= kTileBytes, "the final merge reuses the tile buffers");
+  static_assert(kHeadDim == 64 || kHeadDim == 128, "paged decode supports head_dim 64 and 128");
+  static constexpr int kChunks = kHeadDim / 8;  // 16-byte chunks in one K or V row
+  // Rows padded by one 16-byte chunk: the 8 rows of an ldmatrix phase then start in 8 different bank groups,
+  // and every fragment address is a per-lane base plus an immediate (as flash prefill's kPaddedRows).
+  static constexpr int kRowBytes = kHeadDim * 2 + 16;
+  static constexpr int kLaneRows = 32 / kChunks;             // rows one warp-wide 16-byte copy covers
+  static constexpr int kPasses = kWarpTokens / kLaneRows;    // copies per lane per stage, each of K and V
+  static constexpr int kKvBytes = kWarpTokens * kRowBytes;   // K (or V) of one stage
+  static constexpr int kStageBytes = 2 * kKvBytes;
+  static constexpr int kWarpBytes = kStages * kStageBytes;   // one warp's pipeline
+  static constexpr int kQBytes = kMaxHeads * kRowBytes;
+  // Three stages: D=128 106 KB, two CTAs an SM (228 KB); D=64 54 KB, four.
+  static constexpr int kSmemBytes = kWarps * kWarpBytes + kQBytes;
+  static constexpr int kCtasPerSm = kHeadDim == 128 ? 2 : 4;
+  // The end-of-CTA merge reuses each warp's pipeline buffers: O [kMaxHeads][kScratchStride] fp32, then the
+  // rows' max and sum. 8 floats of padding put the 8 rows a warp's store touches 32 bytes apart in the banks.
+  static constexpr int kScratchStride = kHeadDim + 8;
+  static constexpr int kStatsOffset = kMaxHeads * kScratchStride;  // floats
+  static_assert((kStatsOffset + 2 * kMaxHeads) * 4 <= kWarpBytes, "the merge scratch must fit a warp's buffers");
+  static_assert(kWarpTokens % kLaneRows == 0 && kWarpTokens % 16 == 0, "a stage is whole copy passes and mma k");
 };
-
-// Position of chunk `chunk` of tile row `row`, in 16-byte units. Rows are 128 or 256 bytes, so without
-// the XOR every row would start in the same bank; in the score phase a quarter-warp reads chunks 4i..4i+3
-// of two consecutive rows, which the XOR on bit 2 spreads over all 8 16-byte bank groups.
-template <int kChunks>
-__device__ __forceinline__ int swizzle(int row, int chunk) {
-  return row * kChunks + (chunk ^ ((row & 1) << 2));
-}
-
-__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem) {
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
-}
-
-// Eight fp16 or bf16 values packed in 16 bytes, widened to fp32.
-template <typename scalar_t>
-__device__ __forceinline__ void to_float8(const uint4& raw, float (&out)[kVec]) {
-  const unsigned words[4] = {raw.x, raw.y, raw.z, raw.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    if constexpr (std::is_same_v<scalar_t, at::Half>) {
-      const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&words[i]));
-      out[2 * i] = f.x;
-      out[2 * i + 1] = f.y;
-    } else {  // a bf16 is the top half of an fp32
-      out[2 * i] = __uint_as_float(words[i] << 16);
-      out[2 * i + 1] = __uint_as_float(words[i] & 0xffff0000u);
-    }
-  }
-}
-
-template <typename scalar_t>
-__device__ __forceinline__ uint4 from_float8(const float (&in)[kVec]) {
-  uint4 raw;
-  scalar_t* out = reinterpret_cast<scalar_t*>(&raw);
-#pragma unroll
-  for (int i = 0; i < kVec; ++i) out[i] = scalar_t(in[i]);
-  return raw;
-}
 
 struct KernelParams {
   DecodeArgs args;
   int head_chunks;  // CTAs per kv head along the query heads: ceil(group / kMaxHeads)
   int num_splits;   // the grid's CTAs per (sequence, kv head, head chunk) along the context: at most this many
   int slots;        // CTAs the GPU holds at once
-  float* partial_out;  // [batch * num_heads, num_splits, head_dim], when num_splits > 1
-  float* partial_lse;  // [batch * num_heads, num_splits], log2 domain
+  float cta_cost_tiles;  // kCtaCostTiles unless MINIVLLM_DECODE_CTA_COST says otherwise
+  float whole_waves;     // kWholeWaves unless MINIVLLM_DECODE_WHOLE_WAVES says otherwise
+  float* partial_out;    // [batch * num_heads, num_splits, head_dim], when num_splits > 1
+  float* partial_lse;    // [batch * num_heads, num_splits], log2 domain
 };
 
 // Tiles per split for a sequence of `tiles` tiles, the same in every CTA of the sequence and in the merge.
-// A step's decode takes about (all tiles + kCtaCostTiles x CTAs) / slots + the longest CTA: splits of s tiles
-// make about work / s CTAs, and s = sqrt(kCtaCostTiles x work / slots) minimises the sum. Work counts every
-// (sequence, kv head, head chunk)'s tiles, from the batch's total context, over split_kv_heads heads (see
-// DecodeArgs). Whatever that total says, a sequence never needs more splits than the grid has.
+// A step's decode takes about (all tiles + cost x CTAs) / slots + the longest CTA: splits of s tiles make
+// about work / s CTAs, and s = sqrt(cost x work / slots) minimises the sum. Work counts every (sequence, kv
+// head, head chunk)'s tiles, from the batch's total context, over split_kv_heads heads (see DecodeArgs).
+// With whole_waves = n > 0, where the work fits k <= n full waves of CTAs at most twice that size, those k
+// whole waves are taken: when all CTAs run in step (batch 1) each wave pays their start unhidden, and
+// splitting finer only adds waves (a cost of 1 took 1 x 8k from 18.8 us in one wave of 4-tile CTAs to 23.8 us
+// in two of 2 tiles, while it sped the mixed batch up by 10%: NOTES). The sequence is then cut into that many
+// splits of equal size (not s, s, ..., remainder), never more than the grid has.
 __device__ __forceinline__ int split_tiles(int tiles, int64_t total_context, const KernelParams& p) {
   const float work = float(max(total_context, int64_t(0))) / kTile * (p.args.split_kv_heads * p.head_chunks);
-  const float balanced = ceilf(sqrtf(kCtaCostTiles * work / p.slots));
-  const int whole = static_cast<int>(fminf(balanced, float(max(tiles, 1))));  // no split beyond the context
-  return max(max(whole, 1), (tiles + p.num_splits - 1) / p.num_splits);
+  float size = ceilf(sqrtf(p.cta_cost_tiles * work / p.slots));
+  for (int waves = 1; waves <= p.whole_waves; ++waves) {
+    const float whole_waves = ceilf(work / (p.slots * waves));
+    if (whole_waves <= 2.f * size) {
+      size = whole_waves;
+      break;
+    }
+  }
+  const int wanted = max(static_cast<int>(fminf(size, float(max(tiles, 1)))), 1);
+  const int splits = min((tiles + wanted - 1) / wanted, p.num_splits);
+  return splits > 0 ? (tiles + splits - 1) / splits : 1;
 }
 
-template <typename scalar_t, int kHeadDim>
-__global__ void __launch_bounds__(kThreads, kCtasPerSm) paged_decode_kernel(const KernelParams p) {
-  using L = Layout<kHeadDim>;
-  constexpr int kChunks = L::kChunks;
+template <typename T, int kHeadDim, int kStages>
+__global__ void __launch_bounds__(kThreads, Layout<kHeadDim, kStages>::kCtasPerSm)
+    paged_decode_kernel(const __grid_constant__ KernelParams p) {
+  using L = Layout<kHeadDim, kStages>;
   const DecodeArgs& a = p.args;
 
   const int work = blockIdx.x;  // (sequence, kv head, head chunk)
@@ -152,230 +135,242 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) paged_decode_kernel(cons
   // split 0 covers alone (an empty one too) needs no merge: that CTA writes the output itself.
   if (split > 0 && begin >= end) return;
   const bool writes_output = context <= split_tokens;
-  const int num_tiles = begin < end ? (end - begin + kTile - 1) / kTile : 0;
 
-  extern __shared__ __align__(16) unsigned char smem[];
-  uint4* tiles = reinterpret_cast<uint4*>(smem);  // [kStages][K, V][kTile x kChunks], swizzled
-  float* q_s = reinterpret_cast<float*>(smem + L::kTileBytes);
-  float* p_s = q_s + kMaxHeads * kHeadDim;
-  float* warp_s = p_s + kMaxHeads * kTile;
-
+  extern __shared__ __align__(128) unsigned char smem[];
   const int tid = threadIdx.x;
   const int lane = tid % 32;
   const int warp = tid / 32;
+  const uint32_t warp_smem = flash::smem_address(smem + warp * L::kWarpBytes);  // [kStages][K, V][16][row]
+  const uint32_t q_smem = flash::smem_address(smem + kWarps * L::kWarpBytes);   // [kMaxHeads][row]
 
-  // Loader: thread tid copies chunk tid % kChunks of rows tid / kChunks + i * kRowsPerPass of K and V.
-  constexpr int kRowsPerPass = kThreads / kChunks;
-  const int load_chunk = tid % kChunks;
-  const int load_row = tid / kChunks;
+  // q of the CTA's heads, rows past num_heads zero-filled, in a copy group of its own (the first).
+  const T* q = static_cast<const T*>(a.q) + seq * a.q_stride_batch + head0 * a.q_stride_head;
+  for (int i = tid; i < kMaxHeads * L::kChunks; i += kThreads) {
+    const int h = i / L::kChunks, c = i % L::kChunks;
+    const bool valid = h < num_heads;
+    flash::cp_async_16(q_smem + h * L::kRowBytes + c * 16, valid ? q + h * a.q_stride_head + c * 8 : q, valid);
+  }
+  flash::cp_async_commit();
+
+  // This warp's stages: chunk `stage * kWarps + warp` of kWarpTokens tokens from `begin`, while it starts
+  // before `end`. A chunk starts at a multiple of 16 and block_size is a power of two >= 16, so it lies
+  // in one page.
+  const int warp_stages = max(0, (end - begin - warp * kWarpTokens + kTile - 1) / kTile);
+  auto stage_start = [&](int stage) { return begin + (stage * kWarps + warp) * kWarpTokens; };
   const int32_t* table = a.block_tables + seq * a.block_table_stride;
   const int block_shift = __ffs(a.block_size) - 1;
+  // Table entries past a sequence's last page may be garbage: only the pages of this warp's stages are read.
+  auto page_of = [&](int stage) {
+    return stage < warp_stages ? __ldg(table + (stage_start(stage) >> block_shift)) : 0;
+  };
+
+  // Loader: lane copies chunk lane % kChunks of rows lane / kChunks + i * kLaneRows, of K and of V; one
+  // warp-wide copy moves kLaneRows whole 2 x 128 or 256-byte rows.
+  const int load_chunk = lane % L::kChunks;
+  const int load_row = lane / L::kChunks;
   const int64_t token_stride = int64_t(a.num_kv_heads) * kHeadDim;
-  const int64_t head_offset = int64_t(kv_head) * kHeadDim + load_chunk * kVec;
-  auto load_tile = [&](int tile, int stage) {
-    uint4* k_dst = tiles + stage * 2 * L::kTileChunks;
-    uint4* v_dst = k_dst + L::kTileChunks;
+  const int64_t pass_stride = L::kLaneRows * token_stride;  // from one pass's rows to the next's
+  const int64_t head_offset = int64_t(kv_head) * kHeadDim + load_chunk * 8;
+  const T* k_head = static_cast<const T*>(a.k_cache) + head_offset;
+  const T* v_head = static_cast<const T*>(a.v_cache) + head_offset;
+  auto load_stage = [&](int stage, int page) {
+    const int start = stage_start(stage);
+    const int64_t first = (int64_t(page) * a.block_size + (start & (a.block_size - 1)) + load_row) * token_stride;
+    const T* k_src = k_head + first;
+    const T* v_src = v_head + first;
+    const int rows_left = end - start - load_row;  // tokens from this lane's first row to the end
+    const uint32_t dst = warp_smem + (stage % kStages) * L::kStageBytes + load_row * L::kRowBytes + load_chunk * 16;
 #pragma unroll
-    for (int i = 0; i < kTile / kRowsPerPass; ++i) {
-      const int row = load_row + i * kRowsPerPass;
-      const int pos = begin + tile * kTile + row;
-      if (pos < end) {  // table entries past the last page may be garbage: never read them
-        const int64_t page = __ldg(table + (pos >> block_shift));
-        const int64_t offset = (page * a.block_size + (pos & (a.block_size - 1))) * token_stride + head_offset;
-        const int dst = swizzle<kChunks>(row, load_chunk);
-        cp_async_16(k_dst + dst, static_cast<const scalar_t*>(a.k_cache) + offset);
-        cp_async_16(v_dst + dst, static_cast<const scalar_t*>(a.v_cache) + offset);
-      }
+    for (int i = 0; i < L::kPasses; ++i) {
+      // Rows past the end (still inside the stage's page) are zero-filled, not read: their probabilities are 0,
+      // and 0 x NaN of a stale row would be NaN.
+      const bool valid = i * L::kLaneRows < rows_left;
+      flash::cp_async_16(dst + i * L::kLaneRows * L::kRowBytes, k_src + i * pass_stride, valid);
+      flash::cp_async_16(dst + L::kKvBytes + i * L::kLaneRows * L::kRowBytes, v_src + i * pass_stride, valid);
     }
   };
 
-  // Start the first tiles loading, then fetch q while they are in flight.
+  // Prologue: the first kStages - 1 stages in flight (their page numbers fetched together first, and the
+  // next one's), then q's fragments into registers once q has landed for every thread.
+  int pages[kStages - 1];
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) pages[s] = page_of(s);
+  int next_page = page_of(kStages - 1);
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
-    if (s < num_tiles) load_tile(s, s);
-    cp_async_commit();
+    if (s < warp_stages) load_stage(s, pages[s]);
+    flash::cp_async_commit();
   }
-  const float q_scale = a.scale * 1.4426950408889634f;  // log2(e): softmax in base 2
-  for (int i = tid; i < num_heads * kChunks; i += kThreads) {
-    const int h = i / kChunks, c = i % kChunks;
-    const auto* src = static_cast<const scalar_t*>(a.q) + seq * a.q_stride_batch + (head0 + h) * a.q_stride_head;
-    float v[kVec];
-    to_float8<scalar_t>(*reinterpret_cast<const uint4*>(src + c * kVec), v);
+  flash::cp_async_wait<kStages - 1>();  // this thread's part of q (the first group)
+  __syncthreads();                      // ... and everyone's
+  // A fragments of q: matrix j of an ldmatrix is rows +8*(j%2), chunk +j/2.
+  uint32_t q_frag[kHeadDim / 16][4];
 #pragma unroll
-    for (int e = 0; e < kVec; ++e) q_s[h * kHeadDim + c * kVec + e] = v[e] * q_scale;
+  for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+    flash::ldmatrix_x4(q_frag[kk], q_smem + (lane % 16) * L::kRowBytes + (lane / 16) * 16 + kk * 32);
   }
 
-  // Score phase: token `my_token` of the tile, chunks kThreadsPerToken * i + my_part of its row.
-  const int my_token = tid / kThreadsPerToken;
-  const int my_part = tid % kThreadsPerToken;
-  // P.V phase: 8 dims (chunk pv_chunk) of head pv_head, tokens pv_lane, pv_lane + pv_lanes, ...
-  const int pv_chunk = tid % kChunks;
-  const int pv_slot = tid / kChunks;
-  const int pv_lanes = L::kPvSlots / num_heads;
-  const int pv_head = pv_slot % num_heads;
-  const int pv_lane = pv_slot / num_heads;
+  // Each lane holds rows lane/4 ([.][0..1]) and lane/4 + 8 ([.][2..3]) of every 8-column accumulator tile.
+  const float scale_log2 = a.scale * 1.4426950408889634f;  // softmax in base 2
+  float acc[kHeadDim / 8][4] = {};
+  float row_max[2] = {-INFINITY, -INFINITY};  // in units of scale * log2(e) * q.k
+  float row_sum[2] = {0.f, 0.f};              // this lane's columns; the quad is summed at the end
+  const int lane_col = 2 * (lane % 4);
+  // K rows are B's columns, so K loads untransposed: matrix j is keys +8*(j/2), chunk +j%2. V rows are B's k
+  // dimension, so V loads transposed: matrix j is keys +8*(j%2), chunk +j/2.
+  const uint32_t k_lane = ((lane / 16) * 8 + lane % 8) * L::kRowBytes + ((lane / 8) % 2) * 16;
+  const uint32_t v_lane = L::kKvBytes + (((lane / 8) % 2) * 8 + lane % 8) * L::kRowBytes + (lane / 16) * 16;
 
-  float running_max[kMaxHeads], running_sum[kMaxHeads];  // max: CTA-uniform; sum: this thread's tokens
+  for (int stage = 0; stage < warp_stages; ++stage) {
+    flash::cp_async_wait<kStages - 2>();  // this lane's copies of `stage` have landed
+    __syncwarp();                         // ... every lane's; and all are done reading stage - 1's buffer
+    const int ahead = stage + kStages - 1;
+    if (ahead < warp_stages) load_stage(ahead, next_page);
+    flash::cp_async_commit();
+    next_page = page_of(ahead + 1);  // a stage early: its latency hides behind this stage's work
+
+    const uint32_t buf = warp_smem + (stage % kStages) * L::kStageBytes;
+    float s[kWarpTokens / 8][4] = {};
 #pragma unroll
-  for (int h = 0; h < kMaxHeads; ++h) {
-    running_max[h] = -INFINITY;
-    running_sum[h] = 0.f;
-  }
-  float acc[kVec] = {};
-
-  for (int tile = 0; tile < num_tiles; ++tile) {
-    cp_async_wait<kStages - 2>();
-    __syncthreads();  // tile `tile` has landed for everyone, and everyone is done with tile - 1's buffer
-    if (tile + kStages - 1 < num_tiles) load_tile(tile + kStages - 1, (tile + kStages - 1) % kStages);
-    cp_async_commit();
-
-    const uint4* k_tile = tiles + (tile % kStages) * 2 * L::kTileChunks;
-    const uint4* v_tile = k_tile + L::kTileChunks;
-    const int tile_tokens = min(kTile, end - begin - tile * kTile);
-
-    // 1. Scores of this thread's token, summed over its quarter of the row and then the four threads.
-    float score[kMaxHeads] = {};
-    const bool token_valid = my_token < tile_tokens;
-    if (token_valid) {
+    for (int kk = 0; kk < kHeadDim / 16; ++kk) {
 #pragma unroll
-      for (int i = 0; i < kChunks / kThreadsPerToken; ++i) {
-        const int c = i * kThreadsPerToken + my_part;
-        float k[kVec];
-        to_float8<scalar_t>(k_tile[swizzle<kChunks>(my_token, c)], k);
-#pragma unroll
-        for (int h = 0; h < kMaxHeads; ++h) {
-          if (h < num_heads) {
-            const float4* q4 = reinterpret_cast<const float4*>(q_s + h * kHeadDim + c * kVec);
-            const float4 qa = q4[0], qb = q4[1];
-            score[h] = fmaf(qa.x, k[0], score[h]);
-            score[h] = fmaf(qa.y, k[1], score[h]);
-            score[h] = fmaf(qa.z, k[2], score[h]);
-            score[h] = fmaf(qa.w, k[3], score[h]);
-            score[h] = fmaf(qb.x, k[4], score[h]);
-            score[h] = fmaf(qb.y, k[5], score[h]);
-            score[h] = fmaf(qb.z, k[6], score[h]);
-            score[h] = fmaf(qb.w, k[7], score[h]);
-          }
-        }
+      for (int nn = 0; nn < kWarpTokens / 16; ++nn) {
+        uint32_t b[4];
+        flash::ldmatrix_x4(b, buf + k_lane + nn * 16 * L::kRowBytes + kk * 32);
+        flash::mma_16816<T>(s[2 * nn], q_frag[kk], b[0], b[1]);
+        flash::mma_16816<T>(s[2 * nn + 1], q_frag[kk], b[2], b[3]);
       }
     }
+    // Scale in fp32 (any sign of scale works) and mask the tokens past the end (only a last stage has any).
+    const int valid_tokens = end - stage_start(stage);  // >= 1
 #pragma unroll
-    for (int h = 0; h < kMaxHeads; ++h) {
-      if (h < num_heads) {
+    for (int j = 0; j < kWarpTokens / 8; ++j) {
 #pragma unroll
-        for (int off = 1; off < kThreadsPerToken; off *= 2) score[h] += __shfl_xor_sync(0xffffffffu, score[h], off);
+      for (int e = 0; e < 4; ++e) {
+        s[j][e] = j * 8 + lane_col + (e & 1) < valid_tokens ? s[j][e] * scale_log2 : -INFINITY;
       }
-      if (!token_valid) score[h] = -INFINITY;
     }
 
-    // 2. The tile's max per head across the CTA (a token's threads hold equal scores: skip their xors).
+    // Online softmax. Every stage holds a valid first token, so each row's new max is finite and the first
+    // correction is exp2(-inf) = 0.
+    float correction[2];
 #pragma unroll
-    for (int h = 0; h < kMaxHeads; ++h) {
-      if (h < num_heads) {
-        float m = score[h];
+    for (int h = 0; h < 2; ++h) {
+      float m = row_max[h];
 #pragma unroll
-        for (int off = 16; off >= kThreadsPerToken; off /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
-        if (lane == 0) warp_s[warp * kMaxHeads + h] = m;
+      for (int j = 0; j < kWarpTokens / 8; ++j) m = fmaxf(m, fmaxf(s[j][2 * h], s[j][2 * h + 1]));
+      m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
+      m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+      correction[h] = exp2f(row_max[h] - m);
+      row_max[h] = m;
+      float sum = 0.f;
+#pragma unroll
+      for (int j = 0; j < kWarpTokens / 8; ++j) {
+        s[j][2 * h] = exp2f(s[j][2 * h] - m);
+        s[j][2 * h + 1] = exp2f(s[j][2 * h + 1] - m);
+        sum += s[j][2 * h] + s[j][2 * h + 1];
+      }
+      row_sum[h] = row_sum[h] * correction[h] + sum;
+    }
+    // Past the first stages a row's max rarely moves: skip the D/2 multiplies when no row of the warp needs them.
+    if (!__all_sync(0xffffffffu, correction[0] == 1.f && correction[1] == 1.f)) {
+#pragma unroll
+      for (int d = 0; d < kHeadDim / 8; ++d) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[d][e] *= correction[e / 2];
       }
     }
-    __syncthreads();
-    float pv_correction = 0.f;  // rescales this thread's P.V accumulator to the new max of its head
-#pragma unroll
-    for (int h = 0; h < kMaxHeads; ++h) {
-      if (h < num_heads) {
-        float tile_max = warp_s[h];
-#pragma unroll
-        for (int w = 1; w < kWarps; ++w) tile_max = fmaxf(tile_max, warp_s[w * kMaxHeads + h]);
-        // Every tile holds a valid token, so new_max is finite and the first correction is exp2(-inf) = 0.
-        const float new_max = fmaxf(running_max[h], tile_max);
-        const float correction = exp2f(running_max[h] - new_max);
-        running_max[h] = new_max;
-        const float prob = exp2f(score[h] - new_max);  // 0 for tokens past the end
-        running_sum[h] = running_sum[h] * correction + prob;
-        if (my_part == 0) p_s[h * kTile + my_token] = prob;
-        if (h == pv_head) pv_correction = correction;
-      }
-    }
-    __syncthreads();
 
-    // 3. acc = acc * correction + sum_t p[t] * v[t] over this thread's tokens.
-    if (pv_lane < pv_lanes) {
+    // O += P V: two adjacent 8-token accumulator tiles are the A fragment of one 16-token k step.
 #pragma unroll
-      for (int e = 0; e < kVec; ++e) acc[e] *= pv_correction;
-#pragma unroll 4
-      for (int t = pv_lane; t < tile_tokens; t += pv_lanes) {
-        const float prob = p_s[pv_head * kTile + t];
-        float v[kVec];
-        to_float8<scalar_t>(v_tile[swizzle<kChunks>(t, pv_chunk)], v);
+    for (int kk = 0; kk < kWarpTokens / 16; ++kk) {
+      const uint32_t p_frag[4] = {
+          flash::pack2<T>(s[2 * kk][0], s[2 * kk][1]), flash::pack2<T>(s[2 * kk][2], s[2 * kk][3]),
+          flash::pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]), flash::pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
 #pragma unroll
-        for (int e = 0; e < kVec; ++e) acc[e] += prob * v[e];
+      for (int dd = 0; dd < kHeadDim / 16; ++dd) {
+        uint32_t b[4];
+        flash::ldmatrix_x4_trans(b, buf + v_lane + kk * 16 * L::kRowBytes + dd * 32);
+        flash::mma_16816<T>(acc[2 * dd], p_frag, b[0], b[1]);
+        flash::mma_16816<T>(acc[2 * dd + 1], p_frag, b[2], b[3]);
       }
     }
   }
-  cp_async_wait<0>();
-  __syncthreads();  // tile buffers, p_s and warp_s are free for the merge below
 
-  // Softmax denominators: only the first thread of each token counted its probabilities.
+  // Merge of the warps: each writes its rows' (max, sum, O) into its own, now idle, pipeline buffers.
+  flash::cp_async_wait<0>();
+  __syncwarp();
+  float* scratch = reinterpret_cast<float*>(smem + warp * L::kWarpBytes);
+  float* stats = scratch + L::kStatsOffset;  // [max of row 0..15][sum of row 0..15]
 #pragma unroll
-  for (int h = 0; h < kMaxHeads; ++h) {
-    if (h < num_heads) {
-      float s = my_part == 0 ? running_sum[h] : 0.f;
-#pragma unroll
-      for (int off = 16; off >= 1; off /= 2) s += __shfl_xor_sync(0xffffffffu, s, off);
-      if (lane == 0) warp_s[warp * kMaxHeads + h] = s;
+  for (int h = 0; h < 2; ++h) {
+    row_sum[h] += __shfl_xor_sync(0xffffffffu, row_sum[h], 1);
+    row_sum[h] += __shfl_xor_sync(0xffffffffu, row_sum[h], 2);
+    const int row = lane / 4 + 8 * h;
+    if (lane % 4 == 0) {
+      stats[row] = row_max[h];
+      stats[kMaxHeads + row] = row_sum[h];
     }
-  }
-  // Partial P.V sums of the token lanes, gathered per (head, chunk) by lane 0's threads.
-  float* merge_s = reinterpret_cast<float*>(smem);  // [kPvSlots][kChunks][kVec]
-  if (pv_lane > 0 && pv_lane < pv_lanes) {
+    if (row < num_heads) {
 #pragma unroll
-    for (int e = 0; e < kVec; ++e) merge_s[(pv_slot * kChunks + pv_chunk) * kVec + e] = acc[e];
+      for (int d = 0; d < kHeadDim / 8; ++d) {
+        *reinterpret_cast<float2*>(scratch + row * L::kScratchStride + d * 8 + lane_col) =
+            make_float2(acc[d][2 * h], acc[d][2 * h + 1]);
+      }
+    }
   }
   __syncthreads();
-  if (pv_lane != 0) return;
 
-  for (int j = 1; j < pv_lanes; ++j) {
-    const float* other = merge_s + ((j * num_heads + pv_head) * kChunks + pv_chunk) * kVec;
+  // out = sum_w 2^(max_w - max) O_w / sum_w 2^(max_w - max) sum_w, 8 dims of one head a thread.
+  for (int item = tid; item < num_heads * L::kChunks; item += kThreads) {
+    const int h = item / L::kChunks, c = item % L::kChunks;
+    float m = -INFINITY;
 #pragma unroll
-    for (int e = 0; e < kVec; ++e) acc[e] += other[e];
-  }
-  float sum = 0.f, head_max = 0.f;
-#pragma unroll
-  for (int h = 0; h < kMaxHeads; ++h) {
-    if (h == pv_head) {
-      head_max = running_max[h];
-#pragma unroll
-      for (int w = 0; w < kWarps; ++w) sum += warp_s[w * kMaxHeads + h];
+    for (int w = 0; w < kWarps; ++w) {
+      m = fmaxf(m, reinterpret_cast<const float*>(smem + w * L::kWarpBytes)[L::kStatsOffset + h]);
     }
-  }
-  // An empty context (padding rows of a captured batch) gives sum 0: write zeros, not NaN.
-  const float inv_sum = sum > 0.f ? 1.f / sum : 0.f;
+    float sum = 0.f, o[8] = {};
 #pragma unroll
-  for (int e = 0; e < kVec; ++e) acc[e] *= inv_sum;
-
-  const int head = head0 + pv_head;
-  if (writes_output) {
-    auto* out = static_cast<scalar_t*>(a.out) + (int64_t(seq) * a.num_heads + head) * kHeadDim;
-    reinterpret_cast<uint4*>(out)[pv_chunk] = from_float8<scalar_t>(acc);
-  } else {
-    const int64_t row = (int64_t(seq) * a.num_heads + head) * p.num_splits + split;
-    float4* out = reinterpret_cast<float4*>(p.partial_out + row * kHeadDim + pv_chunk * kVec);
-    out[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);
-    out[1] = make_float4(acc[4], acc[5], acc[6], acc[7]);
-    if (pv_chunk == 0) p.partial_lse[row] = head_max + log2f(sum);
+    for (int w = 0; w < kWarps; ++w) {
+      const float* ws = reinterpret_cast<const float*>(smem + w * L::kWarpBytes);
+      const float warp_max = ws[L::kStatsOffset + h];
+      if (warp_max == -INFINITY) continue;  // a warp without tokens in this split (or an empty context)
+      const float weight = exp2f(warp_max - m);
+      sum += weight * ws[L::kStatsOffset + kMaxHeads + h];
+      const float4* ow = reinterpret_cast<const float4*>(ws + h * L::kScratchStride + c * 8);
+      const float4 lo = ow[0], hi = ow[1];
+      o[0] += weight * lo.x, o[1] += weight * lo.y, o[2] += weight * lo.z, o[3] += weight * lo.w;
+      o[4] += weight * hi.x, o[5] += weight * hi.y, o[6] += weight * hi.z, o[7] += weight * hi.w;
+    }
+    // An empty context (padding rows of a captured batch) gives sum 0: write zeros, not NaN.
+    const float inv_sum = sum > 0.f ? 1.f / sum : 0.f;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) o[e] *= inv_sum;
+    const int head = head0 + h;
+    if (writes_output) {
+      T* out = static_cast<T*>(a.out) + (int64_t(seq) * a.num_heads + head) * kHeadDim;
+      reinterpret_cast<uint4*>(out)[c] = make_uint4(flash::pack2<T>(o[0], o[1]), flash::pack2<T>(o[2], o[3]),
+                                                    flash::pack2<T>(o[4], o[5]), flash::pack2<T>(o[6], o[7]));
+    } else {
+      const int64_t row = (int64_t(seq) * a.num_heads + head) * p.num_splits + split;
+      float4* out = reinterpret_cast<float4*>(p.partial_out + row * kHeadDim + c * 8);
+      out[0] = make_float4(o[0], o[1], o[2], o[3]);
+      out[1] = make_float4(o[4], o[5], o[6], o[7]);
+      if (c == 0) p.partial_lse[row] = m + log2f(sum);
+    }
   }
 }
 
 // out = sum_s 2^(lse_s - max) * partial_s / sum_s 2^(lse_s - max) over the splits that hold tokens.
-// One CTA per (sequence, query head), one thread per output dim (one CTA a sequence, looping over the heads,
+// One CTA per (sequence, query head), two output dims a thread (one CTA a sequence, looping over the heads,
 // made batch-1 decode slower: benchmarks/NOTES_decode.md). A context in one split was written by the decode
 // kernel.
-template <typename scalar_t, int kHeadDim>
-__global__ void __launch_bounds__(kHeadDim) merge_splits_kernel(const KernelParams p) {
+template <typename T, int kHeadDim>
+__global__ void __launch_bounds__(kHeadDim / 2) merge_splits_kernel(const __grid_constant__ KernelParams p) {
   const DecodeArgs& a = p.args;
   const int row = blockIdx.x;  // sequence * num_heads + head
   const int seq = row / a.num_heads;
-  const int d = threadIdx.x;
+  const int d = 2 * threadIdx.x;
   const int tiles = (a.context_lens[seq] + kTile - 1) / kTile;
   const int per_split = split_tiles(tiles, *a.total_context, p);
   const int used = (tiles + per_split - 1) / per_split;
@@ -385,77 +380,16 @@ __global__ void __launch_bounds__(kHeadDim) merge_splits_kernel(const KernelPara
 
   float lse_max = -INFINITY;
   for (int s = 0; s < used; ++s) lse_max = fmaxf(lse_max, lse[s]);
-  float num = 0.f, den = 0.f;
+  float num0 = 0.f, num1 = 0.f, den = 0.f;
   for (int s = 0; s < used; ++s) {
     const float w = exp2f(lse[s] - lse_max);
-    num += w * partial[s * kHeadDim + d];
+    const float2 x = *reinterpret_cast<const float2*>(partial + s * kHeadDim + d);
+    num0 += w * x.x;
+    num1 += w * x.y;
     den += w;
   }
-  static_cast<scalar_t*>(a.out)[int64_t(row) * kHeadDim + d] = scalar_t(num / den);
-}
-
-// CTAs of the decode kernel one SM holds at once, read once per device.
-template <typename scalar_t, int kHeadDim>
-int resident_ctas_per_sm(int device) {
-  constexpr int kMaxDevices = 64;
-  static int cache[kMaxDevices] = {};  // 0: not read yet; racing threads write the same value
-  TORCH_CHECK(device < kMaxDevices, "paged_attention_decode: device index ", device, " is beyond ", kMaxDevices);
-  if (cache[device] == 0) {
-    auto kernel = paged_decode_kernel<scalar_t, kHeadDim>;
-    constexpr int smem = Layout<kHeadDim>::kSmemBytes;
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    int ctas = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas, kernel, kThreads, smem));
-    cache[device] = std::max(ctas, 1);
-  }
-  return cache[device];
-}
-
-// The grid's splits per sequence, from shapes only (a captured graph stays valid for any lengths): enough
-// CTAs for kGridWaves waves, so that split_tiles can cut any mix of lengths into pieces of about equal size.
-// CTAs past their sequence's last split return at once, but not for free: where whole sequences already
-// fill kUnsplitWaves waves, the tail is short and the grid does not split (a second, empty split and the merge
-// cost more than the shorter tail wins: benchmarks/NOTES_decode.md).
-inline int grid_splits(int work_items, int max_tokens, int resident_slots) {
-  if (work_items >= kUnsplitWaves * resident_slots) return 1;
-  const int max_tiles = (max_tokens + kTile - 1) / kTile;
-  const int wanted = (kGridWaves * resident_slots + work_items - 1) / work_items;
-  return std::clamp(wanted, 1, std::clamp(max_tiles, 1, kMaxSplits));
-}
-
-template <typename scalar_t, int kHeadDim>
-void launch_paged_decode(const DecodeArgs& args, const c10::Device& device) {
-  using L = Layout<kHeadDim>;
-  KernelParams p{};
-  p.args = args;
-  const int group = args.num_heads / args.num_kv_heads;
-  p.head_chunks = (group + kMaxHeads - 1) / kMaxHeads;
-  const int work_items = args.batch * args.num_kv_heads * p.head_chunks;
-  const int max_tokens = args.max_blocks * args.block_size;
-  p.slots = resident_ctas_per_sm<scalar_t, kHeadDim>(device.index()) *
-            at::cuda::getDeviceProperties(device.index())->multiProcessorCount;
-  const int64_t split_items = int64_t(args.batch) * args.split_kv_heads * p.head_chunks;  // as split_tiles counts
-  p.num_splits = grid_splits(static_cast<int>(std::min<int64_t>(split_items, INT32_MAX)), max_tokens, p.slots);
-
-  // Workspace sized by shapes alone; the caching allocator makes this safe inside graph capture.
-  at::Tensor partial_out, partial_lse;
-  if (p.num_splits > 1) {
-    const auto opts = at::TensorOptions().dtype(at::kFloat).device(device);
-    const int64_t rows = int64_t(args.batch) * args.num_heads * p.num_splits;
-    partial_out = at::empty({rows, kHeadDim}, opts);
-    partial_lse = at::empty({rows}, opts);
-    p.partial_out = partial_out.data_ptr<float>();
-    p.partial_lse = partial_lse.data_ptr<float>();
-  }
-
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream(device.index());
-  const dim3 grid(work_items, p.num_splits);
-  paged_decode_kernel<scalar_t, kHeadDim><<<grid, kThreads, L::kSmemBytes, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (p.num_splits > 1) {
-    merge_splits_kernel<scalar_t, kHeadDim><<<args.batch * args.num_heads, kHeadDim, 0, stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  T* out = static_cast<T*>(a.out) + int64_t(row) * kHeadDim + d;
+  *reinterpret_cast<uint32_t*>(out) = flash::pack2<T>(num0 / den, num1 / den);
 }
 
 }  // namespace minivllm::decode

@@ -178,6 +178,28 @@ def test_mixed_length_batches(seed):
     assert (out[lens == 0] == 0).all()
 
 
+STRUCTURE_LENGTHS = [0, 1, 15, 16, 17, 48, 63, 64, 65, 80, 127, 128, 129, 200, 1000, 1024, 1040]
+
+
+@pytest.mark.parametrize("total", ["sum", 1])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("group", [1, 2, 3, 4, 8, 12, 16, 24, 32])
+def test_tile_and_split_edges(group, head_dim, total):
+    """Where the kernel's own structure could go wrong: a warp takes 16-token chunks of a 64-token tile, a CTA
+    serves up to 16 query heads (the mma's M), a split is whole tiles. Contexts of 0, 1, part of a chunk, one
+    chunk, one tile and one past; groups filling part of the 16 rows, all of them, and more than one CTA's worth
+    (24, 32); splits of one tile each (a total of 1 sizes the smallest splits) and of several tiles (the true
+    total: tile boundaries inside a split)."""
+    rng = random.Random(group * 1000 + head_dim + (total == 1))
+    num_kv_heads = 2 if group <= 16 else 1
+    dtype = torch.bfloat16 if group % 2 else torch.float16
+    block_size = [16, 256, 32][group % 3]
+    lengths = STRUCTURE_LENGTHS[:]
+    rng.shuffle(lengths)
+    batch = len(lengths)
+    run_case(rng, batch, num_kv_heads * group, num_kv_heads, head_dim, dtype, block_size, lengths, False, total)
+
+
 @pytest.mark.parametrize("total", [0, -7, 1, "sum", 3 << 20, 1 << 62])
 @pytest.mark.parametrize("lengths", [[5000, 64, 1, 0, 3000, 129, 2048, 700], [40000], [100] * 300])
 def test_total_context_len_only_sizes_the_splits(lengths, total):
