@@ -3,7 +3,9 @@
 Poisson rate (by default half the requests/s the first run reached). Reports time to first token, time per output
 token and inter-token latency (p50, p99) and output tokens/s, beside the offline engine's tokens/s on the same
 requests with the same engine settings, measured first in the same run (`LLM.generate`, in a process of its own
-that has exited, memory and all, before the server starts).
+that has exited, memory and all, before the server starts). Also the host's CPU time per output token (Linux):
+proc_cpu_us_tok for the server's process (the offline run's process on the offline row), child_cpu_us_tok for its
+child processes (the engine process, which AsyncLLM starts): what the front end costs, apart from the engine.
 
 python -m benchmarks.serving [--model qwen3-0.6b] [--num-prompts 256] [--request-rate R] [--json PATH]
 A CPU smoke run: --model DIR --device cpu --num-prompts 4 --max-input-len 100 --max-output-len 100
@@ -12,6 +14,7 @@ A CPU smoke run: --model DIR --device cpu --num-prompts 4 --max-input-len 100 --
 import asyncio
 import json
 import multiprocessing
+import os
 import random
 import statistics
 import time
@@ -65,6 +68,20 @@ async def replay(url: str, prompts: list, params: list, rate: float | None, seed
     return timings, time.perf_counter() - start
 
 
+def cpu_seconds(pid: int) -> float:
+    """A process's CPU time so far, every thread's, user and system (from /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def server_cpu(pid: int) -> tuple[float, float]:
+    """CPU seconds so far of the server's process and of its children together."""
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        children = [int(child) for child in f.read().split()]
+    return cpu_seconds(pid), sum(cpu_seconds(child) for child in children)
+
+
 def percentiles(values: list[float]) -> tuple[float | None, float | None]:
     if not values:
         return None, None
@@ -86,17 +103,17 @@ def summary(name: str, timings: list[Timing], elapsed: float, rate: float | None
     return row
 
 
-def offline_run(model: str, engine_kwargs: dict, prompts: list, params: list) -> tuple[int, float]:
-    """The requests through LLM.generate after a warm-up request: (output tokens, seconds)."""
+def offline_run(model: str, engine_kwargs: dict, prompts: list, params: list) -> tuple[int, float, float]:
+    """The requests through LLM.generate after a warm-up request: (output tokens, seconds, CPU seconds)."""
     from minivllm import LLM, SamplingParams
 
     llm = LLM(model, **engine_kwargs)
     llm.generate([{"prompt_token_ids": prompts[0][:16]}], SamplingParams(max_tokens=4), use_tqdm=False)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompts], params, use_tqdm=False)
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
     llm.shutdown()
-    return sum(len(o.outputs[0].token_ids) for o in outputs), elapsed
+    return sum(len(o.outputs[0].token_ids) for o in outputs), elapsed, cpu
 
 
 def engine_flags(engine_kwargs: dict) -> list[str]:
@@ -128,19 +145,23 @@ def main() -> None:
                      "device": args.device, "num_kv_blocks": args.num_kv_blocks, "enforce_eager": args.enforce_eager}
     engine_kwargs = {k: v for k, v in engine_kwargs.items() if v not in (None, False)}
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        tokens, elapsed = pool.submit(offline_run, args.model, engine_kwargs, prompts, params).result()
+        tokens, elapsed, cpu = pool.submit(offline_run, args.model, engine_kwargs, prompts, params).result()
     offline = {"run": "offline (LLM.generate)", "requests": len(prompts), "seconds": elapsed, "output_tokens": tokens,
-               "output_tok_s": tokens / elapsed}
+               "output_tok_s": tokens / elapsed, "proc_cpu_us_tok": cpu / tokens * 1e6, "child_cpu_us_tok": 0.0}
     flags = [*engine_flags(engine_kwargs), "--max-pending-requests", str(max(1024, 2 * args.num_prompts)),
              "--log-level", "warning"]
     server = ServerProcess(args.model, *flags, timeout=600)
     try:
         asyncio.run(replay(server.url, prompts[:2], params[:2], None))  # warm-up
-        timings, elapsed = asyncio.run(replay(server.url, prompts, params, None))
-        rows = [summary("max concurrency", timings, elapsed, None)]
-        rate = args.request_rate or 0.5 * len(prompts) / elapsed
-        timings, elapsed = asyncio.run(replay(server.url, prompts, params, rate))
-        rows.append(summary("poisson", timings, elapsed, rate))
+        rows, rate = [], None
+        for name in ("max concurrency", "poisson"):
+            cpu = server_cpu(server.proc.pid)
+            timings, elapsed = asyncio.run(replay(server.url, prompts, params, rate))
+            row = summary(name, timings, elapsed, rate)
+            for key, before, after in zip(("proc_cpu_us_tok", "child_cpu_us_tok"), cpu, server_cpu(server.proc.pid)):
+                row[key] = (after - before) / row["output_tokens"] * 1e6
+            rows.append(row)
+            rate = args.request_rate or 0.5 * len(prompts) / elapsed
     finally:
         server.kill()
     rows.insert(0, {**dict.fromkeys(rows[0]), **offline})  # the same columns, latencies left empty
