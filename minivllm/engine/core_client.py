@@ -1,12 +1,13 @@
-"""The engine-core process seen from the front end: starts it (spawned, so this process keeps no CUDA context),
-sends it commands and receives each step's outputs, on two threads of its own so that neither the caller nor the
-core ever waits on a pipe for the other.
+"""The engine-core process seen from the front end: starts it (spawned, not forked: the CUDA context, the model
+and the KV cache are the core's alone), sends it commands and receives each step's outputs, on two threads of its
+own so that neither the caller nor the core ever waits on a pipe for the other.
 """
 
 import multiprocessing
 import queue
 import threading
 from collections.abc import Callable
+from multiprocessing.connection import Connection
 from multiprocessing.util import Finalize
 
 import torch
@@ -115,7 +116,7 @@ class EngineCoreClient:
         self._on_exit(error)
 
 
-def stop_core(commands, process: multiprocessing.Process) -> None:
+def stop_core(commands: Connection, process: multiprocessing.Process) -> None:
     """Close the command pipe (the core stops at EOF after its step), then make sure it has stopped."""
     commands.close()
     process.join(STOP_WAIT)
