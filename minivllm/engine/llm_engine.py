@@ -306,10 +306,12 @@ class LLMEngine:
         delta = params.output_kind == RequestOutputKind.DELTA
         completions = []
         for index, seq in enumerate(request.seqs):
-            text, token_ids = self.text_of(seq), seq.output_token_ids
+            text = self.text_of(seq)
+            # a delta slices only what is new: copying a whole output each step is quadratic in its length
+            token_ids = seq.token_ids[seq.num_prompt_tokens + (seq.num_reported_tokens if delta else 0) :]
             logprobs = seq.logprobs if params.logprobs is not None else None
             if delta:
-                text, token_ids = text[seq.num_reported_chars :], token_ids[seq.num_reported_tokens :]
+                text = text[seq.num_reported_chars :]
                 logprobs = logprobs[seq.num_reported_tokens :] if logprobs is not None else None
                 seq.num_reported_chars += len(text)
                 seq.num_reported_tokens += len(token_ids)
