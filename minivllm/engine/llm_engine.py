@@ -7,6 +7,7 @@ at eos) has run one step too many; that step's token is dropped.
 """
 
 import functools
+import gc
 import time
 from collections import deque
 from collections.abc import Callable
@@ -95,7 +96,12 @@ class LLMEngine:
         config.warn_if_capped(stacklevel + 1)
         tokenizer = load_tokenizer(config.source)
         executor = start_executor(config)
-        return cls(config, executor, tokenizer, eos_token_ids(config.source, tokenizer))
+        engine = cls(config, executor, tokenizer, eos_token_ids(config.source, tokenizer))
+        # What start-up made (torch, the model, the tokenizer: half a million objects) lives as long as the engine;
+        # frozen, the collector's full passes skip it. Unfrozen, each of them traversed it all: with logprobs,
+        # whose objects set them off every few steps, collect() took 3.4 ms a 256-row step on the CPU, 0.7 frozen.
+        gc.freeze()
+        return engine
 
     @property
     def runner(self):
