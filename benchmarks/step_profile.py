@@ -27,20 +27,34 @@ from minivllm import LLM, SamplingParams
 
 
 class StepClock:
-    """Wraps the engine's scheduler and executor to time each decode step's phases on the host."""
+    """Wraps the engine's scheduler, executor and collect to time each decode step's phases on the host: schedule,
+    launch, then waiting for the step before to finish on the GPU and collecting its tokens (stop checks, outputs,
+    logprobs)."""
 
     def __init__(self, engine):
         self.phases: dict[str, float] = defaultdict(float)
         self.decode_steps = 0
         self.last_was_decode = False
-        self.schedule, self.execute = engine.scheduler.schedule, engine.executor.execute
+        self.schedule, self.execute, self.collect = engine.scheduler.schedule, engine.executor.execute, engine.collect
         engine.scheduler.schedule, engine.executor.execute = self.timed_schedule, self.timed_execute
+        engine.collect = self.timed_collect
 
     def timed_schedule(self):
         start = time.perf_counter()
         batch = self.schedule()
         self.last_schedule = time.perf_counter() - start
         return batch
+
+    def timed_collect(self, step):
+        start = time.perf_counter()
+        if step.launched.done is not None:
+            step.launched.done.synchronize()
+        waited = time.perf_counter()
+        outputs = self.collect(step)
+        if self.last_was_decode:  # collecting the decode step before this one
+            self.phases["GPU wait"] += waited - start
+            self.phases["collect"] += time.perf_counter() - waited
+        return outputs
 
     def timed_execute(self, step):
         start = time.perf_counter()

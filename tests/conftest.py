@@ -146,3 +146,16 @@ def recorded_logits():
         yield seen
     finally:
         model_runner.sample = sample
+
+
+# The top of a script whose engine step raises once the file named by $MINIVLLM_TEST_FAIL exists: an engine
+# failure on demand in the engine-core process, which imports the script as multiprocessing imports a main script.
+FAILING_STEP_PRELUDE = """import asyncio, json, os, sys
+from minivllm.engine import llm_engine
+step = llm_engine.LLMEngine.step
+def failing_step(self):
+    if os.path.exists(os.environ["MINIVLLM_TEST_FAIL"]):
+        raise RuntimeError("injected step failure")
+    return step(self)
+llm_engine.LLMEngine.step = failing_step
+"""

@@ -23,7 +23,7 @@ import minivllm
 from minivllm import AsyncLLM, RequestOutputKind, SamplingParams
 from minivllm.async_llm import EngineDeadError
 from minivllm.engine.llm_engine import EngineStats
-from tests.conftest import LLM, random_prompts, token_prompts
+from tests.conftest import FAILING_STEP_PRELUDE, LLM, random_prompts, token_prompts
 
 SETTINGS = dict(device="cpu", max_model_len=128, max_num_seqs=16)
 TIMEOUT = 60  # seconds for a whole test's requests on a loaded 2-core machine
@@ -307,16 +307,8 @@ def test_server_readings(qwen3_dir, make_engine):
 
 
 # ----- failures ----------------------------------------------------------------------------------------------
-# A script as a user would write one: the engine process imports it as multiprocessing imports a main script, so
-# its top level reaches the engine there. Its step raises once the flag file exists.
-FAILING_STEP = """import asyncio, json, os, sys
-from minivllm.engine import llm_engine
-step = llm_engine.LLMEngine.step
-def failing_step(self):
-    if os.path.exists(os.environ["MINIVLLM_TEST_FAIL"]):
-        raise RuntimeError("injected step failure")
-    return step(self)
-llm_engine.LLMEngine.step = failing_step
+# A script as a user would write one, whose engine step fails on demand (conftest.FAILING_STEP_PRELUDE).
+FAILING_STEP = FAILING_STEP_PRELUDE + """
 
 async def main(engine):
     from minivllm import SamplingParams

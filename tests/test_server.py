@@ -17,21 +17,13 @@ import pytest
 
 from minivllm import SamplingParams
 from minivllm.entrypoints.launcher import ServerProcess
-from tests.conftest import LLM
+from tests.conftest import FAILING_STEP_PRELUDE, LLM
 
 MAX_MODEL_LEN = 256
 FLAGS = ("--device", "cpu", "--max-model-len", str(MAX_MODEL_LEN), "--num-kv-blocks", "128", "--max-num-seqs", "64")
 PROMPTS = ["The capital of France is", "Once upon a time", "1, 2, 3, 4,", "def main():"]
-# the engine's step raises once this file exists: an engine failure on demand (in the engine-core process, which
-# imports this script as multiprocessing imports a main script)
-FAULTY = """import os, sys
-from minivllm.engine import llm_engine
-step = llm_engine.LLMEngine.step
-def failing_step(self):
-    if os.path.exists(os.environ["MINIVLLM_TEST_FAIL"]):
-        raise RuntimeError("injected engine failure")
-    return step(self)
-llm_engine.LLMEngine.step = failing_step
+# `minivllm serve` whose engine step fails on demand (conftest.FAILING_STEP_PRELUDE)
+FAULTY = FAILING_STEP_PRELUDE + """
 if __name__ == "__main__":
     from minivllm.entrypoints.cli import main
     sys.exit(main(sys.argv[1:]))
