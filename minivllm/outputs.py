@@ -3,7 +3,7 @@
 from dataclasses import dataclass, field
 
 
-@dataclass
+@dataclass(slots=True)  # a token makes up to 21 of them: slots make each a quarter cheaper to build, and smaller
 class Logprob:
     logprob: float  # of the model's raw distribution (log-softmax of the logits before any processing), fp32
     rank: int  # 1 for the most likely token
