@@ -277,7 +277,7 @@ class Collector:
 
     def stream_choice(self, index: int, choice: Choice, completion: CompletionOutput, output: RequestOutput,
                       prefix: str, first: bool) -> dict:
-        """p.ChatStreamChoice's or p.CompletionChoice's shape."""
+        """A stream chunk's choice as a dict: a chat.completion.chunk's, or p.CompletionChoice's shape."""
         finish = completion.finish_reason if completion.finish_reason is not None and not choice.finished else None
         stop_reason = completion.stop_reason if finish else None
         if self.kind == "chat":
@@ -295,7 +295,7 @@ class Collector:
                 "stop_reason": stop_reason}
 
     def chunk(self, choices: list[dict], usage: dict | None = None) -> str:
-        """A stream chunk's JSON (p.ChatCompletionChunk's or p.CompletionChunk's shape)."""
+        """A stream chunk's JSON: OpenAI's chat.completion.chunk, or a text_completion with these choices."""
         return f"{self.chunk_head}{COMPACT_JSON.encode(choices)},\"usage\":{COMPACT_JSON.encode(usage)}}}"
 
     def add(self, prompt_index: int, output: RequestOutput) -> None:
