@@ -217,7 +217,6 @@ class StepInputs:
             bitmask=rows.bitmask,
         )
 
-
     @staticmethod
     def penalties(rows: SamplingRows, arrays: dict[str, torch.Tensor], device: dict[str, torch.Tensor],
                   counts: PenaltyCounts) -> Penalties:

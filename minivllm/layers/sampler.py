@@ -103,8 +103,8 @@ def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> tuple[tor
 def top_k(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """torch.topk(logits, k) over rows of a large vocabulary, through each row's k chunks with the highest maxima:
     they hold its k largest values (a value outside them has k chunk maxima at or above it). One pass for the
-    chunk maxima and a top-k over k chunks cost a fraction of torch.topk's radix passes over the whole row (on the
-    H200, its two kernels took 0.52 ms a decode step of 256 rows of 151,936)."""
+    chunk maxima and a top-k over k chunks, against torch.topk's radix passes over the whole row: for 256 rows of
+    151,936 and k = 5, 0.333 ms against 0.637 in one H200 run (benchmarks.sampler)."""
     rows, vocab = logits.shape
     chunks = next(c for c in (128, 64, 32, 16, 8, 4, 2, 1) if vocab % c == 0)
     if chunks <= k:
