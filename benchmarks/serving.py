@@ -5,12 +5,16 @@ token and inter-token latency (p50, p99) and output tokens/s, beside the offline
 requests with the same engine settings, measured first in the same run (`LLM.generate`, in a process of its own
 that has exited, memory and all, before the server starts). Also the host's CPU time per output token (Linux):
 proc_cpu_us_tok for the server's process (the offline run's process on the offline row), child_cpu_us_tok for its
-child processes (the engine process, which AsyncLLM starts): what the front end costs, apart from the engine.
+child processes (the engine process, which AsyncLLM starts): what the front end costs, apart from the engine; and
+client_cpu_us_tok for the clients, which run in --client-procs processes so that reading the streams in Python
+does not set the pace.
 
-python -m benchmarks.serving [--model qwen3-0.6b] [--num-prompts 256] [--request-rate R] [--json PATH]
+python -m benchmarks.serving [--model qwen3-0.6b] [--num-prompts 256] [--request-rate R] [--client-procs N]
+                             [--no-poisson] [--json PATH]
 A CPU smoke run: --model DIR --device cpu --num-prompts 4 --max-input-len 100 --max-output-len 100
 """
 
+import argparse
 import asyncio
 import json
 import multiprocessing
@@ -33,6 +37,7 @@ class Timing:
     start: float
     token_times: list[float] = field(default_factory=list)
     num_tokens: int = 0
+    end: float = 0.0  # the response read to its end
 
 
 async def one_request(client: httpx.AsyncClient, url: str, ids: list[int], params) -> Timing:
@@ -51,21 +56,44 @@ async def one_request(client: httpx.AsyncClient, url: str, ids: list[int], param
                 timing.token_times.append(time.perf_counter())
             if chunk.get("usage"):
                 timing.num_tokens = chunk["usage"]["completion_tokens"]
+    timing.end = time.perf_counter()
     return timing
 
 
-async def replay(url: str, prompts: list, params: list, rate: float | None, seed: int = 0) -> tuple[list, float]:
-    """Every request (rate None: all at once; else Poisson arrivals at rate a second); (timings, seconds)."""
-    gaps = random.Random(seed)
-    limits = httpx.Limits(max_connections=len(prompts), max_keepalive_connections=len(prompts))
+async def replay_share(url: str, jobs: list[tuple[float, list[int], object]], start_at: float) -> list[Timing]:
+    """One client process's share of the requests, each sent `offset` seconds after `start_at` (perf_counter is
+    CLOCK_MONOTONIC on Linux: one clock for every process of the machine)."""
+    limits = httpx.Limits(max_connections=len(jobs), max_keepalive_connections=len(jobs))
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
-        start, tasks = time.perf_counter(), []
-        for ids, sp in zip(prompts, params):
+        tasks = []
+        for offset, ids, sp in jobs:
+            await asyncio.sleep(max(0.0, start_at + offset - time.perf_counter()))
             tasks.append(asyncio.create_task(one_request(client, url, ids, sp)))
-            if rate is not None:
-                await asyncio.sleep(gaps.expovariate(rate))
-        timings = await asyncio.gather(*tasks)
-    return timings, time.perf_counter() - start
+        return await asyncio.gather(*tasks)
+
+
+def client_process(url: str, jobs: list, start_at: float) -> tuple[list[Timing], float]:
+    """Runs in a pool worker: (its requests' timings, its CPU seconds)."""
+    cpu = time.process_time()
+    timings = asyncio.run(replay_share(url, jobs, start_at))
+    return timings, time.process_time() - cpu
+
+
+def replay(pool: ProcessPoolExecutor, clients: int, url: str, prompts: list, params: list,
+           rate: float | None, seed: int = 0) -> tuple[list[Timing], float, float]:
+    """Every request (rate None: all at once; else Poisson arrivals at rate a second), dealt round-robin to
+    `clients` processes so that parsing the streams in Python does not bound what is measured: (timings, seconds
+    from the first send to the last token, the clients' CPU seconds)."""
+    gaps, offset, jobs = random.Random(seed), 0.0, []
+    for ids, sp in zip(prompts, params):
+        jobs.append((offset, ids, sp))
+        if rate is not None:
+            offset += gaps.expovariate(rate)
+    start_at = time.perf_counter() + 0.5  # time for every worker to receive its share
+    shares = [pool.submit(client_process, url, jobs[i::clients], start_at) for i in range(clients)]
+    results = [share.result() for share in shares]
+    timings = [t for share, _ in results for t in share]
+    return timings, max(t.end for t in timings) - start_at, sum(cpu for _, cpu in results)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -138,6 +166,10 @@ def main() -> None:
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--num-kv-blocks", type=int, default=None)
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--client-procs", type=int, default=max(1, min(4, (os.cpu_count() or 1) // 4)),
+                   help="client processes the requests are dealt to (default: a quarter of the CPUs, at most 4)")
+    p.add_argument("--poisson", action=argparse.BooleanOptionalAction, default=True,
+                   help="after maximum concurrency, a run at a Poisson rate")
     args = p.parse_args()
 
     prompts, params = nano_vllm_workload(args.num_prompts, args.max_input_len, args.max_output_len)
@@ -151,18 +183,22 @@ def main() -> None:
     flags = [*engine_flags(engine_kwargs), "--max-pending-requests", str(max(1024, 2 * args.num_prompts)),
              "--log-level", "warning"]
     server = ServerProcess(args.model, *flags, timeout=600)
+    clients = ProcessPoolExecutor(args.client_procs, mp_context=multiprocessing.get_context("spawn"))
     try:
-        asyncio.run(replay(server.url, prompts[:2], params[:2], None))  # warm-up
+        warm = max(2, args.client_procs)  # a request for every client process: each starts its worker
+        replay(clients, args.client_procs, server.url, prompts[:warm], params[:warm], None)
         rows, rate = [], None
-        for name in ("max concurrency", "poisson"):
+        for name in ("max concurrency", "poisson")[: 2 if args.poisson else 1]:
             cpu = server_cpu(server.proc.pid)
-            timings, elapsed = asyncio.run(replay(server.url, prompts, params, rate))
+            timings, elapsed, client_cpu = replay(clients, args.client_procs, server.url, prompts, params, rate)
             row = summary(name, timings, elapsed, rate)
             for key, before, after in zip(("proc_cpu_us_tok", "child_cpu_us_tok"), cpu, server_cpu(server.proc.pid)):
                 row[key] = (after - before) / row["output_tokens"] * 1e6
+            row["client_cpu_us_tok"] = client_cpu / row["output_tokens"] * 1e6
             rows.append(row)
             rate = args.request_rate or 0.5 * len(prompts) / elapsed
     finally:
+        clients.shutdown()
         server.kill()
     rows.insert(0, {**dict.fromkeys(rows[0]), **offline})  # the same columns, latencies left empty
     for row in rows:
