@@ -119,8 +119,9 @@ setup(
         "pydantic>=2",
         "prometheus-client",
     ],
-    # minivllm.ray and `run-batch --replicas N`: replicas as Ray actors, Ray Data for LLMPredictor
-    extras_require={"ray": ["ray[data]>=2.10"]},
+    # ray: minivllm.ray and `run-batch --replicas N` (replicas as Ray actors, Ray Data for LLMPredictor);
+    # bench: matplotlib for the benchmarks' --plot PATH figures
+    extras_require={"ray": ["ray[data]>=2.10"], "bench": ["matplotlib"]},
     entry_points={"console_scripts": ["minivllm = minivllm.entrypoints.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
