@@ -1,5 +1,6 @@
 """Where a decode step's time goes on the throughput workload: host time per phase of the engine's step,
-and, over a torch.profiler window of decode steps, the GPU's busy time and its kernels by total time.
+and, over a torch.profiler window of decode steps, the GPU's busy time, split into attention, matrix products and
+the rest, and its kernels by total time.
 
 python -m benchmarks.step_profile [--num-seqs 256] [--skip 100] [--steps 30] [--context N] [--json PATH]
                                   [--logprobs K] [--presence-penalty X] [--repetition-penalty X]
@@ -8,6 +9,7 @@ python -m benchmarks.step_profile [--num-seqs 256] [--skip 100] [--steps 30] [--
 import random
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 
 import torch
 from torch.autograd import DeviceType
@@ -34,6 +36,7 @@ class StepClock:
     def __init__(self, engine):
         self.phases: dict[str, float] = defaultdict(float)
         self.decode_steps = 0
+        self.launch_ends: list[float] = []  # when each step's launch returned, decode and prefill
         self.last_was_decode = False
         self.schedule, self.execute, self.collect = engine.scheduler.schedule, engine.executor.execute, engine.collect
         engine.scheduler.schedule, engine.executor.execute = self.timed_schedule, self.timed_execute
@@ -59,6 +62,7 @@ class StepClock:
     def timed_execute(self, step):
         start = time.perf_counter()
         launched = self.execute(step)
+        self.launch_ends.append(time.perf_counter())
         self.last_was_decode = not step.is_prefill
         if self.last_was_decode:
             self.decode_steps += 1
@@ -74,6 +78,79 @@ def kernel_times_us(prof: profile) -> dict[str, float]:
         if event.device_type == DeviceType.CUDA:
             totals[event.name] += event.time_range.elapsed_us()
     return totals
+
+
+ATTENTION_KERNELS = ("paged_decode", "prefill", "merge_splits")  # ours: paged decode (and its split merge), prefill
+KERNEL_KINDS = ("attention", "matmul", "rest")
+MATMUL_KERNELS = ("gemm", "gemv", "nvjet", "cutlass", "xmma", "cublas", "splitkreduce", "small_m_linear")
+
+
+def kernel_kind(name: str) -> str:
+    """'attention', 'matmul' (cuBLAS's and our small-M matrix products) or 'rest', from a profiled kernel's name."""
+    lowered = name.lower()
+    if any(part in lowered for part in ATTENTION_KERNELS):
+        return "attention"
+    if any(part in lowered for part in MATMUL_KERNELS):
+        return "matmul"
+    return "rest"
+
+
+def time_by_kind(kernels_us: dict[str, float]) -> dict[str, float]:
+    """Kernel times summed by kernel_kind, every kind present."""
+    totals = dict.fromkeys(KERNEL_KINDS, 0.0)
+    for name, us in kernels_us.items():
+        totals[kernel_kind(name)] += us
+    return totals
+
+
+@dataclass(frozen=True)
+class Window:
+    """Consecutive decode steps run under torch.profiler, the GPU drained at both ends. Its wall time runs from its
+    first step's launch (the pipeline refilling after the drain is not a step's cost) to the GPU's end of its last."""
+
+    first_step: int  # decode steps before it
+    decode_steps: int
+    prefill_steps: int  # a preempted sequence's prompt again, or chunks of a late one
+    batch: int  # sequences running when it began
+    wall_ms: float
+    kernels_us: dict[str, float]
+
+
+def profile_run(engine, clock: StepClock, prompts: list[list[int]], params: list[SamplingParams],
+                starts: list[int], steps: int) -> list[Window]:
+    """Runs the requests to the end, profiling `steps` decode steps from each decode-step index in `starts`: a window
+    opens after the first decode step at or past a start (so never over the first prefill), once for all the starts
+    passed while another was open; a window the run cuts short is kept as it is."""
+    for i, (ids, sp) in enumerate(zip(prompts, params)):
+        engine.add_request(f"profile-{i}", {"prompt_token_ids": ids}, sp)
+    windows: list[Window] = []
+    pending = sorted(starts)
+    opened = None  # the open window's profiler, decode steps and steps before it, batch
+    while True:
+        unfinished = engine.has_unfinished_requests()
+        if opened is not None and (not unfinished or clock.decode_steps == opened[1] + steps):
+            torch.cuda.synchronize()
+            prof, first_step, first_total, batch = opened
+            launches = clock.launch_ends[first_total:]
+            wall_ms = (time.perf_counter() - launches[0]) * 1e3 if launches else 0.0
+            prof.stop()
+            decode_steps = clock.decode_steps - first_step
+            windows.append(Window(first_step, decode_steps, len(launches) - decode_steps, batch, wall_ms,
+                                  kernel_times_us(prof)))
+            opened = None
+        if not unfinished:
+            return windows
+        if opened is None and pending and pending[0] <= clock.decode_steps and clock.last_was_decode:
+            pending = [s for s in pending if s > clock.decode_steps]  # starts passed meanwhile: this one window
+            torch.cuda.synchronize()
+            prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+            prof.start()
+            opened = (prof, clock.decode_steps, len(clock.launch_ends), len(engine.scheduler.running))
+        step_start = time.perf_counter()
+        clock.last_was_decode = False
+        engine.step()
+        if clock.last_was_decode:
+            clock.phases["whole step"] += time.perf_counter() - step_start
 
 
 def main() -> None:
@@ -99,34 +176,17 @@ def main() -> None:
     else:
         prompts, params = nano_vllm_workload(args.num_seqs)
     params, _ = with_sampling_extras(params, args)
-    for i, (ids, sp) in enumerate(zip(prompts, params)):
-        engine.add_request(f"profile-{i}", {"prompt_token_ids": ids}, sp)
-
     start = time.perf_counter()
-    window: dict[str, float] = {}
-    prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
-    while engine.has_unfinished_requests():
-        if clock.decode_steps == args.skip and not window:
-            torch.cuda.synchronize()
-            batch_size = len(engine.scheduler.running)
-            prof.start()
-            window = {"start": time.perf_counter(), "steps_before": clock.decode_steps}
-        step_start = time.perf_counter()
-        clock.last_was_decode = False
-        engine.step()
-        if clock.last_was_decode:
-            clock.phases["whole step"] += time.perf_counter() - step_start
-        if window and "wall" not in window and clock.decode_steps == args.skip + args.steps:
-            torch.cuda.synchronize()
-            window["wall"] = time.perf_counter() - window["start"]
-            prof.stop()
+    windows = profile_run(engine, clock, prompts, params, [args.skip], args.steps)
     total = time.perf_counter() - start
-    if "wall" not in window:
+    if not windows or windows[0].decode_steps < args.steps:
         raise SystemExit(f"the workload ran only {clock.decode_steps} decode steps; lower --skip/--steps")
+    window = windows[0]
 
-    kernels = kernel_times_us(prof)
+    kernels, batch_size = window.kernels_us, window.batch
     busy_ms = sum(kernels.values()) / 1e3 / args.steps
-    wall_ms = window["wall"] * 1e3 / args.steps
+    wall_ms = window.wall_ms / args.steps
+    by_kind = {kind: us / 1e3 / args.steps for kind, us in time_by_kind(kernels).items()}
     rows = [
         {"kernel": name[:70], "us_per_step": us / args.steps, "share_of_gpu": us / sum(kernels.values())}
         for name, us in sorted(kernels.items(), key=lambda kv: -kv[1])[: args.top]
@@ -135,10 +195,12 @@ def main() -> None:
     print(f"GPU {gpu_name()}; {args.num_seqs} requests in {total:.2f} s, {clock.decode_steps} decode steps")
     print(f"window: {args.steps} decode steps after {args.skip}, batch {batch_size}: wall {wall_ms:.3f} ms/step, "
           f"GPU busy {busy_ms:.3f} ms/step ({busy_ms / wall_ms:.0%})")
+    print("GPU ms per decode step in the window: " + ", ".join(f"{k} {v:.3f}" for k, v in by_kind.items()))
     print("host ms per decode step, whole run: " + ", ".join(f"{k} {v:.3f}" for k, v in host.items()))
     print_table(rows, "GPU time by kernel in the window")
     write_json(args.json, {"gpu": gpu_name(), "batch": batch_size, "wall_ms_per_step": wall_ms,
-                           "gpu_busy_ms_per_step": busy_ms, "host_ms_per_step": host, "kernels": rows})
+                           "gpu_busy_ms_per_step": busy_ms, "host_ms_per_step": host, "kernels": rows,
+                           "gpu_ms_per_step_by_kind": by_kind})
 
 
 if __name__ == "__main__":

@@ -3,10 +3,15 @@
 
 python -m benchmarks.throughput [--model qwen3-0.6b] [--tensor-parallel-size N] [--tp-invariant N] [--compare-hf]
                                 [--logprobs K] [--presence-penalty X] [--repetition-penalty X] [--json PATH]
+                                [--breakdown] [--plot PATH]
 The sampling extras (--logprobs, the penalties) apply to every request, to measure what they cost.
+--breakdown (or --plot PATH, which draws it) runs the workload a second time after the timed run, on the same
+engine, with a few decode steps under torch.profiler every so often, and prints where a decode step's time goes
+(attention, matrix products, the rest of the GPU, host wait) as the batch shrinks over the run.
 """
 
 import time
+from collections import defaultdict
 
 import torch
 
@@ -20,8 +25,12 @@ from benchmarks.common import (
     with_sampling_extras,
     write_json,
 )
+from benchmarks.plot import add_plot_argument, stacked_bars
+from benchmarks.step_profile import KERNEL_KINDS, StepClock, Window, profile_run, time_by_kind
 from benchmarks.workload import decode_floor_bytes, nano_vllm_workload
 from minivllm import LLM, SamplingParams
+
+BREAKDOWN_EVERY, BREAKDOWN_STEPS, BREAKDOWN_BIN = 25, 4, 100  # 4 decode steps profiled every 25, binned by 100
 
 
 def main() -> None:
@@ -34,9 +43,13 @@ def main() -> None:
     p.add_argument("--tp-invariant", type=int, default=0, help="LLM(tp_invariant=N): bitwise the same at every TP size")
     p.add_argument("--compare-hf", action="store_true", help="also time HF transformers' generate on a slice")
     add_sampling_extras(p)
+    p.add_argument("--breakdown", action="store_true",
+                   help="then a second, profiled pass: where each decode step's time goes over the run")
+    add_plot_argument(p, "the breakdown as stacked bars (implies --breakdown)")
     args = p.parse_args()
-    if args.compare_hf and args.tensor_parallel_size > 1:
-        p.error("--compare-hf needs the whole model in this process: use --tensor-parallel-size 1")
+    for flag, wanted in (("--compare-hf", args.compare_hf), ("--breakdown/--plot", args.breakdown or args.plot)):
+        if wanted and args.tensor_parallel_size > 1:
+            p.error(f"{flag} needs the whole model in this process: use --tensor-parallel-size 1")
     require_cuda()
     bandwidth = copy_bandwidth_gbs()
 
@@ -83,7 +96,59 @@ def main() -> None:
     if args.compare_hf:
         rows += compare_hf(llm, prompts, params)
     print_table(rows, "throughput (nano-vllm workload)")
-    write_json(args.json, {"gpu": gpu_name(), "copy_gbs": bandwidth, "rows": rows})
+    payload = {"gpu": gpu_name(), "copy_gbs": bandwidth, "rows": rows}
+    if args.breakdown or args.plot:
+        payload["breakdown"] = breakdown(llm, prompts, params)
+    write_json(args.json, payload)
+    if args.plot:
+        draw(args.plot, payload["breakdown"], row["tokens_per_s"], gpu_name(), bandwidth)
+
+def breakdown(llm: LLM, prompts: list[list[int]], params: list[SamplingParams]) -> list[dict]:
+    """The workload again on the same engine, BREAKDOWN_STEPS decode steps profiled every BREAKDOWN_EVERY; the
+    printed table of breakdown_rows. (Its prompts hit the prefix cache the timed run filled; windows hold decode.)"""
+    starts = list(range(0, max(sp.max_tokens for sp in params), BREAKDOWN_EVERY))
+    windows = profile_run(llm.llm_engine, StepClock(llm.llm_engine), prompts, params, starts, BREAKDOWN_STEPS)
+    rows = breakdown_rows(windows, BREAKDOWN_BIN)
+    print_table(rows, f"where a decode step's time goes, ms per decode step ({BREAKDOWN_STEPS} decode steps under "
+                f"torch.profiler every {BREAKDOWN_EVERY}; host wait = wall minus the GPU's kernel time)")
+    return rows
+
+
+def draw(path: str, rows: list[dict], tokens_per_s: float, gpu: str, bandwidth: float) -> None:
+    """breakdown_rows as stacked bars: ms per decode step by kind, a bar a bin of decode steps."""
+    stacked_bars(path, [f"{row['decode steps']}\nbatch {row['batch']}" for row in rows],
+                 {kind: [row[f"{kind} ms"] for row in rows] for kind in (*KERNEL_KINDS, "host wait")},
+                 title=f"where a decode step's time goes, nano-vllm workload ({tokens_per_s:,.0f} output tokens/s "
+                 "unprofiled)", gpu=gpu, baseline=f"copy bandwidth {bandwidth:.0f} GB/s measured in this run",
+                 xlabel="decode steps (sampled under torch.profiler)", ylabel="ms per decode step")
+
+
+def breakdown_rows(windows: list[Window], bin_steps: int) -> list[dict]:
+    """Profiled windows binned by the decode-step index they start at: the decode steps they cover, the batch at
+    their starts, and per decode step: wall ms, GPU ms by kernel kind, host wait (wall minus GPU busy)."""
+    bins: dict[int, list[Window]] = defaultdict(list)
+    for window in windows:
+        if window.decode_steps:
+            bins[window.first_step // bin_steps].append(window)
+    rows = []
+    for group in (bins[b] for b in sorted(bins)):
+        steps = sum(w.decode_steps for w in group)
+        wall_ms = sum(w.wall_ms for w in group) / steps
+        gpu_ms = dict.fromkeys(KERNEL_KINDS, 0.0)
+        for window in group:
+            for kind, us in time_by_kind(window.kernels_us).items():
+                gpu_ms[kind] += us / 1e3 / steps
+        batches = [w.batch for w in group]
+        rows.append({
+            "decode steps": f"{group[0].first_step}..{group[-1].first_step + group[-1].decode_steps - 1}",
+            "batch": f"{max(batches)}..{min(batches)}" if len(set(batches)) > 1 else str(batches[0]),
+            "profiled steps": steps,
+            "wall ms": wall_ms,
+            **{f"{kind} ms": ms for kind, ms in gpu_ms.items()},
+            "host wait ms": wall_ms - sum(gpu_ms.values()),
+            "prefill steps": sum(w.prefill_steps for w in group),
+        })
+    return rows
 
 
 def compare_hf(llm: LLM, prompts: list[list[int]], params: list[SamplingParams], size: int = 16) -> list[dict]:
