@@ -10,10 +10,12 @@ benchmarks.throughput's workload at a few decode steps, with that benchmark's bl
 as the engine runs them.
 
     python -m benchmarks.decode [--json PATH] [--mixed-only] [--ours-only] [--case BLOCK,BATCH,CONTEXT]
-                                [--batches 1,64] [--contexts 1024,8192] [--min-calls N]
+                                [--batches 1,64] [--contexts 1024,8192] [--min-calls N] [--plot PATH]
 
 --case BLOCK,workload,STEP measures the workload's batch at that decode step. --batches and --contexts keep
-only those uniform rows (the mixed ones always run), for sweeps that need a few rows.
+only those uniform rows (the mixed ones always run), for sweeps that need a few rows. --plot PATH draws the
+fraction of copy bandwidth against context, ours and vectorised PyTorch, a panel per batch size, and the mixed
+batches in a panel of their own.
 """
 
 import math
@@ -30,6 +32,7 @@ from benchmarks.common import (
     time_cuda_ms,
     write_json,
 )
+from benchmarks.plot import Panel, add_plot_argument, line_chart
 from benchmarks.workload import nano_vllm_workload
 from minivllm.ops import paged_attention_decode, reference
 
@@ -147,7 +150,10 @@ def main() -> None:
     p.add_argument("--min-calls", type=int, default=1,
                    help="at least this many calls in each timed graph (repeating copies), so that a graph launch's "
                    "own latency weighs less on rows of one copy")
+    add_plot_argument(p, "the fraction of copy bandwidth against context")
     args = p.parse_args()
+    if args.case and args.plot:
+        p.error("--plot draws the whole sweep: leave out --case")
     opts = {"baselines": not args.ours_only, "min_calls": args.min_calls}
     require_cuda()
     copy_gbs = copy_bandwidth_gbs()
@@ -179,6 +185,40 @@ def main() -> None:
     rows = [{c: row.get(c) for c in COLUMNS} for row in rows]
     print_table(rows, "paged-attention decode (us per call; KV GB/s counts K and V bytes read once)")
     write_json(args.json, {"gpu": gpu_name(), "copy_gbs": copy_gbs, "rows": rows})
+    if args.plot:
+        draw(args.plot, rows, gpu_name(), copy_gbs)
+
+
+def draw(path: str, rows: list[dict], gpu: str, copy_gbs: float) -> None:
+    """Fraction of copy bandwidth, ours and vectorised PyTorch (where it ran): against context, a panel per batch
+    size; the mixed and workload batches as markers in a last panel."""
+    uniform = [row for row in rows if row["context"].isdigit()]
+    panels = [
+        Panel(f"batch {batch}", "context (tokens)",
+              fraction_series([row for row in uniform if row["batch"] == batch], lambda row: int(row["context"])),
+              logx=True)
+        for batch in sorted({row["batch"] for row in uniform})
+    ]
+    mixed = [row for row in rows if not row["context"].isdigit()]
+    if mixed:
+        panels.append(Panel("mixed contexts", "batch",
+                            fraction_series(mixed, lambda row: row["context"].replace("workload ", "")),
+                            markers_only=True))
+    line_chart(path, panels, title=f"paged-attention decode, (Hq, Hkv, D) = ({NUM_HEADS}, {NUM_KV_HEADS}, "
+               f"{HEAD_DIM}), {DTYPE}", gpu=gpu, baseline=f"copy bandwidth {copy_gbs:.0f} GB/s measured in this run",
+               ylabel="fraction of copy bandwidth", ceiling=1.0, ceiling_label="copy bandwidth")
+
+
+def fraction_series(rows: list[dict], x_of) -> dict[str, tuple[list, list[float | None]]]:
+    """Ours and the vectorised reference, a series each for every block size among the rows."""
+    series = {}
+    for block in sorted({row["block"] for row in rows}):
+        mine = [row for row in rows if row["block"] == block]
+        xs = [x_of(row) for row in mine]
+        series[f"ours, block {block}"] = (xs, [row.get("of copy") for row in mine])
+        series[f"vectorised PyTorch, block {block}"] = (
+            xs, [row["of copy"] / row["x vectorised"] if row.get("x vectorised") else None for row in mine])
+    return series
 
 
 if __name__ == "__main__":

@@ -2,11 +2,12 @@
 (one row of fp32 scores per query), torch SDPA's FlashAttention-2 and cuDNN backends, and our flash kernel
 (minivllm.ops.flash_attn_varlen).
 
-    python -m benchmarks.prefill [--json PATH]
+    python -m benchmarks.prefill [--json PATH] [--plot PATH]
 
 TFLOP/s count causal work: half of 4 * L^2 * D * Hq per sequence. GQA baselines get K/V heads expanded
 (repeat_interleave) outside the timed region. The mixed-length batch runs the SDPA baselines one sequence
-at a time, as SDPA has no varlen entry.
+at a time, as SDPA has no varlen entry. --plot PATH draws TFLOP/s against sequence length, a panel per head shape
+(the mixed batch is in the table only).
 """
 
 import torch
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from benchmarks import common
+from benchmarks.plot import Panel, add_plot_argument, line_chart
 from minivllm import ops
 
 TOKENS = 16384
@@ -22,6 +24,8 @@ HEADS = ((16, 8, 128), (32, 8, 128), (9, 3, 64))  # (Hq, Hkv, D): Qwen3-0.6B, Ll
 MIXED_LENGTHS = (3000, 160, 4096, 700, 1500, 2600, 64, 1024, 2048, 1200)  # about 16k tokens
 NAIVE_MAX_SCORE_BYTES = 4 << 30  # the naive paths' fp32 scores; larger ones are skipped
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+METHOD_NAMES = {"ours": "ours (flash)", "cudnn": "SDPA cuDNN", "fa2": "SDPA FlashAttention-2",
+                "naive_cuda": "our naive CUDA", "naive": "naive PyTorch"}  # measure()'s methods, as plotted
 
 
 def causal_flops(lengths: list[int], num_heads: int, head_dim: int) -> float:
@@ -120,6 +124,7 @@ def main() -> None:
     p.add_argument("--heads", nargs="+", default=[f"{h}/{kv}/{d}" for h, kv, d in HEADS], help="Hq/Hkv/D rows")
     p.add_argument("--seqlens", nargs="+", type=int, default=SEQLENS, help="sequence lengths (16k tokens a batch)")
     p.add_argument("--no-mixed", action="store_true", help="skip the mixed-length batch")
+    add_plot_argument(p, "TFLOP/s against sequence length")
     args = p.parse_args()
     dtype = DTYPES[args.dtype]
     common.require_cuda()
@@ -145,6 +150,21 @@ def main() -> None:
     common.write_json(
         args.json, {"gpu": common.gpu_name(), "copy_bandwidth_gbs": bandwidth, "dtype": args.dtype, "rows": rows}
     )
+    if args.plot:
+        draw(args.plot, rows, common.gpu_name(), bandwidth, args.dtype)
+
+
+def draw(path: str, rows: list[dict], gpu: str, bandwidth: float, dtype: str) -> None:
+    """Causal TFLOP/s of every method against sequence length (16k tokens a batch), a panel per head shape."""
+    panels = []
+    for heads in dict.fromkeys(row["heads"] for row in rows):
+        uniform = [row for row in rows if row["heads"] == heads and row["batch"] != "mixed"]
+        lengths = [int(row["batch"].split("x")[1]) for row in uniform]
+        series = {name: (lengths, [row[f"{key}_tflops"] for row in uniform]) for key, name in METHOD_NAMES.items()}
+        panels.append(Panel(f"(Hq, Hkv, D) = ({heads.replace('/', ', ')})", "sequence length (tokens)", series,
+                            logx=True))
+    line_chart(path, panels, title=f"causal prefill attention, {dtype}, {TOKENS} tokens a batch", gpu=gpu,
+               baseline=f"copy bandwidth {bandwidth:.0f} GB/s measured in this run", ylabel="TFLOP/s")
 
 
 if __name__ == "__main__":
