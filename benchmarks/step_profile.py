@@ -3,9 +3,12 @@ and, over a torch.profiler window of decode steps, the GPU's busy time, split in
 the rest, and its kernels by total time.
 
 python -m benchmarks.step_profile [--num-seqs 256] [--skip 100] [--steps 30] [--context N] [--json PATH]
-                                  [--logprobs K] [--presence-penalty X] [--repetition-penalty X]
+                                  [--logprobs K] [--presence-penalty X] [--repetition-penalty X] [--cprofile PATH]
 """
 
+import contextlib
+import cProfile
+import pstats
 import random
 import time
 from collections import defaultdict
@@ -161,6 +164,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30, help="decode steps in the profiled window")
     p.add_argument("--top", type=int, default=15)
     p.add_argument("--context", type=int, help="instead of the workload: --num-seqs prompts of this many tokens")
+    p.add_argument("--cprofile", metavar="PATH", help="run under cProfile and write the host's hottest functions "
+                   "(by own time, then by cumulative time) to PATH")
     add_sampling_extras(p)
     args = p.parse_args()
     require_cuda()
@@ -176,9 +181,16 @@ def main() -> None:
     else:
         prompts, params = nano_vllm_workload(args.num_seqs)
     params, _ = with_sampling_extras(params, args)
+    host_profile = cProfile.Profile() if args.cprofile else None
     start = time.perf_counter()
-    windows = profile_run(engine, clock, prompts, params, [args.skip], args.steps)
+    with host_profile or contextlib.nullcontext():
+        windows = profile_run(engine, clock, prompts, params, [args.skip], args.steps)
     total = time.perf_counter() - start
+    if host_profile is not None:
+        with open(args.cprofile, "w") as f:
+            stats = pstats.Stats(host_profile, stream=f)
+            stats.sort_stats("tottime").print_stats(60)
+            stats.sort_stats("cumulative").print_stats(60)
     if not windows or windows[0].decode_steps < args.steps:
         raise SystemExit(f"the workload ran only {clock.decode_steps} decode steps; lower --skip/--steps")
     window = windows[0]
