@@ -75,7 +75,7 @@ def merge_delta(into: RequestOutput, new: RequestOutput) -> None:
         old.text += c.text
         old.token_ids.extend(c.token_ids)
         if c.logprobs is not None:
-            old.logprobs = (old.logprobs or []) + c.logprobs
+            old.logprobs = c.logprobs if old.logprobs is None else old.logprobs + c.logprobs
         old.cumulative_logprob, old.finish_reason, old.stop_reason = (c.cumulative_logprob, c.finish_reason,
                                                                       c.stop_reason)
     into.finished, into.metrics, into.num_cached_tokens = new.finished, new.metrics, new.num_cached_tokens

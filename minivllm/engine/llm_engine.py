@@ -30,7 +30,7 @@ from minivllm.engine.sequence import Sequence
 from minivllm.engine.step_message import build_step
 from minivllm.inputs import InputProcessor, ProcessedPrompt, Prompt
 from minivllm.model_loader import eos_token_ids, load_tokenizer
-from minivllm.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestMetrics, RequestOutput
+from minivllm.outputs import CompletionOutput, PositionLogprobs, RequestMetrics, RequestOutput, position_logprobs
 from minivllm.sampling_params import RequestOutputKind, SamplingParams
 
 if TYPE_CHECKING:
@@ -85,7 +85,8 @@ class LLMEngine:
         self.overlap = int(args.async_scheduling)  # steps launched and not yet collected: at most overlap + 1
         self.in_flight: deque[InFlight] = deque()
         self.stats = EngineStats()
-        self.decoded: dict[int, str] = {}  # token id -> its text alone, for logprobs
+        # by token id, its text alone (a logprob's decoded_token), once decoded
+        self.decoded: list[str | None] = [None] * config.source.config.vocab_size
         self.grammar_compiler = None  # made for the first request with structured outputs
 
     @classmethod
@@ -221,7 +222,7 @@ class LLMEngine:
         tokens = step.launched.token_ids()
         logprobs = step.launched.logprobs()
         if logprobs is not None:
-            self.decode_tokens(itertools.chain(tokens, *logprobs[0]))
+            self.decode_tokens(itertools.chain.from_iterable(logprobs[0]))
         if step.prompt_rows:
             self.add_prompt_logprobs(step.prompt_rows, step.launched.prompt_logprobs())
         for row, (seq, token) in enumerate(zip(step.seqs, tokens)):
@@ -232,7 +233,7 @@ class LLMEngine:
             request = self.request_of[seq.seq_id]
             progressed[request.request_id] = request
             if seq.params.logprobs is not None:
-                self.add_logprobs(seq, token, row, logprobs)
+                self.add_logprobs(seq, row, logprobs)
             self.append_token(seq, token, request.metrics)
         outputs = []
         for request in progressed.values():
@@ -243,51 +244,46 @@ class LLMEngine:
                 outputs.append(self.output(request))
         return outputs
 
-    def add_logprobs(self, seq: Sequence, token: int, row: int, logprobs: tuple[list, ...]) -> None:
-        top_ids, top_logprobs, sampled_logprobs, sampled_ranks = (column[row] for column in logprobs)
-        k, text = seq.params.logprobs, self.decoded.get
-        entry = {token: Logprob(sampled_logprobs, sampled_ranks, text(token))}
-        for rank, (token_id, logprob) in enumerate(zip(top_ids[:k], top_logprobs[:k]), start=1):
-            if token_id not in entry:
-                entry[token_id] = Logprob(logprob, rank, text(token_id))
-        seq.logprobs.append(entry)
-        seq.cumulative_logprob += sampled_logprobs
+    def add_logprobs(self, seq: Sequence, row: int, logprobs: tuple[list, ...]) -> None:
+        ids, values, ranks = logprobs  # per row: the sampled token then the top k of the widest ask (SamplerOutput)
+        ids, values, width = ids[row], values[row], seq.params.logprobs + 1
+        if width < len(ids):
+            ids, values = ids[:width], values[:width]
+        seq.logprobs.append(ids, values, ranks[row], list(map(self.decoded.__getitem__, ids)))
+        seq.cumulative_logprob += values[0]
 
     def add_prompt_logprobs(self, rows: list[tuple[Sequence, int, int, int]], columns: tuple[list, ...]) -> None:
-        """Fill the requests' prompt logprobs from ModelRunner.prompt_logprobs' flat columns."""
-        top_ids, top_logprobs, target_logprobs, target_ranks = columns
-        self.decode_tokens(itertools.chain(top_ids, (seq.token_ids[start + i + 1] for seq, start, count, _ in rows
-                                                     for i in range(count) if start + i + 1 < seq.num_prompt_tokens)))
-        text = self.decoded.get
-        flat = 0  # into the top columns; the target columns have one entry a token
-        done = 0
+        """Fill the requests' prompt logprobs from ModelRunner.prompt_logprobs' flat columns: a position's next
+        prompt token then its top k (ids, logprobs), and that token's rank."""
+        ids, logprobs, ranks = columns
+        self.decode_tokens(ids)
+        decoded = list(map(self.decoded.__getitem__, ids))
+        flat = done = 0  # into ids and logprobs; into ranks, one a position
         for seq, start, count, k in rows:
             request = self.request_of.get(seq.seq_id)
             for i in range(count):
                 position = start + i + 1  # these logits give the logprob of the next prompt token
                 if request is not None and position < seq.num_prompt_tokens:
-                    token = seq.token_ids[position]
-                    entry = {token: Logprob(target_logprobs[done + i], target_ranks[done + i], text(token))}
-                    for rank in range(k):
-                        token_id = top_ids[flat + i * k + rank]
-                        entry.setdefault(token_id, Logprob(top_logprobs[flat + i * k + rank], rank + 1, text(token_id)))
-                    request.prompt_logprobs[position] = entry
-            flat, done = flat + count * k, done + count
+                    request.prompt_logprobs[position] = position_logprobs(ids, logprobs, decoded, flat + i * (k + 1),
+                                                                          k, ranks[done + i])
+            flat, done = flat + count * (k + 1), done + count
 
     def decode_tokens(self, token_ids: Iterable[int]) -> None:
         """Decode each token id not seen before alone (a logprob's decoded_token), all in one call to the
         tokenizer's backend: a logprobs step of 256 rows names up to 1,536 ids, and the tokenizer's own decode
-        costs about 9 us a call in Python (without a tokenizer there is no text: decoded stays empty)."""
+        costs about 9 us a call in Python (without a tokenizer there is no text: decoded stays None)."""
         if self.tokenizer is None:
             return
-        missing = list({t for t in token_ids if t not in self.decoded})
+        decoded = self.decoded
+        missing = list({t for t in token_ids if decoded[t] is None})
         if not missing:
             return
         if self.tokenizer.clean_up_tokenization_spaces:  # a clean-up only the tokenizer's decode applies
             texts = [self.tokenizer.decode([t]) for t in missing]
         else:
             texts = self.tokenizer.backend_tokenizer.decode_batch([[t] for t in missing], skip_special_tokens=False)
-        self.decoded.update(zip(missing, texts))
+        for token, text in zip(missing, texts):
+            decoded[token] = text
 
     def append_token(self, seq: Sequence, token: int, metrics: RequestMetrics) -> None:
         """Add a sampled token and apply every stop condition."""
@@ -328,7 +324,7 @@ class LLMEngine:
             text = self.text_of(seq)
             # a delta slices only what is new: copying a whole output each step is quadratic in its length
             token_ids = seq.token_ids[seq.num_prompt_tokens + (seq.num_reported_tokens if delta else 0) :]
-            logprobs = seq.logprobs if params.logprobs is not None else None
+            logprobs = seq.logprobs
             if delta:
                 text = text[seq.num_reported_chars :]
                 logprobs = logprobs[seq.num_reported_tokens :] if logprobs is not None else None

@@ -138,14 +138,15 @@ class ModelRunner:
                 staged.sampling.penalties.count_sampled(out.tokens)
         self.tp.broadcast_from_first_rank(out.tokens)  # every rank's next step may read them (async scheduling)
         self.previous_tokens = out.tokens
-        logprobs = (out.top_ids, out.top_logprobs, out.sampled_logprobs, out.sampled_ranks)
-        return LaunchedStep.copy_to_host(out.tokens, logprobs if out.top_ids is not None else None, prompt_logprobs)
+        logprobs = (out.logprob_ids, out.logprobs, out.ranks) if out.logprobs is not None else None
+        return LaunchedStep.copy_to_host(out.tokens, logprobs, prompt_logprobs)
 
     def prompt_logprobs(self, step: StepMessage, hidden: torch.Tensor) -> list[torch.Tensor] | None:
-        """For each row of step.prompt_logprobs, over its new tokens: (top ids, top logprobs, the next prompt token's
-        logprob and rank), concatenated in that order (rank 0 only; the others join the lm_head's gather)."""
+        """For each row of step.prompt_logprobs, over its new tokens: logprobs_of's (ids, logprobs, ranks) of the next
+        prompt token and the top k, each flattened and concatenated in row order (rank 0 only; the others join the
+        lm_head's gather)."""
         offsets = np.cumsum([0, *step.num_new_tokens])
-        columns: list[list[torch.Tensor]] = [[], [], [], []]
+        columns: list[list[torch.Tensor]] = [[], [], []]
         for row, k, targets in step.prompt_logprobs:
             for start in range(offsets[row], offsets[row + 1], PROMPT_LOGITS_ROWS):  # [rows, vocab] fp32 at most
                 end = min(start + PROMPT_LOGITS_ROWS, offsets[row + 1])
@@ -226,7 +227,7 @@ class LaunchedStep:
     tokens: torch.Tensor  # [sampling rows] int64 on the device
     host_tokens: torch.Tensor  # their copy in pinned memory (on the CPU: the same tensor)
     done: torch.cuda.Event | None = None  # recorded after the copies
-    # (top ids, top logprobs, sampled logprobs, sampled ranks) on the host, when a row asked for logprobs
+    # (ids, logprobs, ranks) on the host, when a row asked for logprobs (SamplerOutput's)
     host_logprobs: list[torch.Tensor] | None = None
     host_prompt_logprobs: list[torch.Tensor] | None = None  # see ModelRunner.prompt_logprobs
 
@@ -248,7 +249,7 @@ class LaunchedStep:
         return self.host_tokens.tolist()
 
     def logprobs(self) -> tuple[list, ...] | None:
-        """(top ids, top logprobs, sampled logprobs, sampled ranks) as lists, a row each; after token_ids()."""
+        """(ids, logprobs, ranks) as lists, a row each (SamplerOutput's); after token_ids()."""
         return tuple(t.tolist() for t in self.host_logprobs) if self.host_logprobs is not None else None
 
     def prompt_logprobs(self) -> tuple[list, ...] | None:

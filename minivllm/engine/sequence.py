@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from minivllm.engine.detokenizer import IncrementalDetokenizer
+from minivllm.outputs import FlatLogprobs
 from minivllm.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -46,7 +47,8 @@ class Sequence:
         self.wants_prompt_logprobs = False  # the first completion of a request with prompt_logprobs computes them
         self.num_cached_tokens: int | None = None  # prompt tokens the prefix cache held when it was first admitted
         self.cumulative_logprob = 0.0
-        self.logprobs: list[dict] = []  # with params.logprobs: one {token id: Logprob} a generated token
+        # with params.logprobs: one {token id: Logprob} a generated token
+        self.logprobs = FlatLogprobs(params.logprobs) if params.logprobs is not None else None
         # its text as it grows, when stop strings or a streaming request need it before the end
         self.detokenizer: IncrementalDetokenizer | None = None
         self.num_reported_tokens = self.num_reported_chars = 0  # what DELTA outputs have given so far

@@ -289,7 +289,7 @@ class Collector:
         if completion.logprobs is not None:
             ids, positions = completion.token_ids, completion.logprobs
             if prefix and output.prompt_logprobs is not None:
-                ids, positions = output.prompt_token_ids + ids, output.prompt_logprobs + positions
+                ids, positions = output.prompt_token_ids + ids, [*output.prompt_logprobs, *positions]
             logprobs = completion_logprobs(ids, positions, choice.text_len)
         return {"index": index, "text": prefix + completion.text, "logprobs": logprobs, "finish_reason": finish,
                 "stop_reason": stop_reason}

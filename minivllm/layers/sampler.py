@@ -74,12 +74,11 @@ class SamplingBatch:
 @dataclass
 class SamplerOutput:
     tokens: torch.Tensor  # [B] int64
-    # with logprobs: the top num_logprobs ids and logprobs of each row [B, k], and the sampled token's logprob and
-    # 1-based rank [B], all of the raw distribution (log-softmax of the logits before any processor)
-    top_ids: torch.Tensor | None = None
-    top_logprobs: torch.Tensor | None = None
-    sampled_logprobs: torch.Tensor | None = None
-    sampled_ranks: torch.Tensor | None = None
+    # with logprobs, of the raw distribution (log-softmax of the logits before any processor): each row's sampled
+    # token then its top num_logprobs, ids and fp32 logprobs [B, 1 + k], and the sampled token's 1-based rank [B]
+    logprob_ids: torch.Tensor | None = None
+    logprobs: torch.Tensor | None = None
+    ranks: torch.Tensor | None = None
 
 
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
@@ -91,13 +90,18 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
 
 
 def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
-    """Of the log-softmax of logits [B, V], never made: each row's top k (ids, logprobs), and the logprob and
-    1-based rank of its token in tokens [B]. The top k of the logits are those of their log-softmax, and one fused
-    pass gives each row's log-sum-exp and the count of tokens above its own."""
-    top_logits, top_ids = top_k(logits, k)
-    chosen = logits.gather(1, tokens.unsqueeze(1)).squeeze(1).float()
-    log_sum_exp, above = log_sum_exp_and_count_above(logits, chosen)
-    return top_ids, top_logits.float() - log_sum_exp.unsqueeze(1), chosen - log_sum_exp, above + 1
+    """Of the log-softmax of logits [B, V], never made: the ids and logprobs [B, 1 + k] of each row's token in
+    tokens [B] and then of its top k, and that token's 1-based rank [B] (the layout FlatLogprobs keeps). The top k
+    of the logits are those of their log-softmax, and one fused pass gives each row's log-sum-exp and the count of
+    tokens above its own."""
+    chosen = logits.gather(1, tokens.unsqueeze(1)).float()
+    log_sum_exp, above = log_sum_exp_and_count_above(logits, chosen.squeeze(1))
+    if k:
+        top_logits, top_ids = top_k(logits, k)
+        ids, chosen = torch.cat([tokens.unsqueeze(1), top_ids], dim=1), torch.cat([chosen, top_logits.float()], dim=1)
+    else:
+        ids = tokens.unsqueeze(1)
+    return ids, chosen - log_sum_exp.unsqueeze(1), above + 1
 
 
 def top_k(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
