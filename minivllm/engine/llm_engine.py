@@ -12,7 +12,7 @@ import itertools
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -338,7 +338,7 @@ class LLMEngine:
         if prompt_logprobs is not None and any(entry is None for entry in prompt_logprobs[1:]):
             prompt_logprobs = None  # not all computed yet
         return RequestOutput(request.request_id, prompt.text, prompt.token_ids, completions, request.finished,
-                             replace(request.metrics), prompt_logprobs, request.seqs[0].num_cached_tokens or 0)
+                             request.metrics.copy(), prompt_logprobs, request.seqs[0].num_cached_tokens or 0)
 
     def text_of(self, seq: Sequence) -> str:
         params = seq.params
