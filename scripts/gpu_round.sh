@@ -1,21 +1,35 @@
 #!/usr/bin/env bash
 # A session's closing device call, in the order of what matters most should the device time run out (every
-# step logs to OUT_DIR as it goes): build; the GPU tests of the sampler, the engine and paged decode;
-# benchmarks.throughput plain, then with logprobs and penalties on every request; benchmarks.sampler; then the
-# online paths of scripts/gpu_serving.sh against that plain throughput run.
-#   scripts/gpu_round.sh OUT_DIR
+# step logs to OUT_DIR as it goes; at most 6 files, under the device's limit): build; the GPU tests of the sampler
+# and the engine; benchmarks.throughput plain with the step-time breakdown and its plot, then with logprobs and
+# penalties on every request; step_profile with those extras; benchmarks.sampler; benchmarks.decode with its plot;
+# benchmarks.serving at maximum concurrency; benchmarks.latency with its plot, in the time that is left.
+#   scripts/gpu_round.sh OUT_DIR [SECONDS]    (SECONDS: the call's limit, 600 by default)
 set -uo pipefail
-out=$(realpath -m "${1:?usage: scripts/gpu_round.sh OUT_DIR}")
+out=$(realpath -m "${1:?usage: scripts/gpu_round.sh OUT_DIR [SECONDS]}")
+limit=${2:-600}
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
 log="$out/round.log"
 . scripts/gpu_env.sh
+stamp() { echo "--- $1 at ${SECONDS}s" | tee -a "$log"; }
 bash scripts/gpu_build.sh >"$out/build.log" 2>&1 || { tail -50 "$out/build.log"; exit 1; }
-timeout 240 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_sampler_gpu.py tests/gpu/test_engine_gpu.py \
-  tests/gpu/test_paged_decode.py 2>&1 | tail -8 | tee -a "$log"
-for extras in "" "--logprobs 5 --presence-penalty 0.5 --repetition-penalty 1.1"; do
-  echo "=== benchmarks.throughput $extras" | tee -a "$log"
-  timeout 120 python3 -m benchmarks.throughput $extras 2>&1 | grep -v -i "warn\|llm = LLM" | tee -a "$log"
-done
-timeout 90 python3 -m benchmarks.sampler 2>&1 | tee -a "$log"
-SERVING_OFFLINE=0 bash scripts/gpu_serving.sh "$out"
+stamp built
+timeout 200 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_sampler_gpu.py tests/gpu/test_engine_gpu.py 2>&1 \
+  | tail -8 | tee -a "$log"
+stamp "GPU tests"
+extras="--logprobs 5 --presence-penalty 0.5 --repetition-penalty 1.1"
+timeout 150 python3 -m benchmarks.throughput --plot "$out/throughput.png" 2>&1 | grep -v -i "warn\|llm = LLM" | tee -a "$log"
+stamp "throughput plain"
+timeout 90 python3 -m benchmarks.throughput $extras 2>&1 | grep -v -i "warn\|llm = LLM" | tee -a "$log"
+stamp "throughput extras"
+timeout 90 python3 -m benchmarks.step_profile $extras --top 8 2>&1 | grep -v -i "warn\|llm = LLM" | tee -a "$log"
+stamp "step_profile extras"
+timeout 60 python3 -m benchmarks.sampler 2>&1 | tee -a "$log"
+timeout 60 python3 -m benchmarks.decode --ours-only --plot "$out/decode.png" 2>&1 | tee -a "$log"
+stamp "sampler, decode"
+timeout 200 python3 -m benchmarks.serving --no-poisson 2>&1 | grep -v -i "warn\|it/s]" | tail -6 | tee -a "$log"
+stamp serving
+left=$((limit - 15 - SECONDS))
+[ "$left" -gt 30 ] && timeout "$left" python3 -m benchmarks.latency --plot "$out/latency.png" 2>&1 | tee -a "$log"
+stamp done

@@ -4,7 +4,7 @@
 # `minivllm serve` runs (the engine process alone: the server keeps no CUDA context), and benchmarks.serving
 # (the same requests offline, then HTTP streaming at maximum concurrency, then a Poisson rate at half the
 # requests/s it reached, each as a fraction of offline). Logs and JSON go to OUT_DIR. SERVING_OFFLINE=0 skips the
-# build and benchmarks.throughput (scripts/gpu_round.sh has just run them).
+# build and benchmarks.throughput (when a script has just run them).
 #   scripts/gpu_serving.sh OUT_DIR
 set -uo pipefail
 out=$(realpath -m "${1:?usage: scripts/gpu_serving.sh OUT_DIR}")
