@@ -3,9 +3,13 @@ decode, CUDA-graph decode) and sent to the device in one host-to-device copy.
 
 Every input lives in one device byte buffer, at an offset a Layout gives. The host fills a pinned mirror of
 that buffer and copies what the step uses. There are two mirrors, used in turn: when a step fills one, the
-copy from the other may still be queued behind the step before (async scheduling), but the copy from this
-one ran before that step's tokens were collected. A decode step's graph inputs come first, at offsets that
-depend only on its padded row count: a graph captured over the views of one size reads the same addresses
+copy from the other may still be queued behind the step before (async scheduling), and a mirror is refilled only
+once the copy from it has run (an event recorded after each copy). Collecting a step's tokens does not ensure
+that: a prompt chunk that samples nothing has no tokens to wait for, so the host runs ahead through a long
+prompt's chunks while the GPU works on the first, and a mirror refilled under its queued copy would send the GPU
+parts of two steps' inputs (a decode step's block table read as a prompt chunk's token ids: the H200's failed
+embedding index checks on the second 32k prompt fit that). A decode step's graph inputs come first, at offsets
+that depend only on its padded row count: a graph captured over the views of one size reads the same addresses
 at every replay. The sampling extras whose size has no bound (penalty histories, flat token lists) go the
 same way through a second buffer that grows when it must, copied only in the steps that use them.
 """
@@ -51,6 +55,7 @@ class Staging:
         self.buffer = torch.zeros(nbytes, dtype=torch.uint8, device=self.device)
         pin = self.device.type == "cuda"
         self.mirrors = [torch.zeros(nbytes, dtype=torch.uint8, pin_memory=pin) for _ in range(2)]
+        self.copied: list[torch.cuda.Event | None] = [None, None]  # recorded after the last copy from each mirror
         self.turn = 0
 
     def host(self, layout: Layout) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
@@ -59,13 +64,19 @@ class Staging:
             assert self.growable, "a step's fixed inputs outgrew their buffer"
             # the old buffers stay alive while a queued copy reads them (pinned memory is freed after its uses)
             self.allocate(1 << (layout.nbytes - 1).bit_length())
-        mirror = self.mirrors[self.turn]
+        mirror, copied = self.mirrors[self.turn], self.copied[self.turn]
+        if copied is not None:
+            copied.synchronize()  # almost always long done: the step that used this mirror was two steps ago
         self.turn ^= 1
         return mirror, {name: view.numpy() for name, view in layout.views(mirror).items()}
 
     def send(self, layout: Layout, mirror: torch.Tensor) -> dict[str, torch.Tensor]:
         """Copy what the layout uses to the device; its arrays there."""
         self.buffer[: layout.nbytes].copy_(mirror[: layout.nbytes], non_blocking=True)
+        if self.device.type == "cuda":
+            turn = next(i for i, m in enumerate(self.mirrors) if m is mirror)
+            self.copied[turn] = torch.cuda.Event()
+            self.copied[turn].record()
         return layout.views(self.buffer)
 
 
