@@ -48,7 +48,8 @@ class Request:
 
     @property
     def finished(self) -> bool:
-        return all(seq.is_finished for seq in self.seqs)
+        seqs = self.seqs  # one sequence, but for n > 1: asked of every request that progressed, every step
+        return seqs[0].is_finished if len(seqs) == 1 else all(seq.is_finished for seq in seqs)
 
 
 @dataclass
@@ -237,10 +238,11 @@ class LLMEngine:
             self.append_token(seq, token, request.metrics)
         outputs = []
         for request in progressed.values():
-            if request.finished:
+            finished = request.finished
+            if finished:
                 request.metrics.finished_time = time.time()
                 del self.requests[request.request_id]
-            if request.finished or request.params.output_kind != RequestOutputKind.FINAL_ONLY:
+            if finished or request.params.output_kind != RequestOutputKind.FINAL_ONLY:
                 outputs.append(self.output(request))
         return outputs
 
