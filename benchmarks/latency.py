@@ -15,6 +15,7 @@ import torch
 
 from benchmarks.common import copy_bandwidth_gbs, gpu_name, parser, print_table, require_cuda, write_json
 from benchmarks.plot import Panel, add_plot_argument, line_chart
+from benchmarks.workload import streamed_bytes
 from minivllm import LLM, SamplingParams
 
 CONTEXTS = (128, 1024, 4096, 16384, 32768)
@@ -55,16 +56,14 @@ def main() -> None:
         # prefix caching off: repeated prompts must not turn time-to-first-token into a cache lookup
         llm = LLM(args.model, enforce_eager=eager, enable_prefix_caching=False, max_num_seqs=BATCH,
                   max_model_len=max(CONTEXTS) + args.new_tokens, gpu_memory_utilization=0.5)
-        runner = llm.llm_engine.runner
-        weight_bytes = sum(t.numel() * t.element_size() for t in runner.model.parameters())
-        kv_bytes_per_token = runner.kv_bytes_per_block() // runner.block_size
+        weight_bytes, kv_bytes_per_token = streamed_bytes(llm.llm_engine.runner)
         measure(llm, 128, 8, 1)  # warm-up
         for batch, context in [(1, c) for c in CONTEXTS] + [(BATCH, BATCH_CONTEXT)]:
             decode, ttft = measure(llm, context, args.new_tokens, args.repeats, batch)
             floor = floor_ms(weight_bytes, kv_bytes_per_token, [context] * batch, bandwidth)
             rows.append({"graphs": not eager, "context": context, "decode_ms_per_token": decode, "ttft_ms": ttft,
                          "batch": batch, "floor_ms": floor, "of_floor": floor / decode})
-        del llm, runner
+        del llm
         gc.collect()
         torch.cuda.empty_cache()
     print(f"GPU {gpu_name()}, copy bandwidth {bandwidth:.0f} GB/s, weights {weight_bytes / 1e9:.2f} GB, "

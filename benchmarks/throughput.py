@@ -27,7 +27,7 @@ from benchmarks.common import (
 )
 from benchmarks.plot import add_plot_argument, stacked_bars
 from benchmarks.step_profile import KERNEL_KINDS, StepClock, Window, profile_run, time_by_kind
-from benchmarks.workload import decode_floor_bytes, nano_vllm_workload
+from benchmarks.workload import decode_floor_bytes, nano_vllm_workload, streamed_bytes
 from minivllm import LLM, SamplingParams
 
 BREAKDOWN_EVERY, BREAKDOWN_STEPS, BREAKDOWN_BIN = 25, 4, 100  # 4 decode steps profiled every 25, binned by 100
@@ -71,10 +71,9 @@ def main() -> None:
     assert produced == expected_tokens, f"produced {produced} tokens, the workload asks for {expected_tokens}"
 
     runner = llm.llm_engine.runner
-    weight_bytes = sum(t.numel() * t.element_size() for t in runner.model.parameters())
+    weight_bytes, kv_bytes_per_token = streamed_bytes(runner)
     floor_bytes = decode_floor_bytes(
-        [len(ids) for ids in prompts], [sp.max_tokens for sp in params],
-        runner.kv_bytes_per_block() // runner.block_size, weight_bytes,
+        [len(ids) for ids in prompts], [sp.max_tokens for sp in params], kv_bytes_per_token, weight_bytes,
     )
     floor_s = floor_bytes / (bandwidth * 1e9)
     row = {
@@ -102,6 +101,7 @@ def main() -> None:
     write_json(args.json, payload)
     if args.plot:
         draw(args.plot, payload["breakdown"], row["tokens_per_s"], gpu_name(), bandwidth)
+
 
 def breakdown(llm: LLM, prompts: list[list[int]], params: list[SamplingParams]) -> list[dict]:
     """The workload again on the same engine, BREAKDOWN_STEPS decode steps profiled every BREAKDOWN_EVERY; the

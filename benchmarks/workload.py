@@ -16,6 +16,13 @@ def nano_vllm_workload(num_seqs: int = 256, max_input_len: int = 1024, max_outpu
     return prompts, params
 
 
+def streamed_bytes(runner) -> tuple[int, int]:
+    """(bytes of all the model's weights, bytes of K/V a token across layers) of a ModelRunner: what a decode step
+    reads once, and for every token of context."""
+    weight_bytes = sum(t.numel() * t.element_size() for t in runner.model.parameters())
+    return weight_bytes, runner.kv_bytes_per_block() // runner.block_size
+
+
 def decode_floor_bytes(prompt_lens: list[int], output_lens: list[int], kv_bytes_per_token: int, weight_bytes: int):
     """Bytes every decode step must read when all requests run together: each sequence's K/V so far, plus the
     weights once a step. Prefill is left out (it is compute-bound), so this is a floor, not an estimate."""

@@ -7,7 +7,7 @@ import pytest
 import torch
 from matplotlib import image
 
-from benchmarks import common, decode, latency, plot, prefill, step_profile, throughput
+from benchmarks import common, decode, latency, plot, prefill, step_profile, throughput, workload
 from benchmarks.step_profile import Window, kernel_kind
 from minivllm import SamplingParams
 from tests.conftest import LLM, random_prompts
@@ -133,6 +133,16 @@ def test_latency_floor():
     # 1 GB of weights and 8 sequences of 1,000 tokens at 100 kB a token: 1.8 GB at 4,000 GB/s
     assert latency.floor_ms(10**9, 10**5, [1000] * 8, 4000.0) == pytest.approx(0.45)
     assert latency.floor_ms(10**9, 10**5, [0], 1000.0) == pytest.approx(1.0)
+
+
+def test_streamed_bytes(llm):
+    """The weights and the K/V a token that a decode step reads, from the model's own shapes."""
+    config = llm.llm_engine.config.source.config
+    weight_bytes, kv_bytes_per_token = workload.streamed_bytes(llm.llm_engine.runner)
+    assert weight_bytes == sum(t.numel() * t.element_size() for t in llm.llm_engine.runner.model.parameters())
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    assert kv_bytes_per_token == (2 * config.num_hidden_layers * config.num_key_value_heads * head_dim
+                                  * torch.get_default_dtype().itemsize)
 
 
 @pytest.mark.parametrize("module", [decode, throughput, prefill, latency])
