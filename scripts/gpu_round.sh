@@ -12,9 +12,11 @@ mkdir -p "$out"
 cd "$(dirname "$0")/.."
 log="$out/round.log"
 . scripts/gpu_env.sh
-stamp() { echo "--- $1 at ${SECONDS}s" | tee -a "$log"; }
+failed=""  # the steps whose command failed, listed at the end (the exit status is 1 if any)
+# stamp NAME, right after a step's pipeline: its time, and NAME among the failures if the step's command failed
+stamp() { [ "${PIPESTATUS[0]}" = 0 ] || failed="$failed, $1"; echo "--- $1 at ${SECONDS}s" | tee -a "$log"; }
 bash scripts/gpu_build.sh >"$out/build.log" 2>&1 || { tail -50 "$out/build.log"; exit 1; }
-stamp built
+echo "--- built at ${SECONDS}s" | tee -a "$log"
 timeout 200 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_sampler_gpu.py tests/gpu/test_engine_gpu.py 2>&1 \
   | tail -8 | tee -a "$log"
 stamp "GPU tests"
@@ -26,10 +28,15 @@ stamp "throughput extras"
 timeout 90 python3 -m benchmarks.step_profile $extras --top 8 2>&1 | grep -v -i "warn\|llm = LLM" | tee -a "$log"
 stamp "step_profile extras"
 timeout 60 python3 -m benchmarks.sampler 2>&1 | tee -a "$log"
+stamp sampler
 timeout 60 python3 -m benchmarks.decode --ours-only --plot "$out/decode.png" 2>&1 | tee -a "$log"
-stamp "sampler, decode"
+stamp decode
 timeout 200 python3 -m benchmarks.serving --no-poisson 2>&1 | grep -v -i "warn\|it/s]" | tail -6 | tee -a "$log"
 stamp serving
 left=$((limit - 15 - SECONDS))
-[ "$left" -gt 30 ] && timeout "$left" python3 -m benchmarks.latency --plot "$out/latency.png" 2>&1 | tee -a "$log"
-stamp done
+if [ "$left" -gt 30 ]; then
+  timeout "$left" python3 -m benchmarks.latency --plot "$out/latency.png" 2>&1 | tee -a "$log"
+  stamp latency
+fi
+echo "--- done at ${SECONDS}s; failed: ${failed#, }" | tee -a "$log"
+[ -z "$failed" ]
