@@ -38,5 +38,6 @@ if [ "$left" -gt 30 ]; then
   timeout "$left" python3 -m benchmarks.latency --plot "$out/latency.png" 2>&1 | tee -a "$log"
   stamp latency
 fi
-echo "--- done at ${SECONDS}s; failed: ${failed#, }" | tee -a "$log"
+failed=${failed#, }
+echo "--- done at ${SECONDS}s; failed: ${failed:-none}" | tee -a "$log"
 [ -z "$failed" ]
