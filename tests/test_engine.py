@@ -231,6 +231,19 @@ def test_sampler_warm_up_leaves_the_engines_draws_alone(qwen3_dir):
         plain.generate(prompts, params, use_tqdm=False))
 
 
+def test_sampler_warm_up_compiles_at_the_largest_batch(qwen3_dir, monkeypatch):
+    """The warm-up's second graph is the one every batch of two rows or more reuses, and Triton tunes it on its
+    first call: that call must be at the most rows a step samples, where the throughput is decided."""
+    import minivllm.engine.model_runner as model_runner
+
+    llm = LLM(qwen3_dir, max_model_len=96, max_num_seqs=24, max_num_batched_tokens=64)
+    rows = []
+    monkeypatch.setattr(model_runner, "sample", lambda logits, batch: rows.append(logits.shape[0]))
+    llm.llm_engine.runner.warm_up_sampler()
+    assert sorted(set(rows)) == [1, 24]
+    assert rows.index(1) < rows.index(24)  # one row first: its graph is specialised, the second is the dynamic one
+
+
 @pytest.mark.parametrize(
     "knobs",
     [dict(top_k=1), dict(top_p=1e-6), dict(min_p=1.0), dict(temperature=1e-4)],

@@ -163,18 +163,23 @@ class ModelRunner:
     @torch.inference_mode()
     def warm_up_sampler(self) -> None:
         """Compile the sampler's fused kernels now, rather than in the first steps that sample with a
-        temperature, penalties or logprobs: torch.compile specialises a batch of one row, so one row and two rows
-        compile the two graphs that every later batch reuses. A generator and counts of their own leave the
-        engine's draws and penalty counts untouched."""
+        temperature, penalties or logprobs: torch.compile specialises a batch of one row, so one row and the
+        most rows a step samples compile the two graphs that every later batch reuses. The second is tuned at
+        that size: Triton times its candidate configurations once, on the first call, and a choice made at two
+        rows (where every candidate is latency-bound, so noise picks) ran 256-row steps at a quarter of the
+        memory bandwidth (the H200: 428 against 103 us for temperature and argmax). A generator and counts of
+        their own leave the engine's draws and penalty counts untouched."""
+        args = self.config.args
+        largest = min(args.max_num_seqs, args.max_num_batched_tokens)  # as profile_free_blocks samples
         generator = torch.Generator(self.device)
-        hidden = torch.zeros(2, self.model.config.hidden_size, dtype=self.dtype, device=self.device)
-        counts = PenaltyCounts(self.config.source.config.vocab_size, 3, self.device)
-        counts.fill(3, None, None, None)
-        for rows in (1, 2):
+        hidden = torch.zeros(largest, self.model.config.hidden_size, dtype=self.dtype, device=self.device)
+        counts = PenaltyCounts(self.config.source.config.vocab_size, largest + 1, self.device)
+        counts.fill(largest + 1, None, None, None)
+        for rows in sorted({1, largest}):
             logits = self.model.compute_logits(hidden[:rows])  # every rank: the lm_head gathers across them
             if logits is None:
                 continue
-            # a tensor of its own for each argument, and 3 slots, unlike any row count: torch.compile specialises
+            # a tensor of its own for each argument, and one slot more than rows: torch.compile specialises
             # arguments that are one tensor, and sizes or offsets that happen to be equal, and would compile again
             # mid-run for the engine's columns (views of one buffer)
             columns = [torch.ones(rows, dtype=torch.float32, device=self.device) for _ in range(4)]
