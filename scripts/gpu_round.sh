@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A session's closing device call, in the order of what matters most should the device time run out (every
-# step logs to OUT_DIR as it goes; at most 6 files, under the device's limit): build; the GPU tests of the sampler
-# and the engine; benchmarks.throughput plain with the step-time breakdown and its plot, then with logprobs and
+# step logs to OUT_DIR as it goes; at most 6 files, under the device's limit): build; the GPU tests of the sampler,
+# the engine and the input staging; benchmarks.throughput plain with the step-time breakdown and its plot, then with logprobs and
 # penalties on every request; step_profile with those extras; benchmarks.sampler; benchmarks.decode with its plot;
 # benchmarks.serving at maximum concurrency; benchmarks.latency with its plot, in the time that is left.
 #   scripts/gpu_round.sh OUT_DIR [SECONDS]    (SECONDS: the call's limit, 600 by default)
@@ -17,7 +17,7 @@ failed=""  # the steps whose command failed, listed at the end (the exit status 
 stamp() { [ "${PIPESTATUS[0]}" = 0 ] || failed="$failed, $1"; echo "--- $1 at ${SECONDS}s" | tee -a "$log"; }
 bash scripts/gpu_build.sh >"$out/build.log" 2>&1 || { tail -50 "$out/build.log"; exit 1; }
 echo "--- built at ${SECONDS}s" | tee -a "$log"
-timeout 200 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_sampler_gpu.py tests/gpu/test_engine_gpu.py 2>&1 \
+timeout 200 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_sampler_gpu.py tests/gpu/test_engine_gpu.py tests/gpu/test_step_inputs_gpu.py 2>&1 \
   | tail -8 | tee -a "$log"
 stamp "GPU tests"
 extras="--logprobs 5 --presence-penalty 0.5 --repetition-penalty 1.1"
