@@ -75,13 +75,15 @@ class StepClock:
         return launched
 
 
-def kernel_times_us(prof: profile) -> dict[str, float]:
-    """Microseconds of GPU time per kernel (and memcpy/memset) name over the profiled window."""
+def kernel_times_us(prof: profile) -> tuple[dict[str, float], dict[str, int]]:
+    """Microseconds of GPU time per kernel (and memcpy/memset) name over the profiled window, and its calls."""
     totals: dict[str, float] = defaultdict(float)
+    calls: dict[str, int] = defaultdict(int)
     for event in prof.events():
         if event.device_type == DeviceType.CUDA:
             totals[event.name] += event.time_range.elapsed_us()
-    return totals
+            calls[event.name] += 1
+    return totals, calls
 
 
 ATTENTION_KERNELS = ("paged_decode", "prefill", "merge_splits")  # ours: paged decode (and its split merge), prefill
@@ -118,6 +120,7 @@ class Window:
     batch: int  # sequences running when it began
     wall_ms: float
     kernels_us: dict[str, float]
+    kernel_calls: dict[str, int]
 
 
 def profile_run(engine, clock: StepClock, prompts: list[list[int]], params: list[SamplingParams],
@@ -143,7 +146,7 @@ def profile_run(engine, clock: StepClock, prompts: list[list[int]], params: list
             prof.stop()
             decode_steps = clock.decode_steps - first_step
             windows.append(Window(first_step, decode_steps, len(launches) - decode_steps, batch, wall_ms,
-                                  kernel_times_us(prof)))
+                                  *kernel_times_us(prof)))
             opened = None
         if not unfinished:
             return windows
@@ -204,7 +207,8 @@ def main() -> None:
     wall_ms = window.wall_ms / args.steps
     by_kind = {kind: us / 1e3 / args.steps for kind, us in time_by_kind(kernels).items()}
     rows = [
-        {"kernel": name[:70], "us_per_step": us / args.steps, "share_of_gpu": us / sum(kernels.values())}
+        {"kernel": name[:70], "us_per_step": us / args.steps, "calls_per_step": window.kernel_calls[name] / args.steps,
+         "share_of_gpu": us / sum(kernels.values())}
         for name, us in sorted(kernels.items(), key=lambda kv: -kv[1])[: args.top]
     ]
     host = {name: seconds * 1e3 / clock.decode_steps for name, seconds in clock.phases.items()}

@@ -96,7 +96,8 @@ def window(first_step: int, batch: int, wall_ms: float, steps: int = 4, prefill:
     kernels = {"void paged_decode_kernel<bf16>": 4000.0, "nvjet_tst_64x8": 1500.0,
                "void small_m_linear_kernel<1>": 500.0, "triton_poi_fused_mul_0": 800.0,
                "Memcpy HtoD (Pageable -> Device)": 200.0}
-    return Window(first_step, steps, prefill, batch, wall_ms, {k: v * steps / 4 for k, v in kernels.items()})
+    return Window(first_step, steps, prefill, batch, wall_ms, {k: v * steps / 4 for k, v in kernels.items()},
+                  dict.fromkeys(kernels, steps))
 
 
 def test_breakdown_bins_windows_by_decode_step():

@@ -215,3 +215,53 @@ def test_wrapper_falls_back_beyond_the_kernel(kernel_calls, fp32_out):
         expected = F.linear(x.double(), weight.double(), bias.double() if bias is not None else None)
         assert torch.allclose(out.double(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
     assert kernel_calls == []
+
+
+# ----- silu_mul: x is an MLP's [gate | up] and the product is of silu(gate) * up ---------------------------------
+def silu_mul_reference(gate_up):
+    """What the MLP's separate kernel fed the product: silu(gate) * up in fp32, rounded once to the dtype."""
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    return (F.silu(gate) * up).to(gate_up.dtype)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_silu_mul_input_matches_reference(seed):
+    """Random M, N, K (every edge M first), both dtypes, bias, fp32 output, and gate_up rows whose NaN padding
+    past 2K shows a read beyond up's end."""
+    rng = random.Random(seed)
+    m = EDGE_M[seed] if seed < len(EDGE_M) else rng.randint(1, SMALL_M_MAX_ROWS)
+    n, k = rng.choice([1, 9, 1024, 4097]), 8 * rng.randint(1, 400)
+    dtype, with_bias, fp32_out = rng.choice(DTYPES), rng.random() < 0.5, rng.random() < 0.5
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    gate_up = row_slice(m, 2 * k, rng.choice([0, 8]), dtype, g, scale=2.0)
+    weight = row_slice(n, k, rng.choice([0, 8]), dtype, g, scale=k**-0.5)
+    bias = torch.randn(n, device="cuda", generator=g).to(dtype) if with_bias else None
+    poison_next_allocation((m, n), torch.float32 if fp32_out else dtype)
+    out = torch.ops.minivllm.small_m_linear(gate_up, weight, bias, fp32_out, True)
+    assert_close_to_reference(out, silu_mul_reference(gate_up), weight, bias, fp32_out)
+
+
+def test_silu_mul_refuses_what_it_cannot_take():
+    with pytest.raises(RuntimeError, match=re.escape("with silu_mul, x must be [M, 2K] (gate | up), got 63 columns")):
+        torch.ops.minivllm.small_m_linear(cuda(2, 63), cuda(8, 32), None, False, True)
+    with pytest.raises(RuntimeError, match=re.escape("weight must be [N, K=32] to match x's gate half")):
+        torch.ops.minivllm.small_m_linear(cuda(2, 64), cuda(8, 64), None, False, True)
+    with pytest.raises(ValueError, match="runs on the small-M kernel alone"):
+        ops.linear(cuda(SMALL_M_MAX_ROWS + 1, 64), cuda(8, 32), silu_mul=True)
+
+
+@pytest.mark.parametrize("m, fused", [(1, True), (SMALL_M_MAX_ROWS, True), (SMALL_M_MAX_ROWS + 1, False)])
+def test_mlp_fuses_silu_mul_where_the_kernel_runs(m, fused):
+    """The down projection takes gate_up straight from the small-M kernel's rows; beyond it, silu_and_mul first.
+    Both give the unfused result."""
+    from minivllm.distributed import TensorParallel
+    from minivllm.layers.linear import RowParallelLinear
+    from minivllm.models.decoder import silu_and_mul
+
+    down = RowParallelLinear(256, 64, bias=False, tp=TensorParallel()).cuda().bfloat16()
+    gate_up = cuda(m, 512, dtype=torch.bfloat16)
+    assert down.fuses_silu_mul(gate_up) == fused
+    assert not RowParallelLinear(256, 64, False, TensorParallel(invariant_splits=2)).fuses_silu_mul(gate_up)
+    expected = down(silu_and_mul(*gate_up.chunk(2, dim=-1)))
+    out = down(gate_up, silu_mul=True) if fused else expected
+    torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2)
