@@ -3,9 +3,7 @@ with fp32 output for the lm_head) on Qwen3-0.6B's shapes, bf16, and the GPU's ow
 the same run. A decode step reads every weight once, so GB/s counts the weight bytes read per call.
 
 Both are timed as CUDA-graph replays of back-to-back calls, each on its own copy of the weights, so that the
-copies together exceed the L2 (as a step's 1.2 GB of weights do) and no call reads its weights from L2. A second
-table times the down projection with SiLU-and-mul made inside the product (silu_mul) against the two kernels the
-MLP ran before: the compiled silu_and_mul, then the product.
+copies together exceed the L2 (as a step's 1.2 GB of weights do) and no call reads its weights from L2.
 
     python -m benchmarks.small_m_linear [--json PATH]
 """
@@ -17,7 +15,6 @@ import torch.nn.functional as F
 
 from benchmarks.common import copy_bandwidth_gbs, gpu_name, graph_time_ms, parser, print_table, require_cuda, write_json
 from benchmarks.decode import L2_ROTATION_BYTES
-from minivllm.models.decoder import silu_and_mul
 from minivllm.ops import KERNELS_BUILT, SMALL_M_MAX_ROWS
 
 DTYPE = torch.bfloat16
@@ -34,7 +31,6 @@ ROWS = [m for m in (1, 2, 4, 8, 16) if m <= SMALL_M_MAX_ROWS]
 TORCH_ONLY_ROWS = [32, 64, 128, 256]  # batches the engine leaves to cuBLAS: what they cost a step
 COLUMNS = ["layer", "N x K", "M", "us", "GB/s", "of copy", "torch us", "torch GB/s", "torch of copy", "x torch"]
 STEP_COLUMNS = ["M", "us", "torch us", "saved us", "x torch"]
-SILU_COLUMNS = ["M", "fused us", "separate us", "saved us", "saved us per step"]
 
 
 def torch_linear(x: torch.Tensor, weight: torch.Tensor, fp32_out: bool) -> torch.Tensor:
@@ -70,25 +66,6 @@ def per_step(rows: list[dict]) -> list[dict]:
     return totals
 
 
-def silu_mul_rows() -> list[dict]:
-    """The down projection (N 1024, K 3072) from gate_up [M, 2K]: silu_mul inside our kernel, or separately."""
-    n, k = 1024, 3072
-    copies = max(1, min(64, math.ceil(L2_ROTATION_BYTES / (n * k * DTYPE.itemsize))))
-    weights = [torch.randn(n, k, dtype=DTYPE, device="cuda") * k**-0.5 for _ in range(copies)]
-    rows = []
-    for m in ROWS:
-        gate_up = torch.randn(m, 2 * k, dtype=DTYPE, device="cuda")
-        fused = graph_time_ms([lambda w=w, x=gate_up: torch.ops.minivllm.small_m_linear(x, w, None, False, True)
-                               for w in weights])
-        separate = graph_time_ms([
-            lambda w=w, x=gate_up: torch.ops.minivllm.small_m_linear(silu_and_mul(*x.chunk(2, dim=-1)), w, None, False)
-            for w in weights])
-        saved = (separate - fused) * 1e3
-        rows.append({"M": m, "fused us": fused * 1e3, "separate us": separate * 1e3, "saved us": saved,
-                     "saved us per step": saved * NUM_LAYERS})
-    return rows
-
-
 def main() -> None:
     args = parser(__doc__.splitlines()[0]).parse_args()
     require_cuda()
@@ -108,11 +85,7 @@ def main() -> None:
     print_table(rows, "Per call (weights rotated through copies that together exceed the L2)")
     totals = [{c: total.get(c) for c in STEP_COLUMNS} for total in per_step(rows)]
     print_table(totals, f"Summed per decode step: {NUM_LAYERS} layers x (qkv, o, gate_up, down) + lm_head")
-    silu = silu_mul_rows()
-    print_table([{c: row[c] for c in SILU_COLUMNS} for row in silu],
-                "The down projection from gate_up: SiLU-and-mul inside the product, or as its own kernel before it")
-    write_json(args.json, {"gpu": gpu_name(), "copy_gbs": copy_gbs, "rows": rows, "per_step": totals,
-                           "silu_mul": silu})
+    write_json(args.json, {"gpu": gpu_name(), "copy_gbs": copy_gbs, "rows": rows, "per_step": totals})
 
 
 if __name__ == "__main__":

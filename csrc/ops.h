@@ -30,10 +30,9 @@ void qk_norm_rope_cache(torch::Tensor& qkv, const torch::Tensor& positions, cons
                         int64_t num_kv_heads);
 
 // out[M, N] = x[M, K] @ weight[N, K]^T (+ bias[N]) for decode's few rows, 1 <= M <= 16; fp16/bf16 with fp32
-// accumulation, out in x's dtype or, with fp32_out, in fp32. With silu_mul, x is [M, 2K] = [gate | up] and the
-// product is of silu(gate) * up.
+// accumulation, out in x's dtype or, with fp32_out, in fp32.
 torch::Tensor small_m_linear(const torch::Tensor& x, const torch::Tensor& weight,
-                             const std::optional<torch::Tensor>& bias, bool fp32_out, bool silu_mul);
+                             const std::optional<torch::Tensor>& bias, bool fp32_out);
 
 // Packed variable-length attention; with block_table, k and v are the paged caches.
 torch::Tensor flash_attn_varlen(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,

@@ -11,9 +11,6 @@
 //   lane % 4) loads 8 consecutive elements of weight row g and uses them as its k values {2t, 2t+1, 2t+8,
 //   2t+9} of two mmas; the same 8 elements of x's rows g and g + 8 are the matching A values. x is read
 //   through L1, where every CTA on an SM finds it after the first.
-// - With silu_mul, x is an MLP's [gate | up] ([M, 2K]) and the product is of silu(gate) * up, made as each
-//   chunk of x is read (in fp32, rounded once to x's dtype, as the separate fused kernel did): the down
-//   projection then needs no kernel of its own before it, which at batch 1 costs more than its arithmetic.
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -43,7 +40,7 @@ constexpr int kAccumulators = 4;    // independent mma chains, so the products d
 
 template <typename T, typename OutT>
 struct Params {
-  const T* x;       // [m, x_stride]; with silu_mul, gate at x and up at x + k_chunks * 8 in each row
+  const T* x;       // [m, x_stride]
   const T* weight;  // [n, weight_stride]
   const T* bias;    // [n] or nullptr
   OutT* out;        // [m, n], contiguous
@@ -78,40 +75,6 @@ __device__ __forceinline__ uint4 load_x_chunk(const uint4* ptr, bool valid) {
   return valid ? __ldg(ptr) : make_uint4(0, 0, 0, 0);
 }
 
-// Two packed elements as floats and back (round to nearest).
-__device__ __forceinline__ float2 unpack(uint32_t v, __half) {
-  return __half22float2(reinterpret_cast<const __half2&>(v));
-}
-__device__ __forceinline__ float2 unpack(uint32_t v, __nv_bfloat16) {
-  return __bfloat1622float2(reinterpret_cast<const __nv_bfloat162&>(v));
-}
-__device__ __forceinline__ uint32_t pack(float2 v, __half) {
-  const __half2 h = __floats2half2_rn(v.x, v.y);
-  return reinterpret_cast<const uint32_t&>(h);
-}
-__device__ __forceinline__ uint32_t pack(float2 v, __nv_bfloat16) {
-  const __nv_bfloat162 h = __floats2bfloat162_rn(v.x, v.y);
-  return reinterpret_cast<const uint32_t&>(h);
-}
-
-__device__ __forceinline__ uint32_t silu_mul_pair(uint32_t gate, uint32_t up, auto dtype) {
-  const float2 g = unpack(gate, dtype), u = unpack(up, dtype);
-  return pack(make_float2(g.x / (1.f + __expf(-g.x)) * u.x, g.y / (1.f + __expf(-g.y)) * u.y), dtype);
-}
-
-// A chunk of x's row, or with kSiluMul of silu(gate) * up, whose up half starts up_chunks chunks after gate.
-template <typename T, bool kSiluMul>
-__device__ __forceinline__ uint4 load_x(const uint4* row, int chunk, int up_chunks, bool valid) {
-  if constexpr (!kSiluMul) {
-    return load_x_chunk(row + chunk, valid);
-  } else {
-    if (!valid) return make_uint4(0, 0, 0, 0);
-    const uint4 g = __ldg(row + chunk), u = __ldg(row + up_chunks + chunk);
-    return make_uint4(silu_mul_pair(g.x, u.x, T()), silu_mul_pair(g.y, u.y, T()), silu_mul_pair(g.z, u.z, T()),
-                      silu_mul_pair(g.w, u.w, T()));
-  }
-}
-
 // torch builds with __CUDA_NO_HALF_CONVERSIONS__ and __CUDA_NO_BFLOAT16_CONVERSIONS__: convert explicitly.
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
@@ -131,8 +94,7 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
 }
 
 // kHighRows: M > 8, so x's rows 8..15 (A rows g + 8) are loaded too; otherwise they are zeros.
-// kSiluMul: x holds [gate | up], see the top of the file.
-template <typename T, typename OutT, bool kHighRows, bool kSiluMul>
+template <typename T, typename OutT, bool kHighRows>
 __global__ void __launch_bounds__(kThreads, 2) small_m_linear_kernel(const Params<T, OutT> p) {
   __shared__ float partial[kWarps][kMaxM][kRows];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -157,9 +119,8 @@ __global__ void __launch_bounds__(kThreads, 2) small_m_linear_kernel(const Param
       const int chunk = (step + u) * kChunksPerStep + t;
       const bool in_k = step + u < step_end && chunk < p.k_chunks;
       w[u] = load_weight_chunk(weight_row + chunk, in_k && row_valid);
-      low[u] = load_x<T, kSiluMul>(x_low, chunk, p.k_chunks, in_k && low_valid);
-      high[u] = kHighRows ? load_x<T, kSiluMul>(x_high, chunk, p.k_chunks, in_k && high_valid)
-                          : make_uint4(0, 0, 0, 0);
+      low[u] = load_x_chunk(x_low + chunk, in_k && low_valid);
+      high[u] = kHighRows ? load_x_chunk(x_high + chunk, in_k && high_valid) : make_uint4(0, 0, 0, 0);
     }
 #pragma unroll
     for (int u = 0; u < kUnroll<kHighRows>; ++u) {
@@ -191,18 +152,9 @@ __global__ void __launch_bounds__(kThreads, 2) small_m_linear_kernel(const Param
   p.out[int64_t(m) * p.n + col] = from_float<OutT>(sum);
 }
 
-template <typename T, typename OutT, bool kSiluMul>
-void launch_rows(const Params<T, OutT>& p, int blocks, cudaStream_t stream) {
-  if (p.m > 8) {
-    small_m_linear_kernel<T, OutT, true, kSiluMul><<<blocks, kThreads, 0, stream>>>(p);
-  } else {
-    small_m_linear_kernel<T, OutT, false, kSiluMul><<<blocks, kThreads, 0, stream>>>(p);
-  }
-}
-
 template <typename T, typename OutT>
 void launch(const torch::Tensor& x, const torch::Tensor& weight, const std::optional<torch::Tensor>& bias,
-            bool silu_mul, torch::Tensor& out, cudaStream_t stream) {
+            torch::Tensor& out, cudaStream_t stream) {
   Params<T, OutT> p{};
   p.x = static_cast<const T*>(x.data_ptr());
   p.weight = static_cast<const T*>(weight.data_ptr());
@@ -212,9 +164,13 @@ void launch(const torch::Tensor& x, const torch::Tensor& weight, const std::opti
   p.weight_stride = weight.stride(0);
   p.m = static_cast<int>(x.size(0));
   p.n = static_cast<int>(weight.size(0));
-  p.k_chunks = static_cast<int>(weight.size(1) / kChunkElems);
+  p.k_chunks = static_cast<int>(x.size(1) / kChunkElems);
   const int blocks = (p.n + kRows - 1) / kRows;
-  silu_mul ? launch_rows<T, OutT, true>(p, blocks, stream) : launch_rows<T, OutT, false>(p, blocks, stream);
+  if (p.m > 8) {
+    small_m_linear_kernel<T, OutT, true><<<blocks, kThreads, 0, stream>>>(p);
+  } else {
+    small_m_linear_kernel<T, OutT, false><<<blocks, kThreads, 0, stream>>>(p);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -238,18 +194,16 @@ void check_rows(const torch::Tensor& t, const char* name) {
 }  // namespace
 
 torch::Tensor small_m_linear(const torch::Tensor& x, const torch::Tensor& weight,
-                             const std::optional<torch::Tensor>& bias, bool fp32_out, bool silu_mul) {
+                             const std::optional<torch::Tensor>& bias, bool fp32_out) {
   TORCH_CHECK(x.is_cuda(), "small_m_linear: x must be a CUDA tensor, got ", x.device().str());
   TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, "small_m_linear: dtype ",
               x.scalar_type(), " is not supported; use torch.float16 or torch.bfloat16");
   check_on_device(weight, "weight", x);
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2, "small_m_linear: x must be [M, K] and weight [N, K], got shapes ",
               str(x.sizes()), " and ", str(weight.sizes()));
-  const int64_t m = x.size(0), k = silu_mul ? x.size(1) / 2 : x.size(1), n = weight.size(0);
-  TORCH_CHECK(!silu_mul || x.size(1) % 2 == 0, "small_m_linear: with silu_mul, x must be [M, 2K] (gate | up), got ",
-              str(x.size(1)), " columns");
-  TORCH_CHECK(weight.size(1) == k, "small_m_linear: weight must be [N, K=", str(k), "] to match x",
-              silu_mul ? "'s gate half" : "", ", got shape ", str(weight.sizes()));
+  const int64_t m = x.size(0), k = x.size(1), n = weight.size(0);
+  TORCH_CHECK(weight.size(1) == k, "small_m_linear: weight must be [N, K=", str(k), "] to match x, got shape ",
+              str(weight.sizes()));
   TORCH_CHECK(m >= 1 && m <= kMaxM, "small_m_linear: x has ", str(m), " rows; the kernel supports 1 to ",
               str(kMaxM), " (larger batches belong to a GEMM)");
   TORCH_CHECK(k > 0 && k % kChunkElems == 0, "small_m_linear: K = ", str(k),
@@ -270,11 +224,10 @@ torch::Tensor small_m_linear(const torch::Tensor& x, const torch::Tensor& weight
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   if (x.scalar_type() == at::kHalf) {
-    fp32_out ? launch<__half, float>(x, weight, bias, silu_mul, out, stream)
-             : launch<__half, __half>(x, weight, bias, silu_mul, out, stream);
+    fp32_out ? launch<__half, float>(x, weight, bias, out, stream) : launch<__half, __half>(x, weight, bias, out, stream);
   } else {
-    fp32_out ? launch<__nv_bfloat16, float>(x, weight, bias, silu_mul, out, stream)
-             : launch<__nv_bfloat16, __nv_bfloat16>(x, weight, bias, silu_mul, out, stream);
+    fp32_out ? launch<__nv_bfloat16, float>(x, weight, bias, out, stream)
+             : launch<__nv_bfloat16, __nv_bfloat16>(x, weight, bias, out, stream);
   }
   return out;
 }

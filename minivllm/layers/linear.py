@@ -105,18 +105,10 @@ class RowParallelLinear(nn.Linear):
         mark_sharded(self.weight, Sharding(1, (full_in_features,), (split,)))
         self.tp = tp
 
-    def forward(self, x: torch.Tensor, silu_mul: bool = False) -> torch.Tensor:
-        """With silu_mul, x is an MLP's [gate | up] and the product is of silu(gate) * up (where fuses_silu_mul)."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp.invariant_splits:
             return self.invariant_forward(x)
-        return self.tp.all_reduce(ops.linear(x, self.weight, self.bias if self.tp.rank == 0 else None,
-                                             silu_mul=silu_mul))
-
-    def fuses_silu_mul(self, gate_up: torch.Tensor) -> bool:
-        """Whether forward(gate_up, silu_mul=True) runs: the small-M kernel makes silu(gate) * up as it reads
-        x, so a decode step of a few rows launches no kernel for it (at batch 1 that launch costs more than its
-        arithmetic). Not with tp_invariant, whose slices of K would cut gate from up."""
-        return not self.tp.invariant_splits and ops.small_m_silu_mul_fits(gate_up, self.weight, self.bias)
+        return self.tp.all_reduce(ops.linear(x, self.weight, self.bias if self.tp.rank == 0 else None))
 
     def invariant_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The product with K cut into tp.invariant_splits equal slices, each slice's product computed alone (the

@@ -82,10 +82,8 @@ class DecoderMLP(nn.Module):
         self.down_proj = RowParallelLinear(size, config.hidden_size, bias, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
-        if self.down_proj.fuses_silu_mul(gate_up):
-            return self.down_proj(gate_up, silu_mul=True)
-        return self.down_proj(silu_and_mul(*gate_up.chunk(2, dim=-1)))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(silu_and_mul(gate, up))
 
 
 @fused_on_gpu

@@ -128,24 +128,14 @@ def paged_attention_decode(
 
 
 def linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, fp32_out: bool = False,
-    silu_mul: bool = False,
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, fp32_out: bool = False
 ) -> torch.Tensor:
     """x [..., K] @ weight[N, K]^T (+ bias), in x's dtype, or in fp32 when fp32_out (logits, tp_invariant sums).
 
     A decode step's 1..SMALL_M_MAX_ROWS rows run our small-M kernel, which streams the weights near copy
     bandwidth where cuBLAS gets about half; larger batches stay with cuBLAS and the CPU with torch.
-    With silu_mul, x is an MLP's [gate | up] ([..., 2K]) and the product is of silu(gate) * up, which the small-M
-    kernel makes as it reads x: only where small_m_silu_mul_fits.
     """
     rows = x.reshape(-1, x.shape[-1])
-    if silu_mul:
-        if not small_m_silu_mul_fits(x, weight, bias):
-            raise ValueError(f"linear(silu_mul=True) runs on the small-M kernel alone, which does not take x "
-                             f"{tuple(x.shape)} {x.dtype} on {x.device} with weight {tuple(weight.shape)}; apply "
-                             f"silu(gate) * up first")
-        out = torch.ops.minivllm.small_m_linear(rows, weight, bias, fp32_out, True)
-        return out.view(*x.shape[:-1], weight.shape[0])
     if small_m_kernel_fits(rows, weight, bias):
         out = torch.ops.minivllm.small_m_linear(rows, weight, bias, fp32_out)
         return out.view(*x.shape[:-1], weight.shape[0])
@@ -173,13 +163,6 @@ def small_m_kernel_fits(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Te
         and rows_aligned(rows)
         and rows_aligned(weight)
     )
-
-
-def small_m_silu_mul_fits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """Whether linear(x, weight, bias, silu_mul=True) runs: x [..., 2K] = [gate | up] on the small-M kernel."""
-    rows = x.reshape(-1, x.shape[-1])
-    return (weight.dim() == 2 and rows.shape[1] == 2 * weight.shape[1] and weight.shape[1] % 8 == 0
-            and small_m_kernel_fits(rows, weight, bias))
 
 
 def rows_aligned(t: torch.Tensor) -> bool:
