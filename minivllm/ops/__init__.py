@@ -20,6 +20,10 @@ except ImportError:
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 KERNEL_HEAD_DIMS = (64, 128)
 SMALL_M_MAX_ROWS = 16  # kMaxM of csrc/small_m_linear.cu
+# Beyond this many outputs cuBLAS streams the weights faster than the small-M kernel (benchmarks.small_m_linear, one
+# H200 run, M = 1: 6.06 against 6.39 us at N = 6144, 80.9 against 106 us for the lm_head's 151,936); at 4096 and
+# below the kernel is ahead (qkv 4.85 against 5.39, o 3.26 against 13.4, down 4.17 against 7.6).
+SMALL_M_MAX_OUTPUTS = 4096
 
 
 def use_kernels(t: torch.Tensor, head_dim: int | None = None) -> bool:
@@ -132,8 +136,8 @@ def linear(
 ) -> torch.Tensor:
     """x [..., K] @ weight[N, K]^T (+ bias), in x's dtype, or in fp32 when fp32_out (logits, tp_invariant sums).
 
-    A decode step's 1..SMALL_M_MAX_ROWS rows run our small-M kernel, which streams the weights near copy
-    bandwidth where cuBLAS gets about half; larger batches stay with cuBLAS and the CPU with torch.
+    A decode step's 1..SMALL_M_MAX_ROWS rows run our small-M kernel where it beats cuBLAS (up to
+    SMALL_M_MAX_OUTPUTS outputs); larger batches and wider products stay with cuBLAS, and the CPU with torch.
     """
     rows = x.reshape(-1, x.shape[-1])
     if small_m_kernel_fits(rows, weight, bias):
@@ -149,13 +153,15 @@ def linear(
 
 
 def small_m_kernel_fits(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """Whether small_m_linear takes rows [M, K] @ weight^T: M, dtypes and the 16-byte row alignment it needs."""
+    """Whether small_m_linear runs rows [M, K] @ weight^T: M and N where it is the faster, dtypes and the 16-byte
+    row alignment it needs."""
     return (
         1 <= rows.shape[0] <= SMALL_M_MAX_ROWS
         and KERNELS_BUILT
         and rows.is_cuda
         and rows.dtype in KERNEL_DTYPES
         and weight.dim() == 2
+        and weight.shape[0] <= SMALL_M_MAX_OUTPUTS
         and weight.dtype == rows.dtype
         and (bias is None or (bias.dtype == rows.dtype and bias.is_contiguous()))
         and rows.shape[1] > 0

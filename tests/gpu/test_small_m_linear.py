@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from minivllm import ops
-from minivllm.ops import KERNELS_BUILT, SMALL_M_MAX_ROWS
+from minivllm.ops import KERNELS_BUILT, SMALL_M_MAX_OUTPUTS, SMALL_M_MAX_ROWS
 
 pytestmark = pytest.mark.skipif(
     not (torch.cuda.is_available() and KERNELS_BUILT), reason="needs a CUDA GPU and the built minivllm._C kernels"
@@ -215,3 +215,12 @@ def test_wrapper_falls_back_beyond_the_kernel(kernel_calls, fp32_out):
         expected = F.linear(x.double(), weight.double(), bias.double() if bias is not None else None)
         assert torch.allclose(out.double(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
     assert kernel_calls == []
+
+
+@pytest.mark.parametrize("n, runs_kernel", [(SMALL_M_MAX_OUTPUTS, True), (SMALL_M_MAX_OUTPUTS + 8, False)])
+def test_wrapper_leaves_wide_products_to_cublas(kernel_calls, n, runs_kernel):
+    """Beyond SMALL_M_MAX_OUTPUTS (the lm_head, gate_up) cuBLAS streams the weights faster."""
+    x, weight = cuda(2, 256, dtype=torch.bfloat16), cuda(n, 256, dtype=torch.bfloat16)
+    out = ops.linear(x, weight, fp32_out=True)
+    assert kernel_calls == ([(2, 256)] if runs_kernel else [])
+    assert_close_to_reference(out, x, weight, None, True)
