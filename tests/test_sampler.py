@@ -9,15 +9,7 @@ from minivllm.engine.sequence import Sequence
 from minivllm.engine.step_inputs import StepInputs
 from minivllm.engine.step_message import sampling_rows
 from minivllm.layers.penalties import PenaltyCounts
-from minivllm.layers.sampler import (
-    COLUMNS,
-    SamplingBatch,
-    chunked_argmax,
-    log_sum_exp_and_count_above,
-    sample,
-    top_k,
-    vocab_chunks,
-)
+from minivllm.layers.sampler import COLUMNS, SamplingBatch, sample, top_k
 from minivllm.sampling_params import SamplingParams
 
 ROWS = 20000
@@ -191,25 +183,3 @@ def test_top_k_equals_torch_topk(vocab):
         values, ids = top_k(logits, k)
         assert torch.equal(values, logits.topk(k, dim=-1).values), k
         assert torch.equal(logits.gather(1, ids), values) and all(len(set(r)) == len(r) for r in ids.tolist()), k
-
-
-@pytest.mark.parametrize("vocab", [151936, 1024, 997])
-def test_chunked_argmax_equals_argmax(vocab):
-    """The first of equal maxima wins, within a chunk and across chunks, as torch.argmax's (997, prime: one chunk)."""
-    g = torch.Generator().manual_seed(vocab)
-    scores = torch.randn(5, vocab, generator=g)
-    width = vocab // vocab_chunks(vocab) if vocab_chunks(vocab) > 3 else 1
-    scores[0, [3 * width + 5, 3 * width + 1, 7]] = 9.0  # ties in one chunk and in an earlier one
-    scores[1, [vocab - 1, width]] = 9.0  # ties in the last chunk and the second
-    scores[2] = 0.0
-    scores[3, -1] = float("inf")
-    assert torch.equal(chunked_argmax(scores), scores.argmax(dim=-1))
-
-
-def test_log_sum_exp_and_count_above_over_chunks():
-    g = torch.Generator().manual_seed(3)
-    logits = torch.randn(4, 151936, generator=g) * 4
-    chosen = logits[torch.arange(4), torch.tensor([0, 17, 90000, 151935])]
-    lse, above = log_sum_exp_and_count_above(logits, chosen)
-    torch.testing.assert_close(lse, torch.logsumexp(logits.double(), dim=-1).float())
-    assert torch.equal(above, (logits > chosen[:, None]).sum(dim=-1))

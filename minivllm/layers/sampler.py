@@ -104,21 +104,13 @@ def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> tuple[tor
     return ids, chosen - log_sum_exp.unsqueeze(1), above + 1
 
 
-def vocab_chunks(vocab: int) -> int:
-    """How many equal chunks a row of the vocabulary is cut into for the sampler's reductions (128 when it divides):
-    a reduction then has 128 rows a batch row, enough for every SM at any batch. One CTA a row (what torch.compile
-    makes of an argmax, which it never splits) took a 256-row step's argmax to a quarter of the copy bandwidth on
-    the H200, and an 8-row one to 252 us."""
-    return next(c for c in (128, 64, 32, 16, 8, 4, 2, 1) if vocab % c == 0)
-
-
 def top_k(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """torch.topk(logits, k) over rows of a large vocabulary, through each row's k chunks with the highest maxima:
     they hold its k largest values (a value outside them has k chunk maxima at or above it). One pass for the
     chunk maxima and a top-k over k chunks, against torch.topk's radix passes over the whole row: for 256 rows of
     151,936 and k = 5, 0.333 ms against 0.637 in one H200 run (benchmarks.sampler)."""
     rows, vocab = logits.shape
-    chunks = vocab_chunks(vocab)
+    chunks = next(c for c in (128, 64, 32, 16, 8, 4, 2, 1) if vocab % c == 0)
     if chunks <= k:
         return logits.topk(k, dim=-1)
     width = vocab // chunks
@@ -129,23 +121,10 @@ def top_k(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return values, best.gather(1, where // width) * width + where % width
 
 
-def chunked_argmax(scores: torch.Tensor) -> torch.Tensor:
-    """scores.argmax(dim=-1) for [B, V] (the first of equal maxima, as torch's), in two reductions: each chunk's
-    maximum and where it is, then the best chunk (vocab_chunks)."""
-    rows, vocab = scores.shape
-    width = vocab // vocab_chunks(vocab)
-    values, where = scores.reshape(rows, -1, width).max(dim=-1)
-    best = values.argmax(dim=-1, keepdim=True)  # the first chunk holding the row's maximum
-    return (best * width + where.gather(1, best)).squeeze(1)
-
-
 @fused_on_gpu
 def log_sum_exp_and_count_above(logits: torch.Tensor, chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's log-sum-exp and count of logits above chosen [B], over chunks first (vocab_chunks)."""
-    rows, vocab = logits.shape
-    chunked = logits.float().reshape(rows, vocab_chunks(vocab), -1)
-    above = (chunked > chosen.view(rows, 1, 1)).sum(dim=-1)
-    return torch.logsumexp(torch.logsumexp(chunked, dim=-1), dim=-1), above.sum(dim=-1)
+    logits = logits.float()
+    return torch.logsumexp(logits, dim=-1), (logits > chosen.unsqueeze(1)).sum(dim=-1)
 
 
 def process_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
@@ -205,7 +184,7 @@ def filtered_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
 
 def gumbel_max(logits: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """argmax(softmax(logits) / noise), taken in log space: the softmax's normaliser is the same for a whole row."""
-    return chunked_argmax(logits - noise.log())
+    return (logits - noise.log()).argmax(dim=-1)
 
 
 @fused_on_gpu
