@@ -15,6 +15,7 @@ from collections import defaultdict
 from dataclasses import dataclass, replace
 
 import torch
+from torch._dynamo.utils import counters
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
@@ -86,7 +87,7 @@ def kernel_times_us(prof: profile) -> tuple[dict[str, float], dict[str, int]]:
     return totals, calls
 
 
-ATTENTION_KERNELS = ("paged_decode", "prefill", "merge_splits")  # ours: paged decode (and its split merge), prefill
+ATTENTION_KERNELS = ("paged_decode", "prefill")  # ours: paged decode (which merges its splits), prefill
 KERNEL_KINDS = ("attention", "matmul", "rest")
 MATMUL_KERNELS = ("gemm", "gemv", "nvjet", "cutlass", "xmma", "cublas", "splitkreduce", "small_m_linear")
 
@@ -188,11 +189,15 @@ def main() -> None:
     else:
         prompts, params = nano_vllm_workload(args.num_seqs)
     params, _ = with_sampling_extras(params, args)
+    # a graph torch.compile makes mid-run is tuned at that step's batch and kept for every later one: say so, and why
+    torch._logging.set_logs(recompiles=True)
+    graphs_before = counters["stats"]["unique_graphs"]
     host_profile = cProfile.Profile() if args.cprofile else None
     start = time.perf_counter()
     with host_profile or contextlib.nullcontext():
         windows = profile_run(engine, clock, prompts, params, [args.skip], args.steps)
     total = time.perf_counter() - start
+    compiled = counters["stats"]["unique_graphs"] - graphs_before
     if host_profile is not None:
         with open(args.cprofile, "w") as f:
             stats = pstats.Stats(host_profile, stream=f)
@@ -212,15 +217,16 @@ def main() -> None:
         for name, us in sorted(kernels.items(), key=lambda kv: -kv[1])[: args.top]
     ]
     host = {name: seconds * 1e3 / clock.decode_steps for name, seconds in clock.phases.items()}
-    print(f"GPU {gpu_name()}; {args.num_seqs} requests in {total:.2f} s, {clock.decode_steps} decode steps")
+    print(f"GPU {gpu_name()}; {args.num_seqs} requests in {total:.2f} s, {clock.decode_steps} decode steps, "
+          f"{compiled} graphs compiled by torch.compile during the run")
     print(f"window: {args.steps} decode steps after {args.skip}, batch {batch_size}: wall {wall_ms:.3f} ms/step, "
           f"GPU busy {busy_ms:.3f} ms/step ({busy_ms / wall_ms:.0%})")
     print("GPU ms per decode step in the window: " + ", ".join(f"{k} {v:.3f}" for k, v in by_kind.items()))
     print("host ms per decode step, whole run: " + ", ".join(f"{k} {v:.3f}" for k, v in host.items()))
     print_table(rows, "GPU time by kernel in the window")
-    write_json(args.json, {"gpu": gpu_name(), "batch": batch_size, "wall_ms_per_step": wall_ms,
-                           "gpu_busy_ms_per_step": busy_ms, "host_ms_per_step": host, "kernels": rows,
-                           "gpu_ms_per_step_by_kind": by_kind})
+    write_json(args.json, {"gpu": gpu_name(), "batch": batch_size, "graphs_compiled": compiled,
+                           "wall_ms_per_step": wall_ms, "gpu_busy_ms_per_step": busy_ms, "host_ms_per_step": host,
+                           "kernels": rows, "gpu_ms_per_step_by_kind": by_kind})
 
 
 if __name__ == "__main__":

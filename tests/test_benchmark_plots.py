@@ -75,7 +75,6 @@ def test_benchmark_figures(tmp_path):
 
 @pytest.mark.parametrize("name, kind", [
     ("void paged_decode_kernel<__nv_bfloat16, 128, 3>(KernelParams<__nv_bfloat16>)", "attention"),
-    ("void merge_splits_kernel<__nv_bfloat16, 128>(KernelParams<__nv_bfloat16>)", "attention"),
     ("void flash_prefill_kernel<FlashTraits<128, 64, 64, 4, __nv_bfloat16> >(FlashParams)", "attention"),
     ("nvjet_tst_128x64_64x8_2x1_v_bz_coopB_NNT", "matmul"),
     ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize64x64x64_warpgroupsize1x1x1_execute_segment_k_off", "matmul"),

@@ -27,7 +27,7 @@ struct DecodeArgs {
   float scale;
 };
 
-// Launches the decode kernel (and the split-KV merge where it chose to split) on the current stream.
+// Launches the decode kernel on the current stream (its last split of a context merges the split-KV partials).
 // scalar_t is at::Half or at::BFloat16. One explicit instantiation a file: paged_decode_hdim{64,128}_{bf16,fp16}.cu.
 template <typename scalar_t, int kHeadDim>
 void launch_paged_decode(const DecodeArgs& args, const c10::Device& device);

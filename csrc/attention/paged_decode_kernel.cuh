@@ -13,9 +13,11 @@
 // At the end the warps' (max, sum, O) are merged through shared memory with one barrier.
 //
 // Long contexts are split so that every SM gets work of about equal size: each split writes a normalised
-// partial output and its log-sum-exp, and merge_splits_kernel combines them. The split size comes from the
-// batch's total context (split_tiles below), read on the device, so a captured graph adapts to each step's
-// lengths; only the grid's bound on splits per sequence is fixed by shapes (paged_decode_launch.cuh).
+// partial output and its log-sum-exp, and the last split of a (sequence, kv head, head chunk) to finish
+// combines them (it counts the splits done in split_counters): a merge kernel of its own cost more than its work
+// at small batches, where its launch followed every layer's decode. The split size comes from the batch's
+// total context (split_tiles below), read on the device, so a captured graph adapts to each step's lengths;
+// only the grid's bound on splits per sequence is fixed by shapes (paged_decode_launch.cuh).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -84,6 +86,9 @@ struct KernelParams {
   float whole_waves;     // kWholeWaves unless MINIVLLM_DECODE_WHOLE_WAVES says otherwise
   float* partial_out;    // [batch * num_heads, num_splits, head_dim], when num_splits > 1
   float* partial_lse;    // [batch * num_heads, num_splits], log2 domain
+  // [CTAs along blockIdx.x], when num_splits > 1: the splits of each that have written their partials. Zero
+  // between launches: the split that merges sets its count back (so a captured graph replays as it ran).
+  int* split_counters;
 };
 
 // Tiles per split for a sequence of `tiles` tiles, the same in every CTA of the sequence and in the merge.
@@ -108,6 +113,27 @@ __device__ __forceinline__ int split_tiles(int tiles, int64_t total_context, con
   const int wanted = max(static_cast<int>(fminf(size, float(max(tiles, 1)))), 1);
   const int splits = min((tiles + wanted - 1) / wanted, p.num_splits);
   return splits > 0 ? (tiles + splits - 1) / splits : 1;
+}
+
+// out = sum_s 2^(lse_s - max) * partial_s / sum_s 2^(lse_s - max) over the `used` splits of query head row
+// (sequence * num_heads + head), for output dims d and d + 1. The partials come from other CTAs of this launch:
+// read from L2 (__ldcg), never from a stale L1 line.
+template <typename T, int kHeadDim>
+__device__ __forceinline__ void merge_splits(const KernelParams& p, int64_t row, int d, int used) {
+  const float* lse = p.partial_lse + row * p.num_splits;
+  const float* partial = p.partial_out + row * p.num_splits * kHeadDim;
+  float lse_max = -INFINITY;
+  for (int s = 0; s < used; ++s) lse_max = fmaxf(lse_max, __ldcg(lse + s));
+  float num0 = 0.f, num1 = 0.f, den = 0.f;
+  for (int s = 0; s < used; ++s) {
+    const float w = exp2f(__ldcg(lse + s) - lse_max);
+    const float2 x = __ldcg(reinterpret_cast<const float2*>(partial + s * kHeadDim + d));
+    num0 += w * x.x;
+    num1 += w * x.y;
+    den += w;
+  }
+  T* out = static_cast<T*>(p.args.out) + row * kHeadDim + d;
+  *reinterpret_cast<uint32_t*>(out) = flash::pack2<T>(num0 / den, num1 / den);
 }
 
 template <typename T, int kHeadDim, int kStages>
@@ -359,37 +385,23 @@ __global__ void __launch_bounds__(kThreads, Layout<kHeadDim, kStages>::kCtasPerS
       if (c == 0) p.partial_lse[row] = m + log2f(sum);
     }
   }
-}
+  if (writes_output) return;
 
-// out = sum_s 2^(lse_s - max) * partial_s / sum_s 2^(lse_s - max) over the splits that hold tokens.
-// One CTA per (sequence, query head), two output dims a thread (one CTA a sequence, looping over the heads,
-// made batch-1 decode slower: benchmarks/NOTES_decode.md). A context in one split was written by the decode
-// kernel.
-template <typename T, int kHeadDim>
-__global__ void __launch_bounds__(kHeadDim / 2) merge_splits_kernel(const __grid_constant__ KernelParams p) {
-  const DecodeArgs& a = p.args;
-  const int row = blockIdx.x;  // sequence * num_heads + head
-  const int seq = row / a.num_heads;
-  const int d = 2 * threadIdx.x;
-  const int tiles = (a.context_lens[seq] + kTile - 1) / kTile;
-  const int per_split = split_tiles(tiles, *a.total_context, p);
-  const int used = (tiles + per_split - 1) / per_split;
-  if (used <= 1) return;
-  const float* lse = p.partial_lse + int64_t(row) * p.num_splits;
-  const float* partial = p.partial_out + int64_t(row) * p.num_splits * kHeadDim;
-
-  float lse_max = -INFINITY;
-  for (int s = 0; s < used; ++s) lse_max = fmaxf(lse_max, lse[s]);
-  float num0 = 0.f, num1 = 0.f, den = 0.f;
-  for (int s = 0; s < used; ++s) {
-    const float w = exp2f(lse[s] - lse_max);
-    const float2 x = *reinterpret_cast<const float2*>(partial + s * kHeadDim + d);
-    num0 += w * x.x;
-    num1 += w * x.y;
-    den += w;
+  // The last of the used splits to get here merges them all (the classic threadfence reduction): every
+  // thread's partials are visible GPU-wide before the count that says they are written.
+  const int used = (context + split_tokens - 1) / split_tokens;  // the splits that did not return at once
+  __shared__ bool merges;
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) merges = atomicAdd(p.split_counters + work, 1) == used - 1;
+  __syncthreads();
+  if (!merges) return;
+  __threadfence();  // the other splits' counts came before their partials are read
+  for (int item = tid; item < num_heads * (kHeadDim / 2); item += kThreads) {
+    const int h = item / (kHeadDim / 2), d = 2 * (item % (kHeadDim / 2));
+    merge_splits<T, kHeadDim>(p, int64_t(seq) * a.num_heads + head0 + h, d, used);
   }
-  T* out = static_cast<T*>(a.out) + int64_t(row) * kHeadDim + d;
-  *reinterpret_cast<uint32_t*>(out) = flash::pack2<T>(num0 / den, num1 / den);
+  if (tid == 0) p.split_counters[work] = 0;  // ready for the next launch
 }
 
 }  // namespace minivllm::decode

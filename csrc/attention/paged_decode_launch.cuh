@@ -1,9 +1,10 @@
 // Launch of the paged decode kernel for one (dtype, head_dim): the grid's split bound from shapes, the
-// workspace, the decode and merge launches. Included only by the instantiation files paged_decode_hdim*_*.cu.
+// workspace and the split counters, the launch. Included only by the instantiation files paged_decode_hdim*_*.cu.
 #pragma once
 
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -11,6 +12,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <mutex>
 #include <type_traits>
 
 #include "paged_decode_kernel.cuh"
@@ -69,6 +71,27 @@ inline int grid_splits(int work_items, int max_tokens, int resident_slots, const
   return std::clamp(static_cast<int>(std::min(wanted, float(kMaxSplits))), 1, std::clamp(max_tiles, 1, kMaxSplits));
 }
 
+// The split counters of a device (KernelParams::split_counters): enough for every grid that splits, which
+// grid_splits allows only below unsplit_waves x slots CTAs along blockIdx.x. Zeroed once, outside any graph
+// capture (a graph's pool must not own them), and reset by each merge after that. One set a device: the decode
+// launches of a process on one GPU run one after another (a step's layers, on the engine's stream).
+inline int* split_counters(const c10::Device& device, int work_items, cudaStream_t stream) {
+  constexpr int kMaxDevices = 64;
+  static std::mutex mutex;
+  static at::Tensor counters[kMaxDevices];
+  const std::lock_guard<std::mutex> lock(mutex);
+  at::Tensor& buffer = counters[device.index()];
+  if (!buffer.defined() || buffer.numel() < work_items) {
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+    TORCH_CHECK(capture == cudaStreamCaptureStatusNone, "paged_attention_decode: the first launch on a device "
+                "that splits contexts must run outside CUDA graph capture (it allocates the split counters); "
+                "run the same call once before capturing it");
+    buffer = at::zeros({std::max(work_items, 4096)}, at::TensorOptions().dtype(at::kInt).device(device));
+  }
+  return buffer.data_ptr<int>();
+}
+
 template <typename T, int kHeadDim, int kStages>
 void launch_with_stages(const DecodeArgs& args, const c10::Device& device) {
   KernelParams p{};
@@ -87,6 +110,7 @@ void launch_with_stages(const DecodeArgs& args, const c10::Device& device) {
       grid_splits(static_cast<int>(std::min<int64_t>(split_items, INT32_MAX)), max_tokens, p.slots, tuning);
 
   // Workspace sized by shapes alone; the caching allocator makes this safe inside graph capture.
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream(device.index());
   at::Tensor partial_out, partial_lse;
   if (p.num_splits > 1) {
     const auto opts = at::TensorOptions().dtype(at::kFloat).device(device);
@@ -95,16 +119,12 @@ void launch_with_stages(const DecodeArgs& args, const c10::Device& device) {
     partial_lse = at::empty({rows}, opts);
     p.partial_out = partial_out.data_ptr<float>();
     p.partial_lse = partial_lse.data_ptr<float>();
+    p.split_counters = split_counters(device, work_items, stream);
   }
 
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream(device.index());
   const dim3 grid(work_items, p.num_splits);
   paged_decode_kernel<T, kHeadDim, kStages><<<grid, kThreads, Layout<kHeadDim, kStages>::kSmemBytes, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (p.num_splits > 1) {
-    merge_splits_kernel<T, kHeadDim><<<args.batch * args.num_heads, kHeadDim / 2, 0, stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
 }
 
 template <typename scalar_t, int kHeadDim>
