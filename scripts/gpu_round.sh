@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # A session's closing device call, in the order of what matters most should the device time run out (every
 # step logs to OUT_DIR as it goes; at most 6 files, under the device's limit): build; the GPU tests of the sampler,
-# the engine and the input staging; benchmarks.throughput plain with the step-time breakdown and its plot, then with logprobs and
-# penalties on every request; step_profile with those extras; benchmarks.sampler; benchmarks.decode with its plot;
-# benchmarks.serving at maximum concurrency; benchmarks.latency with its plot, in the time that is left.
+# the engine, the input staging, paged decode and the small-M linear; benchmarks.throughput plain with the
+# step-time breakdown and its plot, then with logprobs and penalties on every request; step_profile with those
+# extras; benchmarks.serving at maximum concurrency and at a Poisson rate of half that; benchmarks.decode with its
+# plot; benchmarks.latency with its plot, in the time that is left.
 #   scripts/gpu_round.sh OUT_DIR [SECONDS]    (SECONDS: the call's limit, 600 by default)
 set -uo pipefail
 out=$(realpath -m "${1:?usage: scripts/gpu_round.sh OUT_DIR [SECONDS]}")
@@ -17,8 +18,8 @@ failed=""  # the steps whose command failed, listed at the end (the exit status 
 stamp() { [ "${PIPESTATUS[0]}" = 0 ] || failed="$failed, $1"; echo "--- $1 at ${SECONDS}s" | tee -a "$log"; }
 bash scripts/gpu_build.sh >"$out/build.log" 2>&1 || { tail -50 "$out/build.log"; exit 1; }
 echo "--- built at ${SECONDS}s" | tee -a "$log"
-timeout 200 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_sampler_gpu.py tests/gpu/test_engine_gpu.py tests/gpu/test_step_inputs_gpu.py 2>&1 \
-  | tail -8 | tee -a "$log"
+timeout 240 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_sampler_gpu.py tests/gpu/test_engine_gpu.py \
+  tests/gpu/test_step_inputs_gpu.py tests/gpu/test_paged_decode.py tests/gpu/test_small_m_linear.py 2>&1 | tail -8 | tee -a "$log"
 stamp "GPU tests"
 extras="--logprobs 5 --presence-penalty 0.5 --repetition-penalty 1.1"
 timeout 150 python3 -m benchmarks.throughput --plot "$out/throughput.png" 2>&1 | grep -v -i "warn\|llm = LLM" | tee -a "$log"
@@ -27,12 +28,10 @@ timeout 90 python3 -m benchmarks.throughput $extras 2>&1 | grep -v -i "warn\|llm
 stamp "throughput extras"
 timeout 90 python3 -m benchmarks.step_profile $extras --top 8 2>&1 | grep -v -i "warn\|llm = LLM" | tee -a "$log"
 stamp "step_profile extras"
-timeout 60 python3 -m benchmarks.sampler 2>&1 | tee -a "$log"
-stamp sampler
+timeout 240 python3 -m benchmarks.serving 2>&1 | grep -v -i "warn\|it/s]" | tail -7 | tee -a "$log"
+stamp serving
 timeout 60 python3 -m benchmarks.decode --ours-only --plot "$out/decode.png" 2>&1 | tee -a "$log"
 stamp decode
-timeout 200 python3 -m benchmarks.serving --no-poisson 2>&1 | grep -v -i "warn\|it/s]" | tail -6 | tee -a "$log"
-stamp serving
 left=$((limit - 15 - SECONDS))
 if [ "$left" -gt 30 ]; then
   timeout "$left" python3 -m benchmarks.latency --plot "$out/latency.png" 2>&1 | tee -a "$log"
