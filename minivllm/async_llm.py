@@ -2,10 +2,10 @@
 
 The engine runs in a process of its own (engine/core_process.py), so the callers' work (tokenizing, JSON, HTTP)
 never holds the GIL the engine needs to launch its steps. Callers, on any event loop, check and tokenize their
-request here, then it goes to the core as a command. Each step comes back as one message; a thread here hands
-each event loop its share of the step in one call, and each request keeps one pending output: when its consumer
-lags, new outputs merge into it (deltas concatenated), so a slow consumer costs neither the engine nor the loop
-any extra work per token.
+request here, then it goes to the core as a command. Each step comes back as one message of the requests' deltas;
+a thread here makes them into RequestOutputs (OutputProcessor) and hands each event loop its share of the step in
+one call, and each request keeps one pending output: when its consumer lags, new outputs merge into it (deltas
+concatenated), so a slow consumer costs neither the engine nor the loop any extra work per token.
 """
 
 import asyncio
@@ -23,7 +23,8 @@ from minivllm.config import EngineArgs, EngineConfig, refuse_vllm_only
 from minivllm.engine.core_client import EngineCoreClient, EngineDeadError
 from minivllm.engine.core_process import AbortRequests, AddRequest, EngineReadings, StepOutputs
 from minivllm.engine.llm_engine import EngineStats
-from minivllm.inputs import InputProcessor, ProcessedPrompt, Prompt
+from minivllm.engine.output_processor import OutputProcessor
+from minivllm.inputs import InputProcessor, Prompt
 from minivllm.model_loader import load_tokenizer
 from minivllm.outputs import RequestOutput
 from minivllm.sampling_params import RequestOutputKind, SamplingParams
@@ -35,10 +36,10 @@ class RequestStream:
     Touched only on that loop."""
 
     request_id: str  # the caller's
-    # unique for the engine's lifetime, so that a request_id reused at once never gets the old request's last output
+    # unique for the engine's lifetime, so that a request_id reused at once never gets the old request's last output;
+    # short, as it goes through the pipe twice a step (a server's request ids are 40 characters)
     engine_id: str
     loop: asyncio.AbstractEventLoop
-    prompt: ProcessedPrompt  # put back into each output (the core does not send it)
     delta: bool  # outputs are deltas: merged by concatenation, not replaced
     pending: RequestOutput | BaseException | None = None
     ready: asyncio.Event = field(default_factory=asyncio.Event)
@@ -96,6 +97,7 @@ class AsyncLLM:
         self._lock = threading.Lock()  # callers registering streams against the receiving thread failing them
         self._streams: dict[str, RequestStream] = {}  # by the caller's id, under the lock
         self._routes: dict[str, RequestStream] = {}  # by engine id: where the core's outputs go
+        self._outputs = OutputProcessor()  # the core's deltas into RequestOutputs, on the receiving thread
         self._engine_ids = itertools.count()
         self._error: BaseException | None = None  # why the engine stopped
         # the engine's tokenizer and checks, for requests here
@@ -186,10 +188,11 @@ class AsyncLLM:
                 raise EngineDeadError(message) from self._error
             if request_id in self._streams:
                 raise ValueError(f"request_id {request_id!r} is already running; give each request its own id")
-            stream = RequestStream(request_id, f"{request_id}#{next(self._engine_ids)}", loop, processed,
+            stream = RequestStream(request_id, str(next(self._engine_ids)), loop,
                                    params.output_kind == RequestOutputKind.DELTA)
             self._streams[request_id] = stream
         self._routes[stream.engine_id] = stream
+        self._outputs.add_request(stream.engine_id, processed, params, arrival_time)
         self._client.send(AddRequest(stream.engine_id, processed, params, arrival_time))
         return stream
 
@@ -203,15 +206,15 @@ class AsyncLLM:
         """One step's outputs to their callers, under the callers' ids: one call to each caller's loop."""
         self._readings = step.readings
         deliveries: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
-        for output in step.outputs:
+        for output in self._outputs.process(step.deltas):
             stream = self._routes.pop(output.request_id, None) if output.finished else \
                 self._routes.get(output.request_id)
             if stream is None:
                 continue  # its caller left, and the request was aborted
-            output.request_id, output.prompt, output.prompt_token_ids = (stream.request_id, stream.prompt.text,
-                                                                         stream.prompt.token_ids)
+            output.request_id = stream.request_id
             deliveries[stream.loop].append((stream, output))
         for engine_id, error in step.refused:
+            self._outputs.discard(engine_id)
             stream = self._routes.pop(engine_id, None)
             if stream is not None:
                 deliveries[stream.loop].append((stream, error))

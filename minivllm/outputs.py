@@ -48,6 +48,13 @@ class FlatLogprobs(Sequence[PositionLogprobs]):
         self.ranks.append(rank)
         self.decoded += decoded
 
+    def extend(self, other: "FlatLogprobs") -> None:
+        """Append another's positions (of the same k)."""
+        self.ids += other.ids
+        self.logprobs += other.logprobs
+        self.ranks += other.ranks
+        self.decoded += other.decoded
+
     def __len__(self) -> int:
         return len(self.ranks)
 
@@ -107,11 +114,6 @@ class RequestMetrics:
     first_token_time: float | None = None
     finished_time: float | None = None
 
-    def copy(self) -> "RequestMetrics":
-        """A snapshot for an output (a streaming request makes one every step): a quarter of dataclasses.replace's
-        time."""
-        return RequestMetrics(self.arrival_time, self.first_token_time, self.finished_time)
-
 
 @dataclass
 class RequestOutput:
@@ -121,5 +123,6 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics = field(default=None)  # type: ignore[assignment]
-    prompt_logprobs: list[PositionLogprobs | None] | None = None  # None for the first token, when asked for
+    # when asked for and all computed: one a prompt token (None for the first); a DELTA stream gives them once
+    prompt_logprobs: list[PositionLogprobs | None] | None = None
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache

@@ -152,10 +152,10 @@ def recorded_logits():
 # failure on demand in the engine-core process, which imports the script as multiprocessing imports a main script.
 FAILING_STEP_PRELUDE = """import asyncio, json, os, sys
 from minivllm.engine import llm_engine
-step = llm_engine.LLMEngine.step
+step = llm_engine.LLMEngine.step_deltas  # the engine-core process's step
 def failing_step(self):
     if os.path.exists(os.environ["MINIVLLM_TEST_FAIL"]):
         raise RuntimeError("injected step failure")
     return step(self)
-llm_engine.LLMEngine.step = failing_step
+llm_engine.LLMEngine.step_deltas = failing_step
 """

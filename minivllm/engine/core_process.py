@@ -2,7 +2,8 @@
 
 The front end (the server's event loop, tokenizing, JSON, HTTP) then never holds the engine's GIL: the engine
 schedules and launches its steps as fast as it would offline. The core loops: apply the commands that arrived
-(a list of them per message), step, send one message per step with all of its outputs and the engine's readings.
+(a list of them per message), step, send one message per step with its requests' deltas (what each gained, as
+plain tuples: the front end makes the RequestOutputs) and the engine's readings.
 It starts its own tensor-parallel workers, so it cannot be daemonic; it ends when told to, or when the front end
 goes (its command pipe reaches EOF), so no orphan keeps holding the GPU.
 """
@@ -18,12 +19,13 @@ import torch
 
 from minivllm.config import EngineArgs
 from minivllm.engine.llm_engine import EngineStats, LLMEngine
+from minivllm.engine.output_processor import RequestDelta
 from minivllm.inputs import ProcessedPrompt
-from minivllm.outputs import RequestOutput
 from minivllm.sampling_params import SamplingParams
 
-# A step's outputs for 256 requests pickle to about 100 KB: a pipe of Linux's default 64 KB would make the engine
-# wait for the front end to read each step; 1 MB (Linux's default limit for users) holds several steps.
+# A step's deltas for 256 requests pickle to 10..20 KB without logprobs, about 100 KB with 5: a pipe of Linux's
+# default 64 KB would make the engine wait for the front end to read such steps; 1 MB (Linux's default limit for
+# users) holds several.
 PIPE_BYTES = 1 << 20
 
 
@@ -68,11 +70,10 @@ class EngineReadings:
 
 @dataclass
 class StepOutputs:
-    """One step's outputs (by engine id), the requests refused when they were added, and the readings after it.
-    The first message of a core that started is one with no outputs."""
+    """One step's deltas (by engine id), the requests refused when they were added, and the readings after it.
+    The first message of a core that started is one with no deltas."""
 
-    # without prompt and prompt_token_ids: the front end has them, and they would be most of the bytes
-    outputs: list[RequestOutput]
+    deltas: list[RequestDelta]
     refused: list[tuple[str, Exception]]  # (engine id, why): a grammar that does not compile, say
     readings: EngineReadings
 
@@ -106,7 +107,7 @@ def run_engine_core(args: EngineArgs, num_threads: int, commands: Connection, ou
         pass  # a lower limit on this machine: the default pipe still works, the engine waits a little more often
     engine = None
     try:
-        engine = LLMEngine.from_engine_args(args)
+        engine = LLMEngine.from_engine_args(args, assemble_outputs=False)  # the front end makes the outputs
         outputs.send(StepOutputs([], [], EngineReadings.of(engine)))
         EngineCore(engine, commands, outputs).run()
     except BaseException as error:  # whatever it is, the front end must hear of it
@@ -129,11 +130,9 @@ class EngineCore:
         engine = self.engine
         while self.apply_commands(wait=not engine.has_unfinished_requests()):
             stepped = engine.has_unfinished_requests()
-            step_outputs = engine.step() if stepped else []
+            deltas = engine.step_deltas() if stepped else []
             if stepped or self.refused:
-                for output in step_outputs:
-                    output.prompt, output.prompt_token_ids = None, []
-                self.outputs.send(StepOutputs(step_outputs, self.refused, EngineReadings.of(engine)))
+                self.outputs.send(StepOutputs(deltas, self.refused, EngineReadings.of(engine)))
                 self.refused = []
 
     def apply_commands(self, wait: bool) -> bool:

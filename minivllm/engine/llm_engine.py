@@ -24,13 +24,14 @@ from minivllm.engine.block_manager import BlockManager
 from minivllm.engine.detokenizer import IncrementalDetokenizer
 from minivllm.engine.executor import Executor, start_executor
 from minivllm.engine.model_runner import LaunchedStep
+from minivllm.engine.output_processor import CompletionDelta, OutputProcessor, RequestDelta
 from minivllm.engine.penalty_slots import PenaltySlots
 from minivllm.engine.scheduler import Scheduler
 from minivllm.engine.sequence import Sequence
 from minivllm.engine.step_message import build_step
 from minivllm.inputs import InputProcessor, ProcessedPrompt, Prompt
 from minivllm.model_loader import eos_token_ids, load_tokenizer
-from minivllm.outputs import CompletionOutput, PositionLogprobs, RequestMetrics, RequestOutput, position_logprobs
+from minivllm.outputs import PositionLogprobs, RequestMetrics, RequestOutput, position_logprobs
 from minivllm.sampling_params import RequestOutputKind, SamplingParams
 
 if TYPE_CHECKING:
@@ -45,6 +46,7 @@ class Request:
     seqs: list[Sequence]
     metrics: RequestMetrics
     prompt_logprobs: list[PositionLogprobs | None] | None = None  # position i: of prompt token i (None for 0)
+    prompt_logprobs_reported: bool = False  # they go in one delta, the first after all are computed
 
     @property
     def finished(self) -> bool:
@@ -72,7 +74,7 @@ class EngineStats:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, executor: Executor, tokenizer: PreTrainedTokenizerBase | None,
-                 eos_ids: list[int]):
+                 eos_ids: list[int], assemble_outputs: bool = True):
         self.config, self.executor, self.tokenizer, self.eos_ids = config, executor, tokenizer, eos_ids
         self.max_model_len = config.max_model_len
         self.inputs = InputProcessor(tokenizer, config.source.config.vocab_size, self.max_model_len)
@@ -82,7 +84,9 @@ class LLMEngine:
         self.penalty_slots = PenaltySlots(args.max_num_seqs)
         self.requests: dict[str, Request] = {}  # unfinished, by id
         self.request_of: dict[int, Request] = {}  # by seq_id, for every unfinished sequence's request
-        self.aborted: list[RequestOutput] = []  # the last outputs of aborted requests, for the next step()
+        self.aborted: list[RequestDelta] = []  # the last deltas of aborted requests, for the next step
+        # step()'s RequestOutputs from step_deltas(); None in the engine-core process, whose front end makes them
+        self.output_processor = OutputProcessor() if assemble_outputs else None
         self.overlap = int(args.async_scheduling)  # steps launched and not yet collected: at most overlap + 1
         self.in_flight: deque[InFlight] = deque()
         self.stats = EngineStats()
@@ -91,15 +95,16 @@ class LLMEngine:
         self.grammar_compiler = None  # made for the first request with structured outputs
 
     @classmethod
-    def from_engine_args(cls, args: EngineArgs, stacklevel: int = 1) -> "LLMEngine":
-        """Resolve the config, load the tokenizer, and start the runner (and the other ranks)."""
+    def from_engine_args(cls, args: EngineArgs, stacklevel: int = 1, assemble_outputs: bool = True) -> "LLMEngine":
+        """Resolve the config, load the tokenizer, and start the runner (and the other ranks). Without
+        assemble_outputs, only step_deltas() reports the requests' progress (the engine-core process)."""
         config = EngineConfig.resolve(args)
         if args.tp_invariant:
             check_invariant_splits(config.source.config, args.tp_invariant)
         config.warn_if_capped(stacklevel + 1)
         tokenizer = load_tokenizer(config.source)
         executor = start_executor(config)
-        engine = cls(config, executor, tokenizer, eos_token_ids(config.source, tokenizer))
+        engine = cls(config, executor, tokenizer, eos_token_ids(config.source, tokenizer), assemble_outputs)
         # What start-up made (torch, the model, the tokenizer: half a million objects) lives as long as the engine;
         # frozen, the collector's full passes skip it. Unfrozen, each of them traversed it all: with logprobs,
         # whose objects set them off every few dozen steps, collect() took 3.4..4.7 ms a 256-row step on the CPU,
@@ -150,6 +155,8 @@ class LLMEngine:
             self.request_of[seq.seq_id] = request
             self.scheduler.add(seq)
         self.requests[request_id] = request
+        if self.output_processor is not None:
+            self.output_processor.add_request(request_id, prompt, params, request.metrics.arrival_time)
 
     def compile_grammar(self, params: SamplingParams) -> "Callable[[], GrammarMatcher]":
         """The request's grammar, compiled (once per distinct one), as a maker of one matcher a completion; a
@@ -185,7 +192,7 @@ class LLMEngine:
                     self.scheduler.block_manager.unpublish_uncomputed(seq)
                     self.finish(seq, "abort", None)
             request.metrics.finished_time = time.time()
-            self.aborted.append(self.output(request))
+            self.aborted.append(self.delta(request))
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests or self.aborted)
@@ -197,7 +204,12 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Launch the next batch, if one can run, and collect the tokens of the step before it (of this one,
         without async scheduling): the outputs of the requests that progressed, aborted ones included."""
-        outputs, self.aborted = self.aborted, []
+        return self.output_processor.process(self.step_deltas())
+
+    def step_deltas(self) -> list[RequestDelta]:
+        """As step(), the progress of the requests as deltas (what is new since each one's last report), which
+        OutputProcessor makes into RequestOutputs."""
+        deltas, self.aborted = self.aborted, []
         batch = self.scheduler.schedule() if self.scheduler.has_unfinished else None
         if batch is not None:
             previous = self.in_flight[-1].seqs if self.in_flight else []
@@ -214,11 +226,11 @@ class LLMEngine:
                 seq.num_computed_tokens += seq.num_scheduled_tokens
                 seq.num_scheduled_tokens = 0
         if not self.in_flight or (batch is not None and len(self.in_flight) <= self.overlap):
-            return outputs
-        return outputs + self.collect(self.in_flight.popleft())
+            return deltas
+        return deltas + self.collect(self.in_flight.popleft())
 
-    def collect(self, step: InFlight) -> list[RequestOutput]:
-        """Take a step's tokens (waiting for it on the GPU) into its sequences; the outputs due."""
+    def collect(self, step: InFlight) -> list[RequestDelta]:
+        """Take a step's tokens (waiting for it on the GPU) into its sequences; the deltas due."""
         progressed: dict[str, Request] = {}
         tokens = step.launched.token_ids()
         logprobs = step.launched.logprobs()
@@ -236,15 +248,15 @@ class LLMEngine:
             if seq.params.logprobs is not None:
                 self.add_logprobs(seq, row, logprobs)
             self.append_token(seq, token, request.metrics)
-        outputs = []
+        deltas = []
         for request in progressed.values():
             finished = request.finished
             if finished:
                 request.metrics.finished_time = time.time()
                 del self.requests[request.request_id]
             if finished or request.params.output_kind != RequestOutputKind.FINAL_ONLY:
-                outputs.append(self.output(request))
-        return outputs
+                deltas.append(self.delta(request))
+        return deltas
 
     def add_logprobs(self, seq: Sequence, row: int, logprobs: tuple[list, ...]) -> None:
         ids, values, ranks = logprobs  # per row: the sampled token then the top k of the widest ask (SamplerOutput)
@@ -317,30 +329,28 @@ class LLMEngine:
         del self.request_of[seq.seq_id]
 
     # ----- outputs ----------------------------------------------------------------------------------------
-    def output(self, request: Request) -> RequestOutput:
-        """The request's output as its output_kind asks: everything so far, or what is new since the last one."""
-        params = request.params
-        delta = params.output_kind == RequestOutputKind.DELTA
-        completions = []
-        for index, seq in enumerate(request.seqs):
-            text = self.text_of(seq)
-            # a delta slices only what is new: copying a whole output each step is quadratic in its length
-            token_ids = seq.token_ids[seq.num_prompt_tokens + (seq.num_reported_tokens if delta else 0) :]
-            logprobs = seq.logprobs
-            if delta:
-                text = text[seq.num_reported_chars :]
-                logprobs = logprobs[seq.num_reported_tokens :] if logprobs is not None else None
-                seq.num_reported_chars += len(text)
-                seq.num_reported_tokens += len(token_ids)
-            completions.append(CompletionOutput(
-                index, text, token_ids, seq.cumulative_logprob if logprobs is not None else None, logprobs,
-                seq.finish_reason, seq.stop_reason,
-            ))
-        prompt, prompt_logprobs = request.prompt, request.prompt_logprobs
-        if prompt_logprobs is not None and any(entry is None for entry in prompt_logprobs[1:]):
-            prompt_logprobs = None  # not all computed yet
-        return RequestOutput(request.request_id, prompt.text, prompt.token_ids, completions, request.finished,
-                             request.metrics.copy(), prompt_logprobs, request.seqs[0].num_cached_tokens or 0)
+    def delta(self, request: Request) -> RequestDelta:
+        """What is new in the request since its last report (everything, at a FINAL_ONLY request's only one)."""
+        prompt_logprobs = None
+        if request.prompt_logprobs is not None and not request.prompt_logprobs_reported:
+            if all(entry is not None for entry in request.prompt_logprobs[1:]):
+                prompt_logprobs, request.prompt_logprobs_reported = request.prompt_logprobs, True
+        metrics = request.metrics
+        return (request.request_id, request.finished, metrics.first_token_time, metrics.finished_time,
+                request.seqs[0].num_cached_tokens or 0, prompt_logprobs, list(map(self.completion_delta, request.seqs)))
+
+    def completion_delta(self, seq: Sequence) -> CompletionDelta:
+        # only what is new is sliced: copying a whole output each step is quadratic in its length
+        text = self.text_of(seq)[seq.num_reported_chars :]
+        reported = seq.num_reported_tokens
+        token_ids = seq.token_ids[seq.num_prompt_tokens + reported :]
+        logprobs = seq.logprobs
+        if logprobs is not None and (reported or not seq.is_finished):  # whole and complete: no copy needed
+            logprobs = logprobs[reported:]
+        seq.num_reported_chars += len(text)
+        seq.num_reported_tokens += len(token_ids)
+        return (token_ids, text, logprobs, seq.cumulative_logprob if logprobs is not None else None,
+                seq.finish_reason, seq.stop_reason)
 
     def text_of(self, seq: Sequence) -> str:
         params = seq.params
