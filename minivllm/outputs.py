@@ -34,12 +34,20 @@ class FlatLogprobs(Sequence[PositionLogprobs]):
 
     __slots__ = ("k", "ids", "logprobs", "ranks", "decoded")
 
-    def __init__(self, k: int):
+    def __init__(self, k: int, ids: list[int] | None = None, logprobs: list[float] | None = None,
+                 ranks: list[int] | None = None, decoded: list[str | None] | None = None):
+        """Empty, or made of the given columns (which it then owns)."""
         self.k = k  # top logprobs a position: each position has k + 1 entries in ids, logprobs and decoded
-        self.ids: list[int] = []  # the sampled token's, then the top k's
-        self.logprobs: list[float] = []
-        self.ranks: list[int] = []  # the sampled token's rank, one a position (the top k's are 1..k)
-        self.decoded: list[str | None] = []
+        self.ids: list[int] = ids if ids is not None else []  # the sampled token's, then the top k's
+        self.logprobs: list[float] = logprobs if logprobs is not None else []
+        # the sampled token's rank, one a position (the top k's are 1..k)
+        self.ranks: list[int] = ranks if ranks is not None else []
+        self.decoded: list[str | None] = decoded if decoded is not None else []
+
+    def __reduce__(self):
+        # pickled as its columns: the engine-core process sends a stream's new logprobs every step, and the slots'
+        # state pickles and unpickles in 1.4 ms a 256-row step against 1.0
+        return FlatLogprobs, (self.k, self.ids, self.logprobs, self.ranks, self.decoded)
 
     def append(self, ids: list[int], logprobs: list[float], rank: int, decoded: list[str | None]) -> None:
         """One more position: the sampled token then the top k, in ids, logprobs and decoded (k + 1 each)."""
@@ -72,21 +80,21 @@ class FlatLogprobs(Sequence[PositionLogprobs]):
         return (self[i] for i in range(len(self)))
 
     def take(self, positions: range) -> "FlatLogprobs":
-        taken, width = FlatLogprobs(self.k), self.k + 1
+        width = self.k + 1
+        if positions.step == 1:  # a stream's new positions: slices of the columns, not an index an entry
+            start, stop = positions.start, max(positions.start, positions.stop)
+            return FlatLogprobs(self.k, self.ids[start * width : stop * width],
+                                self.logprobs[start * width : stop * width], self.ranks[start:stop],
+                                self.decoded[start * width : stop * width])
         flat = [p * width + j for p in positions for j in range(width)]
-        taken.ids = [self.ids[i] for i in flat]
-        taken.logprobs = [self.logprobs[i] for i in flat]
-        taken.decoded = [self.decoded[i] for i in flat]
-        taken.ranks = [self.ranks[p] for p in positions]
-        return taken
+        return FlatLogprobs(self.k, [self.ids[i] for i in flat], [self.logprobs[i] for i in flat],
+                            [self.ranks[p] for p in positions], [self.decoded[i] for i in flat])
 
     def __add__(self, other: "FlatLogprobs") -> "FlatLogprobs":
         if not isinstance(other, FlatLogprobs) or other.k != self.k:
             return NotImplemented
-        joined = FlatLogprobs(self.k)
-        joined.ids, joined.logprobs = self.ids + other.ids, self.logprobs + other.logprobs
-        joined.ranks, joined.decoded = self.ranks + other.ranks, self.decoded + other.decoded
-        return joined
+        return FlatLogprobs(self.k, self.ids + other.ids, self.logprobs + other.logprobs, self.ranks + other.ranks,
+                            self.decoded + other.decoded)
 
     def __eq__(self, other: object) -> bool:  # equal to any sequence of the same dicts, a list of them too
         return isinstance(other, Sequence) and len(other) == len(self) and all(a == b for a, b in zip(self, other))

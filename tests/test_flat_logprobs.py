@@ -44,6 +44,10 @@ def test_slices_concatenation_and_pickling_keep_every_position():
     got, want = flat(), dicts()
     assert got[1:] == want[1:] and got[::2] == want[::2] and got[5:] == []
     assert isinstance(got[1:], FlatLogprobs)
+    assert got[1:2] == want[1:2] and got[2:1] == [] and got[-2:] == want[-2:]
     assert got[:1] + got[1:] == want
+    extended = got[:1]
+    extended.extend(got[1:])
+    assert extended == want and got == want  # a slice is a copy: extending it leaves the original
     assert pickle.loads(pickle.dumps(got)) == want
     assert got != want[:2] and got != want[::-1]
