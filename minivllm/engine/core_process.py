@@ -23,9 +23,9 @@ from minivllm.engine.output_processor import RequestDelta
 from minivllm.inputs import ProcessedPrompt
 from minivllm.sampling_params import SamplingParams
 
-# A step's deltas for 256 requests pickle to 10..20 KB without logprobs, about 100 KB with 5: a pipe of Linux's
-# default 64 KB would make the engine wait for the front end to read such steps; 1 MB (Linux's default limit for
-# users) holds several.
+# A step's deltas for 256 requests pickle to about 13 KB without logprobs, 48 KB with 5 (a prompt's logprobs
+# more): a pipe of Linux's default 64 KB would make the engine wait for the front end to read such steps; 1 MB
+# (Linux's default limit for users) holds several.
 PIPE_BYTES = 1 << 20
 
 

@@ -49,7 +49,7 @@ class OutputProcessor:
         """Expect deltas for a request (before the engine can report any)."""
         state = RequestState(prompt, params.output_kind, arrival_time)
         if params.output_kind == RequestOutputKind.CUMULATIVE:
-            state.completions = [CompletionOutput(index, "", [], logprobs=logprobs_like(params))
+            state.completions = [CompletionOutput(index, "", [], logprobs=empty_logprobs(params))
                                  for index in range(params.n)]
         self.requests[request_id] = state
 
@@ -79,7 +79,7 @@ class OutputProcessor:
                              num_cached_tokens)
 
 
-def logprobs_like(params: SamplingParams) -> FlatLogprobs | None:
+def empty_logprobs(params: SamplingParams) -> FlatLogprobs | None:
     return FlatLogprobs(params.logprobs) if params.logprobs is not None else None
 
 
