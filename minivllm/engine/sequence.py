@@ -51,7 +51,7 @@ class Sequence:
         self.logprobs = FlatLogprobs(params.logprobs) if params.logprobs is not None else None
         # its text as it grows, when stop strings or a streaming request need it before the end
         self.detokenizer: IncrementalDetokenizer | None = None
-        self.num_reported_tokens = self.num_reported_chars = 0  # what DELTA outputs have given so far
+        self.num_reported_tokens = self.num_reported_chars = 0  # what its deltas have given so far
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
 
