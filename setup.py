@@ -116,6 +116,8 @@ setup(
         "xgrammar",
         "fastapi",
         "uvicorn",
+        "uvloop",
+        "httptools",
         "pydantic>=2",
         "prometheus-client",
     ],
