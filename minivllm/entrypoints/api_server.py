@@ -7,10 +7,9 @@ failure answers 500 and /health fails from then on.
 """
 
 import asyncio
-import contextlib
 import json
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 
 import pydantic
@@ -30,6 +29,7 @@ from minivllm.entrypoints.serving import (
     parse_json,
     prepare_chat,
     prepare_completion,
+    prompt_index,
     refused,
     validate_request,
 )
@@ -117,7 +117,7 @@ class Server:
             raise RequestError(503, f"the server has {self.in_flight} requests in flight, its limit; retry later",
                                type="server_error", code="overloaded")
         self.in_flight += 1
-        outputs = self.generate(collector.id, prompts, params)
+        outputs = self.engine_outputs(collector.id, prompts, params)
         try:
             first = await anext(outputs)  # a bad request fails here, before any response is started
         except BaseException as e:
@@ -135,65 +135,66 @@ class Server:
         finally:
             self.in_flight -= 1
 
-    async def generate(self, base_id: str, prompts: list, params) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """Every prompt's outputs as (prompt index, output), as they arrive; closing it aborts them all."""
-        num_tokens = [[0] * params.n for _ in prompts]  # by prompt and completion, for the TPOT histogram
-        async with contextlib.aclosing(self.engine_outputs(base_id, prompts, params)) as outputs:
-            async for index, item in outputs:
-                for completion in item.outputs:
-                    num_tokens[index][completion.index] += len(completion.token_ids)
-                if item.finished:
-                    self.metrics.observe(item, max(num_tokens[index]))
-                yield index, item
+    def engine_outputs(self, base_id: str, prompts: list, params) -> AsyncGenerator[RequestOutput, None]:
+        """Every prompt's outputs as they arrive, prompt i's under the request id f"{base_id}-{i}" (prompt_index
+        reads i back); closing it aborts them all."""
+        if len(prompts) == 1:  # most requests: the engine's own generator, no layer, task or queue in between
+            return self.engine.generate(prompts[0], params, f"{base_id}-0")
+        return self.merged_outputs(base_id, prompts, params)
 
-    async def engine_outputs(self, base_id: str, prompts: list, params
-                             ) -> AsyncIterator[tuple[int, RequestOutput]]:
-        if len(prompts) == 1:  # most requests: straight from the engine, no task or queue in between
-            async with contextlib.aclosing(self.engine.generate(prompts[0], params, f"{base_id}-0")) as outputs:
-                async for output in outputs:
-                    yield 0, output
-            return
+    async def merged_outputs(self, base_id: str, prompts: list, params) -> AsyncGenerator[RequestOutput, None]:
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(index: int, prompt) -> None:
             try:
                 async for output in self.engine.generate(prompt, params, f"{base_id}-{index}"):
-                    queue.put_nowait((index, output))
-                queue.put_nowait((index, None))
+                    queue.put_nowait(output)
+                queue.put_nowait(None)
             except Exception as e:  # noqa: BLE001 - handed to the reader, which raises it
-                queue.put_nowait((index, e))
+                queue.put_nowait(e)
 
         tasks = [asyncio.create_task(pump(i, prompt)) for i, prompt in enumerate(prompts)]
         try:
             remaining = len(tasks)
             while remaining:
-                index, item = await queue.get()
+                item = await queue.get()
                 if isinstance(item, Exception):
                     raise item
                 if item is None:
                     remaining -= 1
                     continue
-                yield index, item
+                yield item
         finally:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def collect(self, first, outputs, collector: Collector):
-        collector.add(*first)
-        async for index, output in outputs:
+    def observe(self, collector: Collector, index: int, output: RequestOutput) -> None:
+        """A finished output's latencies, once the collector has counted its tokens."""
+        if output.finished:
+            self.metrics.observe(output, collector.completion_tokens(index))
+
+    async def collect(self, first: RequestOutput, outputs, collector: Collector):
+        output = first
+        while output is not None:
+            index = prompt_index(output.request_id)
             collector.add(index, output)
+            self.observe(collector, index, output)
+            output = await anext(outputs, None)
         return collector.response()
 
-    async def stream(self, first, outputs, collector: Collector, options: p.StreamOptions) -> AsyncIterator[str]:
+    async def stream(self, first: RequestOutput, outputs, collector: Collector, options: p.StreamOptions
+                     ) -> AsyncIterator[str]:
         try:
-            item = first
-            while item is not None:
-                choices = collector.chunk_choices(*item)
+            output = first
+            while output is not None:
+                index = prompt_index(output.request_id)
+                choices = collector.chunk_choices(index, output)
+                self.observe(collector, index, output)
                 if choices:
                     usage = collector.usage() if options.continuous_usage_stats else None
                     yield f"data: {collector.chunk(choices, usage)}\n\n"
-                item = await anext(outputs, None)
+                output = await anext(outputs, None)
             if options.include_usage:
                 yield f"data: {collector.chunk([], collector.usage())}\n\n"
         except Exception as e:  # noqa: BLE001 - the engine failed mid-stream: the 200 is sent, so say it in the stream

@@ -211,6 +211,11 @@ def top_logprob(lp) -> dict:
     return {"token": text, "logprob": max(lp.logprob, -9999.0), "bytes": list(text.encode())}
 
 
+def prompt_index(request_id: str) -> int:
+    """The prompt index i of the engine request id f"{base_id}-{i}" the server gives prompt i of a request."""
+    return int(request_id.rpartition("-")[2])
+
+
 # ----- outputs ----------------------------------------------------------------------------------------------------
 COMPACT_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))  # as pydantic writes JSON, made once
 
@@ -254,6 +259,11 @@ class Collector:
         """p.Usage's shape."""
         prompt, completion = sum(self.prompt_tokens.values()), sum(c.num_tokens for c in self.choices.values())
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def completion_tokens(self, prompt_index: int) -> int:
+        """The most tokens any of a prompt's completions has so far (its TPOT's count)."""
+        return max(self.choices[prompt_index * self.n + i].num_tokens for i in range(self.n)
+                   if prompt_index * self.n + i in self.choices)
 
     def chunk_choices(self, prompt_index: int, output: RequestOutput) -> list[dict]:
         """The stream choices of one engine output: those with new text, logprobs or a finish reason."""
