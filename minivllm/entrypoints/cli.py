@@ -2,6 +2,7 @@
 MODEL [flags]`: an OpenAI batch file answered offline (also `python -m minivllm serve|run-batch ...`)."""
 
 import argparse
+import gc
 import logging
 import signal
 import sys
@@ -132,6 +133,12 @@ def serve(args: argparse.Namespace) -> int:
                             timeout_graceful_shutdown=args.shutdown_timeout, access_log=False, loop="uvloop",
                             http="httptools")
     server = uvicorn.Server(config)
+    # what start-up built (torch, transformers, the tokenizer: some 480k objects) lives as long as the process: its
+    # garbage collected, the rest frozen out of the collector's sight, so that a full collection while serving
+    # traverses only what serving made (vLLM's server does the same). Unfrozen, one came in the middle of the CPU
+    # recipe's load (benchmarks/NOTES_engine.md) and took 0.48 s, every stream paused: 12 us of CPU a token there
+    gc.collect()
+    gc.freeze()
     # uvicorn re-raises the SIGTERM it shut down on once it has; this handler takes it, so a requested stop exits 0
     signal.signal(signal.SIGTERM, lambda *_: None)
     try:
