@@ -2,9 +2,9 @@
 # A session's closing device call, in the order of what matters most should the device time run out (every
 # step logs to OUT_DIR as it goes; at most 6 files, under the device's limit): build; the GPU tests of the sampler,
 # the engine, the input staging, paged decode and the small-M linear; benchmarks.throughput plain with the
-# step-time breakdown and its plot, then with logprobs and penalties on every request; step_profile with those
-# extras; benchmarks.serving at maximum concurrency and at a Poisson rate of half that; benchmarks.decode with its
-# plot; benchmarks.latency with its plot, in the time that is left.
+# step-time breakdown and its plot, then with logprobs and penalties on every request; benchmarks.serving at
+# maximum concurrency and at a Poisson rate of half that; then, in the time that is left, benchmarks.latency with
+# its plot, step_profile with the extras, benchmarks.decode with its plot.
 #   scripts/gpu_round.sh OUT_DIR [SECONDS]    (SECONDS: the call's limit, 600 by default)
 set -uo pipefail
 out=$(realpath -m "${1:?usage: scripts/gpu_round.sh OUT_DIR [SECONDS]}")
@@ -26,16 +26,20 @@ timeout 150 python3 -m benchmarks.throughput --plot "$out/throughput.png" 2>&1 |
 stamp "throughput plain"
 timeout 90 python3 -m benchmarks.throughput $extras 2>&1 | grep -v -i "warn\|llm = LLM" | tee -a "$log"
 stamp "throughput extras"
-timeout 90 python3 -m benchmarks.step_profile $extras --top 8 2>&1 | grep -v -i "warn\|llm = LLM" | tee -a "$log"
-stamp "step_profile extras"
 timeout 240 python3 -m benchmarks.serving 2>&1 | grep -v -i "warn\|it/s]" | tail -7 | tee -a "$log"
 stamp serving
-timeout 60 python3 -m benchmarks.decode --ours-only --plot "$out/decode.png" 2>&1 | tee -a "$log"
-stamp decode
-left=$((limit - 15 - SECONDS))
-if [ "$left" -gt 30 ]; then
-  timeout "$left" python3 -m benchmarks.latency --plot "$out/latency.png" 2>&1 | tee -a "$log"
+# the rest only in the time that is left, each given what it needs
+if [ $((limit - 15 - SECONDS)) -gt 70 ]; then
+  timeout 70 python3 -m benchmarks.latency --plot "$out/latency.png" 2>&1 | tee -a "$log"
   stamp latency
+fi
+if [ $((limit - 15 - SECONDS)) -gt 35 ]; then
+  timeout 35 python3 -m benchmarks.step_profile $extras --top 8 2>&1 | grep -v -i "warn\|llm = LLM" | tee -a "$log"
+  stamp "step_profile extras"
+fi
+if [ $((limit - 15 - SECONDS)) -gt 20 ]; then
+  timeout 20 python3 -m benchmarks.decode --ours-only --plot "$out/decode.png" 2>&1 | tee -a "$log"
+  stamp decode
 fi
 failed=${failed#, }
 echo "--- done at ${SECONDS}s; failed: ${failed:-none}" | tee -a "$log"
