@@ -150,6 +150,17 @@ def test_n_2_and_echo(server, tokenizer_model_dir):
     assert echoed.choices[0].text == PROMPTS[2] + plain.choices[0].text
 
 
+def test_echo_with_logprobs_gives_the_prompt_tokens_text(server, tokenizer_model_dir, offline):
+    """The echoed prompt's tokens come first, its first one (which has no logprob) with its text too."""
+    got = server.client().completions.create(model=tokenizer_model_dir, prompt=PROMPTS[2], max_tokens=3,
+                                             temperature=0, echo=True, logprobs=1)
+    lp = got.choices[0].logprobs
+    ids = offline.get_tokenizer().encode(PROMPTS[2])
+    assert len(lp.tokens) == len(ids) + 3 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.tokens[0] == offline.get_tokenizer().decode(ids[:1]) != ""
+    assert lp.text_offset[1] == len(lp.tokens[0])
+
+
 def test_json_schema_response_parses(server, tokenizer_model_dir):
     schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "pick": {"enum": ["a", "b"]}},
               "required": ["ok", "pick"], "additionalProperties": False}
@@ -158,6 +169,13 @@ def test_json_schema_response_parses(server, tokenizer_model_dir):
         response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}})
     parsed = json.loads(got.choices[0].message.content)
     assert set(parsed) == {"ok", "pick"} and isinstance(parsed["ok"], bool) and parsed["pick"] in ("a", "b")
+
+
+def test_metrics_are_vllms_names_without_created_series(server):
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    assert "minivllm:time_to_first_token_seconds_bucket" in text
+    assert "minivllm:e2e_request_latency_seconds_count" in text
+    assert "_created" not in text
 
 
 def test_models_tokenize_detokenize(server, offline, tokenizer_model_dir):

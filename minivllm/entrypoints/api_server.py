@@ -15,7 +15,13 @@ from dataclasses import dataclass
 import pydantic
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -58,6 +64,9 @@ class EngineMetrics:
 
     def __init__(self, engine: AsyncLLM):
         self.engine = engine
+        # the time each histogram was made, as a series of its own: not one of vLLM's metrics, so none here (the
+        # switch is prometheus-client's, for the whole process: a server's)
+        disable_created_metrics()
         self.registry = CollectorRegistry()
         self.registry.register(self)
         self.ttft = Histogram("minivllm:time_to_first_token_seconds", "Time to first token.",

@@ -73,7 +73,11 @@ def prepare_completion(body: p.CompletionRequest, tokenizer: PreTrainedTokenizer
         check_length(prompt, body.max_tokens, max_model_len, "max_tokens")
     wants_prompt_logprobs = body.echo and body.logprobs is not None
     params = sampling_params(body, body.max_tokens, body.logprobs, body.logprobs if wants_prompt_logprobs else None)
-    collector = Collector("completion", model_name, params.n, echo=body.echo, stream_options=body.stream_options)
+    # an echoed prompt's first token has no logprob (nothing comes before it), so no text from the engine: as vLLM
+    first_tokens = ([tokenizer.decode(prompt["prompt_token_ids"][:1]) for prompt in prompts]
+                    if wants_prompt_logprobs and tokenizer is not None else [])
+    collector = Collector("completion", model_name, params.n, echo=body.echo, stream_options=body.stream_options,
+                          first_prompt_tokens=first_tokens)
     return prompts, params, collector
 
 
@@ -181,12 +185,13 @@ def check_length(prompt: TokensPrompt, max_tokens: int | None, max_model_len: in
 # ----- logprobs ---------------------------------------------------------------------------------------------------
 # Plain dicts in the protocol's shapes (protocol.py's models, fields in their order): a stream chunk is built for
 # every output of every request, and a pydantic model a chunk cost more than the rest of its path together.
-def completion_logprobs(token_ids: list[int], positions: list[PositionLogprobs | None], offset: int) -> dict:
+def completion_logprobs(token_ids: list[int], positions: list[PositionLogprobs | None], offset: int,
+                        first_text: str = "") -> dict:
     """The legacy shape (p.CompletionLogprobs); offset: the characters before the first token (an echoed prompt,
-    earlier chunks)."""
+    earlier chunks); first_text: the text of a position without logprobs (an echoed prompt's first token)."""
     result = {"text_offset": [], "token_logprobs": [], "tokens": [], "top_logprobs": []}
     for token, entry in zip(token_ids, positions):
-        text = entry[token].decoded_token or "" if entry is not None else ""
+        text = entry[token].decoded_token or "" if entry is not None else first_text
         result["tokens"].append(text)
         result["token_logprobs"].append(entry[token].logprob if entry is not None else None)
         result["top_logprobs"].append({lp.decoded_token or "": lp.logprob for lp in entry.values()}
@@ -241,6 +246,7 @@ class Collector:
     echo: bool = False
     top_logprobs: int | None = None  # chat: logprobs=True with this many alternatives
     stream_options: p.StreamOptions | None = None
+    first_prompt_tokens: list[str] = field(default_factory=list)  # echo with logprobs: each prompt's first token
     id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
     choices: dict[int, Choice] = field(default_factory=dict)
@@ -298,9 +304,11 @@ class Collector:
         logprobs = None
         if completion.logprobs is not None:
             ids, positions = completion.token_ids, completion.logprobs
+            first_text = ""
             if prefix and output.prompt_logprobs is not None:
                 ids, positions = output.prompt_token_ids + ids, [*output.prompt_logprobs, *positions]
-            logprobs = completion_logprobs(ids, positions, choice.text_len)
+                first_text = self.first_prompt_tokens[index // self.n]
+            logprobs = completion_logprobs(ids, positions, choice.text_len, first_text)
         return {"index": index, "text": prefix + completion.text, "logprobs": logprobs, "finish_reason": finish,
                 "stop_reason": stop_reason}
 
