@@ -117,14 +117,17 @@ __device__ __forceinline__ int split_tiles(int tiles, int64_t total_context, con
 
 // out = sum_s 2^(lse_s - max) * partial_s / sum_s 2^(lse_s - max) over the `used` splits of query head row
 // (sequence * num_heads + head), for output dims d and d + 1. The partials come from other CTAs of this launch:
-// read from L2 (__ldcg), never from a stale L1 line.
+// read from L2 (__ldcg), never from a stale L1 line. The loops are unrolled so that several of those L2 reads are
+// in flight at once: this merge now runs at the end of a context's last split, on the step's critical path.
 template <typename T, int kHeadDim>
 __device__ __forceinline__ void merge_splits(const KernelParams& p, int64_t row, int d, int used) {
   const float* lse = p.partial_lse + row * p.num_splits;
   const float* partial = p.partial_out + row * p.num_splits * kHeadDim;
   float lse_max = -INFINITY;
+#pragma unroll 4
   for (int s = 0; s < used; ++s) lse_max = fmaxf(lse_max, __ldcg(lse + s));
   float num0 = 0.f, num1 = 0.f, den = 0.f;
+#pragma unroll 4
   for (int s = 0; s < used; ++s) {
     const float w = exp2f(__ldcg(lse + s) - lse_max);
     const float2 x = __ldcg(reinterpret_cast<const float2*>(partial + s * kHeadDim + d));
