@@ -14,7 +14,6 @@
 #include <cstdlib>
 #include <mutex>
 #include <type_traits>
-#include <vector>
 
 #include "paged_decode_kernel.cuh"
 
@@ -72,31 +71,25 @@ inline int grid_splits(int work_items, int max_tokens, int resident_slots, const
   return std::clamp(static_cast<int>(std::min(wanted, float(kMaxSplits))), 1, std::clamp(max_tiles, 1, kMaxSplits));
 }
 
-// The split counters of a device (KernelParams::split_counters), one for each CTA column of a grid that splits:
-// grid_splits splits only below unsplit_waves x slots columns. Zeroed outside any graph capture (a graph's pool
-// must not own them) and reset by each merge after that. A kernel with more slots (head_dim 64 holds more CTAs an
-// SM) gets a larger set, and the smaller one is kept: a graph captured with it still points at it. One set serves
-// every launch on a device: the decode launches of a process on one GPU run one after another (a step's layers,
-// on the engine's stream).
-inline int* split_counters(const c10::Device& device, int work_items, int slots, const SplitTuning& tuning,
-                           cudaStream_t stream) {
+// The split counters of a device (KernelParams::split_counters): enough for every grid that splits, which
+// grid_splits allows only below unsplit_waves x slots CTAs along blockIdx.x. Zeroed once, outside any graph
+// capture (a graph's pool must not own them), and reset by each merge after that. One set a device: the decode
+// launches of a process on one GPU run one after another (a step's layers, on the engine's stream).
+inline int* split_counters(const c10::Device& device, int work_items, cudaStream_t stream) {
   constexpr int kMaxDevices = 64;
   static std::mutex mutex;
-  static std::vector<at::Tensor> counters[kMaxDevices];  // the largest last
+  static at::Tensor counters[kMaxDevices];
   const std::lock_guard<std::mutex> lock(mutex);
-  std::vector<at::Tensor>& sets = counters[device.index()];
-  const int64_t columns = static_cast<int64_t>(std::ceil(tuning.unsplit_waves * slots));
-  if (sets.empty() || sets.back().numel() < columns) {
+  at::Tensor& buffer = counters[device.index()];
+  if (!buffer.defined() || buffer.numel() < work_items) {
     cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
     C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
-    TORCH_CHECK(capture == cudaStreamCaptureStatusNone, "paged_attention_decode: the first launch of a kernel "
+    TORCH_CHECK(capture == cudaStreamCaptureStatusNone, "paged_attention_decode: the first launch on a device "
                 "that splits contexts must run outside CUDA graph capture (it allocates the split counters); "
                 "run the same call once before capturing it");
-    sets.push_back(at::zeros({columns}, at::TensorOptions().dtype(at::kInt).device(device)));
+    buffer = at::zeros({std::max(work_items, 4096)}, at::TensorOptions().dtype(at::kInt).device(device));
   }
-  TORCH_CHECK(work_items <= sets.back().numel(), "paged_attention_decode: ", work_items, " CTA columns split, "
-              "more than the ", sets.back().numel(), " split counters grid_splits allows");
-  return sets.back().data_ptr<int>();
+  return buffer.data_ptr<int>();
 }
 
 template <typename T, int kHeadDim, int kStages>
@@ -126,7 +119,7 @@ void launch_with_stages(const DecodeArgs& args, const c10::Device& device) {
     partial_lse = at::empty({rows}, opts);
     p.partial_out = partial_out.data_ptr<float>();
     p.partial_lse = partial_lse.data_ptr<float>();
-    p.split_counters = split_counters(device, work_items, p.slots, tuning, stream);
+    p.split_counters = split_counters(device, work_items, stream);
   }
 
   const dim3 grid(work_items, p.num_splits);
