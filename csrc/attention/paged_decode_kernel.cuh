@@ -29,6 +29,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "common/split_counters.cuh"
 #include "flash_ptx.cuh"
 #include "paged_decode.cuh"
 
@@ -393,13 +394,7 @@ __global__ void __launch_bounds__(kThreads, Layout<kHeadDim, kStages>::kCtasPerS
   // The last of the used splits to get here merges them all (the classic threadfence reduction): every
   // thread's partials are visible GPU-wide before the count that says they are written.
   const int used = (context + split_tokens - 1) / split_tokens;  // the splits that did not return at once
-  __shared__ bool merges;
-  __threadfence();
-  __syncthreads();
-  if (tid == 0) merges = atomicAdd(p.split_counters + work, 1) == used - 1;
-  __syncthreads();
-  if (!merges) return;
-  __threadfence();  // the other splits' counts came before their partials are read
+  if (!last_to_arrive(p.split_counters + work, used)) return;
   for (int item = tid; item < num_heads * (kHeadDim / 2); item += kThreads) {
     const int h = item / (kHeadDim / 2), d = 2 * (item % (kHeadDim / 2));
     merge_splits<T, kHeadDim>(p, int64_t(seq) * a.num_heads + head0 + h, d, used);

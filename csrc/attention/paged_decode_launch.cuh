@@ -4,7 +4,6 @@
 
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -12,9 +11,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
-#include <mutex>
 #include <type_traits>
 
+#include "common/split_counters.cuh"
 #include "paged_decode_kernel.cuh"
 
 namespace minivllm::decode {
@@ -72,24 +71,10 @@ inline int grid_splits(int work_items, int max_tokens, int resident_slots, const
 }
 
 // The split counters of a device (KernelParams::split_counters): enough for every grid that splits, which
-// grid_splits allows only below unsplit_waves x slots CTAs along blockIdx.x. Zeroed once, outside any graph
-// capture (a graph's pool must not own them), and reset by each merge after that. One set a device: the decode
-// launches of a process on one GPU run one after another (a step's layers, on the engine's stream).
+// grid_splits allows only below unsplit_waves x slots CTAs along blockIdx.x (common/split_counters.cuh).
 inline int* split_counters(const c10::Device& device, int work_items, cudaStream_t stream) {
-  constexpr int kMaxDevices = 64;
-  static std::mutex mutex;
-  static at::Tensor counters[kMaxDevices];
-  const std::lock_guard<std::mutex> lock(mutex);
-  at::Tensor& buffer = counters[device.index()];
-  if (!buffer.defined() || buffer.numel() < work_items) {
-    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-    C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
-    TORCH_CHECK(capture == cudaStreamCaptureStatusNone, "paged_attention_decode: the first launch on a device "
-                "that splits contexts must run outside CUDA graph capture (it allocates the split counters); "
-                "run the same call once before capturing it");
-    buffer = at::zeros({std::max(work_items, 4096)}, at::TensorOptions().dtype(at::kInt).device(device));
-  }
-  return buffer.data_ptr<int>();
+  static SplitCounters counters("paged_attention_decode");
+  return counters.get(device, work_items, stream);
 }
 
 template <typename T, int kHeadDim, int kStages>
