@@ -3,6 +3,7 @@
 #pragma once
 
 #include <optional>
+#include <tuple>
 
 // Only tensors and allocation: <torch/all.h> would make nvcc parse torch's whole C++ frontend once per GPU
 // arch for every .cu file, which dominated the build time.
@@ -53,3 +54,20 @@ torch::Tensor paged_attention_decode(const torch::Tensor& q, const torch::Tensor
 torch::Tensor naive_attention_varlen(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                      const torch::Tensor& cu_seqlens_q, const torch::Tensor& cu_seqlens_k,
                                      int64_t max_seqlen_q, int64_t max_seqlen_k, double scale);
+
+// The sampler's row reductions over fp32 logits [B, V] (sampler.cu). sampler_gumbel_argmax: each row's token
+// (int64 [B]), argmax over v of penalized(logits) / max(temperatures, 1e-5) - log(noise) with the first index
+// on ties, the penalties (output_counts int32 and in_prompt bool [num_slots, V] at slots[B] int64; presence,
+// frequency, repetition fp32 [B]) all given or none, as layers/penalties.py's penalized().
+// sampler_logsumexp_rank: each row's fp32 log-sum-exp and the count (int64) of its logits above
+// logits[b, tokens[b]].
+torch::Tensor sampler_gumbel_argmax(const torch::Tensor& logits, const torch::Tensor& noise,
+                                    const torch::Tensor& temperatures,
+                                    const std::optional<torch::Tensor>& output_counts,
+                                    const std::optional<torch::Tensor>& in_prompt,
+                                    const std::optional<torch::Tensor>& slots,
+                                    const std::optional<torch::Tensor>& presence,
+                                    const std::optional<torch::Tensor>& frequency,
+                                    const std::optional<torch::Tensor>& repetition);
+std::tuple<torch::Tensor, torch::Tensor> sampler_logsumexp_rank(const torch::Tensor& logits,
+                                                                const torch::Tensor& tokens);

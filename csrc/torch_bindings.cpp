@@ -22,6 +22,11 @@ TORCH_LIBRARY(minivllm, m) {
   m.def(
       "paged_attention_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
       "Tensor context_lens, float scale, Tensor? total_context_len=None, int? split_kv_heads=None) -> Tensor");
+  m.def(
+      "sampler_gumbel_argmax(Tensor logits, Tensor noise, Tensor temperatures, Tensor? output_counts=None, "
+      "Tensor? in_prompt=None, Tensor? slots=None, Tensor? presence=None, Tensor? frequency=None, "
+      "Tensor? repetition=None) -> Tensor");
+  m.def("sampler_logsumexp_rank(Tensor logits, Tensor tokens) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(minivllm, CUDA, m) {
@@ -31,6 +36,8 @@ TORCH_LIBRARY_IMPL(minivllm, CUDA, m) {
   m.impl("flash_attn_varlen", &flash_attn_varlen);
   m.impl("naive_attention_varlen", &naive_attention_varlen);
   m.impl("paged_attention_decode", &paged_attention_decode);
+  m.impl("sampler_gumbel_argmax", &sampler_gumbel_argmax);
+  m.impl("sampler_logsumexp_rank", &sampler_logsumexp_rank);
 }
 
 // An importable module: `import minivllm._C` loads the library and runs the registrations above.
