@@ -173,3 +173,41 @@ def test_qk_norm_rope_cache_without_cache_still_transforms():
     expected = norm_rope_fp64(before[:, :192].view(5, 3, 64), None, 0.0, cos[:5], sin[:5])
     torch.testing.assert_close(qkv[:, :192].double(), expected.flatten(1), rtol=1e-5, atol=1e-5)
     assert torch.equal(qkv[:, 192:], before[:, 192:])
+
+
+def test_sampler_references_against_a_loop_over_elements():
+    """reference.sampler_gumbel_argmax (the sampler kernels' oracle) against the penalties, temperature and Gumbel
+    draw written out one element at a time, and ops' wrappers taking the references on the CPU."""
+    from minivllm import ops
+
+    g = torch.Generator().manual_seed(0)
+    rows, vocab, num_slots = 5, 37, 3
+    logits = torch.randn(rows, vocab, generator=g) * 3
+    logits[1, 4] = float("-inf")
+    noise = torch.empty(rows, vocab).exponential_(generator=g)
+    temperatures = torch.tensor([0.0, 1e-6, 0.7, 1.0, 2.0])
+    counts = torch.randint(0, 3, (num_slots, vocab), generator=g, dtype=torch.int32)
+    in_prompt = torch.rand(num_slots, vocab, generator=g) < 0.3
+    slots = torch.tensor([2, 0, 1, 2, 0])
+    presence, frequency = torch.rand(rows, generator=g) - 0.5, torch.rand(rows, generator=g) * 4 + 1  # strong
+    repetition = torch.rand(rows, generator=g) + 0.5
+    penalties = (counts, in_prompt, slots, presence, frequency, repetition)
+    expected = []
+    for b in range(rows):
+        scores = []
+        for v in range(vocab):
+            x, c = logits[b, v].item(), counts[slots[b], v].item()
+            if in_prompt[slots[b], v] or c > 0:
+                x = x / repetition[b].item() if x > 0 else x * repetition[b].item()
+            x = x - frequency[b].item() * c - presence[b].item() * (c > 0)
+            scores.append(x / max(temperatures[b].item(), 1e-5) - math.log(noise[b, v].item()))
+        expected.append(max(range(vocab), key=lambda v: (scores[v], -v)))
+    assert reference.sampler_gumbel_argmax(logits, noise, temperatures, *penalties).tolist() == expected
+    assert torch.equal(ops.sampler_gumbel_argmax(logits, noise, temperatures, *penalties),
+                       reference.sampler_gumbel_argmax(logits, noise, temperatures, *penalties))
+    assert not torch.equal(reference.sampler_gumbel_argmax(logits, noise, temperatures), torch.tensor(expected))
+
+    tokens = torch.tensor(expected)
+    lse, above = ops.sampler_logsumexp_rank(logits, tokens)
+    torch.testing.assert_close(lse.double(), logits.double().logsumexp(-1), rtol=1e-6, atol=1e-6)
+    assert above.tolist() == [int((logits[b] > logits[b, tokens[b]]).sum()) for b in range(rows)]

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from minivllm.layers.fusion import fused_on_gpu
+from minivllm.ops import reference
 
 
 class PenaltyCounts:
@@ -78,14 +79,6 @@ def apply_penalties(logits: torch.Tensor, p: Penalties) -> torch.Tensor:
                      p.repetition)
 
 
-@fused_on_gpu
-def penalized(logits: torch.Tensor, output_counts: torch.Tensor, in_prompt: torch.Tensor, slots: torch.Tensor,
-              presence: torch.Tensor, frequency: torch.Tensor, repetition: torch.Tensor) -> torch.Tensor:
-    """As vLLM: repetition over prompt and output tokens (positive logits divided, negative multiplied), then
-    frequency (times the count) and presence (once) over output tokens. One pass on the GPU: the slots' rows are
-    gathered inside the fused kernel, never copied out."""
-    counts = output_counts[slots]
-    seen = in_prompt[slots] | (counts > 0)
-    repetition = repetition.unsqueeze(1)
-    logits = torch.where(seen, torch.where(logits > 0, logits / repetition, logits * repetition), logits)
-    return logits - frequency.unsqueeze(1) * counts - presence.unsqueeze(1) * (counts > 0)
+# penalized() of ops/reference.py (as vLLM: repetition over prompt and output tokens, then frequency and presence
+# over output tokens), one pass on the GPU: the slots' rows are gathered inside the fused kernel, never copied out.
+penalized = fused_on_gpu(reference.penalized)

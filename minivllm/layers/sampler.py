@@ -14,6 +14,8 @@ import torch
 
 from minivllm.layers.fusion import fused_on_gpu
 from minivllm.layers.penalties import Penalties, apply_penalties
+from minivllm.ops import reference
+from minivllm.ops.reference import gumbel_max
 
 # The per-row sampling columns: name -> (dtype, the value that means "off", None when a column is always sent).
 COLUMNS = {
@@ -121,10 +123,7 @@ def top_k(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return values, best.gather(1, where // width) * width + where % width
 
 
-@fused_on_gpu
-def log_sum_exp_and_count_above(logits: torch.Tensor, chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = logits.float()
-    return torch.logsumexp(logits, dim=-1), (logits > chosen.unsqueeze(1)).sum(dim=-1)
+log_sum_exp_and_count_above = fused_on_gpu(reference.log_sum_exp_and_count_above)
 
 
 def process_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
@@ -182,14 +181,7 @@ def filtered_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     return logits
 
 
-def gumbel_max(logits: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """argmax(softmax(logits) / noise), taken in log space: the softmax's normaliser is the same for a whole row."""
-    return (logits - noise.log()).argmax(dim=-1)
-
-
-@fused_on_gpu
-def temperature_gumbel_max(logits: torch.Tensor, temperatures: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    return gumbel_max(logits.float() / temperatures.clamp(min=1e-5).unsqueeze(1), noise)
+temperature_gumbel_max = fused_on_gpu(reference.temperature_gumbel_max)
 
 
 def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:

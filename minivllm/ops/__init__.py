@@ -173,3 +173,37 @@ def small_m_kernel_fits(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Te
 
 def rows_aligned(t: torch.Tensor) -> bool:
     return t.stride(1) == 1 and t.stride(0) % 8 == 0 and t.data_ptr() % 16 == 0
+
+
+def sampler_kernels_fit(logits: torch.Tensor) -> bool:
+    """Whether the sampler kernels (csrc/sampler.cu) take these logits: fp32 [B, V], contiguous, on a GPU. Other
+    logits (the CPU, a bf16 lm_head) take the torch reference, eagerly."""
+    return KERNELS_BUILT and logits.is_cuda and logits.dtype == torch.float32 and logits.dim() == 2 and (
+        logits.is_contiguous())
+
+
+def sampler_gumbel_argmax(
+    logits: torch.Tensor,
+    noise: torch.Tensor,
+    temperatures: torch.Tensor,
+    output_counts: torch.Tensor | None = None,
+    in_prompt: torch.Tensor | None = None,
+    slots: torch.Tensor | None = None,
+    presence: torch.Tensor | None = None,
+    frequency: torch.Tensor | None = None,
+    repetition: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Each row's token [B] int64: argmax of penalized(logits) / max(T, 1e-5) - log(noise), the first index on
+    ties; the penalty tensors (layers/penalties.py's tables at slots, and the three per-row penalties) all given or
+    none. See reference.sampler_gumbel_argmax."""
+    args = (logits, noise, temperatures, output_counts, in_prompt, slots, presence, frequency, repetition)
+    if sampler_kernels_fit(logits):
+        return torch.ops.minivllm.sampler_gumbel_argmax(*args)
+    return reference.sampler_gumbel_argmax(*args)
+
+
+def sampler_logsumexp_rank(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's fp32 log-sum-exp [B] and the count [B] int64 of its logits above logits[b, tokens[b]]."""
+    if sampler_kernels_fit(logits):
+        return torch.ops.minivllm.sampler_logsumexp_rank(logits, tokens)
+    return reference.sampler_logsumexp_rank(logits, tokens)

@@ -154,3 +154,52 @@ def paged_attention_decode(
     mask = (positions.unsqueeze(0) < context_lens.unsqueeze(1)).view(batch, 1, 1, -1)
     out = F.scaled_dot_product_attention(q.float().unsqueeze(2), keys, values, attn_mask=mask, scale=scale)
     return out.squeeze(2).to(q.dtype)
+
+
+def penalized(logits: torch.Tensor, output_counts: torch.Tensor, in_prompt: torch.Tensor, slots: torch.Tensor,
+              presence: torch.Tensor, frequency: torch.Tensor, repetition: torch.Tensor) -> torch.Tensor:
+    """As vLLM: repetition over prompt and output tokens (positive logits divided, negative multiplied), then
+    frequency (times the count) and presence (once) over output tokens; each row reads the tables at its slot."""
+    counts = output_counts[slots]
+    seen = in_prompt[slots] | (counts > 0)
+    repetition = repetition.unsqueeze(1)
+    logits = torch.where(seen, torch.where(logits > 0, logits / repetition, logits * repetition), logits)
+    return logits - frequency.unsqueeze(1) * counts - presence.unsqueeze(1) * (counts > 0)
+
+
+def gumbel_max(logits: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """argmax(softmax(logits) / noise), taken in log space: the softmax's normaliser is the same for a whole row."""
+    return (logits - noise.log()).argmax(dim=-1)
+
+
+def temperature_gumbel_max(logits: torch.Tensor, temperatures: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    return gumbel_max(logits.float() / temperatures.clamp(min=1e-5).unsqueeze(1), noise)
+
+
+def sampler_gumbel_argmax(
+    logits: torch.Tensor,
+    noise: torch.Tensor,
+    temperatures: torch.Tensor,
+    output_counts: torch.Tensor | None = None,
+    in_prompt: torch.Tensor | None = None,
+    slots: torch.Tensor | None = None,
+    presence: torch.Tensor | None = None,
+    frequency: torch.Tensor | None = None,
+    repetition: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Each row's token [B] int64: the Gumbel-max draw at its temperature from the logits [B, V], penalized first
+    when the penalty tensors are given (all of them)."""
+    if output_counts is not None:
+        logits = penalized(logits.float(), output_counts, in_prompt, slots, presence, frequency, repetition)
+    return temperature_gumbel_max(logits, temperatures, noise)
+
+
+def log_sum_exp_and_count_above(logits: torch.Tensor, chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's fp32 log-sum-exp and the count of its logits above chosen [B]."""
+    logits = logits.float()
+    return torch.logsumexp(logits, dim=-1), (logits > chosen.unsqueeze(1)).sum(dim=-1)
+
+
+def sampler_logsumexp_rank(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log_sum_exp_and_count_above, the chosen logit of each row at tokens [B]."""
+    return log_sum_exp_and_count_above(logits, logits.gather(1, tokens.unsqueeze(1)).squeeze(1).float())
