@@ -17,14 +17,15 @@
 
 #include <ATen/cuda/CUDAContext.h>
 
-#include "attention/flash_ptx.cuh"
 #include "common/checks.h"
+#include "common/ptx.cuh"
 #include "ops.h"
 
 namespace {
 
 using minivllm::str;
-using minivllm::flash::mma_16816;
+using minivllm::ptx::load_streaming_16;
+using minivllm::ptx::mma_16816;
 
 constexpr int kMaxM = 16;  // the 16 rows of the mma's A operand
 constexpr int kRows = 8;   // weight rows per CTA: the mma's 8 B columns
@@ -50,25 +51,6 @@ struct Params {
   int n;
   int k_chunks;  // K / 8
 };
-
-// 16 bytes of a weight row, zeros when !valid. The weights are read once: no L1 allocation, and L2 fetches
-// 256-byte segments since the rest of the row follows.
-__device__ __forceinline__ uint4 load_weight_chunk(const uint4* ptr, bool valid) {
-  uint4 v;
-  asm volatile(
-      "{\n"
-      "  .reg .pred p;\n"
-      "  setp.ne.b32 p, %5, 0;\n"
-      "  mov.b32 %0, 0;\n"
-      "  mov.b32 %1, 0;\n"
-      "  mov.b32 %2, 0;\n"
-      "  mov.b32 %3, 0;\n"
-      "  @p ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-      "}\n"
-      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-      : "l"(ptr), "r"(static_cast<int>(valid)));
-  return v;
-}
 
 // 16 bytes of an x row through L1 (every CTA reads all of x), zeros when !valid.
 __device__ __forceinline__ uint4 load_x_chunk(const uint4* ptr, bool valid) {
@@ -118,7 +100,7 @@ __global__ void __launch_bounds__(kThreads, 2) small_m_linear_kernel(const Param
     for (int u = 0; u < kUnroll<kHighRows>; ++u) {
       const int chunk = (step + u) * kChunksPerStep + t;
       const bool in_k = step + u < step_end && chunk < p.k_chunks;
-      w[u] = load_weight_chunk(weight_row + chunk, in_k && row_valid);
+      w[u] = load_streaming_16(weight_row + chunk, in_k && row_valid);
       low[u] = load_x_chunk(x_low + chunk, in_k && low_valid);
       high[u] = kHighRows ? load_x_chunk(x_high + chunk, in_k && high_valid) : make_uint4(0, 0, 0, 0);
     }

@@ -13,11 +13,20 @@
 
 #include <cmath>
 
+#include "common/ptx.cuh"
 #include "flash_kernel_traits.cuh"
 #include "flash_params.cuh"
-#include "flash_ptx.cuh"
 
 namespace minivllm::flash {
+
+using ptx::cp_async_16;
+using ptx::cp_async_commit;
+using ptx::cp_async_wait;
+using ptx::ldmatrix_x4;
+using ptx::ldmatrix_x4_trans;
+using ptx::mma_16816;
+using ptx::pack2;
+using ptx::smem_address;
 
 // Max of a lane's values of one row (h = 0: elements 0, 1; h = 1: elements 2, 3 of each 8-column tile),
 // taken as a tree: the max sits on the path from the last QK^T mma to the P V mma's, so its dependent chain

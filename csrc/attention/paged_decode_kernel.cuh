@@ -29,8 +29,8 @@
 #include <cmath>
 #include <cstdint>
 
+#include "common/ptx.cuh"
 #include "common/split_counters.cuh"
-#include "flash_ptx.cuh"
 #include "paged_decode.cuh"
 
 namespace minivllm::decode {
@@ -137,7 +137,7 @@ __device__ __forceinline__ void merge_splits(const KernelParams& p, int64_t row,
     den += w;
   }
   T* out = static_cast<T*>(p.args.out) + row * kHeadDim + d;
-  *reinterpret_cast<uint32_t*>(out) = flash::pack2<T>(num0 / den, num1 / den);
+  *reinterpret_cast<uint32_t*>(out) = ptx::pack2<T>(num0 / den, num1 / den);
 }
 
 template <typename T, int kHeadDim, int kStages>
@@ -170,17 +170,17 @@ __global__ void __launch_bounds__(kThreads, Layout<kHeadDim, kStages>::kCtasPerS
   const int tid = threadIdx.x;
   const int lane = tid % 32;
   const int warp = tid / 32;
-  const uint32_t warp_smem = flash::smem_address(smem + warp * L::kWarpBytes);  // [kStages][K, V][16][row]
-  const uint32_t q_smem = flash::smem_address(smem + kWarps * L::kWarpBytes);   // [kMaxHeads][row]
+  const uint32_t warp_smem = ptx::smem_address(smem + warp * L::kWarpBytes);  // [kStages][K, V][16][row]
+  const uint32_t q_smem = ptx::smem_address(smem + kWarps * L::kWarpBytes);   // [kMaxHeads][row]
 
   // q of the CTA's heads, rows past num_heads zero-filled, in a copy group of its own (the first).
   const T* q = static_cast<const T*>(a.q) + seq * a.q_stride_batch + head0 * a.q_stride_head;
   for (int i = tid; i < kMaxHeads * L::kChunks; i += kThreads) {
     const int h = i / L::kChunks, c = i % L::kChunks;
     const bool valid = h < num_heads;
-    flash::cp_async_16(q_smem + h * L::kRowBytes + c * 16, valid ? q + h * a.q_stride_head + c * 8 : q, valid);
+    ptx::cp_async_16(q_smem + h * L::kRowBytes + c * 16, valid ? q + h * a.q_stride_head + c * 8 : q, valid);
   }
-  flash::cp_async_commit();
+  ptx::cp_async_commit();
 
   // This warp's stages: chunk `stage * kWarps + warp` of kWarpTokens tokens from `begin`, while it starts
   // before `end`. A chunk starts at a multiple of 16 and block_size is a power of two >= 16, so it lies
@@ -215,8 +215,8 @@ __global__ void __launch_bounds__(kThreads, Layout<kHeadDim, kStages>::kCtasPerS
       // Rows past the end (still inside the stage's page) are zero-filled, not read: their probabilities are 0,
       // and 0 x NaN of a stale row would be NaN.
       const bool valid = i * L::kLaneRows < rows_left;
-      flash::cp_async_16(dst + i * L::kLaneRows * L::kRowBytes, k_src + i * pass_stride, valid);
-      flash::cp_async_16(dst + L::kKvBytes + i * L::kLaneRows * L::kRowBytes, v_src + i * pass_stride, valid);
+      ptx::cp_async_16(dst + i * L::kLaneRows * L::kRowBytes, k_src + i * pass_stride, valid);
+      ptx::cp_async_16(dst + L::kKvBytes + i * L::kLaneRows * L::kRowBytes, v_src + i * pass_stride, valid);
     }
   };
 
@@ -229,15 +229,15 @@ __global__ void __launch_bounds__(kThreads, Layout<kHeadDim, kStages>::kCtasPerS
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
     if (s < warp_stages) load_stage(s, pages[s]);
-    flash::cp_async_commit();
+    ptx::cp_async_commit();
   }
-  flash::cp_async_wait<kStages - 1>();  // this thread's part of q (the first group)
+  ptx::cp_async_wait<kStages - 1>();  // this thread's part of q (the first group)
   __syncthreads();                      // ... and everyone's
   // A fragments of q: matrix j of an ldmatrix is rows +8*(j%2), chunk +j/2.
   uint32_t q_frag[kHeadDim / 16][4];
 #pragma unroll
   for (int kk = 0; kk < kHeadDim / 16; ++kk) {
-    flash::ldmatrix_x4(q_frag[kk], q_smem + (lane % 16) * L::kRowBytes + (lane / 16) * 16 + kk * 32);
+    ptx::ldmatrix_x4(q_frag[kk], q_smem + (lane % 16) * L::kRowBytes + (lane / 16) * 16 + kk * 32);
   }
 
   // Each lane holds rows lane/4 ([.][0..1]) and lane/4 + 8 ([.][2..3]) of every 8-column accumulator tile.
@@ -252,11 +252,11 @@ __global__ void __launch_bounds__(kThreads, Layout<kHeadDim, kStages>::kCtasPerS
   const uint32_t v_lane = L::kKvBytes + (((lane / 8) % 2) * 8 + lane % 8) * L::kRowBytes + (lane / 16) * 16;
 
   for (int stage = 0; stage < warp_stages; ++stage) {
-    flash::cp_async_wait<kStages - 2>();  // this lane's copies of `stage` have landed
+    ptx::cp_async_wait<kStages - 2>();  // this lane's copies of `stage` have landed
     __syncwarp();                         // ... every lane's; and all are done reading stage - 1's buffer
     const int ahead = stage + kStages - 1;
     if (ahead < warp_stages) load_stage(ahead, next_page);
-    flash::cp_async_commit();
+    ptx::cp_async_commit();
     next_page = page_of(ahead + 1);  // a stage early: its latency hides behind this stage's work
 
     const uint32_t buf = warp_smem + (stage % kStages) * L::kStageBytes;
@@ -266,9 +266,9 @@ __global__ void __launch_bounds__(kThreads, Layout<kHeadDim, kStages>::kCtasPerS
 #pragma unroll
       for (int nn = 0; nn < kWarpTokens / 16; ++nn) {
         uint32_t b[4];
-        flash::ldmatrix_x4(b, buf + k_lane + nn * 16 * L::kRowBytes + kk * 32);
-        flash::mma_16816<T>(s[2 * nn], q_frag[kk], b[0], b[1]);
-        flash::mma_16816<T>(s[2 * nn + 1], q_frag[kk], b[2], b[3]);
+        ptx::ldmatrix_x4(b, buf + k_lane + nn * 16 * L::kRowBytes + kk * 32);
+        ptx::mma_16816<T>(s[2 * nn], q_frag[kk], b[0], b[1]);
+        ptx::mma_16816<T>(s[2 * nn + 1], q_frag[kk], b[2], b[3]);
       }
     }
     // Scale in fp32 (any sign of scale works) and mask the tokens past the end (only a last stage has any).
@@ -315,20 +315,20 @@ __global__ void __launch_bounds__(kThreads, Layout<kHeadDim, kStages>::kCtasPerS
 #pragma unroll
     for (int kk = 0; kk < kWarpTokens / 16; ++kk) {
       const uint32_t p_frag[4] = {
-          flash::pack2<T>(s[2 * kk][0], s[2 * kk][1]), flash::pack2<T>(s[2 * kk][2], s[2 * kk][3]),
-          flash::pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]), flash::pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+          ptx::pack2<T>(s[2 * kk][0], s[2 * kk][1]), ptx::pack2<T>(s[2 * kk][2], s[2 * kk][3]),
+          ptx::pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]), ptx::pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
 #pragma unroll
       for (int dd = 0; dd < kHeadDim / 16; ++dd) {
         uint32_t b[4];
-        flash::ldmatrix_x4_trans(b, buf + v_lane + kk * 16 * L::kRowBytes + dd * 32);
-        flash::mma_16816<T>(acc[2 * dd], p_frag, b[0], b[1]);
-        flash::mma_16816<T>(acc[2 * dd + 1], p_frag, b[2], b[3]);
+        ptx::ldmatrix_x4_trans(b, buf + v_lane + kk * 16 * L::kRowBytes + dd * 32);
+        ptx::mma_16816<T>(acc[2 * dd], p_frag, b[0], b[1]);
+        ptx::mma_16816<T>(acc[2 * dd + 1], p_frag, b[2], b[3]);
       }
     }
   }
 
   // Merge of the warps: each writes its rows' (max, sum, O) into its own, now idle, pipeline buffers.
-  flash::cp_async_wait<0>();
+  ptx::cp_async_wait<0>();
   __syncwarp();
   float* scratch = reinterpret_cast<float*>(smem + warp * L::kWarpBytes);
   float* stats = scratch + L::kStatsOffset;  // [max of row 0..15][sum of row 0..15]
@@ -379,8 +379,8 @@ __global__ void __launch_bounds__(kThreads, Layout<kHeadDim, kStages>::kCtasPerS
     const int head = head0 + h;
     if (writes_output) {
       T* out = static_cast<T*>(a.out) + (int64_t(seq) * a.num_heads + head) * kHeadDim;
-      reinterpret_cast<uint4*>(out)[c] = make_uint4(flash::pack2<T>(o[0], o[1]), flash::pack2<T>(o[2], o[3]),
-                                                    flash::pack2<T>(o[4], o[5]), flash::pack2<T>(o[6], o[7]));
+      reinterpret_cast<uint4*>(out)[c] = make_uint4(ptx::pack2<T>(o[0], o[1]), ptx::pack2<T>(o[2], o[3]),
+                                                    ptx::pack2<T>(o[4], o[5]), ptx::pack2<T>(o[6], o[7]));
     } else {
       const int64_t row = (int64_t(seq) * a.num_heads + head) * p.num_splits + split;
       float4* out = reinterpret_cast<float4*>(p.partial_out + row * kHeadDim + c * 8);

@@ -1,6 +1,6 @@
-// The few PTX instructions the flash kernels are built from: asynchronous global->shared copies, ldmatrix
-// fragment loads and the m16n8k16 tensor-core product. Fragment layouts follow the PTX ISA
-// ("Matrix Fragments for mma.m16n8k16"); lane = 4 * group + thread_in_group throughout.
+// The PTX instructions the kernels are built from, in one place: asynchronous global->shared copies, ldmatrix
+// fragment loads, the m16n8k16 tensor-core product, and a streaming 16-byte load. Fragment layouts follow the
+// PTX ISA ("Matrix Fragments for mma.m16n8k16"); lane = 4 * group + thread_in_group throughout.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -8,7 +8,7 @@
 
 #include <cstdint>
 
-namespace minivllm::flash {
+namespace minivllm::ptx {
 
 __device__ __forceinline__ uint32_t smem_address(const void* ptr) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
@@ -82,4 +82,23 @@ __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
   return *reinterpret_cast<uint32_t*>(&h);
 }
 
-}  // namespace minivllm::flash
+// 16 bytes from global memory read once (weights streamed by a decode step), zeros when !valid: no L1
+// allocation, and L2 fetches 256-byte segments since the rest of the row follows.
+__device__ __forceinline__ uint4 load_streaming_16(const uint4* ptr, bool valid) {
+  uint4 v;
+  asm volatile(
+      "{\n"
+      "  .reg .pred p;\n"
+      "  setp.ne.b32 p, %5, 0;\n"
+      "  mov.b32 %0, 0;\n"
+      "  mov.b32 %1, 0;\n"
+      "  mov.b32 %2, 0;\n"
+      "  mov.b32 %3, 0;\n"
+      "  @p ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+      "}\n"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(ptr), "r"(static_cast<int>(valid)));
+  return v;
+}
+
+}  // namespace minivllm::ptx
