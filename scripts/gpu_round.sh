@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # A session's closing device call, in the order of what matters most should the device time run out (every
 # step logs to OUT_DIR as it goes; at most 6 files, under the device's limit): build; the GPU tests of the sampler,
-# the engine, the input staging, paged decode and the small-M linear; benchmarks.throughput plain with the
-# step-time breakdown and its plot, then with logprobs and penalties on every request; benchmarks.serving at
-# maximum concurrency and at a Poisson rate of half that; then, in the time that is left, benchmarks.latency with
-# its plot, step_profile with the extras, benchmarks.decode with its plot.
+# the engine, the input staging, paged decode, the small-M linear and the sampler kernels; benchmarks.throughput
+# plain with the step-time breakdown and its plot, then with logprobs and penalties on every request;
+# benchmarks.serving at maximum concurrency and at a Poisson rate of half that; then, in the time that is left,
+# benchmarks.latency with its plot, benchmarks.sampler, step_profile with the extras, benchmarks.decode with its
+# plot.
 #   scripts/gpu_round.sh OUT_DIR [SECONDS]    (SECONDS: the call's limit, 600 by default)
 set -uo pipefail
 out=$(realpath -m "${1:?usage: scripts/gpu_round.sh OUT_DIR [SECONDS]}")
@@ -19,7 +20,8 @@ stamp() { [ "${PIPESTATUS[0]}" = 0 ] || failed="$failed, $1"; echo "--- $1 at ${
 bash scripts/gpu_build.sh >"$out/build.log" 2>&1 || { tail -50 "$out/build.log"; exit 1; }
 echo "--- built at ${SECONDS}s" | tee -a "$log"
 timeout 240 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_sampler_gpu.py tests/gpu/test_engine_gpu.py \
-  tests/gpu/test_step_inputs_gpu.py tests/gpu/test_paged_decode.py tests/gpu/test_small_m_linear.py 2>&1 | tail -8 | tee -a "$log"
+  tests/gpu/test_step_inputs_gpu.py tests/gpu/test_paged_decode.py tests/gpu/test_small_m_linear.py \
+  tests/gpu/test_sampler_kernels.py 2>&1 | tail -8 | tee -a "$log"
 stamp "GPU tests"
 extras="--logprobs 5 --presence-penalty 0.5 --repetition-penalty 1.1"
 timeout 150 python3 -m benchmarks.throughput --plot "$out/throughput.png" 2>&1 | grep -v -i "warn\|llm = LLM" | tee -a "$log"
@@ -32,6 +34,10 @@ stamp serving
 if [ $((limit - 15 - SECONDS)) -gt 90 ]; then  # latency took 62 s in one run and was cut at 70 s in the next
   timeout 90 python3 -m benchmarks.latency --plot "$out/latency.png" 2>&1 | tee -a "$log"
   stamp latency
+fi
+if [ $((limit - 15 - SECONDS)) -gt 30 ]; then
+  timeout 30 python3 -m benchmarks.sampler 2>&1 | tee -a "$log"
+  stamp sampler
 fi
 if [ $((limit - 15 - SECONDS)) -gt 35 ]; then
   timeout 35 python3 -m benchmarks.step_profile $extras --top 8 2>&1 | grep -v -i "warn\|llm = LLM" | tee -a "$log"
