@@ -372,36 +372,44 @@ int resident_ctas(Kernel kernel, int device) {
 
 bool aligned(const torch::Tensor& t, int bytes) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % bytes == 0; }
 
+void check_contiguous(const char* op, const char* name, const torch::Tensor& t) {
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous, got strides ", t.strides());
+}
+
 // logits [B, V]: CUDA, fp32, contiguous, V >= 1 and below 2^31 (int indices).
 void check_logits(const char* op, const torch::Tensor& logits) {
   TORCH_CHECK(logits.is_cuda(), op, ": logits must be a CUDA tensor, got ", logits.device());
   TORCH_CHECK(logits.scalar_type() == at::kFloat, op, ": logits must be ", at::kFloat, ", got ", logits.scalar_type());
   TORCH_CHECK(logits.dim() == 2, op, ": logits must be [num_rows, vocab], got shape ", logits.sizes());
-  TORCH_CHECK(logits.is_contiguous(), op, ": logits must be contiguous, got strides ", logits.strides());
+  check_contiguous(op, "logits", logits);
   TORCH_CHECK(logits.size(1) >= 1 && logits.size(1) < INT_MAX, op, ": logits' vocab must be in 1..", INT_MAX - 1,
               ", got ", logits.size(1));
+}
+
+// An input beside logits: on logits' device, of dtype.
+void check_device_and_dtype(const char* op, const char* name, const torch::Tensor& t, const torch::Tensor& logits,
+                            at::ScalarType dtype) {
+  TORCH_CHECK(t.device() == logits.device(), op, ": ", name, " must be on logits' device ", logits.device(),
+              ", got ", t.device());
+  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ", t.scalar_type());
 }
 
 // A per-row vector: on logits' device, of dtype, shape [B], contiguous.
 void check_row_vector(const char* op, const char* name, const torch::Tensor& t, const torch::Tensor& logits,
                       at::ScalarType dtype) {
-  TORCH_CHECK(t.device() == logits.device(), op, ": ", name, " must be on logits' device ", logits.device(),
-              ", got ", t.device());
-  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ", t.scalar_type());
+  check_device_and_dtype(op, name, t, logits, dtype);
   TORCH_CHECK(t.dim() == 1 && t.size(0) == logits.size(0), op, ": ", name, " must be [num_rows=", logits.size(0),
               "], got shape ", t.sizes());
-  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous, got strides ", t.strides());
+  check_contiguous(op, name, t);
 }
 
 // A penalty table [num_slots, V]: on logits' device, of dtype, contiguous.
 void check_table(const char* op, const char* name, const torch::Tensor& t, const torch::Tensor& logits,
                  at::ScalarType dtype) {
-  TORCH_CHECK(t.device() == logits.device(), op, ": ", name, " must be on logits' device ", logits.device(),
-              ", got ", t.device());
-  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ", t.scalar_type());
+  check_device_and_dtype(op, name, t, logits, dtype);
   TORCH_CHECK(t.dim() == 2 && t.size(1) == logits.size(1), op, ": ", name, " must be [num_slots, vocab=",
               logits.size(1), "], got shape ", t.sizes());
-  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous, got strides ", t.strides());
+  check_contiguous(op, name, t);
 }
 
 // Launches `kernel` (either of the two) over grid (rows, splits), with the workspace of a Partial a split and the
@@ -435,12 +443,10 @@ torch::Tensor sampler_gumbel_argmax(const torch::Tensor& logits, const torch::Te
                                     const std::optional<torch::Tensor>& repetition) {
   constexpr const char* op = "sampler_gumbel_argmax";
   check_logits(op, logits);
-  TORCH_CHECK(noise.device() == logits.device(), op, ": noise must be on logits' device ", logits.device(),
-              ", got ", noise.device());
-  TORCH_CHECK(noise.scalar_type() == at::kFloat, op, ": noise must be ", at::kFloat, ", got ", noise.scalar_type());
+  check_device_and_dtype(op, "noise", noise, logits, at::kFloat);
   TORCH_CHECK(noise.sizes() == logits.sizes(), op, ": noise must have logits' shape ", logits.sizes(), ", got ",
               noise.sizes());
-  TORCH_CHECK(noise.is_contiguous(), op, ": noise must be contiguous, got strides ", noise.strides());
+  check_contiguous(op, "noise", noise);
   check_row_vector(op, "temperatures", temperatures, logits, at::kFloat);
   const int given = output_counts.has_value() + in_prompt.has_value() + slots.has_value() + presence.has_value() +
                     frequency.has_value() + repetition.has_value();
