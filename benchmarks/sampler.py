@@ -15,8 +15,14 @@ import torch
 
 from benchmarks.common import copy_bandwidth_gbs, gpu_name, parser, print_table, require_cuda, time_cuda_ms, write_json
 from minivllm import ops
+from minivllm.layers.fusion import fused_on_gpu
 from minivllm.layers.penalties import Penalties, PenaltyCounts, penalized
-from minivllm.layers.sampler import SamplingBatch, log_sum_exp_and_count_above, sample, temperature_gumbel_max, top_k
+from minivllm.layers.sampler import SamplingBatch, sample, top_k
+from minivllm.ops import reference
+
+# the torch.compile'd functions that the engine ran before the kernels, for kernel_rows()
+temperature_gumbel_max = fused_on_gpu(reference.temperature_gumbel_max)
+log_sum_exp_and_count_above = fused_on_gpu(reference.log_sum_exp_and_count_above)
 
 
 def main() -> None:

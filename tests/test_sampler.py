@@ -58,6 +58,28 @@ def test_temperature_sharpens_and_flattens():
         assert (freq - expected).abs().max() < 0.015, temperature
 
 
+@pytest.mark.parametrize("top_k", [0, 3])
+def test_penalties_shape_a_temperature_draw(top_k):
+    """Every row at temperature 1 with penalties: a plain draw applies them inside its own pass (csrc/sampler.cu
+    on the GPU), one with top-k before it; both draw from the softmax of the penalized logits. The rows' output
+    is token 4 once and their prompt tokens 1..3: presence and frequency lower token 4, repetition divides the
+    positive logits of 1, 3 and 4."""
+    torch.manual_seed(7)
+    logits = PROBS.clamp(min=1e-9).log() + 1.0  # 0.05 -> -2.0, 0.5 -> 0.31 ...: both signs for repetition
+    params = SamplingParams(temperature=1.0, presence_penalty=0.5, frequency_penalty=0.25, repetition_penalty=1.5,
+                            top_k=top_k)
+    seen = torch.tensor([False, True, True, True, True])
+    penalized = torch.where(seen, torch.where(logits > 0, logits / 1.5, logits * 1.5), logits)
+    penalized[4] -= 0.75
+    expected = penalized.softmax(-1)
+    if top_k:
+        expected[expected.argsort()[: 5 - top_k]] = 0
+        expected /= expected.sum()
+    tokens = draw(logits.expand(ROWS, -1).clone(), batch_of([params] * ROWS, outputs=1, vocab_size=5))
+    freq = torch.bincount(tokens, minlength=5).float() / ROWS
+    assert (freq - expected).abs().max() < 0.015, (freq, expected)
+
+
 @pytest.mark.parametrize(
     "knobs, allowed",
     [

@@ -162,13 +162,11 @@ class ModelRunner:
 
     @torch.inference_mode()
     def warm_up_sampler(self) -> None:
-        """Compile the sampler's fused kernels now, rather than in the first steps that sample with a
-        temperature, penalties or logprobs: torch.compile specialises a batch of one row, so one row and the
-        most rows a step samples compile the two graphs that every later batch reuses. The second is tuned at
-        that size: Triton times its candidate configurations once, on the first call, and a choice made at two
-        rows (where every candidate is latency-bound, so noise picks) ran 256-row steps at a quarter of the
-        memory bandwidth (the H200: 428 against 103 us for temperature and argmax). A generator and counts of
-        their own leave the engine's draws and penalty counts untouched."""
+        """Compile the sampler's one torch.compile'd function, penalized() (the penalties of a step that also has
+        greedy rows or top-k/top-p/min-p; the common draw runs csrc/sampler.cu), now rather than mid-run:
+        torch.compile specialises a batch of one row, so one row and the most rows a step samples compile the two
+        graphs that every later batch reuses. A generator and counts of their own leave the engine's draws and
+        penalty counts untouched."""
         args = self.config.args
         largest = min(args.max_num_seqs, args.max_num_batched_tokens)  # as profile_free_blocks samples
         generator = torch.Generator(self.device)
@@ -184,11 +182,10 @@ class ModelRunner:
             # mid-run for the engine's columns (views of one buffer)
             columns = [torch.ones(rows, dtype=torch.float32, device=self.device) for _ in range(4)]
             slots = torch.arange(rows, device=self.device)
-            for penalties in (None, Penalties(slots, slots, *columns[1:], counts)):
-                batch = SamplingBatch(columns[0], top_k=None, top_p=None, min_p=None, seeded_rows=[],
-                                      all_greedy=False, any_greedy=False, generator=generator, penalties=penalties,
-                                      num_logprobs=-1 if penalties is None else 1)
-                sample(logits, batch)
+            batch = SamplingBatch(columns[0], top_k=None, top_p=None, min_p=None, seeded_rows=[], all_greedy=False,
+                                  any_greedy=True, generator=generator,
+                                  penalties=Penalties(slots, slots, *columns[1:], counts), num_logprobs=1)
+            sample(logits, batch)
 
     # ----- CUDA graphs ----------------------------------------------------------------------------------
     def graph_batch_sizes(self) -> list[int]:

@@ -68,6 +68,11 @@ class Penalties:
     repetition: torch.Tensor
     counts: PenaltyCounts
 
+    def tables(self) -> tuple[torch.Tensor, ...]:
+        """What penalized() reads after the logits, in its order (ops.sampler_gumbel_argmax takes the same)."""
+        return (self.counts.output_counts, self.counts.in_prompt, self.slots, self.presence, self.frequency,
+                self.repetition)
+
     def count_sampled(self, tokens: torch.Tensor) -> None:
         """Add the step's sampled tokens [B] to the penalised rows' counts, for the steps after."""
         self.counts.count_once(self.slots[self.rows], tokens[self.rows])
@@ -75,8 +80,7 @@ class Penalties:
 
 def apply_penalties(logits: torch.Tensor, p: Penalties) -> torch.Tensor:
     """New fp32 logits [B, V] with the penalties applied (fp32 in: the lm_head's on the GPU, see ParallelLMHead)."""
-    return penalized(logits, p.counts.output_counts, p.counts.in_prompt, p.slots, p.presence, p.frequency,
-                     p.repetition)
+    return penalized(logits, *p.tables())
 
 
 # penalized() of ops/reference.py (as vLLM: repetition over prompt and output tokens, then frequency and presence

@@ -12,9 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from minivllm.layers.fusion import fused_on_gpu
+from minivllm import ops
 from minivllm.layers.penalties import Penalties, apply_penalties
-from minivllm.ops import reference
 from minivllm.ops.reference import gumbel_max
 
 # The per-row sampling columns: name -> (dtype, the value that means "off", None when a column is always sent).
@@ -85,7 +84,10 @@ class SamplerOutput:
 
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
     """Next token ids [B] from logits [B, V], with their logprobs if asked."""
-    tokens = choose(process_logits(logits, batch), batch)
+    # the common draw (a temperature on every row, no top-k/top-p/min-p) applies the penalties inside its own pass
+    penalties_in_draw = batch.penalties is not None and not batch.any_greedy and plain_temperature(batch)
+    processed = process_logits(logits, batch, with_penalties=not penalties_in_draw)
+    tokens = choose(processed, batch, batch.penalties if penalties_in_draw else None)
     if batch.num_logprobs < 0:
         return SamplerOutput(tokens)
     return SamplerOutput(tokens, *logprobs_of(logits, tokens, batch.num_logprobs))
@@ -94,10 +96,10 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
 def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
     """Of the log-softmax of logits [B, V], never made: the ids and logprobs [B, 1 + k] of each row's token in
     tokens [B] and then of its top k, and that token's 1-based rank [B] (the layout FlatLogprobs keeps). The top k
-    of the logits are those of their log-softmax, and one fused pass gives each row's log-sum-exp and the count of
-    tokens above its own."""
+    of the logits are those of their log-softmax, and one pass of csrc/sampler.cu gives each row's log-sum-exp and
+    the count of tokens above its own."""
     chosen = logits.gather(1, tokens.unsqueeze(1)).float()
-    log_sum_exp, above = log_sum_exp_and_count_above(logits, chosen.squeeze(1))
+    log_sum_exp, above = ops.sampler_logsumexp_rank(logits, tokens)
     if k:
         top_logits, top_ids = top_k(logits, k)
         ids, chosen = torch.cat([tokens.unsqueeze(1), top_ids], dim=1), torch.cat([chosen, top_logits.float()], dim=1)
@@ -123,12 +125,10 @@ def top_k(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return values, best.gather(1, where // width) * width + where % width
 
 
-log_sum_exp_and_count_above = fused_on_gpu(reference.log_sum_exp_and_count_above)
-
-
-def process_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """vLLM's logits processors, in its order: the grammar's mask, allowed tokens, bans, logit bias, penalties.
-    Never in place: the logprobs are of the logits as the model made them."""
+def process_logits(logits: torch.Tensor, batch: SamplingBatch, with_penalties: bool = True) -> torch.Tensor:
+    """vLLM's logits processors, in its order: the grammar's mask, allowed tokens, bans, logit bias, penalties
+    (unless not with_penalties: the draw applies them). Never in place: the logprobs are of the logits as the
+    model made them."""
     arrays = batch.arrays or {}
     if batch.bitmask is not None or "allowed" in arrays or "banned" in arrays or "bias" in arrays:
         logits = logits.to(torch.float32, copy=True)  # these write in place
@@ -148,20 +148,26 @@ def process_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     if "bias" in arrays:
         rows, ids = arrays["bias"]
         logits.index_put_((rows, ids), arrays["bias_values"], accumulate=True)
-    if batch.penalties is not None:
+    if batch.penalties is not None and with_penalties:
         logits = apply_penalties(logits, batch.penalties)
     return logits
 
 
-def choose(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """The sampled token of each row: argmax for greedy rows, else a draw under temperature, min-p, top-k/p."""
+def plain_temperature(batch: SamplingBatch) -> bool:
+    return batch.min_p is None and batch.top_k is None and batch.top_p is None
+
+
+def choose(logits: torch.Tensor, batch: SamplingBatch, penalties: Penalties | None = None) -> torch.Tensor:
+    """The sampled token of each row: argmax for greedy rows, else a draw under temperature, min-p, top-k/p; with
+    penalties (only for a plain temperature draw), those applied first, in the draw's pass."""
     if batch.all_greedy:
         return logits.argmax(dim=-1)
     noise = torch.empty(logits.shape, dtype=torch.float32, device=logits.device).exponential_(generator=batch.generator)
     for row, generator in batch.seeded_rows:
         noise[row].exponential_(generator=generator)
-    if batch.min_p is None and batch.top_k is None and batch.top_p is None:
-        sampled = temperature_gumbel_max(logits, batch.temperatures, noise)  # the common case, one fused pass
+    if plain_temperature(batch):  # the common case, one pass of csrc/sampler.cu
+        tables = () if penalties is None else penalties.tables()
+        sampled = ops.sampler_gumbel_argmax(logits, noise, batch.temperatures, *tables)
     else:
         sampled = gumbel_max(filtered_logits(logits, batch), noise)
     if not batch.any_greedy:
@@ -179,9 +185,6 @@ def filtered_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     if batch.top_k is not None or batch.top_p is not None:
         logits = apply_top_k_top_p(logits, batch.top_k, batch.top_p)
     return logits
-
-
-temperature_gumbel_max = fused_on_gpu(reference.temperature_gumbel_max)
 
 
 def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:
