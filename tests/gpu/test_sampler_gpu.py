@@ -11,6 +11,7 @@ from minivllm.engine.step_inputs import StepInputs
 from minivllm.engine.step_message import sampling_rows
 from minivllm.layers.penalties import PenaltyCounts
 from minivllm.layers.sampler import COLUMNS, process_logits, sample
+from minivllm.ops import reference
 from minivllm.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -66,6 +67,33 @@ def test_processors_and_logprobs_equal_the_cpu(seed, every_row_penalised):
     assert torch.equal(gpu.penalties.counts.output_counts.cpu(), cpu.penalties.counts.output_counts)
     penalised = sum(seq.params.has_penalties for seq in seqs)
     assert cpu.penalties.counts.output_counts.sum() == 31 * penalised  # each row's 30 outputs and its sampled token
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_temperature_draw_with_penalties_equals_the_reference(seed):
+    """Every row at a temperature with penalties: the draw applies them in its own pass (csrc/sampler.cu), and its
+    tokens are the torch reference's on the same noise. The logits favour the tokens the rows have seen, so the
+    penalties change the draw."""
+    g = torch.Generator().manual_seed(seed)
+    seqs = []
+    for i in range(6):
+        params = SamplingParams(temperature=0.5 + 0.25 * i, max_tokens=500, repetition_penalty=2.0,
+                                presence_penalty=2.0, frequency_penalty=0.5 * (i % 2))
+        seq = Sequence(torch.randint(0, 40, (20,), generator=g).tolist(), params, None, 4096)
+        for token in torch.randint(0, 40, (30,), generator=g).tolist():
+            seq.append_token(token)
+        seqs.append(seq)
+    logits = torch.randn(len(seqs), VOCAB, generator=g) * 3
+    logits[:, :40] += 8
+    logits = logits.cuda()
+    batch = batch_on(torch.device("cuda"), seqs)
+    torch.cuda.manual_seed(seed)
+    tokens = sample(logits, batch).tokens
+    torch.cuda.manual_seed(seed)  # the same draws as sample()'s
+    noise = torch.empty_like(logits).exponential_()
+    want = reference.sampler_gumbel_argmax(logits, noise, batch.temperatures, *batch.penalties.tables())
+    assert tokens.tolist() == want.tolist()
+    assert want.tolist() != reference.sampler_gumbel_argmax(logits, noise, batch.temperatures).tolist()
 
 
 def test_structured_output_mask_on_the_gpu():
