@@ -72,19 +72,21 @@ def test_processors_and_logprobs_equal_the_cpu(seed, every_row_penalised):
 @pytest.mark.parametrize("seed", range(3))
 def test_temperature_draw_with_penalties_equals_the_reference(seed):
     """Every row at a temperature with penalties: the draw applies them in its own pass (csrc/sampler.cu), and its
-    tokens are the torch reference's on the same noise. The logits favour the tokens the rows have seen, so the
-    penalties change the draw."""
+    tokens are the torch reference's on the same noise. The rows have seen tokens 0..39, whose logits are 10 above
+    those of 40..79 (the rest have no mass), so the draw takes a seen token; the penalties (repetition 2, then
+    presence 2 on those the row generated) put them at least 7 below, and the draw moves to 40..79."""
     g = torch.Generator().manual_seed(seed)
     seqs = []
     for i in range(6):
-        params = SamplingParams(temperature=0.5 + 0.25 * i, max_tokens=500, repetition_penalty=2.0,
+        params = SamplingParams(temperature=0.5 + 0.1 * i, max_tokens=500, repetition_penalty=2.0,
                                 presence_penalty=2.0, frequency_penalty=0.5 * (i % 2))
-        seq = Sequence(torch.randint(0, 40, (20,), generator=g).tolist(), params, None, 4096)
+        seq = Sequence(torch.randperm(40, generator=g).tolist(), params, None, 4096)  # every one of 0..39
         for token in torch.randint(0, 40, (30,), generator=g).tolist():
             seq.append_token(token)
         seqs.append(seq)
-    logits = torch.randn(len(seqs), VOCAB, generator=g) * 3
-    logits[:, :40] += 8
+    logits = torch.randn(len(seqs), VOCAB, generator=g) - 30
+    logits[:, :40] += 64
+    logits[:, 40:80] += 54
     logits = logits.cuda()
     batch = batch_on(torch.device("cuda"), seqs)
     torch.cuda.manual_seed(seed)
@@ -92,8 +94,9 @@ def test_temperature_draw_with_penalties_equals_the_reference(seed):
     torch.cuda.manual_seed(seed)  # the same draws as sample()'s
     noise = torch.empty_like(logits).exponential_()
     want = reference.sampler_gumbel_argmax(logits, noise, batch.temperatures, *batch.penalties.tables())
-    assert tokens.tolist() == want.tolist()
-    assert want.tolist() != reference.sampler_gumbel_argmax(logits, noise, batch.temperatures).tolist()
+    assert tokens.tolist() == want.tolist(), "the fused draw differs from the reference"
+    unpenalized = reference.sampler_gumbel_argmax(logits, noise, batch.temperatures)
+    assert (unpenalized < 40).all() and ((want >= 40) & (want < 80)).all(), (unpenalized, want)
 
 
 def test_structured_output_mask_on_the_gpu():
