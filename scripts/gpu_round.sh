@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # A session's closing device call, in the order of what matters most should the device time run out (every
-# step logs to OUT_DIR as it goes; at most 6 files, under the device's limit): build; the GPU tests of the sampler,
-# the engine, the input staging, paged decode, the small-M linear and the sampler kernels; benchmarks.throughput
-# plain (with its plot), with logprobs and penalties on every request, again with them, plain again; then, in the
-# time that is left, benchmarks.sampler, step_profile with the extras, benchmarks.small_m_linear,
-# benchmarks.serving at maximum concurrency and at a Poisson rate of half that, benchmarks.latency with its plot,
-# benchmarks.decode with its plot.
+# step logs to OUT_DIR as it goes, the GPU tests' whole output to gpu_tests.log; at most 6 files, under the
+# device's limit): build; the GPU tests of the sampler, the engine, the input staging, paged decode, the small-M
+# linear and the sampler kernels; benchmarks.throughput plain (with its plot), with logprobs and penalties on every
+# request, again with them, plain again; then, in the time that is left, benchmarks.sampler, step_profile with the
+# extras, benchmarks.small_m_linear, benchmarks.serving at maximum concurrency and at a Poisson rate of half that,
+# benchmarks.latency with its plot, benchmarks.decode with its plot.
 #   scripts/gpu_round.sh OUT_DIR [SECONDS]    (SECONDS: the call's limit, 600 by default)
 set -uo pipefail
 out=$(realpath -m "${1:?usage: scripts/gpu_round.sh OUT_DIR [SECONDS]}")
@@ -21,8 +21,9 @@ bash scripts/gpu_build.sh >"$out/build.log" 2>&1 || { tail -50 "$out/build.log";
 echo "--- built at ${SECONDS}s" | tee -a "$log"
 timeout 240 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_sampler_gpu.py tests/gpu/test_engine_gpu.py \
   tests/gpu/test_step_inputs_gpu.py tests/gpu/test_paged_decode.py tests/gpu/test_small_m_linear.py \
-  tests/gpu/test_sampler_kernels.py 2>&1 | tail -8 | tee -a "$log"
+  tests/gpu/test_sampler_kernels.py >"$out/gpu_tests.log" 2>&1
 stamp "GPU tests"
+grep -E "^(FAILED|ERROR)|passed|failed" "$out/gpu_tests.log" | tail -12 | tee -a "$log"
 extras="--logprobs 5 --presence-penalty 0.5 --repetition-penalty 1.1"
 # throughput NAME FLAGS...: one benchmarks.throughput run. Plain, extras, extras, plain: two same-run pairs, so the
 # extras' ratio comes with its spread
