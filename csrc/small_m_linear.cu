@@ -214,7 +214,6 @@ __device__ __forceinline__ float4 operator+(float4 a, float4 b) {
 
 template <typename T, typename OutT, int kMTiles>
 __global__ void __launch_bounds__(kThreads, 2) wide_m_linear_kernel(const WideParams<T, OutT> p) {
-  static_assert(kMTiles % 2 == 0, "the epilogue gives each thread whole float4s of the tile");
   constexpr int kUnroll = kWideUnroll;
   constexpr int kXRows = 8 * kMTiles;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -283,6 +282,7 @@ __global__ void __launch_bounds__(kThreads, 2) wide_m_linear_kernel(const WidePa
 
   // Each thread takes kPerThread float4s of the tile: x row q / 16, weight rows 4 (q % 16) .. + 3.
   constexpr int kQuadsPerRow = kWideRows / 4;
+  static_assert(kXRows * kQuadsPerRow % kThreads == 0, "each thread takes the same number of the tile's float4s");
   constexpr int kPerThread = kXRows * kQuadsPerRow / kThreads;
   float4 sum[kPerThread];
 #pragma unroll
