@@ -1,4 +1,4 @@
-"""Small-M linear (decode's weight matrix products, M <= 64): our kernel against torch (cuBLAS: F.linear, or torch.mm
+"""Small-M linear (decode's weight matrix products): our kernel against torch (cuBLAS: F.linear, or torch.mm
 with fp32 output for the lm_head) on Qwen3-0.6B's shapes, bf16, and the GPU's own copy bandwidth measured in
 the same run. A decode step reads every weight once, so GB/s counts the weight bytes read per call.
 
@@ -27,9 +27,8 @@ SHAPES = [
     ("down", 1024, 3072, False),
     ("lm_head", 151936, 1024, True),
 ]
-# 17..64: the wide variant; 32, 48, 64 are decode-graph sizes, 24 and 40 pad x to a tile of 32 and 48 rows
-ROWS = [m for m in (1, 2, 4, 8, 16, 24, 32, 40, 48, 64) if m <= SMALL_M_MAX_ROWS]
-TORCH_ONLY_ROWS = [m for m in (32, 48, 64, 128, 256) if m > SMALL_M_MAX_ROWS]  # what the cuBLAS batches cost a step
+ROWS = [m for m in (1, 2, 4, 8, 16) if m <= SMALL_M_MAX_ROWS]
+TORCH_ONLY_ROWS = [32, 64, 128, 256]  # batches the engine leaves to cuBLAS: what they cost a step
 COLUMNS = ["layer", "N x K", "M", "us", "GB/s", "of copy", "torch us", "torch GB/s", "torch of copy", "x torch"]
 STEP_COLUMNS = ["M", "us", "torch us", "saved us", "x torch"]
 

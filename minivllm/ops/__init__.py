@@ -19,16 +19,11 @@ except ImportError:
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 KERNEL_HEAD_DIMS = (64, 128)
-SMALL_M_MAX_ROWS = 64  # kMaxRows of csrc/small_m_linear.cu
-SMALL_M_WIDE_ROWS = 17  # from here (kMaxM + 1) the kernel's wide variant runs, with x staged in shared memory
+SMALL_M_MAX_ROWS = 16  # kMaxM of csrc/small_m_linear.cu
 # Beyond this many outputs cuBLAS streams the weights faster than the small-M kernel (benchmarks.small_m_linear, one
 # H200 run, M = 1: 6.06 against 6.39 us at N = 6144, 80.9 against 106 us for the lm_head's 151,936); at 4096 and
 # below the kernel is ahead (qkv 4.85 against 5.39, o 3.26 against 13.4, down 4.17 against 7.6).
 SMALL_M_MAX_OUTPUTS = 4096
-# The same limit for the wide variant, by design and not yet measured: at 17..64 rows cuBLAS's products ran at about
-# 0.4 of the weight-streaming floor in the workload, and gate_up's 6144 outputs give the wide grid 192 CTAs of 64 KB
-# of weights with no merge of splits; the lm_head (151,936) stays with cuBLAS, which streams it near copy bandwidth.
-SMALL_M_WIDE_MAX_OUTPUTS = 8192
 
 
 def use_kernels(t: torch.Tensor, head_dim: int | None = None) -> bool:
@@ -142,7 +137,7 @@ def linear(
     """x [..., K] @ weight[N, K]^T (+ bias), in x's dtype, or in fp32 when fp32_out (logits, tp_invariant sums).
 
     A decode step's 1..SMALL_M_MAX_ROWS rows run our small-M kernel where it beats cuBLAS (up to
-    small_m_max_outputs(M) outputs); larger batches and wider products stay with cuBLAS, and the CPU with torch.
+    SMALL_M_MAX_OUTPUTS outputs); larger batches and wider products stay with cuBLAS, and the CPU with torch.
     """
     rows = x.reshape(-1, x.shape[-1])
     if small_m_kernel_fits(rows, weight, bias):
@@ -166,7 +161,7 @@ def small_m_kernel_fits(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Te
         and rows.is_cuda
         and rows.dtype in KERNEL_DTYPES
         and weight.dim() == 2
-        and weight.shape[0] <= small_m_max_outputs(rows.shape[0])
+        and weight.shape[0] <= SMALL_M_MAX_OUTPUTS
         and weight.dtype == rows.dtype
         and (bias is None or (bias.dtype == rows.dtype and bias.is_contiguous()))
         and rows.shape[1] > 0
@@ -174,11 +169,6 @@ def small_m_kernel_fits(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Te
         and rows_aligned(rows)
         and rows_aligned(weight)
     )
-
-
-def small_m_max_outputs(m: int) -> int:
-    """The widest product (N) that small_m_linear runs faster than cuBLAS at M rows."""
-    return SMALL_M_WIDE_MAX_OUTPUTS if m >= SMALL_M_WIDE_ROWS else SMALL_M_MAX_OUTPUTS
 
 
 def rows_aligned(t: torch.Tensor) -> bool:

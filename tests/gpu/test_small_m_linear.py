@@ -1,8 +1,8 @@
-"""The small-M linear kernel against a float64 torch reference: random M 1..16 (the narrow kernel) and 17..64 (the
-wide one, whose K slices are split over CTAs and merged by the last), N from 1 to the lm_head's 151936, K multiples
-of 8 up to 4104, with and without bias, fp32 or model-dtype output, weights that are row-slices of wider matrices;
-the output allocation poisoned with NaN beforehand so an unwritten element shows; capture in a CUDA graph; the
-refusals of bad input; and the wrapper `ops.linear` choosing the kernel only where it applies."""
+"""The small-M linear kernel against a float64 torch reference: random M 1..16, N from 1 to the lm_head's
+151936, K multiples of 8 up to 4096, with and without bias, fp32 or model-dtype output, weights that are
+row-slices of wider matrices; the output allocation poisoned with NaN beforehand so an unwritten element
+shows; capture in a CUDA graph; the refusals of bad input; and the wrapper `ops.linear` choosing the kernel
+only where it applies."""
 
 import math
 import random
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from minivllm import ops
-from minivllm.ops import KERNELS_BUILT, SMALL_M_MAX_ROWS, SMALL_M_WIDE_ROWS, small_m_max_outputs
+from minivllm.ops import KERNELS_BUILT, SMALL_M_MAX_OUTPUTS, SMALL_M_MAX_ROWS
 
 pytestmark = pytest.mark.skipif(
     not (torch.cuda.is_available() and KERNELS_BUILT), reason="needs a CUDA GPU and the built minivllm._C kernels"
@@ -84,63 +84,25 @@ def test_random_cases_match_reference(seed):
     if seed < 42:  # every edge M, N and K at least once
         m, n, k = EDGE_M[seed % len(EDGE_M)], EDGE_N[seed % len(EDGE_N)], EDGE_K[seed % len(EDGE_K)]
     else:
-        m, n, k = rng.randint(1, SMALL_M_WIDE_ROWS - 1), rng.randint(1, 5000), 8 * rng.randint(1, 512)
+        m, n, k = rng.randint(1, SMALL_M_MAX_ROWS), rng.randint(1, 5000), 8 * rng.randint(1, 512)
     check_case(
         m, n, k, dtype=rng.choice(DTYPES), with_bias=rng.random() < 0.5, fp32_out=rng.random() < 0.5,
         pad_weight=rng.choice([0, 0, 8, 64]), pad_x=rng.choice([0, 0, 8]), seed=seed,
     )
-
-
-# The wide kernel: M around its x tiles of 32, 48 and 64 rows; N around its 64-column CTAs, few of them (every K
-# split over up to 8 CTAs) or many; K with a last step of 32 cut short, slices that split the steps unevenly, and
-# K = 4096 and 4104 (at M = 64 more steps than shared memory holds: more splits than the grid asks for)
-WIDE_EDGE_M = [17, 24, 31, 32, 33, 47, 48, 49, 63, 64]
-WIDE_EDGE_N = [1, 7, 63, 64, 65, 130, 1023, 1024, 4097, 8200]
-WIDE_EDGE_K = [8, 24, 40, 264, 520, 1000, 1024, 2056, 3072, 4096, 4104]
-
-
-@pytest.mark.parametrize("seed", range(120))
-def test_wide_random_cases_match_reference(seed):
-    rng = random.Random(1000 + seed)
-    if seed < 60:  # every edge M, N and K several times, in changing combinations
-        m, n = WIDE_EDGE_M[seed % len(WIDE_EDGE_M)], WIDE_EDGE_N[seed // 2 % len(WIDE_EDGE_N)]
-        k = WIDE_EDGE_K[seed % len(WIDE_EDGE_K)]
-    else:
-        m, n, k = rng.randint(SMALL_M_WIDE_ROWS, SMALL_M_MAX_ROWS), rng.randint(1, 9000), 8 * rng.randint(1, 513)
-    check_case(
-        m, n, k, dtype=rng.choice(DTYPES), with_bias=rng.random() < 0.5, fp32_out=rng.random() < 0.5,
-        pad_weight=rng.choice([0, 0, 8, 64]), pad_x=rng.choice([0, 0, 8]), seed=seed,
-    )
-
-
-@pytest.mark.parametrize("m", [20, 64])
-def test_wide_merge_is_the_same_every_run(m):
-    """The splits' partials are summed in split order whichever CTA arrives last, so repeated calls give the same
-    bits; and each merge resets its counter, so the next call merges again (else its output stays NaN)."""
-    g = torch.Generator(device="cuda").manual_seed(m)
-    x = torch.randn(m, 3072, device="cuda", generator=g).bfloat16()
-    weight = (torch.randn(1000, 3072, device="cuda", generator=g) * 3072**-0.5).bfloat16()  # 16 tiles x 8 splits
-    outs = []
-    for _ in range(4):
-        poison_next_allocation((m, 1000), torch.float32)
-        outs.append(kernel(x, weight, None, True))
-    assert_close_to_reference(outs[0], x, weight, None, True)
-    for out in outs[1:]:
-        assert torch.equal(out, outs[0])
 
 
 @pytest.mark.parametrize("n, k", [(151936, 1024), (151937, 64), (100003, 8)])
-@pytest.mark.parametrize("m", [1, 5, 16, 33, 64])
+@pytest.mark.parametrize("m", [1, 5, 16])
 def test_vocab_sized_outputs(m, n, k):
     """The lm_head: fp32 logits over a ~152k vocabulary (and odd sizes whose last CTA is partly empty)."""
     check_case(m, n, k, torch.bfloat16, with_bias=False, fp32_out=True, pad_weight=0, pad_x=0, seed=m * n + k)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m", [1, 2, 4, 8, 16, 17, 24, 32, 40, 48, 64])
+@pytest.mark.parametrize("m", [1, 2, 4, 8, 16])
 @pytest.mark.parametrize("n, k", [(4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072)])
 def test_qwen3_shapes(n, k, m, dtype):
-    """Qwen3-0.6B's qkv, o, gate_up and down projections at the decode graphs' batch sizes (and 17, 24, 40)."""
+    """Qwen3-0.6B's qkv, o, gate_up and down projections at the decode graphs' batch sizes."""
     check_case(m, n, k, dtype, with_bias=False, fp32_out=False, pad_weight=0, pad_x=0, seed=n + k + m)
 
 
@@ -150,12 +112,10 @@ def test_empty_weight_gives_empty_output():
     assert out.shape == (3, 0)
 
 
-@pytest.mark.parametrize("m", [4, 48])
-def test_cuda_graph_replay_follows_new_inputs(m):
-    """Captured once, replayed with other data at the same addresses: the launch must not depend on data. At
-    M = 48 the grid splits K in 4 (47 CTAs of 64 columns), so the replays also show the split counters reset."""
+def test_cuda_graph_replay_follows_new_inputs():
+    """Captured once, replayed with other data at the same addresses: the launch must not depend on data."""
     g = torch.Generator(device="cuda").manual_seed(3)
-    x = torch.randn(m, 1024, device="cuda", generator=g).bfloat16()
+    x = torch.randn(4, 1024, device="cuda", generator=g).bfloat16()
     weight = torch.randn(3000, 1024, device="cuda", generator=g).bfloat16()
     bias = torch.randn(3000, device="cuda", generator=g).bfloat16()
     stream = torch.cuda.Stream()
@@ -166,13 +126,11 @@ def test_cuda_graph_replay_follows_new_inputs(m):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = kernel(x, weight, bias, True)
-    for _ in range(2):
-        x.copy_(torch.randn(x.shape, device="cuda", generator=g))
-        weight.copy_(torch.randn(weight.shape, device="cuda", generator=g))
-        out.fill_(float("nan"))
-        graph.replay()
-        torch.cuda.synchronize()
-        assert_close_to_reference(out, x, weight, bias, True)
+    x.copy_(torch.randn(x.shape, device="cuda", generator=g))
+    weight.copy_(torch.randn(weight.shape, device="cuda", generator=g))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_close_to_reference(out, x, weight, bias, True)
 
 
 def cuda(*shape, dtype=torch.float16):
@@ -188,8 +146,8 @@ BAD_INPUTS = [
     (lambda: (cuda(2, 64, dtype=torch.float32), cuda(8, 64, dtype=torch.float32)), "dtype Float is not supported"),
     (lambda: (cuda(2, 64), cuda(8, 64, dtype=torch.bfloat16)), "weight must have x's dtype Half, got BFloat16"),
     (lambda: (cuda(2, 64), cuda(8, 72)), "weight must be [N, K=64] to match x, got shape [8, 72]"),
-    (lambda: (cuda(65, 64), cuda(8, 64)), "x has 65 rows; the kernel supports 1 to 64"),
-    (lambda: (cuda(0, 64), cuda(8, 64)), "x has 0 rows; the kernel supports 1 to 64"),
+    (lambda: (cuda(17, 64), cuda(8, 64)), "x has 17 rows; the kernel supports 1 to 16"),
+    (lambda: (cuda(0, 64), cuda(8, 64)), "x has 0 rows; the kernel supports 1 to 16"),
     (lambda: (cuda(2, 12), cuda(8, 12)), "K = 12 is not supported; it must be a positive multiple of 8"),
     (lambda: (cuda(2, 128)[:, ::2], cuda(8, 64)), "x must be contiguous in its last dimension"),
     (lambda: (cuda(2, 64), cuda(64, 8).t()), "weight must be contiguous in its last dimension"),
@@ -228,19 +186,18 @@ def kernel_calls(monkeypatch):
 
 
 @pytest.mark.parametrize("fp32_out", [False, True])
-@pytest.mark.parametrize("lead", [(2, 3), (4, 8)])  # M = 6 (the narrow kernel) and 32 (the wide one)
-def test_wrapper_runs_the_kernel_for_small_m(kernel_calls, fp32_out, lead):
-    x = cuda(*lead, 256, dtype=torch.bfloat16)  # leading dims flatten to M rows
+def test_wrapper_runs_the_kernel_for_small_m(kernel_calls, fp32_out):
+    x = cuda(2, 3, 256, dtype=torch.bfloat16)  # leading dims flatten to M = 6
     weight, bias = cuda(40, 256, dtype=torch.bfloat16), cuda(40, dtype=torch.bfloat16)
     out = ops.linear(x, weight, bias, fp32_out=fp32_out)
-    assert kernel_calls == [(lead[0] * lead[1], 256)]
-    assert out.shape == (*lead, 40)
+    assert kernel_calls == [(6, 256)]
+    assert out.shape == (2, 3, 40)
     assert_close_to_reference(out.flatten(0, 1), x.flatten(0, 1), weight, bias, fp32_out)
 
 
 @pytest.mark.parametrize("fp32_out", [False, True])
 def test_wrapper_falls_back_beyond_the_kernel(kernel_calls, fp32_out):
-    """M > 64, K not a multiple of 8, an unaligned x, fp32 tensors and the CPU go to torch, with the same
+    """M > 16, K not a multiple of 8, an unaligned x, fp32 tensors and the CPU go to torch, with the same
     result types."""
     w = cuda(40, 256, dtype=torch.bfloat16)
     b = cuda(40, dtype=torch.bfloat16)
@@ -260,12 +217,10 @@ def test_wrapper_falls_back_beyond_the_kernel(kernel_calls, fp32_out):
     assert kernel_calls == []
 
 
-@pytest.mark.parametrize("extra, runs_kernel", [(0, True), (8, False)])
-@pytest.mark.parametrize("m", [2, SMALL_M_WIDE_ROWS - 1, SMALL_M_WIDE_ROWS, 64])
-def test_wrapper_leaves_wide_products_to_cublas(kernel_calls, m, extra, runs_kernel):
-    """Beyond small_m_max_outputs(M) (the lm_head; gate_up at M <= 16) cuBLAS streams the weights faster."""
-    n = small_m_max_outputs(m) + extra
-    x, weight = cuda(m, 256, dtype=torch.bfloat16), cuda(n, 256, dtype=torch.bfloat16)
+@pytest.mark.parametrize("n, runs_kernel", [(SMALL_M_MAX_OUTPUTS, True), (SMALL_M_MAX_OUTPUTS + 8, False)])
+def test_wrapper_leaves_wide_products_to_cublas(kernel_calls, n, runs_kernel):
+    """Beyond SMALL_M_MAX_OUTPUTS (the lm_head, gate_up) cuBLAS streams the weights faster."""
+    x, weight = cuda(2, 256, dtype=torch.bfloat16), cuda(n, 256, dtype=torch.bfloat16)
     out = ops.linear(x, weight, fp32_out=True)
-    assert kernel_calls == ([(m, 256)] if runs_kernel else [])
+    assert kernel_calls == ([(2, 256)] if runs_kernel else [])
     assert_close_to_reference(out, x, weight, None, True)
