@@ -4,7 +4,7 @@ graphs on and off, a batch of 8 at context 1k (ms per decode step), and time to 
 Beside each decode figure, the weight-and-KV floor: every weight read once a step plus each sequence's K/V at its
 context, at the copy bandwidth measured in this run; of_floor is the floor over our time.
 
-python -m benchmarks.latency [--model qwen3-0.6b] [--json PATH] [--plot PATH]
+python -m benchmarks.latency [--model qwen3-0.6b] [--graphs-only] [--json PATH] [--plot PATH]
 """
 
 import gc
@@ -46,13 +46,14 @@ def main() -> None:
     p.add_argument("--model", default="qwen3-0.6b")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--graphs-only", action="store_true", help="skip the eager rows (half the time, for A/B runs)")
     add_plot_argument(p, "ms per token against context, graphs, eager and the floor")
     args = p.parse_args()
     require_cuda()
     random.seed(0)
     bandwidth = copy_bandwidth_gbs()
     rows = []
-    for eager in (False, True):
+    for eager in (False,) if args.graphs_only else (False, True):
         # prefix caching off: repeated prompts must not turn time-to-first-token into a cache lookup
         llm = LLM(args.model, enforce_eager=eager, enable_prefix_caching=False, max_num_seqs=BATCH,
                   max_model_len=max(CONTEXTS) + args.new_tokens, gpu_memory_utilization=0.5)
@@ -79,12 +80,15 @@ def draw(path: str, rows: list[dict], gpu: str, bandwidth: float) -> None:
     """ms per token against context at batch 1: graphs, eager and the floor; the batch row as points."""
     series = {}
     for batch in sorted({row["batch"] for row in rows}):
+        of_batch = [row for row in rows if row["batch"] == batch]
         for graphs in (True, False):
-            mine = [row for row in rows if row["batch"] == batch and row["graphs"] == graphs]
-            series[f"batch {batch}, {'CUDA graphs' if graphs else 'eager'}"] = (
-                [row["context"] for row in mine], [row["decode_ms_per_token"] for row in mine])
-        series[f"batch {batch}, weight + KV floor"] = ([row["context"] for row in mine],
-                                                       [row["floor_ms"] for row in mine])
+            mine = [row for row in of_batch if row["graphs"] == graphs]
+            if mine:
+                series[f"batch {batch}, {'CUDA graphs' if graphs else 'eager'}"] = (
+                    [row["context"] for row in mine], [row["decode_ms_per_token"] for row in mine])
+        floors = [row for row in of_batch if row["graphs"]]
+        series[f"batch {batch}, weight + KV floor"] = ([row["context"] for row in floors],
+                                                       [row["floor_ms"] for row in floors])
     line_chart(path, [Panel("decode", "context (tokens)", series, logx=True, logy=True)],
                title="decode ms per token (a step at batch > 1)", gpu=gpu,
                baseline=f"floor at copy bandwidth {bandwidth:.0f} GB/s measured in this run", ylabel="ms")

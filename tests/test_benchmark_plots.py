@@ -66,10 +66,11 @@ def test_benchmark_figures(tmp_path):
         for graphs in (True, False) for batch, context in ((1, 128), (1, 1024), (1, 32768), (8, 1024))
     ]
     latency.draw(str(tmp_path / "latency.png"), latency_rows, "GPU X", 4000.0)
+    latency.draw(str(tmp_path / "latency_graphs.png"), [r for r in latency_rows if r["graphs"]], "GPU X", 4000.0)
     breakdown = [{"decode steps": "1..79", "batch": "256..230", "attention ms": 5.0, "matmul ms": 1.0, "rest ms": 0.5,
                   "host wait ms": 0.3}]
     throughput.draw(str(tmp_path / "throughput.png"), breakdown, 20000.0, "GPU X", 4000.0)
-    for name in ("decode", "prefill", "latency", "throughput"):  # four series or more each
+    for name in ("decode", "prefill", "latency", "latency_graphs", "throughput"):  # four series or more each
         assert all(count > 50 for count in drawn_colours(tmp_path / f"{name}.png")), name
 
 
