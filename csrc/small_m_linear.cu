@@ -18,6 +18,7 @@
 #include <ATen/cuda/CUDAContext.h>
 
 #include "common/checks.h"
+#include "common/pdl.cuh"
 #include "common/ptx.cuh"
 #include "ops.h"
 
@@ -79,6 +80,7 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
 template <typename T, typename OutT, bool kHighRows>
 __global__ void __launch_bounds__(kThreads, 2) small_m_linear_kernel(const Params<T, OutT> p) {
   __shared__ float partial[kWarps][kMaxM][kRows];
+  minivllm::pdl::allow_next_grid();
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int g = lane / 4, t = lane % 4;
   const int first_row = blockIdx.x * kRows;
@@ -93,16 +95,27 @@ __global__ void __launch_bounds__(kThreads, 2) small_m_linear_kernel(const Param
   // Warp w takes a contiguous range of steps; a step is 4 chunks of each of the 8 rows (32 elements of K).
   const int steps = (p.k_chunks + kChunksPerStep - 1) / kChunksPerStep;
   const int step_end = (warp + 1) * steps / kWarps;
+  auto in_k = [&](int step, int u) { return step + u < step_end && (step + u) * kChunksPerStep + t < p.k_chunks; };
+  // The weights of an iteration are loaded at the end of the one before (off past step_end), so that the first
+  // iteration's stream starts before the wait for the kernel that writes x (common/pdl.cuh).
+  uint4 w[kUnroll<kHighRows>];
+  auto load_weights = [&](int step) {
+#pragma unroll
+    for (int u = 0; u < kUnroll<kHighRows>; ++u) {
+      w[u] = load_streaming_16(weight_row + (step + u) * kChunksPerStep + t, in_k(step, u) && row_valid);
+    }
+  };
+  int step = warp * steps / kWarps;
+  load_weights(step);
+  minivllm::pdl::wait_for_prior_grid();
   float acc[kAccumulators][4] = {};
-  for (int step = warp * steps / kWarps; step < step_end; step += kUnroll<kHighRows>) {
-    uint4 w[kUnroll<kHighRows>], low[kUnroll<kHighRows>], high[kUnroll<kHighRows>];
+  for (; step < step_end; step += kUnroll<kHighRows>) {
+    uint4 low[kUnroll<kHighRows>], high[kUnroll<kHighRows>];
 #pragma unroll
     for (int u = 0; u < kUnroll<kHighRows>; ++u) {
       const int chunk = (step + u) * kChunksPerStep + t;
-      const bool in_k = step + u < step_end && chunk < p.k_chunks;
-      w[u] = load_streaming_16(weight_row + chunk, in_k && row_valid);
-      low[u] = load_x_chunk(x_low + chunk, in_k && low_valid);
-      high[u] = kHighRows ? load_x_chunk(x_high + chunk, in_k && high_valid) : make_uint4(0, 0, 0, 0);
+      low[u] = load_x_chunk(x_low + chunk, in_k(step, u) && low_valid);
+      high[u] = kHighRows ? load_x_chunk(x_high + chunk, in_k(step, u) && high_valid) : make_uint4(0, 0, 0, 0);
     }
 #pragma unroll
     for (int u = 0; u < kUnroll<kHighRows>; ++u) {
@@ -111,6 +124,7 @@ __global__ void __launch_bounds__(kThreads, 2) small_m_linear_kernel(const Param
       mma_16816<T>(acc[(2 * u) % kAccumulators], a0, w[u].x, w[u].y);
       mma_16816<T>(acc[(2 * u + 1) % kAccumulators], a1, w[u].z, w[u].w);
     }
+    load_weights(step + kUnroll<kHighRows>);
   }
 
   // acc: (x row g, weight row 2t and 2t+1) in [0], [1]; x row g + 8 in [2], [3].
@@ -148,12 +162,8 @@ void launch(const torch::Tensor& x, const torch::Tensor& weight, const std::opti
   p.n = static_cast<int>(weight.size(0));
   p.k_chunks = static_cast<int>(x.size(1) / kChunkElems);
   const int blocks = (p.n + kRows - 1) / kRows;
-  if (p.m > 8) {
-    small_m_linear_kernel<T, OutT, true><<<blocks, kThreads, 0, stream>>>(p);
-  } else {
-    small_m_linear_kernel<T, OutT, false><<<blocks, kThreads, 0, stream>>>(p);
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  minivllm::pdl::launch(p.m > 8 ? small_m_linear_kernel<T, OutT, true> : small_m_linear_kernel<T, OutT, false>,
+                        dim3(blocks), dim3(kThreads), 0, stream, p);
 }
 
 void check_on_device(const torch::Tensor& t, const char* name, const torch::Tensor& x) {

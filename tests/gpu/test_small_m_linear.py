@@ -1,8 +1,8 @@
 """The small-M linear kernel against a float64 torch reference: random M 1..16, N from 1 to the lm_head's
 151936, K multiples of 8 up to 4096, with and without bias, fp32 or model-dtype output, weights that are
 row-slices of wider matrices; the output allocation poisoned with NaN beforehand so an unwritten element
-shows; capture in a CUDA graph; the refusals of bad input; and the wrapper `ops.linear` choosing the kernel
-only where it applies."""
+shows; capture in a CUDA graph, alone and as a dependent chain; the refusals of bad input; and the wrapper
+`ops.linear` choosing the kernel only where it applies."""
 
 import math
 import random
@@ -131,6 +131,40 @@ def test_cuda_graph_replay_follows_new_inputs():
     graph.replay()
     torch.cuda.synchronize()
     assert_close_to_reference(out, x, weight, bias, True)
+
+
+@pytest.mark.parametrize("m", [1, 16])
+def test_cuda_graph_of_a_dependent_chain(m):
+    """A captured chain of 16 products, each x the output of the one before: with programmatic dependent launch a
+    kernel starts while the one before it still runs, so one reading x before its wait (common/pdl.cuh) would
+    read the previous replay's values, which a new input at every replay makes wrong. The oracle is the same
+    chain run eagerly with a synchronize after each call: bit-equal."""
+    g = torch.Generator(device="cuda").manual_seed(m)
+    k = 1024
+    weights = [(torch.randn(k, k, device="cuda", generator=g) * k**-0.5).bfloat16() for _ in range(16)]
+    x = torch.randn(m, k, device="cuda", generator=g).bfloat16()
+
+    def chain(h, sync):
+        for weight in weights:
+            h = kernel(h, weight)
+            if sync:
+                torch.cuda.synchronize()
+        return h
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        chain(x, sync=False)  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = chain(x, sync=False)
+    for _ in range(3):
+        x.copy_(torch.randn(x.shape, device="cuda", generator=g))
+        graph.replay()
+        expected = chain(x, sync=True)
+        assert expected.abs().max().item() > 0.1, "the chain's values collapsed: the test would see nothing"
+        assert torch.equal(out, expected)
 
 
 def cuda(*shape, dtype=torch.float16):
