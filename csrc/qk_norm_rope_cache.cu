@@ -15,6 +15,7 @@
 #include <ATen/cuda/CUDAContext.h>
 
 #include "common/checks.h"
+#include "common/pdl.cuh"
 #include "ops.h"
 
 namespace {
@@ -49,6 +50,7 @@ template <typename scalar_t, int kHeadDim>
 __global__ void __launch_bounds__(kThreads) qk_norm_rope_cache_kernel(const Params<scalar_t> p) {
   constexpr int kPerLane = kHeadDim / 32;
   constexpr int kHalf = kPerLane / 2;  // element j < kHalf of a lane pairs with element j + kHalf
+  minivllm::pdl::allow_next_grid();
   const int lane = threadIdx.x % 32;
   const int64_t warp = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;
   if (warp >= p.num_warps) return;
@@ -56,6 +58,8 @@ __global__ void __launch_bounds__(kThreads) qk_norm_rope_cache_kernel(const Para
   const int head = static_cast<int>(warp - token * p.heads_per_token);
   scalar_t* row = p.qkv + token * p.row_stride + int64_t(head) * kHeadDim;
   const bool is_q = head < p.num_heads;
+  // Everything below reads what earlier kernels write: qkv, the step's inputs, the caches (common/pdl.cuh).
+  minivllm::pdl::wait_for_prior_grid();
   const int64_t slot = is_q || p.k_cache == nullptr ? -1 : p.slot_mapping[token];  // < 0: no cache write
   CUDA_KERNEL_ASSERT(slot < p.num_slots);
   const int first_v = p.num_heads + p.num_kv_heads;
@@ -228,11 +232,7 @@ void qk_norm_rope_cache(torch::Tensor& qkv, const torch::Tensor& positions, cons
     p.num_heads = static_cast<int>(num_heads);
     p.num_kv_heads = static_cast<int>(num_kv_heads);
     p.heads_per_token = static_cast<int>(heads_per_token);
-    if (head_dim == 64) {
-      qk_norm_rope_cache_kernel<scalar_t, 64><<<blocks, kThreads, 0, stream>>>(p);
-    } else {
-      qk_norm_rope_cache_kernel<scalar_t, 128><<<blocks, kThreads, 0, stream>>>(p);
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    auto kernel = head_dim == 64 ? qk_norm_rope_cache_kernel<scalar_t, 64> : qk_norm_rope_cache_kernel<scalar_t, 128>;
+    minivllm::pdl::launch(kernel, dim3(blocks), dim3(kThreads), 0, stream, p);
   });
 }
