@@ -29,6 +29,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "common/pdl.cuh"
 #include "common/ptx.cuh"
 #include "common/split_counters.cuh"
 #include "paged_decode.cuh"
@@ -145,6 +146,7 @@ __global__ void __launch_bounds__(kThreads, Layout<kHeadDim, kStages>::kCtasPerS
     paged_decode_kernel(const __grid_constant__ KernelParams p) {
   using L = Layout<kHeadDim, kStages>;
   const DecodeArgs& a = p.args;
+  pdl::allow_next_grid();
 
   const int work = blockIdx.x;  // (sequence, kv head, head chunk)
   const int head_chunk = work % p.head_chunks;
@@ -155,6 +157,10 @@ __global__ void __launch_bounds__(kThreads, Layout<kHeadDim, kStages>::kCtasPerS
   const int head0 = kv_head * group + head_chunk * kMaxHeads;  // first query head served here
   const int num_heads = min(kMaxHeads, group - head_chunk * kMaxHeads);
 
+  // Everything below reads or writes what other kernels of the stream touch: q, the step's tables and lengths,
+  // the caches, and the split counters and workspace, which the previous launch (the layer before) resets and
+  // reads until it completes (common/pdl.cuh).
+  pdl::wait_for_prior_grid();
   const int context = a.context_lens[seq];
   CUDA_KERNEL_ASSERT(context >= 0 && context <= a.max_blocks * a.block_size);
   const int context_tiles = (context + kTile - 1) / kTile;

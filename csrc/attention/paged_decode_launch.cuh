@@ -13,6 +13,7 @@
 #include <cstdlib>
 #include <type_traits>
 
+#include "common/pdl.cuh"
 #include "common/split_counters.cuh"
 #include "paged_decode_kernel.cuh"
 
@@ -107,9 +108,8 @@ void launch_with_stages(const DecodeArgs& args, const c10::Device& device) {
     p.split_counters = split_counters(device, work_items, stream);
   }
 
-  const dim3 grid(work_items, p.num_splits);
-  paged_decode_kernel<T, kHeadDim, kStages><<<grid, kThreads, Layout<kHeadDim, kStages>::kSmemBytes, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  pdl::launch(paged_decode_kernel<T, kHeadDim, kStages>, dim3(work_items, p.num_splits), dim3(kThreads),
+              Layout<kHeadDim, kStages>::kSmemBytes, stream, p);
 }
 
 template <typename scalar_t, int kHeadDim>
