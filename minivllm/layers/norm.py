@@ -1,8 +1,7 @@
 import torch
 from torch import nn
 
-from minivllm.layers.fusion import fused_on_gpu
-from minivllm.ops import reference
+from minivllm import ops
 
 
 class RMSNorm(nn.Module):
@@ -19,17 +18,6 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
-            return rms_norm(x, self.weight, self.eps)
-        return add_rms_norm(x, residual, self.weight, self.eps)
+            return ops.rms_norm(x, self.weight, self.eps)
+        return ops.add_rms_norm(x, residual, self.weight, self.eps)
 
-
-def _add_rms_norm(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rms_norm(x + residual), x + residual), the sum in fp32."""
-    x = residual + x.float()
-    return reference.rms_norm(x, weight, eps), x
-
-
-rms_norm = fused_on_gpu(reference.rms_norm)
-add_rms_norm = fused_on_gpu(_add_rms_norm)
