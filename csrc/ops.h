@@ -71,12 +71,3 @@ torch::Tensor sampler_gumbel_argmax(const torch::Tensor& logits, const torch::Te
                                     const std::optional<torch::Tensor>& repetition);
 std::tuple<torch::Tensor, torch::Tensor> sampler_logsumexp_rank(const torch::Tensor& logits,
                                                                 const torch::Tensor& tokens);
-
-// The decode step's norms and activation (norm_act.cu), launched for programmatic dependent launch. rms_norm:
-// x [M, H] (fp16/bf16, weight's dtype) normalised in fp32, rounded, times weight [H]. add_rms_norm: the same of
-// residual (fp32 [M, H]) + x, returned with that sum as the new fp32 residual. silu_and_mul: gate_up [M, 2I]
-// -> silu(gate) * up [M, I], gate the first half.
-torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps);
-std::tuple<torch::Tensor, torch::Tensor> add_rms_norm(const torch::Tensor& x, const torch::Tensor& residual,
-                                                      const torch::Tensor& weight, double eps);
-torch::Tensor silu_and_mul(const torch::Tensor& gate_up);

@@ -27,9 +27,6 @@ TORCH_LIBRARY(minivllm, m) {
       "Tensor? in_prompt=None, Tensor? slots=None, Tensor? presence=None, Tensor? frequency=None, "
       "Tensor? repetition=None) -> Tensor");
   m.def("sampler_logsumexp_rank(Tensor logits, Tensor tokens) -> (Tensor, Tensor)");
-  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
-  m.def("add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)");
-  m.def("silu_and_mul(Tensor gate_up) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(minivllm, CUDA, m) {
@@ -41,9 +38,6 @@ TORCH_LIBRARY_IMPL(minivllm, CUDA, m) {
   m.impl("paged_attention_decode", &paged_attention_decode);
   m.impl("sampler_gumbel_argmax", &sampler_gumbel_argmax);
   m.impl("sampler_logsumexp_rank", &sampler_logsumexp_rank);
-  m.impl("rms_norm", &rms_norm);
-  m.impl("add_rms_norm", &add_rms_norm);
-  m.impl("silu_and_mul", &silu_and_mul);
 }
 
 // An importable module: `import minivllm._C` loads the library and runs the registrations above.

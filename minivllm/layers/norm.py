@@ -1,7 +1,8 @@
 import torch
 from torch import nn
 
-from minivllm import ops
+from minivllm.layers.fusion import fused_on_gpu
+from minivllm.ops import reference
 
 
 class RMSNorm(nn.Module):
@@ -18,6 +19,17 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
-            return ops.rms_norm(x, self.weight, self.eps)
-        return ops.add_rms_norm(x, residual, self.weight, self.eps)
+            return rms_norm(x, self.weight, self.eps)
+        return add_rms_norm(x, residual, self.weight, self.eps)
 
+
+def _add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual), x + residual), the sum in fp32."""
+    x = residual + x.float()
+    return reference.rms_norm(x, weight, eps), x
+
+
+rms_norm = fused_on_gpu(reference.rms_norm)
+add_rms_norm = fused_on_gpu(_add_rms_norm)

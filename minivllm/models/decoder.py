@@ -6,12 +6,14 @@ Module names follow the HF checkpoints, except that q/k/v and gate/up are packed
 """
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 
 from minivllm import ops
 from minivllm.distributed import TensorParallel
 from minivllm.layers.attention import Attention, AttentionMetadata
+from minivllm.layers.fusion import fused_on_gpu
 from minivllm.layers.linear import ColumnParallelLinear, RowParallelLinear, Split
 from minivllm.layers.norm import RMSNorm
 from minivllm.layers.rotary import RotaryEmbedding
@@ -80,7 +82,13 @@ class DecoderMLP(nn.Module):
         self.down_proj = RowParallelLinear(size, config.hidden_size, bias, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(silu_and_mul(gate, up))
+
+
+@fused_on_gpu
+def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
 
 
 class DecoderLayer(nn.Module):

@@ -24,7 +24,6 @@ SMALL_M_MAX_ROWS = 16  # kMaxM of csrc/small_m_linear.cu
 # H200 run, M = 1: 6.06 against 6.39 us at N = 6144, 80.9 against 106 us for the lm_head's 151,936); at 4096 and
 # below the kernel is ahead (qkv 4.85 against 5.39, o 3.26 against 13.4, down 4.17 against 7.6).
 SMALL_M_MAX_OUTPUTS = 4096
-NORM_MAX_HIDDEN = 16384  # kMaxHidden of csrc/norm_act.cu
 
 
 def use_kernels(t: torch.Tensor, head_dim: int | None = None) -> bool:
@@ -208,46 +207,3 @@ def sampler_logsumexp_rank(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[
     if sampler_kernels_fit(logits):
         return torch.ops.minivllm.sampler_logsumexp_rank(logits, tokens)
     return reference.sampler_logsumexp_rank(logits, tokens)
-
-
-def rows_kernel_fits(t: torch.Tensor) -> bool:
-    """Whether csrc/norm_act.cu takes t [M, N] as a row input: on a GPU, in a model dtype, rows of whole aligned
-    16-byte vectors."""
-    return (
-        KERNELS_BUILT and t.is_cuda and t.dtype in KERNEL_DTYPES and t.dim() == 2 and t.shape[1] % 8 == 0
-        and rows_aligned(t)
-    )
-
-
-def norm_kernel_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (
-        rows_kernel_fits(x) and 0 < x.shape[1] <= NORM_MAX_HIDDEN and weight.dtype == x.dtype
-        and weight.shape == (x.shape[1],) and weight.is_contiguous() and weight.data_ptr() % 16 == 0
-    )
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm of x [M, H] over H, in fp32, rounded to the weight's dtype before the weight. See
-    reference.rms_norm."""
-    if norm_kernel_fits(x, weight):
-        return torch.ops.minivllm.rms_norm(x, weight, eps)
-    return reference.rms_norm(x, weight, eps)
-
-
-def add_rms_norm(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rms_norm(residual + x), residual + x) with the fp32 residual stream [M, H]. See reference.add_rms_norm."""
-    if (
-        norm_kernel_fits(x, weight) and residual.dtype == torch.float32 and residual.shape == x.shape
-        and residual.is_contiguous() and residual.data_ptr() % 16 == 0
-    ):
-        return torch.ops.minivllm.add_rms_norm(x, residual, weight, eps)
-    return reference.add_rms_norm(x, residual, weight, eps)
-
-
-def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up [M, I] of gate_up [M, 2I], gate its first half, rounded as torch's eager ops."""
-    if rows_kernel_fits(gate_up) and gate_up.shape[1] % 16 == 0:
-        return torch.ops.minivllm.silu_and_mul(gate_up)
-    return reference.silu_and_mul(gate_up)
