@@ -15,7 +15,6 @@ mkdir -p "$out"
 cd "$(dirname "$0")/.."
 log="$out/log"
 . scripts/gpu_env.sh
-stamp() { echo "--- $1 at ${SECONDS}s" | tee -a "$log"; }
 base=/tmp/minivllm-baseline
 if [ -n "${2:-}" ]; then
   rm -rf "$base" && mkdir -p "$base" && cp -a . "$base/"

@@ -11,8 +11,6 @@ mkdir -p "$out"
 cd "$(dirname "$0")/.."
 log="$out/pdl.log"
 . scripts/gpu_env.sh
-failed=""
-stamp() { [ "${PIPESTATUS[0]}" = 0 ] || failed="$failed, $1"; echo "--- $1 at ${SECONDS}s" | tee -a "$log"; }
 bash scripts/gpu_build.sh >"$out/build.log" 2>&1 || { tail -50 "$out/build.log"; exit 1; }
 echo "--- built at ${SECONDS}s" | tee -a "$log"
 timeout 200 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_small_m_linear.py \
@@ -34,6 +32,4 @@ for pdl in 1 0; do bench small_m_linear 40 $pdl benchmarks.small_m_linear; done
 for pdl in 0 1; do bench throughput 60 $pdl benchmarks.throughput; done
 # by kernel with PDL off: with it on, a kernel's span includes its wait for the one before
 bench step_profile 60 0 benchmarks.step_profile --num-seqs 1 --context 1024 --skip 20 --steps 50 --top 25
-failed=${failed#, }
-echo "--- done at ${SECONDS}s; failed: ${failed:-none}" | tee -a "$log"
-[ -z "$failed" ]
+finish

@@ -14,9 +14,6 @@ mkdir -p "$out"
 cd "$(dirname "$0")/.."
 log="$out/round.log"
 . scripts/gpu_env.sh
-failed=""  # the steps whose command failed, listed at the end (the exit status is 1 if any)
-# stamp NAME, right after a step's pipeline: its time, and NAME among the failures if the step's command failed
-stamp() { [ "${PIPESTATUS[0]}" = 0 ] || failed="$failed, $1"; echo "--- $1 at ${SECONDS}s" | tee -a "$log"; }
 bash scripts/gpu_build.sh >"$out/build.log" 2>&1 || { tail -50 "$out/build.log"; exit 1; }
 echo "--- built at ${SECONDS}s" | tee -a "$log"
 timeout 240 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_sampler_gpu.py tests/gpu/test_engine_gpu.py \
@@ -61,6 +58,4 @@ if [ $((limit - 15 - SECONDS)) -gt 20 ]; then
   timeout 20 python3 -m benchmarks.decode --ours-only --plot "$out/decode.png" 2>&1 | tee -a "$log"
   stamp decode
 fi
-failed=${failed#, }
-echo "--- done at ${SECONDS}s; failed: ${failed:-none}" | tee -a "$log"
-[ -z "$failed" ]
+finish

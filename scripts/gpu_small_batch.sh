@@ -9,8 +9,6 @@ mkdir -p "$out"
 cd "$(dirname "$0")/.."
 log="$out/small_batch.log"
 . scripts/gpu_env.sh
-failed=""
-stamp() { [ "${PIPESTATUS[0]}" = 0 ] || failed="$failed, $1"; echo "--- $1 at ${SECONDS}s" | tee -a "$log"; }
 bash scripts/gpu_build.sh >"$out/build.log" 2>&1 || { tail -50 "$out/build.log"; exit 1; }
 echo "--- built at ${SECONDS}s" | tee -a "$log"
 timeout 200 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_small_m_linear.py tests/gpu/test_engine_gpu.py 2>&1 \
@@ -25,6 +23,4 @@ for batch in 1 8; do
 done
 timeout 120 python3 -m benchmarks.latency --plot "$out/latency.png" 2>&1 | grep -v -i "warn\|llm = LLM" | tee -a "$log"
 stamp latency
-failed=${failed#, }
-echo "--- done at ${SECONDS}s; failed: ${failed:-none}" | tee -a "$log"
-[ -z "$failed" ]
+finish
