@@ -4,7 +4,8 @@
 # (B A ... A B) so that drift of the machine shows. Logs and JSON go to OUT_DIR.
 #   scripts/gpu_ab.sh OUT_DIR A_DIR B_DIR [pytest -k expression]
 # AB_EXTRAS="--logprobs 5 ..." adds throughput runs with those arguments on both trees (A B, twice); AB_LATENCY=0 skips
-# the latency runs; AB_ROUNDS=1 stops after the first round (B A, then A B with the extras).
+# the latency runs, AB_LATENCY_ARGS="--graphs-only" passes arguments to them; AB_ROUNDS=1 stops after the first round
+# (B A, then A B with the extras).
 # Make the trees with `git archive REV | tar -x -C DIR` into a folder .git/info/exclude ignores, and carry it.
 # Packages the machine lacks can travel as wheels in .whl/ (see scripts/gpu_check.sh).
 set -uo pipefail
@@ -42,8 +43,8 @@ if [ -n "${AB_EXTRAS:-}" ]; then
 fi
 [ "${AB_ROUNDS:-2}" = 1 ] && exit 0
 if [ "${AB_LATENCY:-1}" != 0 ]; then
-  bench "$a" latency
-  bench "$b" latency
+  bench "$a" latency ${AB_LATENCY_ARGS:-}
+  bench "$b" latency ${AB_LATENCY_ARGS:-}
 fi
 bench "$a" throughput
 bench "$b" throughput
