@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}" TORCH_CUDA_ARCH_LIST="${CMAKE_CHECK_ARCHS:-9.0}"
+mkdir -p build
 python=$(command -v python3)
 # torch's CMake config links nvrtc; the CUDA wheels ship it when the toolkit does not
 nvrtc=$("$python" -c "import glob, os, torch; print(next(iter(sorted(glob.glob(os.path.join(
