@@ -183,23 +183,13 @@ def sampler_kernels_fit(logits: torch.Tensor) -> bool:
 
 
 def sampler_gumbel_argmax(
-    logits: torch.Tensor,
-    noise: torch.Tensor,
-    temperatures: torch.Tensor,
-    output_counts: torch.Tensor | None = None,
-    in_prompt: torch.Tensor | None = None,
-    slots: torch.Tensor | None = None,
-    presence: torch.Tensor | None = None,
-    frequency: torch.Tensor | None = None,
-    repetition: torch.Tensor | None = None,
+    logits: torch.Tensor, noise: torch.Tensor, temperatures: torch.Tensor, *penalties: torch.Tensor
 ) -> torch.Tensor:
     """Each row's token [B] int64: argmax of penalized(logits) / max(T, 1e-5) - log(noise), the first index on
-    ties; the penalty tensors (layers/penalties.py's tables at slots, and the three per-row penalties) all given or
-    none. See reference.sampler_gumbel_argmax."""
-    args = (logits, noise, temperatures, output_counts, in_prompt, slots, presence, frequency, repetition)
+    ties; penalties as reference.sampler_gumbel_argmax takes them (Penalties.tables()), all or none."""
     if sampler_kernels_fit(logits):
-        return torch.ops.minivllm.sampler_gumbel_argmax(*args)
-    return reference.sampler_gumbel_argmax(*args)
+        return torch.ops.minivllm.sampler_gumbel_argmax(logits, noise, temperatures, *penalties)
+    return reference.sampler_gumbel_argmax(logits, noise, temperatures, *penalties)
 
 
 def sampler_logsumexp_rank(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

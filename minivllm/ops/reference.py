@@ -177,20 +177,13 @@ def temperature_gumbel_max(logits: torch.Tensor, temperatures: torch.Tensor, noi
 
 
 def sampler_gumbel_argmax(
-    logits: torch.Tensor,
-    noise: torch.Tensor,
-    temperatures: torch.Tensor,
-    output_counts: torch.Tensor | None = None,
-    in_prompt: torch.Tensor | None = None,
-    slots: torch.Tensor | None = None,
-    presence: torch.Tensor | None = None,
-    frequency: torch.Tensor | None = None,
-    repetition: torch.Tensor | None = None,
+    logits: torch.Tensor, noise: torch.Tensor, temperatures: torch.Tensor, *penalties: torch.Tensor
 ) -> torch.Tensor:
     """Each row's token [B] int64: the Gumbel-max draw at its temperature from the logits [B, V], penalized first
-    when the penalty tensors are given (all of them)."""
-    if output_counts is not None:
-        logits = penalized(logits.float(), output_counts, in_prompt, slots, presence, frequency, repetition)
+    when penalties are given: penalized()'s arguments after the logits (output_counts, in_prompt, slots, presence,
+    frequency, repetition, as Penalties.tables() gives them), all of them or none."""
+    if penalties:
+        logits = penalized(logits.float(), *penalties)
     return temperature_gumbel_max(logits, temperatures, noise)
 
 
