@@ -1,6 +1,7 @@
 // The PTX instructions the kernels are built from, in one place: asynchronous global->shared copies, ldmatrix
-// fragment loads, the m16n8k16 tensor-core product, and a streaming 16-byte load. Fragment layouts follow the
-// PTX ISA ("Matrix Fragments for mma.m16n8k16"); lane = 4 * group + thread_in_group throughout.
+// fragment loads, the m16n8k16 tensor-core product, named barriers and a streaming 16-byte load (the sm_90a
+// ones are in ptx_sm90.cuh). Fragment layouts follow the PTX ISA ("Matrix Fragments for mma.m16n8k16");
+// lane = 4 * group + thread_in_group throughout.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -80,6 +81,12 @@ template <>
 __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
   __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
   return *reinterpret_cast<uint32_t*>(&h);
+}
+
+// Barrier `id` (1..15; 0 is __syncthreads') among `threads` threads, a multiple of 32: syncs one warpgroup of
+// a warp-specialised CTA without stalling the others.
+__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
 // 16 bytes from global memory read once (weights streamed by a decode step), zeros when !valid: no L1

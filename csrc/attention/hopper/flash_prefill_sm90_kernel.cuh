@@ -1,0 +1,299 @@
+// FlashAttention forward for sm_90a (H100/H200): TMA loads, wgmma products, a producer warpgroup feeding two
+// consumer warpgroups through an mbarrier ring. Same contract as flash_prefill_kernel.cuh (packed varlen
+// q/k/v, GQA, causal masks aligned bottom-right, head_dim 64/128, fp16/bf16) except that k/v must be packed:
+// the paged path stays on the mma.sync kernel in this version. Written correctness-first (v1); the choices
+// below say what later versions should tune.
+//
+// Why this shape:
+//  - One CTA = 128 query rows of one (sequence, head), the mma.sync kernel's tile, so the host sizes the grid
+//    the same way. Rows are split between 2 consumer warpgroups of 64 (wgmma's M): each K/V tile in shared
+//    memory then serves 128 queries, as before.
+//  - kBlockN = 128 keys a tile: S (64x128 fp32) is 64 registers a consumer thread and O (64xD) 64 at D=128;
+//    with P as 32 packed registers that needs the ~232 registers that setmaxnreg moves from the producer.
+//  - Warpgroup 0 is the producer: one thread issues TMA loads of Q (once) and of K/V tiles into a 2-stage
+//    ring; "full" barriers (TMA bytes) and "empty" barriers (all 256 consumer threads arrive after their
+//    last wgmma on the stage has completed) guard each stage. TMA computes addresses and bounds in
+//    hardware, so the consumers issue no loads at all. 2 stages of 32 KB K + 32 KB V at D=128 plus Q's 32 KB
+//    is 160 KB; a third stage would fit (227 KB) and is a tuning knob.
+//  - Shared-memory tiles use the 128-byte swizzle both TMA (CU_TENSOR_MAP_SWIZZLE_128B) and wgmma (descriptor
+//    swizzle mode 1) understand: a tile of D columns is stored as D/64 slabs of [rows][64 elements] (a
+//    128-byte row), each slab a TMA box. S = Q K^T reads Q and K K-major; O += P V reads V MN-major (wgmma's
+//    transposed B, allowed for 16-bit types), so V needs no transposition anywhere.
+//  - P never leaves registers: the fp32 accumulator layout of S, rounded pairwise to T, is exactly the
+//    register A operand layout of the next wgmma (as with mma.sync).
+//  - Key tiles are walked last to first, as in the mma.sync kernel, so the masked diagonal and edge tiles
+//    come first; tiles wholly above the diagonal of the CTA's last row are never loaded.
+//  - GQA: query heads of a KV group are adjacent CTAs (heads fastest in blockIdx.x) reading the same K/V tiles
+//    through L2, as today. Looping a group's heads inside one CTA would load each tile once; a tuning step.
+//  - Packed varlen with one tensor map over all tokens: a tile may run past its sequence into the next one's
+//    rows (or past the tensor's end, which TMA zero-fills). Keys past len_k are masked to -inf, so their
+//    (finite) values get weight 0; query rows past len_q are computed and never stored.
+//  - Output: normalised in registers, staged through this warpgroup's rows of the Q tile (same swizzle, so
+//    the 4-byte writes are conflict-free), then 16-byte stores bounded by the sequence's rows. A TMA store
+//    would write the whole box, i.e. the next sequence's rows too.
+// Not yet (the next sessions): softmax of one tile overlapped with the other warpgroup's wgmma (ping-pong
+// named barriers) and with this warpgroup's next QK^T (two S buffers); separate K and V barriers so QK^T
+// starts before V lands; the paged path (per-block TMA coordinates from the block table); persistent CTAs.
+#pragma once
+
+#include <cmath>
+
+#include "attention/flash_kernel_traits.cuh"
+#include "attention/flash_params.cuh"
+#include "common/ptx.cuh"
+#include "common/ptx_sm90.cuh"
+
+namespace minivllm::flash {
+
+// Kernel parameter: the tensor maps must sit in parameter (or constant/global) memory for TMA, hence one
+// __grid_constant__ struct.
+struct FlashSm90Params {
+  CUtensorMap q_map;  // [Tq, Hq, D], box 64 x 1 x kBlockM
+  CUtensorMap k_map;  // [Tk, Hkv, D], box 64 x 1 x kBlockN
+  CUtensorMap v_map;  // as k_map
+  FlashParams p;
+};
+
+template <typename T, int D>
+struct FlashSm90Traits {
+  static_assert(D == 64 || D == 128, "flash prefill supports head_dim 64 and 128");
+  using Element = T;
+  static constexpr int kHeadDim = D;
+  static constexpr int kBlockM = kFlashPrefillBlockM;
+  static constexpr int kWarpgroupRows = 64;  // wgmma's M
+  static constexpr int kConsumerWarpgroups = kBlockM / kWarpgroupRows;
+  static constexpr int kConsumerThreads = 128 * kConsumerWarpgroups;
+  static constexpr int kThreads = 128 + kConsumerThreads;  // warpgroup 0 produces
+  static constexpr int kBlockN = 128;
+  static constexpr int kStages = 2;
+  static constexpr int kSlabCols = 64;                   // elements in one 128-byte swizzled row
+  static constexpr int kSlabs = D / kSlabCols;
+  static constexpr int kQSlabBytes = kBlockM * 128;
+  static constexpr int kKVSlabBytes = kBlockN * 128;
+  static constexpr int kQBytes = kSlabs * kQSlabBytes;
+  static constexpr int kKVBytes = kSlabs * kKVSlabBytes;  // one K (or V) tile
+  // Offsets from the 1024-byte aligned base (the swizzle atom; the descriptors' base offset is then 0).
+  static constexpr int kOffsetK = kQBytes;
+  static constexpr int kOffsetV = kOffsetK + kStages * kKVBytes;
+  static constexpr int kOffsetBarriers = kOffsetV + kStages * kKVBytes;  // q_full, full[kStages], empty[kStages]
+  static constexpr int kSmemBytes = 1024 + kOffsetBarriers + 8 * (1 + 2 * kStages);  // 1024: alignment slack
+  // 128 * 40 + 256 * 232 = 64512 of the SM's 65536 registers.
+  static constexpr int kProducerRegisters = 40;
+  static constexpr int kConsumerRegisters = 232;
+};
+
+template <typename Traits>
+__global__ void __launch_bounds__(Traits::kThreads, 1)
+    flash_prefill_sm90_kernel(const __grid_constant__ FlashSm90Params params) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using T = typename Traits::Element;
+  using namespace ptx;
+  constexpr int D = Traits::kHeadDim;
+  constexpr int kBlockM = Traits::kBlockM;
+  constexpr int kBlockN = Traits::kBlockN;
+  constexpr int kStages = Traits::kStages;
+  const FlashParams& p = params.p;
+
+  // Grid as the mma.sync kernel's: x = (sequence, head), heads fastest; y = query tile, last (heaviest) first.
+  const int head = blockIdx.x % p.num_heads;
+  const int seq = blockIdx.x / p.num_heads;
+  const int m_block = p.num_m_blocks - 1 - blockIdx.y;
+  const int q_start = p.cu_seqlens_q[seq];
+  const int len_q = p.cu_seqlens_q[seq + 1] - q_start;
+  const int row0 = m_block * kBlockM;
+  if (row0 >= len_q) return;
+  const int k_start = p.cu_seqlens_k[seq];
+  const int len_k = p.cu_seqlens_k[seq + 1] - k_start;
+  const int diag = len_k - len_q;  // bottom-right causal alignment: row r sees keys 0 .. r + diag
+  int n_blocks = (len_k + kBlockN - 1) / kBlockN;
+  if (p.causal) {
+    const int keys_seen_by_last_row = min(row0 + kBlockM, len_q) + diag;
+    n_blocks = min(n_blocks, keys_seen_by_last_row <= 0 ? 0 : (keys_seen_by_last_row + kBlockN - 1) / kBlockN);
+  }
+
+  extern __shared__ unsigned char smem_raw[];
+  const uint32_t smem_raw_address = smem_address(smem_raw);
+  const uint32_t base = (smem_raw_address + 1023) & ~1023u;
+  unsigned char* smem = smem_raw + (base - smem_raw_address);  // generic pointer to `base`, for the epilogue
+  const uint32_t q_full = base + Traits::kOffsetBarriers;
+  auto full = [&](int stage) { return q_full + 8 * (1 + stage); };
+  auto empty = [&](int stage) { return q_full + 8 * (1 + kStages + stage); };
+
+  if (threadIdx.x == 0) {
+    mbarrier_init(q_full, 1);
+#pragma unroll
+    for (int stage = 0; stage < kStages; ++stage) {
+      mbarrier_init(full(stage), 1);
+      mbarrier_init(empty(stage), Traits::kConsumerThreads);
+    }
+    fence_barrier_init();
+  }
+  __syncthreads();
+
+  const int warpgroup = threadIdx.x / 128;
+  if (warpgroup == 0) {
+    setmaxnreg_dec<Traits::kProducerRegisters>();
+    if (threadIdx.x == 0) {
+      prefetch_tensor_map(&params.q_map);
+      prefetch_tensor_map(&params.k_map);
+      prefetch_tensor_map(&params.v_map);
+      mbarrier_arrive_expect_tx(q_full, Traits::kQBytes);
+#pragma unroll
+      for (int slab = 0; slab < Traits::kSlabs; ++slab) {
+        tma_load_3d(base + slab * Traits::kQSlabBytes, &params.q_map, q_full, slab * Traits::kSlabCols, head,
+                    q_start + row0);
+      }
+      const int kv_head = head / p.group_size;
+      for (int it = 0; it < n_blocks; ++it) {
+        const int stage = it % kStages;
+        const int key0 = k_start + (n_blocks - 1 - it) * kBlockN;
+        mbarrier_wait(empty(stage), ((it / kStages) & 1) ^ 1);
+        mbarrier_arrive_expect_tx(full(stage), 2 * Traits::kKVBytes);
+        const uint32_t k_tile = base + Traits::kOffsetK + stage * Traits::kKVBytes;
+        const uint32_t v_tile = base + Traits::kOffsetV + stage * Traits::kKVBytes;
+#pragma unroll
+        for (int slab = 0; slab < Traits::kSlabs; ++slab) {
+          const int col = slab * Traits::kSlabCols;
+          tma_load_3d(k_tile + slab * Traits::kKVSlabBytes, &params.k_map, full(stage), col, kv_head, key0);
+          tma_load_3d(v_tile + slab * Traits::kKVSlabBytes, &params.v_map, full(stage), col, kv_head, key0);
+        }
+      }
+    }
+    return;
+  }
+  setmaxnreg_inc<Traits::kConsumerRegisters>();
+
+  const int wg = warpgroup - 1;        // consumer index: rows wg*64 .. wg*64+63 of the CTA's tile
+  const int tid = threadIdx.x % 128;
+  const int warp = tid / 32;
+  const int lane = tid % 32;
+  const int lane_row = 16 * warp + lane / 4;  // accumulator row of registers 4i, 4i+1 (4i+2, 4i+3: +8)
+  const int lane_col = 2 * (lane % 4);        // first of the two columns a lane holds in each 8-column block
+  const int wg_row0 = row0 + wg * Traits::kWarpgroupRows;
+  const uint32_t q_tile = base + wg * Traits::kWarpgroupRows * 128;
+
+  float acc_o[D / 2] = {};
+  float row_max[2] = {-INFINITY, -INFINITY};
+  float row_sum[2] = {0.f, 0.f};  // this lane's partial sums; the 4 lanes of a row are reduced at the end
+
+  mbarrier_wait(q_full, 0);
+  for (int it = 0; it < n_blocks; ++it) {
+    const int stage = it % kStages;
+    const int n_block = n_blocks - 1 - it;
+    mbarrier_wait(full(stage), (it / kStages) & 1);
+    const uint32_t k_tile = base + Traits::kOffsetK + stage * Traits::kKVBytes;
+    const uint32_t v_tile = base + Traits::kOffsetV + stage * Traits::kKVBytes;
+
+    // S = Q K^T over D in steps of 16: step kk is 32 bytes into the rows of slab kk / 4.
+    float s[kBlockN / 2];
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const uint32_t offset = (kk % 4) * 32;
+      wgmma_ss<T, kBlockN>(s, smem_desc_sw128(q_tile + (kk / 4) * Traits::kQSlabBytes + offset, 16, 1024),
+                           smem_desc_sw128(k_tile + (kk / 4) * Traits::kKVSlabBytes + offset, 16, 1024), kk > 0);
+    }
+    wgmma_commit_group();
+    wgmma_wait_group<0>();
+    wgmma_fence_operands(s);
+
+    // Only the tile at the key edge and tiles crossing this warpgroup's causal diagonal need a mask.
+    const int col0 = n_block * kBlockN;
+    if (col0 + kBlockN > len_k || (p.causal && col0 + kBlockN - 1 > wg_row0 + diag)) {
+#pragma unroll
+      for (int i = 0; i < kBlockN / 8; ++i) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int col = col0 + 8 * i + lane_col + (e & 1);
+          const int row = wg_row0 + lane_row + 8 * (e / 2);
+          if (col >= len_k || (p.causal && col > row + diag)) s[4 * i + e] = -INFINITY;
+        }
+      }
+    }
+
+    // Online softmax, as in the mma.sync kernel: the 4 lanes of a quad hold one row between them.
+    float correction[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float m = row_max[h];
+#pragma unroll
+      for (int i = 0; i < kBlockN / 8; ++i) m = fmaxf(m, fmaxf(s[4 * i + 2 * h], s[4 * i + 2 * h + 1]));
+      m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, 1));
+      m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, 2));
+      // A row that has seen only masked keys keeps max -inf; subtract 0 so exp2 gives 0, not NaN.
+      const float m_scaled = m == -INFINITY ? 0.f : m * p.scale_log2;
+      correction[h] = exp2f(row_max[h] * p.scale_log2 - m_scaled);
+      row_max[h] = m;
+      float sum = 0.f;
+#pragma unroll
+      for (int i = 0; i < kBlockN / 8; ++i) {
+#pragma unroll
+        for (int e = 2 * h; e < 2 * h + 2; ++e) {
+          s[4 * i + e] = exp2f(fmaf(s[4 * i + e], p.scale_log2, -m_scaled));
+          sum += s[4 * i + e];
+        }
+      }
+      row_sum[h] = row_sum[h] * correction[h] + sum;
+    }
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) acc_o[i] *= correction[(i / 2) % 2];
+
+    // P rounded to T: two adjacent 8-column blocks of S are the A fragment of one 16-key step.
+    uint32_t p_frag[kBlockN / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk) {
+#pragma unroll
+      for (int r = 0; r < 4; ++r) p_frag[kk][r] = pack2<T>(s[8 * kk + 2 * r], s[8 * kk + 2 * r + 1]);
+    }
+
+    // O += P V: step kk is keys 16kk..16kk+15, 16 rows (2048 bytes) into every slab of V.
+    wgmma_fence();
+    wgmma_fence_operands(acc_o);
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk) {
+      wgmma_rs_b_mn_major<T, D>(acc_o, p_frag[kk], smem_desc_sw128(v_tile + kk * 16 * 128, Traits::kKVSlabBytes, 1024));
+    }
+    wgmma_commit_group();
+    wgmma_wait_group<0>();
+    wgmma_fence_operands(acc_o);
+    mbarrier_arrive(empty(stage));  // this thread's reads of the stage are complete
+  }
+
+  // Epilogue: O / rowsum rounded to T, staged in this warpgroup's 64 rows of the Q tile with its swizzle
+  // (16-byte chunk j of row r at chunk j ^ (r % 8)), then stored in 16-byte chunks. A row that saw no key is
+  // written as zeros. The barrier first: no warp of this warpgroup may still be reading Q.
+  named_barrier_sync(1 + wg, 128);
+  unsigned char* stage_o = smem + wg * Traits::kWarpgroupRows * 128;
+  auto chunk_in_stage = [&](int r, int chunk) {
+    return stage_o + (chunk / 8) * Traits::kQSlabBytes + r * 128 + (((chunk % 8) ^ (r % 8)) * 16);
+  };
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    float sum = row_sum[h];
+    sum += __shfl_xor_sync(0xffffffff, sum, 1);
+    sum += __shfl_xor_sync(0xffffffff, sum, 2);
+    const float inv_sum = sum > 0.f ? 1.f / sum : 0.f;
+    const int r = lane_row + 8 * h;
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) {
+      *reinterpret_cast<uint32_t*>(chunk_in_stage(r, i) + lane_col * 2) =
+          pack2<T>(acc_o[4 * i + 2 * h] * inv_sum, acc_o[4 * i + 2 * h + 1] * inv_sum);
+    }
+  }
+  named_barrier_sync(1 + wg, 128);
+  T* out = static_cast<T*>(p.out) + q_start * p.out_token_stride + head * p.out_head_stride;
+  constexpr int kChunks = D / 8;
+#pragma unroll
+  for (int j = 0; j < Traits::kWarpgroupRows * kChunks / 128; ++j) {
+    const int idx = tid + 128 * j;
+    const int r = idx / kChunks;
+    const int chunk = idx % kChunks;
+    if (wg_row0 + r < len_q) {
+      *reinterpret_cast<uint4*>(out + (wg_row0 + r) * p.out_token_stride + chunk * 8) =
+          *reinterpret_cast<const uint4*>(chunk_in_stage(r, chunk));
+    }
+  }
+#endif
+}
+
+}  // namespace minivllm::flash
