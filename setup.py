@@ -61,8 +61,9 @@ def kernel_extensions() -> tuple[list, dict]:
         return skip("no CUDA toolkit found (set CUDA_HOME)")
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
-    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCHS
+    os.environ["TORCH_CUDA_ARCH_LIST"] = with_sm90a(os.environ.get("TORCH_CUDA_ARCH_LIST") or local_archs(torch))
+    # the host half of csrc/attention/hopper/ learns from this that the sm_90a kernel body exists
+    sm90a = ["-DMINIVLLM_SM90A"] if "9.0a" in os.environ["TORCH_CUDA_ARCH_LIST"].split(";") else []
     sources = sorted(glob.glob("csrc/**/*.cpp", recursive=True) + glob.glob("csrc/**/*.cu", recursive=True))
     extension = CUDAExtension(
         name="minivllm._C",
@@ -70,12 +71,30 @@ def kernel_extensions() -> tuple[list, dict]:
         include_dirs=[os.path.abspath("csrc"), *cuda_wheel_includes(torch)],
         extra_compile_args={
             "cxx": ["-O3", "-std=c++20"],
-            "nvcc": ["-O3", "-std=c++20", "--use_fast_math", "--expt-relaxed-constexpr", "-lineinfo"],
+            "nvcc": ["-O3", "-std=c++20", "--use_fast_math", "--expt-relaxed-constexpr", "-lineinfo", *sm90a],
         },
         py_limited_api=False,
     )
     print(f"minivllm: building CUDA kernels with {cuda_home} for archs {os.environ.get('TORCH_CUDA_ARCH_LIST')}")
     return [extension], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+def local_archs(torch) -> str:
+    """The visible GPUs' archs, capped at the newest this torch was built for (what torch picks, less its
+    +PTX), else DEFAULT_ARCHS."""
+    if not torch.cuda.is_available():
+        return DEFAULT_ARCHS
+    sm = [int(arch[3:]) for arch in torch.cuda.get_arch_list() if arch[:3] == "sm_" and arch[3:].isdigit()]
+    newest = max(divmod(n, 10) for n in sm)
+    capabilities = {min(torch.cuda.get_device_capability(i), newest) for i in range(torch.cuda.device_count())}
+    return ";".join(f"{major}.{minor}" for major, minor in sorted(capabilities))
+
+
+def with_sm90a(archs: str) -> str:
+    """9.0 becomes 9.0a: an sm_90a binary runs on every sm_90 GPU (H100, H200) as the sm_90 one would, and only
+    with it does the Hopper prefill kernel (wgmma, setmaxnreg) exist. 9.0+PTX stays as it is (sm_90a PTX would
+    not run on later GPUs), so such a build runs the mma.sync prefill kernel on Hopper."""
+    return ";".join("9.0a" if arch == "9.0" else arch for arch in archs.replace(" ", ";").split(";") if arch)
 
 
 def cuda_wheel_includes(torch) -> list[str]:

@@ -1,6 +1,7 @@
 """Causal prefill attention at 16k tokens a batch: naive PyTorch (full score matrix), our naive CUDA kernel
 (one row of fp32 scores per query), torch SDPA's FlashAttention-2 and cuDNN backends, and our flash kernel
-(minivllm.ops.flash_attn_varlen).
+(minivllm.ops.flash_attn_varlen: on an sm_90 GPU its TMA + wgmma kernel, with the mma.sync one, which it runs
+elsewhere, in a row of its own).
 
     python -m benchmarks.prefill [--json PATH] [--plot PATH]
 
@@ -9,6 +10,8 @@ TFLOP/s count causal work: half of 4 * L^2 * D * Hq per sequence. GQA baselines 
 at a time, as SDPA has no varlen entry. --plot PATH draws TFLOP/s against sequence length, a panel per head shape
 (the mixed batch is in the table only).
 """
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -24,8 +27,10 @@ HEADS = ((16, 8, 128), (32, 8, 128), (9, 3, 64))  # (Hq, Hkv, D): Qwen3-0.6B, Ll
 MIXED_LENGTHS = (3000, 160, 4096, 700, 1500, 2600, 64, 1024, 2048, 1200)  # about 16k tokens
 NAIVE_MAX_SCORE_BYTES = 4 << 30  # the naive paths' fp32 scores; larger ones are skipped
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-METHOD_NAMES = {"ours": "ours (flash)", "cudnn": "SDPA cuDNN", "fa2": "SDPA FlashAttention-2",
-                "naive_cuda": "our naive CUDA", "naive": "naive PyTorch"}  # measure()'s methods, as plotted
+METHOD_NAMES = {"ours": "ours (flash)", "ours_mma": "ours (mma.sync)", "cudnn": "SDPA cuDNN",
+                "fa2": "SDPA FlashAttention-2", "naive_cuda": "our naive CUDA",
+                "naive": "naive PyTorch"}  # measure()'s methods, as plotted
+SM90_SWITCH = "MINIVLLM_PREFILL_SM90"  # "0": flash_attn_varlen keeps an sm_90 GPU on the mma.sync kernel
 
 
 def causal_flops(lengths: list[int], num_heads: int, head_dim: int) -> float:
@@ -60,6 +65,17 @@ def measure(
     def ours():
         return ops.flash_attn_varlen(q, k, v, cu, cu, max(lengths), max(lengths), scale, True)
 
+    def ours_mma_sync():
+        previous = os.environ.get(SM90_SWITCH)
+        os.environ[SM90_SWITCH] = "0"
+        try:
+            return ours()
+        finally:
+            if previous is None:
+                del os.environ[SM90_SWITCH]
+            else:
+                os.environ[SM90_SWITCH] = previous
+
     def naive_cuda():
         return ops.naive_attention_varlen(q, k, v, cu, cu, max(lengths), max(lengths), scale)
 
@@ -86,6 +102,7 @@ def measure(
         "fa2": run_each(lambda *qkv: sdpa(SDPBackend.FLASH_ATTENTION, *qkv, scale)),
         "cudnn": run_each(lambda *qkv: sdpa(SDPBackend.CUDNN_ATTENTION, *qkv, scale)),
         "ours": ours,
+        "ours_mma": ours_mma_sync if ops.flash_prefill_sm90_available() else None,  # else "ours" is mma.sync
     }
     # fp32 scores at once: naive PyTorch's matrix per batch of SDPA views; the naive CUDA kernel's scratch,
     # a row of max(lengths) per query and head (its run time grows with it too).
@@ -95,8 +112,8 @@ def measure(
     }
     for name, fn in methods.items():
         row[f"{name}_ms"] = row[f"{name}_tflops"] = None
-        if score_bytes.get(name, 0) > NAIVE_MAX_SCORE_BYTES:
-            continue  # printed as "-": the scores would not fit comfortably
+        if fn is None or score_bytes.get(name, 0) > NAIVE_MAX_SCORE_BYTES:
+            continue  # printed as "-": not on this GPU, or the scores would not fit comfortably
         try:
             ms = common.time_cuda_ms(fn, warmup=3, iters=15 if name in score_bytes else 30)
         except RuntimeError as e:  # e.g. a backend that refuses this shape
@@ -105,6 +122,7 @@ def measure(
         row[f"{name}_ms"] = ms
         row[f"{name}_tflops"] = flops / (ms * 1e-3) / 1e12
     row["ours/fa2"] = row["fa2_ms"] / row["ours_ms"] if row["fa2_ms"] and row["ours_ms"] else None
+    row["ours/cudnn"] = row["cudnn_ms"] / row["ours_ms"] if row["cudnn_ms"] and row["ours_ms"] else None
 
     # Agreement with the FA2 backend on these inputs (both bf16), so the timed kernel is the right one.
     out = ours()

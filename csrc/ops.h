@@ -41,6 +41,10 @@ torch::Tensor flash_attn_varlen(const torch::Tensor& q, const torch::Tensor& k, 
                                 int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, bool causal,
                                 const std::optional<torch::Tensor>& block_table);
 
+// Whether flash_attn_varlen can run its sm_90a (TMA + wgmma) kernel on the current device: the build holds
+// sm_90a code and the GPU is sm_90. Packed k/v then take it unless MINIVLLM_PREFILL_SM90=0.
+bool flash_prefill_sm90_available();
+
 // One query token per sequence against its paged context. total_context_len, the sum of context_lens on
 // the device, only sizes the context splits; when absent, it is computed here.
 torch::Tensor paged_attention_decode(const torch::Tensor& q, const torch::Tensor& k_cache,

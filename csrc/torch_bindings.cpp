@@ -16,6 +16,7 @@ TORCH_LIBRARY(minivllm, m) {
   m.def(
       "flash_attn_varlen(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
       "int max_seqlen_q, int max_seqlen_k, float scale, bool causal, Tensor? block_table) -> Tensor");
+  m.def("flash_prefill_sm90_available() -> bool", &flash_prefill_sm90_available);
   m.def(
       "naive_attention_varlen(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
       "int max_seqlen_q, int max_seqlen_k, float scale) -> Tensor");

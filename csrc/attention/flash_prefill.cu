@@ -1,17 +1,21 @@
-// torch entry of the flash prefill kernel: checks every input, fills FlashParams and picks the
-// instantiation for (dtype, head_dim). The kernel itself is in flash_prefill_kernel.cuh.
+// torch entry of the flash prefill kernels: checks every input, fills FlashParams and picks the kernel: on
+// sm_90 GPUs the warp-specialised TMA + wgmma one (hopper/, packed k/v only for now) unless
+// MINIVLLM_PREFILL_SM90=0, else the mma.sync one (flash_prefill_kernel.cuh) for (dtype, head_dim).
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <string>
 
 #include "../common/checks.h"
 #include "../ops.h"
 #include "flash_kernel_traits.cuh"
 #include "flash_params.cuh"
+#include "hopper/flash_prefill_sm90.h"
 
 namespace {
 
@@ -55,7 +59,18 @@ void check_cu_seqlens(const torch::Tensor& t, const char* name, const torch::Ten
               " must be a contiguous 1-D tensor [batch + 1] with batch >= 1, got shape ", str(t.sizes()));
 }
 
+// MINIVLLM_PREFILL_SM90=0 keeps sm_90 GPUs on the mma.sync kernel, so one process can A/B and test both;
+// read at every call.
+bool sm90_prefill_enabled() {
+  const char* value = std::getenv("MINIVLLM_PREFILL_SM90");
+  return value == nullptr || std::strcmp(value, "0") != 0;
+}
+
 }  // namespace
+
+bool flash_prefill_sm90_available() {
+  return minivllm::flash::flash_prefill_sm90_available(c10::cuda::current_device());
+}
 
 torch::Tensor flash_attn_varlen(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                 const torch::Tensor& cu_seqlens_q, const torch::Tensor& cu_seqlens_k,
@@ -149,6 +164,13 @@ torch::Tensor flash_attn_varlen(const torch::Tensor& q, const torch::Tensor& k, 
 
   const c10::cuda::OptionalCUDAGuard device_guard(q.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (!paged && k.size(0) > 0 && sm90_prefill_enabled() &&
+      minivllm::flash::flash_prefill_sm90_available(q.device().index())) {
+    minivllm::flash::run_flash_prefill_sm90(params, q.scalar_type() == at::kBFloat16, static_cast<int>(head_dim),
+                                            q.size(0), k.size(0), static_cast<int>(num_kv_heads),
+                                            static_cast<int>(batch), stream);
+    return out;
+  }
   MINIVLLM_DISPATCH_HALF_TYPES(q.scalar_type(), "flash_attn_varlen", [&] {
     using T = typename CudaElement<scalar_t>::type;
     if (head_dim == 64) {

@@ -1,4 +1,5 @@
-"""The flash prefill kernel against the fp32 torch reference over random packed and paged batches.
+"""The flash prefill kernels against the fp32 torch reference over random packed and paged batches: the mma.sync
+kernel everywhere, and on sm_90 GPUs also the TMA + wgmma one (packed k/v; MINIVLLM_PREFILL_SM90 picks).
 
 Run on a GPU after building the extension (scripts/gpu_build.sh); skipped otherwise.
 """
@@ -23,7 +24,23 @@ EDGE_LENGTHS = (1, 2, 15, 16, 17, 63, 64, 65, 127, 128, 129, 255, 256, 257)
 NUM_CASES = 120
 MAX_TOKENS = 12288  # per case, to keep the file fast
 
-worst = {}  # (dtype, head_dim) -> largest relative error norm seen, printed at the end
+SM90_CASES = 240  # packed shapes for the sm_90 kernel on top of the shared cases
+GQA_GROUPS = (1, 2, 3, 4, 5, 6, 7, 8, 16)  # any Hq / Hkv is taken; these cover the models' and odd ones
+
+worst = {}  # (kernel, dtype, head_dim) -> largest relative error norm seen, printed at the end
+
+
+@pytest.fixture(params=["mma_sync", "sm90"])
+def kernel(request, monkeypatch):
+    """Which prefill kernel flash_attn_varlen runs: the sm_90 one only on sm_90 GPUs of a build with sm_90a code,
+    for packed k/v (the variable is read at every call)."""
+    if request.param == "sm90":
+        if not ops.flash_prefill_sm90_available():
+            pytest.skip("needs an sm_90 GPU and a build with 9.0a in TORCH_CUDA_ARCH_LIST")
+        monkeypatch.setenv("MINIVLLM_PREFILL_SM90", "1")
+    else:
+        monkeypatch.setenv("MINIVLLM_PREFILL_SM90", "0")
+    return request.param
 
 
 def random_length(rng: random.Random, limit: int) -> int:
@@ -59,6 +76,38 @@ def random_case(case: int) -> dict:
     )
 
 
+def random_sm90_case(case: int) -> dict:
+    """Packed shapes for the sm_90 kernel: its tile edges (128 queries, 128 keys), single-token and short
+    sequences, long prefixes (k_len up to 64x q_len), every group size in GQA_GROUPS, q/k/v as strided views."""
+    rng = random.Random(10_000 + case)
+    group = GQA_GROUPS[case % len(GQA_GROUPS)]
+    num_kv_heads = rng.choice((1, 2, 3))
+    batch = rng.choice((1, 1, 2, 3, 4, 7, 16, 40))
+    budget = MAX_TOKENS // batch
+    shape = rng.random()
+    if shape < 0.3:  # short sequences, many of them single tokens
+        lens_q = [rng.choice((1, 1, 2, 3, 5, 8, 15, 31)) for _ in range(batch)]
+    else:
+        lens_q = [random_length(rng, min(2048, budget)) for _ in range(batch)]
+    if shape < 0.6:  # a prefix, often much longer than the new tokens
+        lens_k = [lq + rng.choice((0, 1, 127, 128, 129, rng.randint(1, max(1, budget - lq)))) for lq in lens_q]
+    else:
+        lens_k = list(lens_q)
+    return dict(
+        dtype=rng.choice((torch.bfloat16, torch.float16)),
+        head_dim=rng.choice((64, 128)),
+        num_heads=group * num_kv_heads,
+        num_kv_heads=num_kv_heads,
+        lens_q=lens_q,
+        lens_k=lens_k,
+        causal=rng.random() < 0.75,
+        block_size=None,
+        q_scale=rng.choice((1.0, 1.0, 4.0)),
+        strided=rng.random() < 0.3,  # q, k, v slices of one [T, Hq + 2 Hkv, D] tensor, as the model passes them
+        seed=case,
+    )
+
+
 def cu_seqlens(lengths: list[int]) -> torch.Tensor:
     return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
 
@@ -72,8 +121,13 @@ def make_inputs(c: dict):
         return torch.randn(*shape, generator=gen, device="cuda", dtype=torch.float32).to(dtype)
 
     total_q, total_k = sum(c["lens_q"]), sum(c["lens_k"])
-    q = (randn(total_q, c["num_heads"], d).float() * c["q_scale"]).to(dtype)
-    k, v = randn(total_k, c["num_kv_heads"], d), randn(total_k, c["num_kv_heads"], d)
+    hq, hkv = c["num_heads"], c["num_kv_heads"]
+    if c.get("strided") and total_q == total_k:
+        qkv = randn(total_q, hq + 2 * hkv, d)
+        qkv[:, :hq] = (qkv[:, :hq].float() * c["q_scale"]).to(dtype)
+        return qkv[:, :hq], qkv[:, hq : hq + hkv], qkv[:, hq + hkv :], None
+    q = (randn(total_q, hq, d).float() * c["q_scale"]).to(dtype)
+    k, v = randn(total_k, hkv, d), randn(total_k, hkv, d)
     if c["block_size"] is None:
         return q, k, v, None
     # Scatter each sequence's keys into randomly permuted pages of a cache with spare, garbage-filled blocks.
@@ -103,8 +157,21 @@ def run_poisoned(*args):
 
 
 @pytest.mark.parametrize("case", range(NUM_CASES))
-def test_matches_reference(case):
+def test_matches_reference(case, kernel):
     c = random_case(case)
+    if kernel == "sm90" and c["block_size"] is not None:
+        pytest.skip("the paged path stays on the mma.sync kernel")
+    check_against_reference(c, kernel)
+
+
+@pytest.mark.parametrize("case", range(SM90_CASES))
+def test_sm90_shapes_match_reference(case, kernel):
+    if kernel != "sm90":
+        pytest.skip("shapes chosen for the sm_90 kernel's tiles; the shared cases cover the mma.sync kernel")
+    check_against_reference(random_sm90_case(case), kernel)
+
+
+def check_against_reference(c: dict, kernel: str) -> None:
     q, k, v, table = make_inputs(c)
     cu_q, cu_k = cu_seqlens(c["lens_q"]), cu_seqlens(c["lens_k"])
     scale = c["head_dim"] ** -0.5
@@ -119,7 +186,7 @@ def test_matches_reference(case):
     err = out.float() - ref
     starts = cu_q.tolist()
     seq_errors = [(err[a:b].norm() / ref[a:b].norm().clamp_min(1e-6)).item() for a, b in zip(starts[:-1], starts[1:])]
-    key = (str(c["dtype"]).removeprefix("torch."), c["head_dim"])
+    key = (kernel, str(c["dtype"]).removeprefix("torch."), c["head_dim"])
     worst[key] = max(worst.get(key, 0.0), *seq_errors)
     assert max(seq_errors) < norm_tol, f"relative error {max(seq_errors):.2e} > {norm_tol} in {c}"
     max_err = (err.abs().max() / ref.abs().max()).item()
@@ -127,8 +194,10 @@ def test_matches_reference(case):
 
 
 def test_report_worst_errors():
-    """Runs after the random cases (pytest keeps file order): prints the largest error norm per dtype/head_dim."""
-    print("\nflash prefill worst relative error norms:", {f"{k[0]} D={k[1]}": f"{v:.2e}" for k, v in worst.items()})
+    """Runs after the random cases (pytest keeps file order): prints the largest error norm per kernel, dtype and
+    head_dim."""
+    norms = {f"{kernel} {dtype} D={head_dim}": f"{v:.2e}" for (kernel, dtype, head_dim), v in worst.items()}
+    print("\nflash prefill worst relative error norms:", norms)
 
 
 def small_inputs(dtype=torch.float16, head_dim=64, num_heads=4, num_kv_heads=2, device="cuda"):
@@ -193,3 +262,18 @@ def test_bad_block_tables_raise():
         call(q, cache.view(16, 8, 2, 64), cache.view(16, 8, 2, 64), cu, block_table=table)
     with pytest.raises(RuntimeError, match="paged, block_table given"):
         call(q, cache[0], cache[0], cu, block_table=table)
+
+
+@pytest.mark.parametrize("switch, runs, not_runs", [("1", "sm90_kernel", "flash_prefill_kernel"),
+                                                    ("0", "flash_prefill_kernel", "sm90_kernel")])
+def test_switch_picks_the_kernel(switch, runs, not_runs, monkeypatch):
+    """MINIVLLM_PREFILL_SM90 decides which kernel runs (read at every call), so the "sm90" cases test that one."""
+    if not ops.flash_prefill_sm90_available():
+        pytest.skip("needs an sm_90 GPU and a build with 9.0a in TORCH_CUDA_ARCH_LIST")
+    monkeypatch.setenv("MINIVLLM_PREFILL_SM90", switch)
+    q, k, v, cu = small_inputs()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        call(q, k, v, cu)
+        torch.cuda.synchronize()
+    names = [event.key for event in prof.key_averages()]
+    assert any(runs in name for name in names) and not any(not_runs in name for name in names), names
