@@ -30,17 +30,18 @@ GQA_GROUPS = (1, 2, 3, 4, 5, 6, 7, 8, 16)  # any Hq / Hkv is taken; these cover 
 worst = {}  # (kernel, dtype, head_dim) -> largest relative error norm seen, printed at the end
 
 
+def select_kernel(kernel: str, monkeypatch) -> str:
+    """Makes flash_attn_varlen run `kernel` (it reads the variable at every call); the sm_90 one runs only on sm_90
+    GPUs of a build with sm_90a code, and only for packed k/v."""
+    if kernel == "sm90" and not ops.flash_prefill_sm90_available():
+        pytest.skip("needs an sm_90 GPU and a build with 9.0a in TORCH_CUDA_ARCH_LIST")
+    monkeypatch.setenv("MINIVLLM_PREFILL_SM90", "1" if kernel == "sm90" else "0")
+    return kernel
+
+
 @pytest.fixture(params=["mma_sync", "sm90"])
 def kernel(request, monkeypatch):
-    """Which prefill kernel flash_attn_varlen runs: the sm_90 one only on sm_90 GPUs of a build with sm_90a code,
-    for packed k/v (the variable is read at every call)."""
-    if request.param == "sm90":
-        if not ops.flash_prefill_sm90_available():
-            pytest.skip("needs an sm_90 GPU and a build with 9.0a in TORCH_CUDA_ARCH_LIST")
-        monkeypatch.setenv("MINIVLLM_PREFILL_SM90", "1")
-    else:
-        monkeypatch.setenv("MINIVLLM_PREFILL_SM90", "0")
-    return request.param
+    return select_kernel(request.param, monkeypatch)
 
 
 def random_length(rng: random.Random, limit: int) -> int:
@@ -165,10 +166,8 @@ def test_matches_reference(case, kernel):
 
 
 @pytest.mark.parametrize("case", range(SM90_CASES))
-def test_sm90_shapes_match_reference(case, kernel):
-    if kernel != "sm90":
-        pytest.skip("shapes chosen for the sm_90 kernel's tiles; the shared cases cover the mma.sync kernel")
-    check_against_reference(random_sm90_case(case), kernel)
+def test_sm90_shapes_match_reference(case, monkeypatch):
+    check_against_reference(random_sm90_case(case), select_kernel("sm90", monkeypatch))
 
 
 def check_against_reference(c: dict, kernel: str) -> None:
@@ -268,8 +267,7 @@ def test_bad_block_tables_raise():
                                                     ("0", "flash_prefill_kernel", "sm90_kernel")])
 def test_switch_picks_the_kernel(switch, runs, not_runs, monkeypatch):
     """MINIVLLM_PREFILL_SM90 decides which kernel runs (read at every call), so the "sm90" cases test that one."""
-    if not ops.flash_prefill_sm90_available():
-        pytest.skip("needs an sm_90 GPU and a build with 9.0a in TORCH_CUDA_ARCH_LIST")
+    select_kernel("sm90", monkeypatch)
     monkeypatch.setenv("MINIVLLM_PREFILL_SM90", switch)
     q, k, v, cu = small_inputs()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:

@@ -293,6 +293,10 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
           *reinterpret_cast<const uint4*>(chunk_in_stage(r, chunk));
     }
   }
+#elif defined(__CUDA_ARCH__)
+  // Other archs compile this empty stub, which the host never launches (it checks for an sm_90 GPU and a
+  // build with sm_90a code). Should a driver ever pick this binary on an sm_90 GPU, fail loudly.
+  __trap();
 #endif
 }
 
