@@ -122,12 +122,19 @@ __device__ __forceinline__ void wgmma_wait_group() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
 }
 
-// Keeps the compiler from moving reads or writes of accumulator registers across the asynchronous wgmma
-// instructions and their waits (it does not know the asm writes them later).
+// Pins register operands of wgmma (accumulators, A fragments) at this point of the instruction stream: the
+// compiler may not move their reads or writes across it. Use before wgmma_fence (so every write that the fence
+// must order is above it) and after wgmma_wait_group (the asm wrote them asynchronously).
 template <int N>
 __device__ __forceinline__ void wgmma_fence_operands(float (&acc)[N]) {
 #pragma unroll
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(acc[i])::"memory");
+}
+
+template <int N>
+__device__ __forceinline__ void wgmma_fence_operands(uint32_t (&frag)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+r"(frag[i])::"memory");
 }
 
 // Accumulator layout of m64nNk16 with fp32 D (N/2 registers a thread): warp w of the warpgroup holds rows

@@ -173,6 +173,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   const uint32_t q_tile = base + wg * Traits::kWarpgroupRows * 128;
 
   float acc_o[D / 2] = {};
+  float s[kBlockN / 2] = {};  // scores, then probabilities, of the current key tile
   float row_max[2] = {-INFINITY, -INFINITY};
   float row_sum[2] = {0.f, 0.f};  // this lane's partial sums; the 4 lanes of a row are reduced at the end
 
@@ -184,8 +185,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     const uint32_t k_tile = base + Traits::kOffsetK + stage * Traits::kKVBytes;
     const uint32_t v_tile = base + Traits::kOffsetV + stage * Traits::kKVBytes;
 
-    // S = Q K^T over D in steps of 16: step kk is 32 bytes into the rows of slab kk / 4.
-    float s[kBlockN / 2];
+    // S = Q K^T over D in steps of 16: step kk is 32 bytes into the rows of slab kk / 4. The first step
+    // overwrites S (scale-d 0); the last tile's reads of S are pinned above the fence.
+    wgmma_fence_operands(s);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
@@ -246,9 +248,12 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       for (int r = 0; r < 4; ++r) p_frag[kk][r] = pack2<T>(s[8 * kk + 2 * r], s[8 * kk + 2 * r + 1]);
     }
 
-    // O += P V: step kk is keys 16kk..16kk+15, 16 rows (2048 bytes) into every slab of V.
-    wgmma_fence();
+    // O += P V: step kk is keys 16kk..16kk+15, 16 rows (2048 bytes) into every slab of V. The rescaled O and
+    // P are written before the fence, as wgmma requires of registers it reads.
     wgmma_fence_operands(acc_o);
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk) wgmma_fence_operands(p_frag[kk]);
+    wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kBlockN / 16; ++kk) {
       wgmma_rs_b_mn_major<T, D>(acc_o, p_frag[kk], smem_desc_sw128(v_tile + kk * 16 * 128, Traits::kKVSlabBytes, 1024));
