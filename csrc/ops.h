@@ -42,7 +42,7 @@ torch::Tensor flash_attn_varlen(const torch::Tensor& q, const torch::Tensor& k, 
                                 const std::optional<torch::Tensor>& block_table);
 
 // Whether flash_attn_varlen can run its sm_90a (TMA + wgmma) kernel on the current device: the build holds
-// sm_90a code and the GPU is sm_90. Packed k/v then take it unless MINIVLLM_PREFILL_SM90=0.
+// sm_90a code and the GPU is sm_90. It then runs unless MINIVLLM_PREFILL_SM90=0.
 bool flash_prefill_sm90_available();
 
 // One query token per sequence against its paged context. total_context_len, the sum of context_lens on

@@ -1,6 +1,6 @@
 // torch entry of the flash prefill kernels: checks every input, fills FlashParams and picks the kernel: on
-// sm_90 GPUs the warp-specialised TMA + wgmma one (hopper/, packed k/v only for now) unless
-// MINIVLLM_PREFILL_SM90=0, else the mma.sync one (flash_prefill_kernel.cuh) for (dtype, head_dim).
+// sm_90 GPUs the warp-specialised TMA + wgmma one (hopper/) unless MINIVLLM_PREFILL_SM90=0, else the
+// mma.sync one (flash_prefill_kernel.cuh) for (dtype, head_dim).
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_bf16.h>
@@ -164,7 +164,7 @@ torch::Tensor flash_attn_varlen(const torch::Tensor& q, const torch::Tensor& k, 
 
   const c10::cuda::OptionalCUDAGuard device_guard(q.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  if (!paged && k.size(0) > 0 && sm90_prefill_enabled() &&
+  if (k.size(0) > 0 && sm90_prefill_enabled() &&
       minivllm::flash::flash_prefill_sm90_available(q.device().index())) {
     minivllm::flash::run_flash_prefill_sm90(params, q.scalar_type() == at::kBFloat16, static_cast<int>(head_dim),
                                             q.size(0), k.size(0), static_cast<int>(num_kv_heads),

@@ -89,8 +89,8 @@ def flash_attn_varlen(
 
 
 def flash_prefill_sm90_available() -> bool:
-    """Whether flash_attn_varlen runs its sm_90a TMA + wgmma kernel on the current GPU (for packed k/v, unless the
-    environment has MINIVLLM_PREFILL_SM90=0); otherwise it runs the mma.sync kernel."""
+    """Whether flash_attn_varlen runs its sm_90a TMA + wgmma kernel on the current GPU (unless the environment has
+    MINIVLLM_PREFILL_SM90=0); otherwise it runs the mma.sync kernel."""
     return KERNELS_BUILT and torch.cuda.is_available() and torch.ops.minivllm.flash_prefill_sm90_available()
 
 

@@ -1,5 +1,5 @@
 """The flash prefill kernels against the fp32 torch reference over random packed and paged batches: the mma.sync
-kernel everywhere, and on sm_90 GPUs also the TMA + wgmma one (packed k/v; MINIVLLM_PREFILL_SM90 picks).
+kernel everywhere, and on sm_90 GPUs also the TMA + wgmma one (MINIVLLM_PREFILL_SM90 picks).
 
 Run on a GPU after building the extension (scripts/gpu_build.sh); skipped otherwise.
 """
@@ -24,7 +24,7 @@ EDGE_LENGTHS = (1, 2, 15, 16, 17, 63, 64, 65, 127, 128, 129, 255, 256, 257)
 NUM_CASES = 120
 MAX_TOKENS = 12288  # per case, to keep the file fast
 
-SM90_CASES = 240  # packed shapes for the sm_90 kernel on top of the shared cases
+SM90_CASES = 240  # shapes for the sm_90 kernel's tiles on top of the shared cases
 GQA_GROUPS = (1, 2, 3, 4, 5, 6, 7, 8, 16)  # any Hq / Hkv is taken; these cover the models' and odd ones
 
 worst = {}  # (kernel, dtype, head_dim) -> largest relative error norm seen, printed at the end
@@ -32,7 +32,7 @@ worst = {}  # (kernel, dtype, head_dim) -> largest relative error norm seen, pri
 
 def select_kernel(kernel: str, monkeypatch) -> str:
     """Makes flash_attn_varlen run `kernel` (it reads the variable at every call); the sm_90 one runs only on sm_90
-    GPUs of a build with sm_90a code, and only for packed k/v."""
+    GPUs of a build with sm_90a code."""
     if kernel == "sm90" and not ops.flash_prefill_sm90_available():
         pytest.skip("needs an sm_90 GPU and a build with 9.0a in TORCH_CUDA_ARCH_LIST")
     monkeypatch.setenv("MINIVLLM_PREFILL_SM90", "1" if kernel == "sm90" else "0")
@@ -78,8 +78,9 @@ def random_case(case: int) -> dict:
 
 
 def random_sm90_case(case: int) -> dict:
-    """Packed shapes for the sm_90 kernel: its tile edges (128 queries, 128 keys), single-token and short
-    sequences, long prefixes (k_len up to 64x q_len), every group size in GQA_GROUPS, q/k/v as strided views."""
+    """Shapes for the sm_90 kernel: its tile edges (128 queries, 128 keys), single-token and short sequences, long
+    prefixes (k_len up to thousands of times q_len), every group size in GQA_GROUPS, q/k/v as strided views, and
+    paged k/v with every block size (one cache block a tile and up to 8 blocks a tile)."""
     rng = random.Random(10_000 + case)
     group = GQA_GROUPS[case % len(GQA_GROUPS)]
     num_kv_heads = rng.choice((1, 2, 3))
@@ -102,7 +103,7 @@ def random_sm90_case(case: int) -> dict:
         lens_q=lens_q,
         lens_k=lens_k,
         causal=rng.random() < 0.75,
-        block_size=None,
+        block_size=rng.choice((16, 32, 64, 128, 256)) if rng.random() < 0.35 else None,
         q_scale=rng.choice((1.0, 1.0, 4.0)),
         strided=rng.random() < 0.3,  # q, k, v slices of one [T, Hq + 2 Hkv, D] tensor, as the model passes them
         seed=case,
@@ -123,7 +124,7 @@ def make_inputs(c: dict):
 
     total_q, total_k = sum(c["lens_q"]), sum(c["lens_k"])
     hq, hkv = c["num_heads"], c["num_kv_heads"]
-    if c.get("strided") and total_q == total_k:
+    if c.get("strided") and total_q == total_k and c["block_size"] is None:
         qkv = randn(total_q, hq + 2 * hkv, d)
         qkv[:, :hq] = (qkv[:, :hq].float() * c["q_scale"]).to(dtype)
         return qkv[:, :hq], qkv[:, hq : hq + hkv], qkv[:, hq + hkv :], None
@@ -159,10 +160,7 @@ def run_poisoned(*args):
 
 @pytest.mark.parametrize("case", range(NUM_CASES))
 def test_matches_reference(case, kernel):
-    c = random_case(case)
-    if kernel == "sm90" and c["block_size"] is not None:
-        pytest.skip("the paged path stays on the mma.sync kernel")
-    check_against_reference(c, kernel)
+    check_against_reference(random_case(case), kernel)
 
 
 @pytest.mark.parametrize("case", range(SM90_CASES))

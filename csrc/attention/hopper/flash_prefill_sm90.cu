@@ -6,6 +6,9 @@
 #include <c10/cuda/CUDAException.h>
 #include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled: the driver entry point, found at run time
 
+#include <algorithm>
+#include <string>
+
 #include "flash_prefill_sm90.h"
 #include "flash_prefill_sm90_kernel.cuh"
 
@@ -27,42 +30,50 @@ PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
   return encode;
 }
 
-// A 3-D map over a packed [tokens, heads, head_dim] tensor (head_dim contiguous; strides in elements). One
-// box is 64 elements of head_dim (128 bytes, the widest a 128-byte swizzle takes) x 1 head x box_rows tokens,
-// written to shared memory 128-byte swizzled; tokens past the end read as zeros.
-CUtensorMap make_tensor_map(const void* data, bool bf16, int64_t tokens, int64_t heads, int64_t head_dim,
-                            int64_t token_stride, int64_t head_stride, int box_rows) {
+// A map over a tensor of `rank` dims given innermost first: dims[0] = head_dim (contiguous), dims[1] = heads,
+// then tokens (packed) or block_size and blocks (paged); strides[i] in elements for dims[i + 1]. One box is 64
+// elements of head_dim (128 bytes, the widest a 128-byte swizzle takes) x 1 head x box_rows tokens (x 1
+// block), written to shared memory 128-byte swizzled; boxes past the tensor's end read as zeros.
+CUtensorMap make_tensor_map(const void* data, bool bf16, int rank, const int64_t* dims, const int64_t* strides,
+                            int box_rows) {
   constexpr int64_t kElementBytes = 2;
-  const cuuint64_t dims[3] = {static_cast<cuuint64_t>(head_dim), static_cast<cuuint64_t>(heads),
-                              static_cast<cuuint64_t>(tokens)};
-  const cuuint64_t strides[2] = {static_cast<cuuint64_t>(head_stride * kElementBytes),
-                                 static_cast<cuuint64_t>(token_stride * kElementBytes)};
-  const cuuint32_t box[3] = {64, 1, static_cast<cuuint32_t>(box_rows)};
-  const cuuint32_t element_strides[3] = {1, 1, 1};
+  cuuint64_t global_dims[4], global_strides[3];
+  cuuint32_t box[4] = {64, 1, static_cast<cuuint32_t>(box_rows), 1}, element_strides[4] = {1, 1, 1, 1};
+  for (int i = 0; i < rank; ++i) global_dims[i] = static_cast<cuuint64_t>(dims[i]);
+  for (int i = 0; i + 1 < rank; ++i) global_strides[i] = static_cast<cuuint64_t>(strides[i] * kElementBytes);
   CUtensorMap map;
   const CUresult result = tensor_map_encoder()(
-      &map, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 3, const_cast<void*>(data),
-      dims, strides, box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-      CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+      &map, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, rank,
+      const_cast<void*>(data), global_dims, global_strides, box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+      CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   TORCH_CHECK(result == CUDA_SUCCESS, "flash_attn_varlen: cuTensorMapEncodeTiled failed (CUresult ",
-              static_cast<int>(result), ") for [", tokens, ", ", heads, ", ", head_dim, "] with strides (",
-              token_stride, ", ", head_stride, ")");
+              std::to_string(static_cast<int>(result)), ") for a rank-", std::to_string(rank), " map of dims ",
+              std::to_string(dims[rank - 1]), " x ... x ", std::to_string(dims[0]));
   return map;
 }
 
 template <typename T, int D>
-void launch(const FlashParams& params, int64_t total_q, int64_t total_k, int num_kv_heads, int batch_size,
+void launch(const FlashParams& params, int64_t total_q, int64_t k_rows, int num_kv_heads, int batch_size,
             cudaStream_t stream) {
   using Traits = FlashSm90Traits<T, D>;
   constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
+  const bool paged = params.block_table != nullptr;
+  const int64_t q_dims[3] = {D, params.num_heads, total_q};
+  const int64_t q_strides[2] = {params.q_head_stride, params.q_token_stride};
+  const int64_t block_size = int64_t{1} << params.block_size_log2;
+  const int64_t packed_dims[3] = {D, num_kv_heads, k_rows};
+  const int64_t paged_dims[4] = {D, num_kv_heads, block_size, k_rows};
+  const int64_t kv_strides[3] = {params.kv_head_stride, params.kv_token_stride, params.kv_block_stride};
+  const int kv_rank = paged ? 4 : 3;
+  const int64_t* kv_dims = paged ? paged_dims : packed_dims;
+  const int kv_box_rows = paged ? static_cast<int>(std::min<int64_t>(block_size, Traits::kBlockN)) : Traits::kBlockN;
   const FlashSm90Params kernel_params{
-      make_tensor_map(params.q, kBf16, total_q, params.num_heads, D, params.q_token_stride, params.q_head_stride,
-                      Traits::kBlockM),
-      make_tensor_map(params.k, kBf16, total_k, num_kv_heads, D, params.kv_token_stride, params.kv_head_stride,
-                      Traits::kBlockN),
-      make_tensor_map(params.v, kBf16, total_k, num_kv_heads, D, params.kv_token_stride, params.kv_head_stride,
-                      Traits::kBlockN),
-      params};
+      make_tensor_map(params.q, kBf16, 3, q_dims, q_strides, Traits::kBlockM),
+      make_tensor_map(params.k, kBf16, kv_rank, kv_dims, kv_strides, kv_box_rows),
+      make_tensor_map(params.v, kBf16, kv_rank, kv_dims, kv_strides, kv_box_rows),
+      params,
+      paged ? static_cast<int>(k_rows) : 0,
+  };
   auto kernel = flash_prefill_sm90_kernel<Traits>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Traits::kSmemBytes));
   const dim3 grid(batch_size * params.num_heads, params.num_m_blocks);
@@ -82,22 +93,22 @@ bool flash_prefill_sm90_available(int device) {
 #endif
 }
 
-void run_flash_prefill_sm90(const FlashParams& params, bool bf16, int head_dim, int64_t total_q, int64_t total_k,
+void run_flash_prefill_sm90(const FlashParams& params, bool bf16, int head_dim, int64_t total_q, int64_t k_rows,
                             int num_kv_heads, int batch_size, cudaStream_t stream) {
   int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   TORCH_CHECK(flash_prefill_sm90_available(device),
               "flash_attn_varlen: the sm_90 prefill kernel was not built for sm_90a (TORCH_CUDA_ARCH_LIST must "
               "include 9.0a) or this GPU is not sm_90");
-  TORCH_CHECK(params.block_table == nullptr && total_k > 0 && (head_dim == 64 || head_dim == 128),
-              "flash_attn_varlen: the sm_90 prefill kernel takes packed k/v with total_k > 0 and head_dim 64 or "
-              "128");
+  TORCH_CHECK(k_rows > 0 && k_rows <= INT32_MAX && (head_dim == 64 || head_dim == 128),
+              "flash_attn_varlen: the sm_90 prefill kernel takes 1 .. 2^31 - 1 key tokens (packed) or cache "
+              "blocks (paged) and head_dim 64 or 128");
   if (bf16) {
-    if (head_dim == 64) return launch<__nv_bfloat16, 64>(params, total_q, total_k, num_kv_heads, batch_size, stream);
-    return launch<__nv_bfloat16, 128>(params, total_q, total_k, num_kv_heads, batch_size, stream);
+    if (head_dim == 64) return launch<__nv_bfloat16, 64>(params, total_q, k_rows, num_kv_heads, batch_size, stream);
+    return launch<__nv_bfloat16, 128>(params, total_q, k_rows, num_kv_heads, batch_size, stream);
   }
-  if (head_dim == 64) return launch<__half, 64>(params, total_q, total_k, num_kv_heads, batch_size, stream);
-  launch<__half, 128>(params, total_q, total_k, num_kv_heads, batch_size, stream);
+  if (head_dim == 64) return launch<__half, 64>(params, total_q, k_rows, num_kv_heads, batch_size, stream);
+  launch<__half, 128>(params, total_q, k_rows, num_kv_heads, batch_size, stream);
 }
 
 }  // namespace minivllm::flash

@@ -14,9 +14,10 @@ namespace minivllm::flash {
 // `device` is an sm_90 GPU (H100, H200).
 bool flash_prefill_sm90_available(int device);
 
-// Runs the kernel on packed q/k/v ([T, H, D], rows 16-byte aligned) described by `params`; refuses, saying
-// so, where flash_prefill_sm90_available is false. total_k must be > 0 (a tensor map has no empty dims).
-void run_flash_prefill_sm90(const FlashParams& params, bool bf16, int head_dim, int64_t total_q, int64_t total_k,
+// Runs the kernel on q [total_q, H, D] and k/v packed [k_rows, Hkv, D] or, with params.block_table, paged
+// [k_rows blocks, block_size, Hkv, D] (rows 16-byte aligned), as `params` describes; refuses, saying so,
+// where flash_prefill_sm90_available is false. k_rows (k.size(0)) must be > 0: a tensor map has no empty dims.
+void run_flash_prefill_sm90(const FlashParams& params, bool bf16, int head_dim, int64_t total_q, int64_t k_rows,
                             int num_kv_heads, int batch_size, cudaStream_t stream);
 
 }  // namespace minivllm::flash

@@ -1,8 +1,7 @@
 // FlashAttention forward for sm_90a (H100/H200): TMA loads, wgmma products, a producer warpgroup feeding two
-// consumer warpgroups through an mbarrier ring. Same contract as flash_prefill_kernel.cuh (packed varlen
-// q/k/v, GQA, causal masks aligned bottom-right, head_dim 64/128, fp16/bf16) except that k/v must be packed:
-// the paged path stays on the mma.sync kernel in this version. Written correctness-first (v1); the choices
-// below say what later versions should tune.
+// consumer warpgroups through an mbarrier ring. Same contract as flash_prefill_kernel.cuh: packed varlen
+// q, k/v packed or paged through a block table, GQA, causal masks aligned bottom-right, head_dim 64/128,
+// fp16/bf16. Written correctness-first (v1); the choices below say what later versions should tune.
 //
 // Why this shape:
 //  - One CTA = 128 query rows of one (sequence, head), the mma.sync kernel's tile, so the host sizes the grid
@@ -28,12 +27,15 @@
 //  - Packed varlen with one tensor map over all tokens: a tile may run past its sequence into the next one's
 //    rows (or past the tensor's end, which TMA zero-fills). Keys past len_k are masked to -inf, so their
 //    (finite) values get weight 0; query rows past len_q are computed and never stored.
+//  - Paged k/v: a 4-D map over the cache [blocks, block_size, Hkv, D]; the producer reads the block table and
+//    loads a tile as 128 / block_size boxes (one for block_size >= 128), one per cache block. Boxes wholly
+//    past len_k name a block past the cache, so they read zeros without touching the table past its row.
 //  - Output: normalised in registers, staged through this warpgroup's rows of the Q tile (same swizzle, so
 //    the 4-byte writes are conflict-free), then 16-byte stores bounded by the sequence's rows. A TMA store
 //    would write the whole box, i.e. the next sequence's rows too.
 // Not yet (the next sessions): softmax of one tile overlapped with the other warpgroup's wgmma (ping-pong
 // named barriers) and with this warpgroup's next QK^T (two S buffers); separate K and V barriers so QK^T
-// starts before V lands; the paged path (per-block TMA coordinates from the block table); persistent CTAs.
+// starts before V lands; block-table reads ahead of the empty-barrier wait (paged); persistent CTAs.
 #pragma once
 
 #include <cmath>
@@ -49,9 +51,11 @@ namespace minivllm::flash {
 // __grid_constant__ struct.
 struct FlashSm90Params {
   CUtensorMap q_map;  // [Tq, Hq, D], box 64 x 1 x kBlockM
-  CUtensorMap k_map;  // [Tk, Hkv, D], box 64 x 1 x kBlockN
+  CUtensorMap k_map;  // packed [Tk, Hkv, D], box 64 x 1 x kBlockN; paged [blocks, block_size, Hkv, D], box
+                      // 64 x 1 x min(block_size, kBlockN) x 1
   CUtensorMap v_map;  // as k_map
   FlashParams p;
+  int num_cache_blocks;  // paged only
 };
 
 template <typename T, int D>
@@ -144,18 +148,42 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
                     q_start + row0);
       }
       const int kv_head = head / p.group_size;
+      const int* block_table = p.block_table == nullptr ? nullptr : p.block_table + seq * p.block_table_stride;
+      // Paged: a tile of kBlockN keys is kBlockN / rows boxes of `rows` keys, each from one cache block, landing
+      // rows * 128 bytes apart (a multiple of the 1024-byte swizzle atom, so together they are the one-box layout).
+      const int block_size = 1 << p.block_size_log2;
+      const int rows = min(block_size, kBlockN);
       for (int it = 0; it < n_blocks; ++it) {
         const int stage = it % kStages;
-        const int key0 = k_start + (n_blocks - 1 - it) * kBlockN;
+        const int key0 = (n_blocks - 1 - it) * kBlockN;  // in the sequence
         mbarrier_wait(empty(stage), ((it / kStages) & 1) ^ 1);
         mbarrier_arrive_expect_tx(full(stage), 2 * Traits::kKVBytes);
         const uint32_t k_tile = base + Traits::kOffsetK + stage * Traits::kKVBytes;
         const uint32_t v_tile = base + Traits::kOffsetV + stage * Traits::kKVBytes;
+        if (block_table == nullptr) {
 #pragma unroll
-        for (int slab = 0; slab < Traits::kSlabs; ++slab) {
-          const int col = slab * Traits::kSlabCols;
-          tma_load_3d(k_tile + slab * Traits::kKVSlabBytes, &params.k_map, full(stage), col, kv_head, key0);
-          tma_load_3d(v_tile + slab * Traits::kKVSlabBytes, &params.v_map, full(stage), col, kv_head, key0);
+          for (int slab = 0; slab < Traits::kSlabs; ++slab) {
+            const int col = slab * Traits::kSlabCols;
+            const int key = k_start + key0;
+            tma_load_3d(k_tile + slab * Traits::kKVSlabBytes, &params.k_map, full(stage), col, kv_head, key);
+            tma_load_3d(v_tile + slab * Traits::kKVSlabBytes, &params.v_map, full(stage), col, kv_head, key);
+          }
+          continue;
+        }
+        for (int box = 0; box < kBlockN / rows; ++box) {
+          const int key = key0 + box * rows;
+          // A box wholly past the sequence reads no table entry (the row may end there) and names a block past
+          // the cache, which TMA fills with zeros; its keys are masked anyway.
+          const int block = key < len_k ? block_table[key >> p.block_size_log2] : params.num_cache_blocks;
+          const int in_block = key & (block_size - 1);
+          const uint32_t offset = box * rows * 128;
+#pragma unroll
+          for (int slab = 0; slab < Traits::kSlabs; ++slab) {
+            const int col = slab * Traits::kSlabCols;
+            const uint32_t dst = offset + slab * Traits::kKVSlabBytes;
+            tma_load_4d(k_tile + dst, &params.k_map, full(stage), col, kv_head, in_block, block);
+            tma_load_4d(v_tile + dst, &params.v_map, full(stage), col, kv_head, in_block, block);
+          }
         }
       }
     }
