@@ -30,6 +30,13 @@ __device__ __forceinline__ void fence_barrier_init() {
           : "memory");
 }
 
+// Makes this thread's generic-proxy writes to shared memory (st.shared) visible to the async proxy, which
+// wgmma and TMA read and write through ("Memory Consistency Model: Proxies"); a barrier after it then orders
+// them before another thread's wgmma.
+__device__ __forceinline__ void fence_proxy_async_shared() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
 __device__ __forceinline__ void mbarrier_arrive(uint32_t bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
 }

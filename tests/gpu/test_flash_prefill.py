@@ -132,7 +132,9 @@ def make_inputs(c: dict):
     k, v = randn(total_k, hkv, d), randn(total_k, hkv, d)
     if c["block_size"] is None:
         return q, k, v, None
-    # Scatter each sequence's keys into randomly permuted pages of a cache with spare, garbage-filled blocks.
+    # Scatter each sequence's keys into randomly permuted pages of a cache. The spare blocks and the slots past
+    # each sequence's last key hold NaN: a kernel that reads them (the sm_90 one loads whole cache blocks) must
+    # keep them out of the output, since a masked key's zero weight times NaN is still NaN.
     bs = c["block_size"]
     blocks_per_seq = [math.ceil(lk / bs) for lk in c["lens_k"]]
     num_blocks = sum(blocks_per_seq) + 7
@@ -147,7 +149,11 @@ def make_inputs(c: dict):
             n = min(bs, lk - j * bs)
             k_cache[table[i, j], :n] = k[start + j * bs : start + j * bs + n]
             v_cache[table[i, j], :n] = v[start + j * bs : start + j * bs + n]
+        k_cache[table[i, nb - 1], lk - (nb - 1) * bs :] = float("nan")
+        v_cache[table[i, nb - 1], lk - (nb - 1) * bs :] = float("nan")
         used, start = used + nb, start + lk
+    k_cache[perm[used:]] = float("nan")
+    v_cache[perm[used:]] = float("nan")
     return q, k_cache, v_cache, table
 
 

@@ -27,8 +27,9 @@
 //  - GQA: query heads of a KV group are adjacent CTAs (heads fastest in blockIdx.x) reading the same K/V tiles
 //    through L2, as today. Looping a group's heads inside one CTA would load each tile once; a tuning step.
 //  - Packed varlen with one tensor map over all tokens: a tile may run past its sequence into the next one's
-//    rows (or past the tensor's end, which TMA zero-fills). Keys past len_k are masked to -inf, so their
-//    (finite) values get weight 0; query rows past len_q are computed and never stored.
+//    rows (or past the tensor's end, which TMA zero-fills). Keys past len_k are masked to -inf (weight 0)
+//    and their rows of V zeroed in shared memory, so whatever they hold cannot reach O; query rows past
+//    len_q are computed and never stored.
 //  - Paged k/v: a 4-D map over the cache [blocks, block_size, Hkv, D]; the producer reads the block table and
 //    loads a tile as 128 / block_size boxes (one for block_size >= 128), one per cache block. Boxes wholly
 //    past len_k name a block past the cache, so they read zeros without touching the table past its row.
@@ -193,6 +194,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   }
   setmaxnreg_inc<Traits::kConsumerRegisters>();
 
+  constexpr int kZeroedVBarrier = 3;  // named barrier ids: 1 + wg for one consumer warpgroup, 3 for both
   const int wg = warpgroup - 1;        // consumer index: rows wg*64 .. wg*64+63 of the CTA's tile
   const int tid = threadIdx.x % 128;
   const int warp = tid / 32;
@@ -214,6 +216,26 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     mbarrier_wait(full(stage), (it / kStages) & 1);
     const uint32_t k_tile = base + Traits::kOffsetK + stage * Traits::kKVBytes;
     const uint32_t v_tile = base + Traits::kOffsetV + stage * Traits::kKVBytes;
+
+    // Rows of the key-edge tile past len_k hold the next sequence's keys (packed) or a cache block's stale
+    // slots (paged), not TMA's zeros. Their P is 0, but 0 * NaN is NaN in the P V product, so zero those rows
+    // of V, as the mma.sync kernel's zero-fill does (K's rows only reach masked scores). The edge tile is the
+    // first walked (it == 0), so nothing has read the stage yet; both consumer warpgroups read V, so all 256
+    // threads zero it, fence it to the async proxy (wgmma reads through it) and meet before either reads it.
+    const int keys_in_tile = len_k - n_block * kBlockN;
+    if (keys_in_tile < kBlockN) {
+      const int consumer_tid = threadIdx.x - 128;
+      const int stale_chunks = (kBlockN - keys_in_tile) * 8;  // 16-byte chunks of the stale rows, per slab
+      unsigned char* stale_rows = smem + (v_tile - base) + keys_in_tile * 128;
+#pragma unroll
+      for (int slab = 0; slab < Traits::kSlabs; ++slab) {
+        for (int c = consumer_tid; c < stale_chunks; c += Traits::kConsumerThreads) {
+          *reinterpret_cast<uint4*>(stale_rows + slab * Traits::kKVSlabBytes + c * 16) = make_uint4(0, 0, 0, 0);
+        }
+      }
+      fence_proxy_async_shared();
+      named_barrier_sync(kZeroedVBarrier, Traits::kConsumerThreads);
+    }
 
     // S = Q K^T over D in steps of 16: step kk is 32 bytes into the rows of slab kk / 4. The first step
     // overwrites S (scale-d 0); the last tile's reads of S are pinned above the fence.
