@@ -72,7 +72,6 @@ void launch(const FlashParams& params, int64_t total_q, int64_t k_rows, int num_
       make_tensor_map(params.k, kBf16, kv_rank, kv_dims, kv_strides, kv_box_rows),
       make_tensor_map(params.v, kBf16, kv_rank, kv_dims, kv_strides, kv_box_rows),
       params,
-      paged ? static_cast<int>(k_rows) : 0,
   };
   auto kernel = flash_prefill_sm90_kernel<Traits>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Traits::kSmemBytes));

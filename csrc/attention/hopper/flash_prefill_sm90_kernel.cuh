@@ -32,7 +32,8 @@
 //    len_q are computed and never stored.
 //  - Paged k/v: a 4-D map over the cache [blocks, block_size, Hkv, D]; the producer reads the block table and
 //    loads a tile as 128 / block_size boxes (one for block_size >= 128), one per cache block. Boxes wholly
-//    past len_k name a block past the cache, so they read zeros without touching the table past its row.
+//    past len_k re-read the sequence's last block (an L2 hit), so the table is never read past its row and
+//    no box lies wholly outside the map; those rows of V are zeroed like any key past len_k.
 //  - Output: normalised in registers, staged through this warpgroup's rows of the Q tile (same swizzle, so
 //    the 4-byte writes are conflict-free), then 16-byte stores bounded by the sequence's rows. A TMA store
 //    would write the whole box, i.e. the next sequence's rows too.
@@ -58,7 +59,6 @@ struct FlashSm90Params {
                       // 64 x 1 x min(block_size, kBlockN) x 1
   CUtensorMap v_map;  // as k_map
   FlashParams p;
-  int num_cache_blocks;  // paged only
 };
 
 template <typename T, int D>
@@ -175,9 +175,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         }
         for (int box = 0; box < kBlockN / rows; ++box) {
           const int key = key0 + box * rows;
-          // A box wholly past the sequence reads no table entry (the row may end there) and names a block past
-          // the cache, which TMA fills with zeros; its keys are masked anyway.
-          const int block = key < len_k ? block_table[key >> p.block_size_log2] : params.num_cache_blocks;
+          // A box wholly past the sequence re-reads its last block: the table row may end there, and its keys
+          // are masked (V's rows zeroed) anyway.
+          const int block = block_table[min(key, len_k - 1) >> p.block_size_log2];
           const int in_block = key & (block_size - 1);
           const uint32_t offset = box * rows * 128;
 #pragma unroll
