@@ -164,6 +164,36 @@ def run_poisoned(*args):
     return ops.flash_attn_varlen(*args)
 
 
+def first_shape(lens_q, lens_k, *, head_dim=128, dtype=torch.bfloat16, causal=False, heads=(1, 1), block_size=None,
+                strided=False) -> dict:
+    return dict(dtype=dtype, head_dim=head_dim, num_heads=heads[0], num_kv_heads=heads[1], lens_q=lens_q,
+                lens_k=lens_k, causal=causal, block_size=block_size, q_scale=1.0, strided=strided, seed=1)
+
+
+# For the sm_90 kernel's first runs, simplest first, each adding one mechanism, so that with -x the first failure
+# names the suspect: one tile (TMA, descriptors, fragments, epilogue), the second 64-column slab (D=128: the K
+# step into slab 1 and V's leading-byte offset), fp16, two key tiles (the online rescale), a ring that wraps
+# four times (stage parities), the causal diagonal, key and query tails (V's zeroed rows), varlen + GQA, paged.
+FIRST_SHAPES = {
+    "one_tile_d64": first_shape([128], [128], head_dim=64),
+    "one_tile_d128": first_shape([128], [128]),
+    "one_tile_fp16": first_shape([128], [128], dtype=torch.float16),
+    "two_key_tiles": first_shape([128], [256]),
+    "ring_wraps": first_shape([128], [1024]),
+    "causal_square": first_shape([384], [384], causal=True),
+    "key_and_query_tails": first_shape([100], [300], causal=True),
+    "varlen_gqa": first_shape([1, 129, 64], [1, 200, 1000], causal=True, heads=(8, 2)),
+    "strided_qkv": first_shape([200, 77], [200, 77], causal=True, heads=(4, 2), strided=True),
+    "paged_block_16": first_shape([70, 33], [300, 33], causal=True, heads=(2, 1), block_size=16),
+    "paged_block_256": first_shape([130, 5], [600, 300], causal=True, heads=(2, 1), block_size=256),
+}
+
+
+@pytest.mark.parametrize("name", FIRST_SHAPES)
+def test_first_shapes_match_reference(name, kernel):
+    check_against_reference(FIRST_SHAPES[name], kernel)
+
+
 @pytest.mark.parametrize("case", range(NUM_CASES))
 def test_matches_reference(case, kernel):
     check_against_reference(random_case(case), kernel)
