@@ -66,12 +66,15 @@ void launch(const FlashParams& params, int64_t total_q, int64_t k_rows, int num_
   const int64_t kv_strides[3] = {params.kv_head_stride, params.kv_token_stride, params.kv_block_stride};
   const int kv_rank = paged ? 4 : 3;
   const int64_t* kv_dims = paged ? paged_dims : packed_dims;
-  const int kv_box_rows = paged ? static_cast<int>(std::min<int64_t>(block_size, Traits::kBlockN)) : Traits::kBlockN;
+  const int q_box_rows = static_cast<int>(std::min<int64_t>(total_q, Traits::kBlockM));
+  const int kv_box_rows = static_cast<int>(std::min<int64_t>(paged ? block_size : k_rows, Traits::kBlockN));
   const FlashSm90Params kernel_params{
-      make_tensor_map(params.q, kBf16, 3, q_dims, q_strides, Traits::kBlockM),
+      make_tensor_map(params.q, kBf16, 3, q_dims, q_strides, q_box_rows),
       make_tensor_map(params.k, kBf16, kv_rank, kv_dims, kv_strides, kv_box_rows),
       make_tensor_map(params.v, kBf16, kv_rank, kv_dims, kv_strides, kv_box_rows),
       params,
+      q_box_rows,
+      kv_box_rows,
   };
   auto kernel = flash_prefill_sm90_kernel<Traits>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Traits::kSmemBytes));

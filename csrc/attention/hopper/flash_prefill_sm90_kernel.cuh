@@ -54,11 +54,16 @@ namespace minivllm::flash {
 // Kernel parameter: the tensor maps must sit in parameter (or constant/global) memory for TMA, hence one
 // __grid_constant__ struct.
 struct FlashSm90Params {
-  CUtensorMap q_map;  // [Tq, Hq, D], box 64 x 1 x kBlockM
-  CUtensorMap k_map;  // packed [Tk, Hkv, D], box 64 x 1 x kBlockN; paged [blocks, block_size, Hkv, D], box
+  CUtensorMap q_map;  // [Tq, Hq, D], box 64 x 1 x q_box_rows
+  CUtensorMap k_map;  // packed [Tk, Hkv, D], box 64 x 1 x kv_box_rows; paged [blocks, block_size, Hkv, D], box
                       // 64 x 1 x min(block_size, kBlockN) x 1
   CUtensorMap v_map;  // as k_map
   FlashParams p;
+  // Rows of one Q box and one packed K/V box: kBlockM and kBlockN, or the tensor's rows where it has fewer (a
+  // box no larger than its tensor is all the driver documents; the tile's rows past the box are never
+  // stored (Q) or are masked and zeroed (K/V)). They set the bytes the full barriers expect.
+  int q_box_rows;
+  int kv_box_rows;
 };
 
 template <typename T, int D>
@@ -144,7 +149,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       prefetch_tensor_map(&params.q_map);
       prefetch_tensor_map(&params.k_map);
       prefetch_tensor_map(&params.v_map);
-      mbarrier_arrive_expect_tx(q_full, Traits::kQBytes);
+      mbarrier_arrive_expect_tx(q_full, Traits::kSlabs * params.q_box_rows * 128);
 #pragma unroll
       for (int slab = 0; slab < Traits::kSlabs; ++slab) {
         tma_load_3d(base + slab * Traits::kQSlabBytes, &params.q_map, q_full, slab * Traits::kSlabCols, head,
@@ -160,7 +165,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         const int stage = it % kStages;
         const int key0 = (n_blocks - 1 - it) * kBlockN;  // in the sequence
         mbarrier_wait(empty(stage), ((it / kStages) & 1) ^ 1);
-        mbarrier_arrive_expect_tx(full(stage), 2 * Traits::kKVBytes);
+        // Paged tiles are kBlockN / rows whole boxes; a packed tile is one box of kv_box_rows rows a slab.
+        mbarrier_arrive_expect_tx(full(stage), block_table == nullptr ? 2 * Traits::kSlabs * params.kv_box_rows * 128
+                                                                      : 2 * Traits::kKVBytes);
         const uint32_t k_tile = base + Traits::kOffsetK + stage * Traits::kKVBytes;
         const uint32_t v_tile = base + Traits::kOffsetV + stage * Traits::kKVBytes;
         if (block_table == nullptr) {
