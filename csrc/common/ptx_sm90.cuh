@@ -21,20 +21,18 @@ __device__ __forceinline__ void mbarrier_init(uint32_t bar, uint32_t count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
 }
 
-// Makes barrier initialisation (a generic-proxy write) visible to the async proxy (TMA's complete_tx) and to
-// the other threads; follow it with a CTA barrier before any thread uses the barriers.
-__device__ __forceinline__ void fence_barrier_init() {
-  asm volatile(
-      "fence.mbarrier_init.release.cluster;\n"
-      "fence.proxy.async.shared::cta;\n" ::
-          : "memory");
-}
-
 // Makes this thread's generic-proxy writes to shared memory (st.shared) visible to the async proxy, which
 // wgmma and TMA read and write through ("Memory Consistency Model: Proxies"); a barrier after it then orders
 // them before another thread's wgmma.
 __device__ __forceinline__ void fence_proxy_async_shared() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+// Makes barrier initialisation (a generic-proxy write) visible to the async proxy (TMA's complete_tx) and to
+// the other threads; follow it with a CTA barrier before any thread uses the barriers.
+__device__ __forceinline__ void fence_barrier_init() {
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  fence_proxy_async_shared();
 }
 
 __device__ __forceinline__ void mbarrier_arrive(uint32_t bar) {

@@ -224,11 +224,12 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     const uint32_t k_tile = base + Traits::kOffsetK + stage * Traits::kKVBytes;
     const uint32_t v_tile = base + Traits::kOffsetV + stage * Traits::kKVBytes;
 
-    // Rows of the key-edge tile past len_k hold the next sequence's keys (packed) or a cache block's stale
-    // slots (paged), not TMA's zeros. Their P is 0, but 0 * NaN is NaN in the P V product, so zero those rows
-    // of V, as the mma.sync kernel's zero-fill does (K's rows only reach masked scores). The edge tile is the
-    // first walked (it == 0), so nothing has read the stage yet; both consumer warpgroups read V, so all 256
-    // threads zero it, fence it to the async proxy (wgmma reads through it) and meet before either reads it.
+    // Rows of the key-edge tile past len_k hold the next sequence's keys (packed), a cache block's stale slots
+    // (paged) or, past a box shorter than the tile, whatever shared memory held; not zeros. Their P is 0, but
+    // 0 * NaN is NaN in the P V product, so zero those rows of V, as the mma.sync kernel's zero-fill does (K's
+    // rows only reach masked scores). The edge tile is the first walked (it == 0), so nothing has read the stage
+    // yet; both consumer warpgroups read V, so all 256 threads zero it, fence it to the async proxy (wgmma reads
+    // through it) and meet before either reads it.
     const int keys_in_tile = len_k - n_block * kBlockN;
     if (keys_in_tile < kBlockN) {
       const int consumer_tid = threadIdx.x - 128;
