@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The sm_90 prefill kernel on one GPU machine (issue 16), in one run, each step under a timeout (a barrier bug
+# hangs): build; the first shapes (each in a process of its own if the set hangs); the kernel switch; the whole
+# prefill test file; compute-sanitizer on the first shapes; benchmarks.prefill. Logs to OUT_DIR.
+#   scripts/gpu_prefill.sh OUT_DIR [SECONDS]    (SECONDS: the time this script may take, 600 by default)
+# PREFILL_SKIP_BUILD=1 uses the extension already built in place.
+set -uo pipefail
+out=$(realpath -m "${1:?usage: scripts/gpu_prefill.sh OUT_DIR [SECONDS]}")
+limit=${2:-600}
+mkdir -p "$out"
+cd "$(dirname "$0")/.."
+log="$out/prefill.log"
+. scripts/gpu_env.sh
+if [ "${PREFILL_SKIP_BUILD:-0}" != 1 ]; then
+  bash scripts/gpu_build.sh >"$out/build.log" 2>&1 || { tail -50 "$out/build.log"; exit 1; }
+  grep -o "archs[^ ]*.*" "$out/build.log" | head -2 | tee -a "$log"
+fi
+echo "--- built at ${SECONDS}s" | tee -a "$log"
+file=tests/gpu/test_flash_prefill.py
+pytest_step() {  # pytest_step NAME SECONDS ARGS...: one pytest process, its failures and summary in the log
+  local name=$1 seconds=$2
+  shift 2
+  [ $((limit - 10 - SECONDS)) -gt "$seconds" ] || { echo "--- $name skipped (time)" | tee -a "$log"; return 1; }
+  timeout "$seconds" python3 -m pytest -q -p no:cacheprovider -rf "$@" >"$out/$name.log" 2>&1
+  local rc=$?
+  [ $rc = 0 ] || failed="$failed, $name"
+  [ $rc = 124 ] && echo "$name: TIMED OUT after ${seconds}s (a hang?)" | tee -a "$log"
+  grep -E "^(FAILED|ERROR)|AssertionError|passed|failed|error" "$out/$name.log" | tail -15 | tee -a "$log"
+  echo "--- $name (rc $rc) at ${SECONDS}s" | tee -a "$log"
+  return $rc
+}
+pytest_step first_shapes 120 -v "$file" -k "first_shapes and sm90"
+first=$?
+if [ $first = 124 ]; then  # a hang: each shape alone, so that the ones after it still report
+  for name in $(python3 -c "import sys; sys.path.insert(0, 'tests/gpu'); import test_flash_prefill as t; print(*t.FIRST_SHAPES)"); do
+    pytest_step "shape_$name" 40 "$file" -k "first_shapes and sm90 and $name"
+  done
+fi
+pytest_step switch 60 "$file" -k switch
+if [ $first = 0 ]; then
+  pytest_step whole_file 300 -x "$file"
+  python3 -m benchmarks.prefill --json "$out/prefill.json" 2>&1 | tee -a "$log"
+  stamp "benchmarks.prefill"
+fi
+for tool in memcheck racecheck synccheck; do
+  [ $((limit - 70 - SECONDS)) -gt 0 ] || { echo "--- $tool skipped (time)" | tee -a "$log"; continue; }
+  timeout 60 compute-sanitizer --tool $tool --error-exitcode 1 python3 -m pytest -q -p no:cacheprovider -x "$file" \
+    -k "first_shapes and sm90 and (one_tile_d128 or varlen_gqa or paged_block_16)" >"$out/$tool.log" 2>&1
+  stamp "$tool"
+  grep -E "ERROR SUMMARY|passed|failed|Error" "$out/$tool.log" | head -8 | tee -a "$log"
+done
+finish
