@@ -38,8 +38,8 @@ if [ $first = 124 ]; then  # a hang: each shape alone, so that the ones after it
 fi
 pytest_step switch 60 "$file" -k switch
 if [ $first = 0 ]; then
-  pytest_step whole_file 300 -x "$file"
-  python3 -m benchmarks.prefill --json "$out/prefill.json" 2>&1 | tee -a "$log"
+  pytest_step whole_file 150 -x "$file"
+  timeout 100 python3 -m benchmarks.prefill --json "$out/prefill.json" 2>&1 | tee -a "$log"
   stamp "benchmarks.prefill"
 fi
 for tool in memcheck racecheck synccheck; do
