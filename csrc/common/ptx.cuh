@@ -89,6 +89,12 @@ __device__ __forceinline__ void named_barrier_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
+// Arrives at barrier `id` without waiting: counts this warp towards `threads`, whose other warps wait in
+// named_barrier_sync (a producer-consumer hand-off between warpgroups).
+__device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
 // 16 bytes from global memory read once (weights streamed by a decode step), zeros when !valid: no L1
 // allocation, and L2 fetches 256-byte segments since the rest of the row follows.
 __device__ __forceinline__ uint4 load_streaming_16(const uint4* ptr, bool valid) {

@@ -10,12 +10,13 @@
 //  - kBlockN = 128 keys a tile: S (64x128 fp32) is 64 registers a consumer thread and O (64xD) 64 at D=128;
 //    with P as 32 packed registers that needs the ~232 registers that setmaxnreg moves from the producer.
 //    ptxas (CUDA 13.0, every instantiation): 168 registers at launch (the 384-thread cap), 0 bytes spilled;
-//    shared memory 164,904 B at D=128 and 82,984 B at D=64, one CTA an SM.
-//  - Warpgroup 0 is the producer: one thread issues TMA loads of Q (once) and of K/V tiles into a 2-stage
+//    shared memory 230,456 B at D=128 and 115,768 B at D=64, one CTA an SM.
+//  - Warpgroup 0 is the producer: one thread issues TMA loads of Q (once) and of K/V tiles into a 3-stage
 //    ring; "full" barriers (TMA bytes) and "empty" barriers (all 256 consumer threads arrive after their
 //    last wgmma on the stage has completed) guard each stage. TMA computes addresses and bounds in
-//    hardware, so the consumers issue no loads at all. 2 stages of 32 KB K + 32 KB V at D=128 plus Q's 32 KB
-//    is 160 KB; a third stage would fit (227 KB) and is a tuning knob.
+//    hardware, so the consumers issue no loads at all. Three stages, because a step reads K of one tile and V
+//    of the one before (below): the third is the tile loading meanwhile. 3 x (32 KB K + 32 KB V) at D=128
+//    plus Q's 32 KB is 224 KB of the 227 an SM has.
 //  - Shared-memory tiles use the 128-byte swizzle both TMA (CU_TENSOR_MAP_SWIZZLE_128B) and wgmma (descriptor
 //    swizzle mode 1) understand: a tile of D columns is stored as D/64 slabs of [rows][64 elements] (a
 //    128-byte row), each slab a TMA box. S = Q K^T reads Q and K K-major; O += P V reads V MN-major (wgmma's
@@ -37,9 +38,12 @@
 //  - Output: normalised in registers, staged through this warpgroup's rows of the Q tile (same swizzle, so
 //    the 4-byte writes are conflict-free), then 16-byte stores bounded by the sequence's rows. A TMA store
 //    would write the whole box, i.e. the next sequence's rows too.
-// Not yet (the next sessions): softmax of one tile overlapped with the other warpgroup's wgmma (ping-pong
-// named barriers) and with this warpgroup's next QK^T (two S buffers); separate K and V barriers so QK^T
-// starts before V lands; block-table reads ahead of the empty-barrier wait (paged); persistent CTAs.
+//  - Overlap, as FA3's: a step issues S = Q K^T of one tile and O += P V of the tile before, then runs the
+//    softmax of the first while the second runs on the tensor cores (intra-warpgroup); the two consumer
+//    warpgroups take turns to issue through named barriers, so one's softmax overlaps the other's products
+//    (ping-pong).
+// Not yet (the next sessions): separate K and V barriers so QK^T starts before V lands; block-table reads
+// ahead of the empty-barrier wait (paged); persistent CTAs.
 #pragma once
 
 #include <cmath>
@@ -77,7 +81,7 @@ struct FlashSm90Traits {
   static constexpr int kConsumerThreads = 128 * kConsumerWarpgroups;
   static constexpr int kThreads = 128 + kConsumerThreads;  // warpgroup 0 produces
   static constexpr int kBlockN = 128;
-  static constexpr int kStages = 2;
+  static constexpr int kStages = 3;
   static constexpr int kSlabCols = 64;                   // elements in one 128-byte swizzled row
   static constexpr int kSlabs = D / kSlabCols;
   static constexpr int kQSlabBytes = kBlockM * 128;
@@ -89,6 +93,7 @@ struct FlashSm90Traits {
   static constexpr int kOffsetV = kOffsetK + kStages * kKVBytes;
   static constexpr int kOffsetBarriers = kOffsetV + kStages * kKVBytes;  // q_full, full[kStages], empty[kStages]
   static constexpr int kSmemBytes = 1024 + kOffsetBarriers + 8 * (1 + 2 * kStages);  // 1024: alignment slack
+  static_assert(kSmemBytes <= 227 * 1024, "the tiles exceed an sm_90 CTA's 227 KB of shared memory");
   // 128 * 40 + 256 * 232 = 64512 of the SM's 65536 registers.
   static constexpr int kProducerRegisters = 40;
   static constexpr int kConsumerRegisters = 232;
@@ -201,7 +206,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   }
   setmaxnreg_inc<Traits::kConsumerRegisters>();
 
-  constexpr int kZeroedVBarrier = 3;  // named barrier ids: 1 + wg for one consumer warpgroup, 3 for both
+  // Named barrier ids: 1 + wg syncs one consumer warpgroup; 3 both; 4 + wg is warpgroup wg's turn to issue.
+  constexpr int kZeroedVBarrier = 3;
+  constexpr int kTurnBarrier = 4;
   const int wg = warpgroup - 1;        // consumer index: rows wg*64 .. wg*64+63 of the CTA's tile
   const int tid = threadIdx.x % 128;
   const int warp = tid / 32;
@@ -210,56 +217,45 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   const int lane_col = 2 * (lane % 4);        // first of the two columns a lane holds in each 8-column block
   const int wg_row0 = row0 + wg * Traits::kWarpgroupRows;
   const uint32_t q_tile = base + wg * Traits::kWarpgroupRows * 128;
+  auto k_tile = [&](int stage) { return base + Traits::kOffsetK + stage * Traits::kKVBytes; };
+  auto v_tile = [&](int stage) { return base + Traits::kOffsetV + stage * Traits::kKVBytes; };
 
   float acc_o[D / 2] = {};
   float s[kBlockN / 2] = {};  // scores, then probabilities, of the current key tile
+  uint32_t p_frag[kBlockN / 16][4];  // the previous tile's probabilities as T: the A operand of its P V
   float row_max[2] = {-INFINITY, -INFINITY};
   float row_sum[2] = {0.f, 0.f};  // this lane's partial sums; the 4 lanes of a row are reduced at the end
+  float correction[2];
 
-  mbarrier_wait(q_full, 0);
-  for (int it = 0; it < n_blocks; ++it) {
-    const int stage = it % kStages;
-    const int n_block = n_blocks - 1 - it;
-    mbarrier_wait(full(stage), (it / kStages) & 1);
-    const uint32_t k_tile = base + Traits::kOffsetK + stage * Traits::kKVBytes;
-    const uint32_t v_tile = base + Traits::kOffsetV + stage * Traits::kKVBytes;
-
-    // Rows of the key-edge tile past len_k hold the next sequence's keys (packed), a cache block's stale slots
-    // (paged) or, past a box shorter than the tile, whatever shared memory held; not zeros. Their P is 0, but
-    // 0 * NaN is NaN in the P V product, so zero those rows of V, as the mma.sync kernel's zero-fill does (K's
-    // rows only reach masked scores). The edge tile is the first walked (it == 0), so nothing has read the stage
-    // yet; both consumer warpgroups read V, so all 256 threads zero it, fence it to the async proxy (wgmma reads
-    // through it) and meet before either reads it.
-    const int keys_in_tile = len_k - n_block * kBlockN;
-    if (keys_in_tile < kBlockN) {
-      const int consumer_tid = threadIdx.x - 128;
-      const int stale_chunks = (kBlockN - keys_in_tile) * 8;  // 16-byte chunks of the stale rows, per slab
-      unsigned char* stale_rows = smem + (v_tile - base) + keys_in_tile * 128;
-#pragma unroll
-      for (int slab = 0; slab < Traits::kSlabs; ++slab) {
-        for (int c = consumer_tid; c < stale_chunks; c += Traits::kConsumerThreads) {
-          *reinterpret_cast<uint4*>(stale_rows + slab * Traits::kKVSlabBytes + c * 16) = make_uint4(0, 0, 0, 0);
-        }
-      }
-      fence_proxy_async_shared();
-      named_barrier_sync(kZeroedVBarrier, Traits::kConsumerThreads);
-    }
-
-    // S = Q K^T over D in steps of 16: step kk is 32 bytes into the rows of slab kk / 4. The first step
-    // overwrites S (scale-d 0); the last tile's reads of S are pinned above the fence.
-    wgmma_fence_operands(s);
-    wgmma_fence();
+  // S = Q K^T over D in steps of 16: step kk is 32 bytes into the rows of slab kk / 4; the first step overwrites
+  // S (scale-d 0). Issued only: the caller commits and waits.
+  auto issue_s = [&](int stage) {
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
       const uint32_t offset = (kk % 4) * 32;
       wgmma_ss<T, kBlockN>(s, smem_desc_sw128(q_tile + (kk / 4) * Traits::kQSlabBytes + offset, 16, 1024),
-                           smem_desc_sw128(k_tile + (kk / 4) * Traits::kKVSlabBytes + offset, 16, 1024), kk > 0);
+                           smem_desc_sw128(k_tile(stage) + (kk / 4) * Traits::kKVSlabBytes + offset, 16, 1024),
+                           kk > 0);
     }
-    wgmma_commit_group();
-    wgmma_wait_group<0>();
-    wgmma_fence_operands(s);
+  };
+  // O += P V: step kk is keys 16kk..16kk+15, 16 rows (2048 bytes) into every slab of V.
+  auto issue_pv = [&](int stage) {
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk) {
+      wgmma_rs_b_mn_major<T, D>(acc_o, p_frag[kk],
+                                smem_desc_sw128(v_tile(stage) + kk * 16 * 128, Traits::kKVSlabBytes, 1024));
+    }
+  };
+  // Registers a wgmma reads or writes are pinned before its fence and after its wait (ptx_sm90.cuh).
+  auto pin_p = [&] {
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk) wgmma_fence_operands(p_frag[kk]);
+  };
 
-    // Only the tile at the key edge and tiles crossing this warpgroup's causal diagonal need a mask.
+  // Masks S (the key-edge tile and tiles crossing this warpgroup's causal diagonal), then the online softmax, as
+  // in the mma.sync kernel: the 4 lanes of a quad hold one row between them. Leaves P in s and the factor by
+  // which O must be rescaled in `correction`.
+  auto softmax = [&](int n_block) {
     const int col0 = n_block * kBlockN;
     if (col0 + kBlockN > len_k || (p.causal && col0 + kBlockN - 1 > wg_row0 + diag)) {
 #pragma unroll
@@ -272,9 +268,6 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         }
       }
     }
-
-    // Online softmax, as in the mma.sync kernel: the 4 lanes of a quad hold one row between them.
-    float correction[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       float m = row_max[h];
@@ -297,31 +290,88 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       }
       row_sum[h] = row_sum[h] * correction[h] + sum;
     }
-#pragma unroll
-    for (int i = 0; i < D / 2; ++i) acc_o[i] *= correction[(i / 2) % 2];
-
-    // P rounded to T: two adjacent 8-column blocks of S are the A fragment of one 16-key step.
-    uint32_t p_frag[kBlockN / 16][4];
+  };
+  // P rounded to T: two adjacent 8-column blocks of S are the A fragment of one 16-key step.
+  auto pack_p = [&] {
 #pragma unroll
     for (int kk = 0; kk < kBlockN / 16; ++kk) {
 #pragma unroll
       for (int r = 0; r < 4; ++r) p_frag[kk][r] = pack2<T>(s[8 * kk + 2 * r], s[8 * kk + 2 * r + 1]);
     }
+  };
 
-    // O += P V: step kk is keys 16kk..16kk+15, 16 rows (2048 bytes) into every slab of V. The rescaled O and
-    // P are written before the fence, as wgmma requires of registers it reads.
-    wgmma_fence_operands(acc_o);
+  // A CTA whose rows see no key (causal, len_k < len_q) loads nothing and stores zeros.
+  if (n_blocks > 0) {
+    // Tile 0 (the key-edge tile: walked first). Its rows past len_k hold the next sequence's keys (packed), a cache
+    // block's stale slots (paged) or, past a box shorter than the tile, whatever shared memory held; not zeros.
+    // Their P is 0, but 0 * NaN is NaN in the P V product, so zero those rows of V, as the mma.sync kernel's
+    // zero-fill does (K's rows only reach masked scores). Nothing has read the stage yet; both consumer warpgroups
+    // read V, so all 256 threads zero it, fence it to the async proxy (wgmma reads through it) and meet before
+    // either reads it.
+    mbarrier_wait(q_full, 0);
+    mbarrier_wait(full(0), 0);
+    const int keys_in_tile = len_k - (n_blocks - 1) * kBlockN;
+    if (keys_in_tile < kBlockN) {
+      const int consumer_tid = threadIdx.x - 128;
+      const int stale_chunks = (kBlockN - keys_in_tile) * 8;  // 16-byte chunks of the stale rows, per slab
+      unsigned char* stale_rows = smem + (v_tile(0) - base) + keys_in_tile * 128;
 #pragma unroll
-    for (int kk = 0; kk < kBlockN / 16; ++kk) wgmma_fence_operands(p_frag[kk]);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kBlockN / 16; ++kk) {
-      wgmma_rs_b_mn_major<T, D>(acc_o, p_frag[kk], smem_desc_sw128(v_tile + kk * 16 * 128, Traits::kKVSlabBytes, 1024));
+      for (int slab = 0; slab < Traits::kSlabs; ++slab) {
+        for (int c = consumer_tid; c < stale_chunks; c += Traits::kConsumerThreads) {
+          *reinterpret_cast<uint4*>(stale_rows + slab * Traits::kKVSlabBytes + c * 16) = make_uint4(0, 0, 0, 0);
+        }
+      }
+      fence_proxy_async_shared();
+      named_barrier_sync(kZeroedVBarrier, Traits::kConsumerThreads);
     }
+    wgmma_fence_operands(s);
+    wgmma_fence();
+    issue_s(0);
+    wgmma_commit_group();
+    wgmma_wait_group<0>();
+    wgmma_fence_operands(s);
+    softmax(n_blocks - 1);
+    pack_p();
+
+    // Each later step issues S for tile `it` and P V for tile it - 1, then runs tile it's softmax while that P V
+    // runs on the tensor cores (FA3's intra-warpgroup overlap). The two warpgroups take turns to issue (the turn
+    // barriers), so one's softmax overlaps the other's products (FA3's ping-pong). Warpgroup 0 takes the first
+    // turn; warpgroup 1 hands none back after its last, so no barrier is left half-arrived at exit.
+    if (wg == 0 && n_blocks > 1) named_barrier_arrive(kTurnBarrier, Traits::kConsumerThreads);
+    for (int it = 1; it < n_blocks; ++it) {
+      const int stage = it % kStages;
+      const int prev = (it - 1) % kStages;
+      mbarrier_wait(full(stage), (it / kStages) & 1);
+      named_barrier_sync(kTurnBarrier + wg, Traits::kConsumerThreads);
+      wgmma_fence_operands(s);
+      wgmma_fence_operands(acc_o);
+      pin_p();
+      wgmma_fence();
+      issue_s(stage);
+      wgmma_commit_group();
+      issue_pv(prev);
+      wgmma_commit_group();
+      if (wg == 0 || it + 1 < n_blocks) named_barrier_arrive(kTurnBarrier + (1 - wg), Traits::kConsumerThreads);
+      wgmma_wait_group<1>();  // S is ready
+      wgmma_fence_operands(s);
+      softmax(n_blocks - 1 - it);
+      wgmma_wait_group<0>();  // P V is done: O may be rescaled, P overwritten, the previous stage released
+      wgmma_fence_operands(acc_o);
+      pin_p();
+      mbarrier_arrive(empty(prev));
+      pack_p();
+#pragma unroll
+      for (int i = 0; i < D / 2; ++i) acc_o[i] *= correction[(i / 2) % 2];
+    }
+    const int last = (n_blocks - 1) % kStages;
+    wgmma_fence_operands(acc_o);
+    pin_p();
+    wgmma_fence();
+    issue_pv(last);
     wgmma_commit_group();
     wgmma_wait_group<0>();
     wgmma_fence_operands(acc_o);
-    mbarrier_arrive(empty(stage));  // this thread's reads of the stage are complete
+    mbarrier_arrive(empty(last));
   }
 
   // Epilogue: O / rowsum rounded to T, staged in this warpgroup's 64 rows of the Q tile with its swizzle
