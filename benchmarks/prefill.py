@@ -1,9 +1,10 @@
 """Causal prefill attention at 16k tokens a batch: naive PyTorch (full score matrix), our naive CUDA kernel
 (one row of fp32 scores per query), torch SDPA's FlashAttention-2 and cuDNN backends, and our flash kernel
 (minivllm.ops.flash_attn_varlen: on an sm_90 GPU its TMA + wgmma kernel, with the mma.sync one, which it runs
-elsewhere, in a row of its own).
+elsewhere, in a row of its own), the last also with K/V read from a paged cache (`ours_paged`, the path of a
+cached prefix and of chunked prefill: the same sequences in shuffled cache blocks through a block table).
 
-    python -m benchmarks.prefill [--json PATH] [--plot PATH]
+    python -m benchmarks.prefill [--json PATH] [--plot PATH] [--block-size N]
 
 TFLOP/s count causal work: half of 4 * L^2 * D * Hq per sequence. GQA baselines get K/V heads expanded
 (repeat_interleave) outside the timed region. The mixed-length batch runs the SDPA baselines one sequence
@@ -27,8 +28,8 @@ HEADS = ((16, 8, 128), (32, 8, 128), (9, 3, 64))  # (Hq, Hkv, D): Qwen3-0.6B, Ll
 MIXED_LENGTHS = (3000, 160, 4096, 700, 1500, 2600, 64, 1024, 2048, 1200)  # about 16k tokens
 NAIVE_MAX_SCORE_BYTES = 4 << 30  # the naive paths' fp32 scores; larger ones are skipped
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-METHOD_NAMES = {"ours": "ours (flash)", "ours_mma": "ours (mma.sync)", "cudnn": "SDPA cuDNN",
-                "fa2": "SDPA FlashAttention-2", "naive_cuda": "our naive CUDA",
+METHOD_NAMES = {"ours": "ours (flash)", "ours_paged": "ours (flash, paged K/V)", "ours_mma": "ours (mma.sync)",
+                "cudnn": "SDPA cuDNN", "fa2": "SDPA FlashAttention-2", "naive_cuda": "our naive CUDA",
                 "naive": "naive PyTorch"}  # measure()'s methods, as plotted
 SM90_SWITCH = "MINIVLLM_PREFILL_SM90"  # "0": flash_attn_varlen keeps an sm_90 GPU on the mma.sync kernel
 
@@ -51,8 +52,30 @@ def sdpa(backend: SDPBackend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
 
 
+def paged_cache(
+    k: torch.Tensor, v: torch.Tensor, lengths: list[int], block_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Packed k, v [T, Hkv, D] copied into caches of [blocks, block_size, Hkv, D] in shuffled block order, as an
+    engine's cache holds them, and the block table [B, max blocks] that finds each sequence's blocks."""
+    per_seq = [-(-n // block_size) for n in lengths]
+    order = torch.randperm(sum(per_seq), device=k.device)
+    caches = [t.new_zeros(sum(per_seq), block_size, *t.shape[1:]) for t in (k, v)]
+    table = torch.zeros(len(lengths), max(per_seq), dtype=torch.int32, device=k.device)
+    start = used = 0
+    for i, (n, blocks) in enumerate(zip(lengths, per_seq)):
+        ids = order[used:used + blocks]
+        table[i, :blocks] = ids.int()
+        for cache, t in zip(caches, (k, v)):
+            padded = t.new_zeros(blocks * block_size, *t.shape[1:])
+            padded[:n] = t[start:start + n]
+            cache[ids] = padded.view(blocks, block_size, *t.shape[1:])
+        start, used = start + n, used + blocks
+    return caches[0], caches[1], table
+
+
 def measure(
-    lengths: list[int], num_heads: int, num_kv_heads: int, head_dim: int, label: str, dtype: torch.dtype
+    lengths: list[int], num_heads: int, num_kv_heads: int, head_dim: int, label: str, dtype: torch.dtype,
+    block_size: int,
 ) -> dict:
     total = sum(lengths)
     scale = head_dim**-0.5
@@ -64,6 +87,11 @@ def measure(
 
     def ours():
         return ops.flash_attn_varlen(q, k, v, cu, cu, max(lengths), max(lengths), scale, True)
+
+    k_cache, v_cache, table = paged_cache(k, v, lengths, block_size)
+
+    def ours_paged():
+        return ops.flash_attn_varlen(q, k_cache, v_cache, cu, cu, max(lengths), max(lengths), scale, True, table)
 
     def ours_mma_sync():
         previous = os.environ.get(SM90_SWITCH)
@@ -102,6 +130,7 @@ def measure(
         "fa2": run_each(lambda *qkv: sdpa(SDPBackend.FLASH_ATTENTION, *qkv, scale)),
         "cudnn": run_each(lambda *qkv: sdpa(SDPBackend.CUDNN_ATTENTION, *qkv, scale)),
         "ours": ours,
+        "ours_paged": ours_paged,
         "ours_mma": ours_mma_sync if ops.flash_prefill_sm90_available() else None,  # else "ours" is mma.sync
     }
     # fp32 scores at once: naive PyTorch's matrix per batch of SDPA views; the naive CUDA kernel's scratch,
@@ -123,6 +152,7 @@ def measure(
         row[f"{name}_tflops"] = flops / (ms * 1e-3) / 1e12
     row["ours/fa2"] = row["fa2_ms"] / row["ours_ms"] if row["fa2_ms"] and row["ours_ms"] else None
     row["ours/cudnn"] = row["cudnn_ms"] / row["ours_ms"] if row["cudnn_ms"] and row["ours_ms"] else None
+    row["paged/packed"] = row["ours_ms"] / row["ours_paged_ms"] if row["ours_ms"] and row["ours_paged_ms"] else None
 
     # Agreement with the FA2 backend on these inputs (both bf16), so the timed kernel is the right one.
     out = ours()
@@ -133,6 +163,7 @@ def measure(
         ]
     )
     row["err_vs_fa2"] = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+    row["paged_err"] = ((ours_paged().float() - out.float()).norm() / out.float().norm()).item()
     return row
 
 
@@ -142,6 +173,7 @@ def main() -> None:
     p.add_argument("--heads", nargs="+", default=[f"{h}/{kv}/{d}" for h, kv, d in HEADS], help="Hq/Hkv/D rows")
     p.add_argument("--seqlens", nargs="+", type=int, default=SEQLENS, help="sequence lengths (16k tokens a batch)")
     p.add_argument("--no-mixed", action="store_true", help="skip the mixed-length batch")
+    p.add_argument("--block-size", type=int, default=16, help="cache block size of the paged rows")
     add_plot_argument(p, "TFLOP/s against sequence length")
     args = p.parse_args()
     dtype = DTYPES[args.dtype]
@@ -160,9 +192,11 @@ def main() -> None:
     rows = []
     for num_heads, num_kv_heads, head_dim in (tuple(map(int, h.split("/"))) for h in args.heads):
         for n in args.seqlens:
-            rows.append(measure([n] * (TOKENS // n), num_heads, num_kv_heads, head_dim, f"{TOKENS // n}x{n}", dtype))
+            lengths, label = [n] * (TOKENS // n), f"{TOKENS // n}x{n}"
+            rows.append(measure(lengths, num_heads, num_kv_heads, head_dim, label, dtype, args.block_size))
         if not args.no_mixed:
-            rows.append(measure(list(MIXED_LENGTHS), num_heads, num_kv_heads, head_dim, "mixed", dtype))
+            mixed = list(MIXED_LENGTHS)
+            rows.append(measure(mixed, num_heads, num_kv_heads, head_dim, "mixed", dtype, args.block_size))
         torch.cuda.empty_cache()
     common.print_table(rows, "prefill attention: ms and causal TFLOP/s")
     common.write_json(

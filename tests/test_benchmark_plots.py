@@ -10,6 +10,7 @@ from matplotlib import image
 from benchmarks import common, decode, latency, plot, prefill, step_profile, throughput, workload
 from benchmarks.step_profile import Window, kernel_kind
 from minivllm import SamplingParams
+from minivllm.ops import reference
 from tests.conftest import LLM, random_prompts
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -134,6 +135,20 @@ def test_latency_floor():
     # 1 GB of weights and 8 sequences of 1,000 tokens at 100 kB a token: 1.8 GB at 4,000 GB/s
     assert latency.floor_ms(10**9, 10**5, [1000] * 8, 4000.0) == pytest.approx(0.45)
     assert latency.floor_ms(10**9, 10**5, [0], 1000.0) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("block_size", [1, 16, 64])
+def test_prefill_paged_cache_holds_the_packed_keys(block_size):
+    """The paged rows' cache and block table give the reference attention the packed rows' exact output."""
+    torch.manual_seed(0)
+    lengths = [5, 33, 16, 1]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    q, k, v = (torch.randn(sum(lengths), h, 8) for h in (4, 2, 2))
+    k_cache, v_cache, table = prefill.paged_cache(k, v, lengths, block_size)
+    assert table.dtype == torch.int32 and sorted(table[table > 0].tolist()) == sorted(set(table[table > 0].tolist()))
+    args = (cu, cu, max(lengths), max(lengths), 8**-0.5, True)
+    packed = reference.flash_attn_varlen(q, k, v, *args, None)
+    assert torch.equal(reference.flash_attn_varlen(q, k_cache, v_cache, *args, table), packed)
 
 
 def test_streamed_bytes(llm):
