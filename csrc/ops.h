@@ -31,9 +31,13 @@ void qk_norm_rope_cache(torch::Tensor& qkv, const torch::Tensor& positions, cons
                         int64_t num_kv_heads);
 
 // out[M, N] = x[M, K] @ weight[N, K]^T (+ bias[N]) for decode's few rows, 1 <= M <= 16; fp16/bf16 with fp32
-// accumulation, out in x's dtype or, with fp32_out, in fp32.
+// accumulation, out in the weight's dtype or, with fp32_out, in fp32. Fusions (see small_m_linear.cu):
+// norm_weight [K]: x is rms_norm(x, norm_weight, eps) first (x may then be fp32); residual [M, N] fp32 (needs
+// fp32_out): out = product + residual; silu_gate: weight = [gate; up] [2I, K], out [M, I] = silu(gate) * up.
 torch::Tensor small_m_linear(const torch::Tensor& x, const torch::Tensor& weight,
-                             const std::optional<torch::Tensor>& bias, bool fp32_out);
+                             const std::optional<torch::Tensor>& bias, bool fp32_out,
+                             const std::optional<torch::Tensor>& norm_weight, double eps,
+                             const std::optional<torch::Tensor>& residual, bool silu_gate);
 
 // Packed variable-length attention; with block_table, k and v are the paged caches.
 torch::Tensor flash_attn_varlen(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,

@@ -12,7 +12,9 @@ TORCH_LIBRARY(minivllm, m) {
       "qk_norm_rope_cache(Tensor(a!) qkv, Tensor positions, Tensor cos, Tensor sin, Tensor? q_weight, "
       "Tensor? k_weight, float eps, Tensor(b!) k_cache, Tensor(c!) v_cache, Tensor slot_mapping, int num_heads, "
       "int num_kv_heads) -> ()");
-  m.def("small_m_linear(Tensor x, Tensor weight, Tensor? bias, bool fp32_out) -> Tensor");
+  m.def(
+      "small_m_linear(Tensor x, Tensor weight, Tensor? bias, bool fp32_out, Tensor? norm_weight=None, "
+      "float eps=0.0, Tensor? residual=None, bool silu_gate=False) -> Tensor");
   m.def(
       "flash_attn_varlen(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
       "int max_seqlen_q, int max_seqlen_k, float scale, bool causal, Tensor? block_table) -> Tensor");
