@@ -6,7 +6,6 @@ Module names follow the HF checkpoints, except that q/k/v and gate/up are packed
 """
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 
@@ -18,6 +17,7 @@ from minivllm.layers.linear import ColumnParallelLinear, RowParallelLinear, Spli
 from minivllm.layers.norm import RMSNorm
 from minivllm.layers.rotary import RotaryEmbedding
 from minivllm.layers.vocab_parallel import ParallelLMHead, VocabParallelEmbedding
+from minivllm.ops import reference
 
 
 def head_dim_of(config: PretrainedConfig) -> int:
@@ -56,7 +56,10 @@ class DecoderAttention(nn.Module):
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5, split_kv_heads)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        qkv = self.qkv_proj(x)
+        return self.o_proj(self.attend(positions, self.qkv_proj(x), meta))
+
+    def attend(self, positions: torch.Tensor, qkv: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Attention over the projected qkv [T, ...]: the heads' outputs [T, num_heads * head_dim], before o_proj."""
         # q/k norms, rotary and the K/V cache write in one op, in place on qkv; q, k, v are then views of it
         norm_weights = (self.q_norm.weight, self.k_norm.weight) if self.q_norm is not None else (None, None)
         ops.qk_norm_rope_cache(
@@ -67,8 +70,7 @@ class DecoderAttention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        out = self.attn(q, k, v, meta)
-        return self.o_proj(out.flatten(1, 2))
+        return self.attn(q, k, v, meta).flatten(1, 2)
 
 
 class DecoderMLP(nn.Module):
@@ -86,9 +88,7 @@ class DecoderMLP(nn.Module):
         return self.down_proj(silu_and_mul(gate, up))
 
 
-@fused_on_gpu
-def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return F.silu(gate) * up
+silu_and_mul = fused_on_gpu(reference.silu_and_mul)
 
 
 class DecoderLayer(nn.Module):
@@ -112,6 +112,27 @@ class DecoderLayer(nn.Module):
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
+    def fused_forward(self, positions: torch.Tensor, residual: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """The layer as four small-M kernels around attention: each norm folded into the product after it, each
+        residual add into the product before it, SiLU-and-mul into gate_up. residual is the fp32 stream with
+        everything before this layer added in; returns the next layer's."""
+        attn, mlp = self.self_attn, self.mlp
+        norm, qkv_proj = self.input_layernorm, attn.qkv_proj
+        qkv = ops.norm_linear(residual, norm.weight, norm.eps, qkv_proj.weight, qkv_proj.bias)
+        out = attn.attend(positions, qkv, meta)
+        residual = ops.linear_add_residual(out, attn.o_proj.weight, residual, attn.o_proj.bias)
+        norm, gate_up_proj = self.post_attention_layernorm, mlp.gate_up_proj
+        x = ops.norm_gate_up_silu(residual, norm.weight, norm.eps, gate_up_proj.weight, gate_up_proj.bias)
+        return ops.linear_add_residual(x, mlp.down_proj.weight, residual, mlp.down_proj.bias)
+
+    def fused_products_fit(self, num_tokens: int, device: torch.device) -> bool:
+        """Whether the small-M kernel takes all four of fused_forward's products for a step of num_tokens."""
+        products = (self.self_attn.qkv_proj, self.self_attn.o_proj, self.mlp.gate_up_proj, self.mlp.down_proj)
+        return all(
+            ops.small_m_weights_fit(num_tokens, device, p.weight, p.bias, ops.SMALL_M_FUSED_MAX_OUTPUTS)
+            for p in products
+        )
+
 
 class DecoderModel(nn.Module):
     def __init__(self, config: PretrainedConfig, switches: dict, tp: TensorParallel):
@@ -122,13 +143,29 @@ class DecoderModel(nn.Module):
             DecoderLayer(config, switches, rotary, tp) for _ in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.tp = tp
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         x, residual = self.embed_tokens(input_ids), None
+        if self.runs_fused(x):
+            residual = x.float()
+            for layer in self.layers:
+                residual = layer.fused_forward(positions, residual, meta)
+            return self.norm(residual)
         for layer in self.layers:
             x, residual = layer(positions, x, residual, meta)
         x, _ = self.norm(x, residual)
         return x
+
+    def runs_fused(self, x: torch.Tensor) -> bool:
+        """Whether this step's layers run fused_forward: a step of at most SMALL_M_MAX_ROWS tokens (batch-1 decode
+        is kernel-launch bound) whose products the kernel takes, on one GPU. Tensor parallelism all-reduces the
+        row-parallel products, so a residual added by every rank would count tp.size times; tp_invariant sums
+        fixed K slices in a tree that one fused product would not reproduce. The decision depends only on shapes
+        and the device, so a captured CUDA graph holds one path; every layer has layer 0's shapes."""
+        if self.tp.size > 1 or self.tp.invariant_splits:
+            return False
+        return self.layers[0].fused_products_fit(x.shape[0], x.device)
 
 
 def family_switches(arch: str, config: PretrainedConfig) -> dict:

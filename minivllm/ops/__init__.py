@@ -24,6 +24,10 @@ SMALL_M_MAX_ROWS = 16  # kMaxM of csrc/small_m_linear.cu
 # H200 run, M = 1: 6.06 against 6.39 us at N = 6144, 80.9 against 106 us for the lm_head's 151,936); at 4096 and
 # below the kernel is ahead (qkv 4.85 against 5.39, o 3.26 against 13.4, down 4.17 against 7.6).
 SMALL_M_MAX_OUTPUTS = 4096
+# The fused products (norm_linear, norm_gate_up_silu, linear_add_residual) run the kernel up to gate_up's 6144 rows
+# (Qwen3-0.6B): there cuBLAS is 0.33 us ahead on the product, but the fusion saves the kernel it replaces (SiLU-and-
+# mul, ~1.1 us) and a launch gap. Beyond it cuBLAS's lead grows with N and was not measured against a fusion.
+SMALL_M_FUSED_MAX_OUTPUTS = 6144
 
 
 def use_kernels(t: torch.Tensor, head_dim: int | None = None) -> bool:
@@ -158,27 +162,91 @@ def linear(
     return out.float() if fp32_out else out
 
 
-def small_m_kernel_fits(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+def small_m_kernel_fits(
+    rows: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    max_outputs: int = SMALL_M_MAX_OUTPUTS,
+    norm_weight: torch.Tensor | None = None,
+) -> bool:
     """Whether small_m_linear runs rows [M, K] @ weight^T: M and N where it is the faster, dtypes and the 16-byte
-    row alignment it needs."""
+    row alignment it needs. With norm_weight (the RMSNorm prologue) rows may be the fp32 residual stream."""
+    rows_dtype_fits = rows.dtype == weight.dtype or (norm_weight is not None and rows.dtype == torch.float32)
     return (
-        1 <= rows.shape[0] <= SMALL_M_MAX_ROWS
-        and KERNELS_BUILT
-        and rows.is_cuda
-        and rows.dtype in KERNEL_DTYPES
-        and weight.dim() == 2
-        and weight.shape[0] <= SMALL_M_MAX_OUTPUTS
-        and weight.dtype == rows.dtype
-        and (bias is None or (bias.dtype == rows.dtype and bias.is_contiguous()))
-        and rows.shape[1] > 0
-        and rows.shape[1] % 8 == 0
+        small_m_weights_fit(rows.shape[0], rows.device, weight, bias, max_outputs)
+        and rows_dtype_fits
+        and rows.shape[1] == weight.shape[1]
         and rows_aligned(rows)
+        and (norm_weight is None or vector_fits(norm_weight, weight.dtype))
+    )
+
+
+def small_m_weights_fit(
+    num_rows: int, device: torch.device, weight: torch.Tensor, bias: torch.Tensor | None, max_outputs: int
+) -> bool:
+    """The part of small_m_kernel_fits known before the activations exist (how a model decides a step's path):
+    the row count, the device, and the weight and bias."""
+    return (
+        1 <= num_rows <= SMALL_M_MAX_ROWS
+        and KERNELS_BUILT
+        and device.type == "cuda"
+        and weight.dtype in KERNEL_DTYPES
+        and weight.dim() == 2
+        and weight.shape[0] <= max_outputs
+        and (bias is None or (bias.dtype == weight.dtype and bias.is_contiguous()))
+        and weight.shape[1] > 0
+        and weight.shape[1] % 8 == 0
         and rows_aligned(weight)
     )
 
 
+def vector_fits(t: torch.Tensor, dtype: torch.dtype) -> bool:
+    """A norm weight the kernel reads in 16-byte chunks."""
+    return t.dtype == dtype and t.dim() == 1 and t.is_contiguous() and t.data_ptr() % 16 == 0
+
+
 def rows_aligned(t: torch.Tensor) -> bool:
     return t.stride(1) == 1 and t.stride(0) % 8 == 0 and t.data_ptr() % 16 == 0
+
+
+def norm_linear(
+    x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """rms_norm(x, norm_weight, eps) @ weight^T (+ bias) in the weight's dtype; x [..., K] is the fp32 residual
+    stream or in the weight's dtype. 1..SMALL_M_MAX_ROWS rows run one small-M kernel with the norm folded into the
+    product (csrc/small_m_linear.cu), everything else reference.norm_linear."""
+    rows = x.reshape(-1, x.shape[-1])
+    if small_m_kernel_fits(rows, weight, bias, SMALL_M_FUSED_MAX_OUTPUTS, norm_weight):
+        out = torch.ops.minivllm.small_m_linear(rows, weight, bias, False, norm_weight, eps)
+        return out.view(*x.shape[:-1], weight.shape[0])
+    return reference.norm_linear(x, norm_weight, eps, weight, bias)
+
+
+def norm_gate_up_silu(
+    x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """silu(gate) * up [..., I] for [gate, up] = norm_linear(x, norm_weight, eps, weight, bias), weight [2I, K]
+    packed as gate_up_proj is; on the kernel computed in fp32 and rounded once, else reference.norm_gate_up_silu."""
+    rows = x.reshape(-1, x.shape[-1])
+    if small_m_kernel_fits(rows, weight, bias, SMALL_M_FUSED_MAX_OUTPUTS, norm_weight) and weight.shape[0] % 2 == 0:
+        out = torch.ops.minivllm.small_m_linear(rows, weight, bias, False, norm_weight, eps, None, True)
+        return out.view(*x.shape[:-1], weight.shape[0] // 2)
+    return reference.norm_gate_up_silu(x, norm_weight, eps, weight, bias)
+
+
+def linear_add_residual(
+    x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """residual + x @ weight^T (+ bias) in fp32 [..., N]: the new residual stream, residual fp32 [..., N]. On the
+    kernel the product is added unrounded, else reference.linear_add_residual."""
+    rows = x.reshape(-1, x.shape[-1])
+    residual_fits = residual.dtype == torch.float32 and residual.is_contiguous() and residual.device == x.device
+    if residual_fits and residual.shape == (*x.shape[:-1], weight.shape[0]) and small_m_kernel_fits(
+        rows, weight, bias, SMALL_M_FUSED_MAX_OUTPUTS
+    ):
+        out = torch.ops.minivllm.small_m_linear(rows, weight, bias, True, None, 0.0, residual.view(rows.shape[0], -1))
+        return out.view(residual.shape)
+    return reference.linear_add_residual(x, weight, residual, bias)
 
 
 def sampler_kernels_fit(logits: torch.Tensor) -> bool:

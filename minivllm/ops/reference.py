@@ -33,6 +33,34 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * xf.to(weight.dtype)
 
 
+def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+# The fused small-M products' references: the unfused ops they replace, in the same order and dtypes, so that
+# on the CPU they give the unfused decoder's numbers bit for bit.
+def norm_linear(
+    x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """rms_norm(x) @ weight^T (+ bias), the normalised x rounded to the weight's dtype."""
+    return F.linear(rms_norm(x, norm_weight, eps), weight, bias)
+
+
+def norm_gate_up_silu(
+    x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """silu(gate) * up for [gate, up] = norm_linear(...) along the last dimension (weight = [gate; up] rows)."""
+    gate, up = norm_linear(x, norm_weight, eps, weight, bias).chunk(2, dim=-1)
+    return silu_and_mul(gate, up)
+
+
+def linear_add_residual(
+    x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """residual + x @ weight^T (+ bias) in fp32, the product rounded to x's dtype first as the unfused path does."""
+    return residual + F.linear(x, weight, bias).float()
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
