@@ -10,10 +10,10 @@
 //  - kBlockN = 128 keys a tile: S (64x128 fp32) is 64 registers a consumer thread and O (64xD) 64 at D=128;
 //    with P as 32 packed registers that needs the ~232 registers that setmaxnreg moves from the producer.
 //    ptxas (CUDA 13.0, every instantiation): 168 registers at launch (the 384-thread cap), 0 bytes spilled;
-//    shared memory 230,480 B at D=128 and 115,792 B at D=64, one CTA an SM.
+//    shared memory 230,456 B at D=128 and 115,768 B at D=64, one CTA an SM.
 //  - Warpgroup 0 is the producer: one thread issues TMA loads of Q (once) and of K/V tiles into a 3-stage
-//    ring; "full" barriers (TMA bytes, one for K and one for V) and "empty" barriers (all 256 consumer
-//    threads arrive after their last wgmma on the stage has completed) guard each stage. TMA computes addresses and bounds in
+//    ring; "full" barriers (TMA bytes) and "empty" barriers (all 256 consumer threads arrive after their
+//    last wgmma on the stage has completed) guard each stage. TMA computes addresses and bounds in
 //    hardware, so the consumers issue no loads at all. Three stages, because a step reads K of one tile and V
 //    of the one before (below): the third is the tile loading meanwhile. 3 x (32 KB K + 32 KB V) at D=128
 //    plus Q's 32 KB is 224 KB of the 227 an SM has.
@@ -42,8 +42,8 @@
 //    softmax of the first while the second runs on the tensor cores (intra-warpgroup); the two consumer
 //    warpgroups take turns to issue through named barriers, so one's softmax overlaps the other's products
 //    (ping-pong).
-// Not yet (the next sessions): persistent CTAs (a short sequence's CTA is mostly prologue and epilogue, and at
-// 225 KB of shared memory an SM holds one); block-table reads ahead of the empty-barrier wait (paged).
+// Not yet (the next sessions): separate K and V barriers so QK^T starts before V lands; block-table reads
+// ahead of the empty-barrier wait (paged); persistent CTAs.
 #pragma once
 
 #include <cmath>
@@ -91,9 +91,8 @@ struct FlashSm90Traits {
   // Offsets from the 1024-byte aligned base (the swizzle atom; the descriptors' base offset is then 0).
   static constexpr int kOffsetK = kQBytes;
   static constexpr int kOffsetV = kOffsetK + kStages * kKVBytes;
-  // Barriers: q_full, k_full[kStages], v_full[kStages], empty[kStages].
-  static constexpr int kOffsetBarriers = kOffsetV + kStages * kKVBytes;
-  static constexpr int kSmemBytes = 1024 + kOffsetBarriers + 8 * (1 + 3 * kStages);  // 1024: alignment slack
+  static constexpr int kOffsetBarriers = kOffsetV + kStages * kKVBytes;  // q_full, full[kStages], empty[kStages]
+  static constexpr int kSmemBytes = 1024 + kOffsetBarriers + 8 * (1 + 2 * kStages);  // 1024: alignment slack
   static_assert(kSmemBytes <= 227 * 1024, "the tiles exceed an sm_90 CTA's 227 KB of shared memory");
   // 128 * 40 + 256 * 232 = 64512 of the SM's 65536 registers.
   static constexpr int kProducerRegisters = 40;
@@ -134,18 +133,14 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   const uint32_t base = (smem_raw_address + 1023) & ~1023u;
   unsigned char* smem = smem_raw + (base - smem_raw_address);  // generic pointer to `base`, for the epilogue
   const uint32_t q_full = base + Traits::kOffsetBarriers;
-  // K and V of a stage land on barriers of their own: S = Q K^T needs only K, and a step reads the V of the tile
-  // before, so the V of a late tile does not hold up its S.
-  auto k_full = [&](int stage) { return q_full + 8 * (1 + stage); };
-  auto v_full = [&](int stage) { return q_full + 8 * (1 + kStages + stage); };
-  auto empty = [&](int stage) { return q_full + 8 * (1 + 2 * kStages + stage); };
+  auto full = [&](int stage) { return q_full + 8 * (1 + stage); };
+  auto empty = [&](int stage) { return q_full + 8 * (1 + kStages + stage); };
 
   if (threadIdx.x == 0) {
     mbarrier_init(q_full, 1);
 #pragma unroll
     for (int stage = 0; stage < kStages; ++stage) {
-      mbarrier_init(k_full(stage), 1);
-      mbarrier_init(v_full(stage), 1);
+      mbarrier_init(full(stage), 1);
       mbarrier_init(empty(stage), Traits::kConsumerThreads);
     }
     fence_barrier_init();
@@ -171,18 +166,24 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       // rows * 128 bytes apart (a multiple of the 1024-byte swizzle atom, so together they are the one-box layout).
       const int block_size = 1 << p.block_size_log2;
       const int rows = min(block_size, kBlockN);
-      // Paged tiles are kBlockN / rows whole boxes; a packed tile is one box of kv_box_rows rows a slab.
-      const uint32_t tile_bytes = block_table == nullptr ? Traits::kSlabs * params.kv_box_rows * 128 : Traits::kKVBytes;
-      // One tile of K or V (`map`) into `tile`, its bytes signalled on `bar`.
-      auto load_tile = [&](const CUtensorMap* map, uint32_t tile, uint32_t bar, int key0) {
-        mbarrier_arrive_expect_tx(bar, tile_bytes);
+      for (int it = 0; it < n_blocks; ++it) {
+        const int stage = it % kStages;
+        const int key0 = (n_blocks - 1 - it) * kBlockN;  // in the sequence
+        mbarrier_wait(empty(stage), ((it / kStages) & 1) ^ 1);
+        // Paged tiles are kBlockN / rows whole boxes; a packed tile is one box of kv_box_rows rows a slab.
+        mbarrier_arrive_expect_tx(full(stage), block_table == nullptr ? 2 * Traits::kSlabs * params.kv_box_rows * 128
+                                                                      : 2 * Traits::kKVBytes);
+        const uint32_t k_tile = base + Traits::kOffsetK + stage * Traits::kKVBytes;
+        const uint32_t v_tile = base + Traits::kOffsetV + stage * Traits::kKVBytes;
         if (block_table == nullptr) {
 #pragma unroll
           for (int slab = 0; slab < Traits::kSlabs; ++slab) {
-            tma_load_3d(tile + slab * Traits::kKVSlabBytes, map, bar, slab * Traits::kSlabCols, kv_head,
-                        k_start + key0);
+            const int col = slab * Traits::kSlabCols;
+            const int key = k_start + key0;
+            tma_load_3d(k_tile + slab * Traits::kKVSlabBytes, &params.k_map, full(stage), col, kv_head, key);
+            tma_load_3d(v_tile + slab * Traits::kKVSlabBytes, &params.v_map, full(stage), col, kv_head, key);
           }
-          return;
+          continue;
         }
         for (int box = 0; box < kBlockN / rows; ++box) {
           const int key = key0 + box * rows;
@@ -190,19 +191,15 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
           // are masked (V's rows zeroed) anyway.
           const int block = block_table[min(key, len_k - 1) >> p.block_size_log2];
           const int in_block = key & (block_size - 1);
+          const uint32_t offset = box * rows * 128;
 #pragma unroll
           for (int slab = 0; slab < Traits::kSlabs; ++slab) {
-            tma_load_4d(tile + box * rows * 128 + slab * Traits::kKVSlabBytes, map, bar, slab * Traits::kSlabCols,
-                        kv_head, in_block, block);
+            const int col = slab * Traits::kSlabCols;
+            const uint32_t dst = offset + slab * Traits::kKVSlabBytes;
+            tma_load_4d(k_tile + dst, &params.k_map, full(stage), col, kv_head, in_block, block);
+            tma_load_4d(v_tile + dst, &params.v_map, full(stage), col, kv_head, in_block, block);
           }
         }
-      };
-      for (int it = 0; it < n_blocks; ++it) {
-        const int stage = it % kStages;
-        const int key0 = (n_blocks - 1 - it) * kBlockN;  // in the sequence
-        mbarrier_wait(empty(stage), ((it / kStages) & 1) ^ 1);
-        load_tile(&params.k_map, base + Traits::kOffsetK + stage * Traits::kKVBytes, k_full(stage), key0);
-        load_tile(&params.v_map, base + Traits::kOffsetV + stage * Traits::kKVBytes, v_full(stage), key0);
       }
     }
     return;
@@ -312,8 +309,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     // read V, so all 256 threads zero it, fence it to the async proxy (wgmma reads through it) and meet before
     // either reads it.
     mbarrier_wait(q_full, 0);
-    mbarrier_wait(k_full(0), 0);
-    mbarrier_wait(v_full(0), 0);  // before the zeroing, which TMA's write of V would undo
+    mbarrier_wait(full(0), 0);
     const int keys_in_tile = len_k - (n_blocks - 1) * kBlockN;
     if (keys_in_tile < kBlockN) {
       const int consumer_tid = threadIdx.x - 128;
@@ -345,8 +341,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     for (int it = 1; it < n_blocks; ++it) {
       const int stage = it % kStages;
       const int prev = (it - 1) % kStages;
-      mbarrier_wait(k_full(stage), (it / kStages) & 1);
-      mbarrier_wait(v_full(prev), ((it - 1) / kStages) & 1);
+      mbarrier_wait(full(stage), (it / kStages) & 1);
       named_barrier_sync(kTurnBarrier + wg, Traits::kConsumerThreads);
       wgmma_fence_operands(s);
       wgmma_fence_operands(acc_o);
@@ -369,7 +364,6 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       for (int i = 0; i < D / 2; ++i) acc_o[i] *= correction[(i / 2) % 2];
     }
     const int last = (n_blocks - 1) % kStages;
-    mbarrier_wait(v_full(last), ((n_blocks - 1) / kStages) & 1);
     wgmma_fence_operands(acc_o);
     pin_p();
     wgmma_fence();
