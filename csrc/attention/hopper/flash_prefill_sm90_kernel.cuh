@@ -42,9 +42,8 @@
 //    softmax of the first while the second runs on the tensor cores (intra-warpgroup); the two consumer
 //    warpgroups take turns to issue through named barriers, so one's softmax overlaps the other's products
 //    (ping-pong).
-// Not yet (the next sessions): persistent CTAs (a short sequence's CTA is mostly prologue and epilogue, and at
-// 225 KB of shared memory an SM holds one). Tried and slower: K and V on full barriers of their own, so that S
-// waits for K only (benchmarks/NOTES_prefill.md, sixth session).
+// Not yet (the next sessions): separate K and V barriers so QK^T starts before V lands; block-table reads
+// ahead of the empty-barrier wait (paged); persistent CTAs.
 #pragma once
 
 #include <cmath>
@@ -151,12 +150,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   const int warpgroup = threadIdx.x / 128;
   if (warpgroup == 0) {
     setmaxnreg_dec<Traits::kProducerRegisters>();
-    // One thread issues every load. The paged path keeps its whole warp: the lanes read a tile's block-table
-    // entries at once (one box each) before the empty-barrier wait, instead of one dependent global read per box
-    // in series after it, which held a tile of 16-token blocks back by eight round trips.
-    if (threadIdx.x >= 32 || (p.block_table == nullptr && threadIdx.x != 0)) return;
-    const bool leader = threadIdx.x == 0;
-    if (leader) {
+    if (threadIdx.x == 0) {
       prefetch_tensor_map(&params.q_map);
       prefetch_tensor_map(&params.k_map);
       prefetch_tensor_map(&params.v_map);
@@ -166,50 +160,45 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         tma_load_3d(base + slab * Traits::kQSlabBytes, &params.q_map, q_full, slab * Traits::kSlabCols, head,
                     q_start + row0);
       }
-    }
-    const int kv_head = head / p.group_size;
-    const int* block_table = p.block_table == nullptr ? nullptr : p.block_table + seq * p.block_table_stride;
-    // Paged: a tile of kBlockN keys is kBlockN / rows boxes of `rows` keys, each from one cache block, landing
-    // rows * 128 bytes apart (a multiple of the 1024-byte swizzle atom, so together they are the one-box layout).
-    const int block_size = 1 << p.block_size_log2;
-    const int rows = min(block_size, kBlockN);
-    const int boxes = kBlockN / rows;  // at most 8 (block_size >= 16)
-    for (int it = 0; it < n_blocks; ++it) {
-      const int stage = it % kStages;
-      const int key0 = (n_blocks - 1 - it) * kBlockN;  // in the sequence
-      const uint32_t k_tile = base + Traits::kOffsetK + stage * Traits::kKVBytes;
-      const uint32_t v_tile = base + Traits::kOffsetV + stage * Traits::kKVBytes;
-      if (block_table == nullptr) {
+      const int kv_head = head / p.group_size;
+      const int* block_table = p.block_table == nullptr ? nullptr : p.block_table + seq * p.block_table_stride;
+      // Paged: a tile of kBlockN keys is kBlockN / rows boxes of `rows` keys, each from one cache block, landing
+      // rows * 128 bytes apart (a multiple of the 1024-byte swizzle atom, so together they are the one-box layout).
+      const int block_size = 1 << p.block_size_log2;
+      const int rows = min(block_size, kBlockN);
+      for (int it = 0; it < n_blocks; ++it) {
+        const int stage = it % kStages;
+        const int key0 = (n_blocks - 1 - it) * kBlockN;  // in the sequence
         mbarrier_wait(empty(stage), ((it / kStages) & 1) ^ 1);
-        mbarrier_arrive_expect_tx(full(stage), 2 * Traits::kSlabs * params.kv_box_rows * 128);
+        // Paged tiles are kBlockN / rows whole boxes; a packed tile is one box of kv_box_rows rows a slab.
+        mbarrier_arrive_expect_tx(full(stage), block_table == nullptr ? 2 * Traits::kSlabs * params.kv_box_rows * 128
+                                                                      : 2 * Traits::kKVBytes);
+        const uint32_t k_tile = base + Traits::kOffsetK + stage * Traits::kKVBytes;
+        const uint32_t v_tile = base + Traits::kOffsetV + stage * Traits::kKVBytes;
+        if (block_table == nullptr) {
 #pragma unroll
-        for (int slab = 0; slab < Traits::kSlabs; ++slab) {
-          const int col = slab * Traits::kSlabCols;
-          const int key = k_start + key0;
-          tma_load_3d(k_tile + slab * Traits::kKVSlabBytes, &params.k_map, full(stage), col, kv_head, key);
-          tma_load_3d(v_tile + slab * Traits::kKVSlabBytes, &params.v_map, full(stage), col, kv_head, key);
+          for (int slab = 0; slab < Traits::kSlabs; ++slab) {
+            const int col = slab * Traits::kSlabCols;
+            const int key = k_start + key0;
+            tma_load_3d(k_tile + slab * Traits::kKVSlabBytes, &params.k_map, full(stage), col, kv_head, key);
+            tma_load_3d(v_tile + slab * Traits::kKVSlabBytes, &params.v_map, full(stage), col, kv_head, key);
+          }
+          continue;
         }
-        continue;
-      }
-      // Lane b reads box b's block. A box wholly past the sequence re-reads its last block: the table row may end
-      // there, and its keys are masked (V's rows zeroed) anyway.
-      const int lane = threadIdx.x;
-      const int lane_block = lane < boxes ? block_table[min(key0 + lane * rows, len_k - 1) >> p.block_size_log2] : 0;
-      if (leader) {
-        mbarrier_wait(empty(stage), ((it / kStages) & 1) ^ 1);
-        mbarrier_arrive_expect_tx(full(stage), 2 * Traits::kKVBytes);  // kBlockN / rows whole boxes
-      }
-      for (int box = 0; box < boxes; ++box) {
-        const int block = __shfl_sync(0xffffffff, lane_block, box);
-        if (!leader) continue;
-        const int in_block = (key0 + box * rows) & (block_size - 1);
-        const uint32_t offset = box * rows * 128;
+        for (int box = 0; box < kBlockN / rows; ++box) {
+          const int key = key0 + box * rows;
+          // A box wholly past the sequence re-reads its last block: the table row may end there, and its keys
+          // are masked (V's rows zeroed) anyway.
+          const int block = block_table[min(key, len_k - 1) >> p.block_size_log2];
+          const int in_block = key & (block_size - 1);
+          const uint32_t offset = box * rows * 128;
 #pragma unroll
-        for (int slab = 0; slab < Traits::kSlabs; ++slab) {
-          const int col = slab * Traits::kSlabCols;
-          const uint32_t dst = offset + slab * Traits::kKVSlabBytes;
-          tma_load_4d(k_tile + dst, &params.k_map, full(stage), col, kv_head, in_block, block);
-          tma_load_4d(v_tile + dst, &params.v_map, full(stage), col, kv_head, in_block, block);
+          for (int slab = 0; slab < Traits::kSlabs; ++slab) {
+            const int col = slab * Traits::kSlabCols;
+            const uint32_t dst = offset + slab * Traits::kKVSlabBytes;
+            tma_load_4d(k_tile + dst, &params.k_map, full(stage), col, kv_head, in_block, block);
+            tma_load_4d(v_tile + dst, &params.v_map, full(stage), col, kv_head, in_block, block);
+          }
         }
       }
     }
