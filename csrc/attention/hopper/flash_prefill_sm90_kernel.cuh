@@ -42,8 +42,11 @@
 //    softmax of the first while the second runs on the tensor cores (intra-warpgroup); the two consumer
 //    warpgroups take turns to issue through named barriers, so one's softmax overlaps the other's products
 //    (ping-pong).
-// Not yet (the next sessions): separate K and V barriers so QK^T starts before V lands; block-table reads
-// ahead of the empty-barrier wait (paged); persistent CTAs.
+// Not yet (the next sessions): persistent CTAs (a short sequence's CTA is mostly prologue and epilogue, and at
+// 225 KB of shared memory an SM holds one); paged tiles of small blocks issued by several producer threads (at
+// block 16 one thread issues 32 boxes a tile, and paged runs at 0.64..0.89 of packed). Measured and reverted
+// (benchmarks/NOTES_prefill.md, sixth session): K and V on full barriers of their own, so that S waits for K
+// only; the producer warp's lanes reading a tile's block-table entries at once, before the empty wait.
 #pragma once
 
 #include <cmath>
