@@ -16,6 +16,7 @@
 #include "common/ptx.cuh"
 #include "flash_kernel_traits.cuh"
 #include "flash_params.cuh"
+#include "prefill_tile.cuh"
 
 namespace minivllm::flash {
 
@@ -60,26 +61,9 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kMinBlocksPerSM)
   T* s_k = s_q + Traits::kSmemQ;                     // [kStages][kSmemKV]
   T* s_v = s_k + Traits::kStages * Traits::kSmemKV;  // [kStages][kSmemKV]
 
-  // Grid: x = (sequence, head) with heads fastest, so the query heads of one KV group run side by side and
-  // share its K/V in L2; y = query tile, heaviest (last, under a causal mask) scheduled first.
-  const int head = blockIdx.x % p.num_heads;
-  const int seq = blockIdx.x / p.num_heads;
-  const int m_block = p.num_m_blocks - 1 - blockIdx.y;
-  const int q_start = p.cu_seqlens_q[seq];
-  const int len_q = p.cu_seqlens_q[seq + 1] - q_start;
-  const int row0 = m_block * kBlockM;
+  const auto [head, seq, q_start, len_q, row0, k_start, len_k, diag, n_blocks] = prefill_tile<kBlockM, kBlockN>(p);
   if (row0 >= len_q) return;
-  const int k_start = p.cu_seqlens_k[seq];
-  const int len_k = p.cu_seqlens_k[seq + 1] - k_start;
   const int kv_head = head / p.group_size;
-  // Bottom-right causal alignment: query row r sees keys 0 .. r + diag.
-  const int diag = len_k - len_q;
-
-  int n_blocks = (len_k + kBlockN - 1) / kBlockN;
-  if (p.causal) {
-    const int keys_seen_by_last_row = min(row0 + kBlockM, len_q) + diag;
-    n_blocks = min(n_blocks, keys_seen_by_last_row <= 0 ? 0 : (keys_seen_by_last_row + kBlockN - 1) / kBlockN);
-  }
 
   const int tid = threadIdx.x;
   const int warp = tid / 32;

@@ -53,6 +53,7 @@
 
 #include "attention/flash_kernel_traits.cuh"
 #include "attention/flash_params.cuh"
+#include "attention/prefill_tile.cuh"
 #include "common/ptx.cuh"
 #include "common/ptx_sm90.cuh"
 
@@ -114,22 +115,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   constexpr int kStages = Traits::kStages;
   const FlashParams& p = params.p;
 
-  // Grid as the mma.sync kernel's: x = (sequence, head), heads fastest; y = query tile, last (heaviest) first.
-  const int head = blockIdx.x % p.num_heads;
-  const int seq = blockIdx.x / p.num_heads;
-  const int m_block = p.num_m_blocks - 1 - blockIdx.y;
-  const int q_start = p.cu_seqlens_q[seq];
-  const int len_q = p.cu_seqlens_q[seq + 1] - q_start;
-  const int row0 = m_block * kBlockM;
+  const auto [head, seq, q_start, len_q, row0, k_start, len_k, diag, n_blocks] = prefill_tile<kBlockM, kBlockN>(p);
   if (row0 >= len_q) return;
-  const int k_start = p.cu_seqlens_k[seq];
-  const int len_k = p.cu_seqlens_k[seq + 1] - k_start;
-  const int diag = len_k - len_q;  // bottom-right causal alignment: row r sees keys 0 .. r + diag
-  int n_blocks = (len_k + kBlockN - 1) / kBlockN;
-  if (p.causal) {
-    const int keys_seen_by_last_row = min(row0 + kBlockM, len_q) + diag;
-    n_blocks = min(n_blocks, keys_seen_by_last_row <= 0 ? 0 : (keys_seen_by_last_row + kBlockN - 1) / kBlockN);
-  }
 
   extern __shared__ unsigned char smem_raw[];
   const uint32_t smem_raw_address = smem_address(smem_raw);
