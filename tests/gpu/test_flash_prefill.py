@@ -53,6 +53,18 @@ def random_length(rng: random.Random, limit: int) -> int:
     return rng.randint(1, limit)
 
 
+def case_fields(rng: random.Random, group: int, num_kv_heads: int, lens_q: list[int], lens_k: list[int]) -> dict:
+    """The fields every random prefill case has: its dtype and head_dim drawn first, then its shapes."""
+    return dict(
+        dtype=rng.choice((torch.bfloat16, torch.float16)),
+        head_dim=rng.choice((64, 128)),
+        num_heads=group * num_kv_heads,
+        num_kv_heads=num_kv_heads,
+        lens_q=lens_q,
+        lens_k=lens_k,
+    )
+
+
 def random_case(case: int) -> dict:
     rng = random.Random(case)
     group = rng.choice((1, 2, 4, 8))
@@ -64,12 +76,7 @@ def random_case(case: int) -> dict:
     with_prefix = rng.random() < (0.7 if paged else 0.3)
     lens_k = [lq + (random_length(rng, min(4096, budget)) if with_prefix else 0) for lq in lens_q]
     return dict(
-        dtype=rng.choice((torch.bfloat16, torch.float16)),
-        head_dim=rng.choice((64, 128)),
-        num_heads=group * num_kv_heads,
-        num_kv_heads=num_kv_heads,
-        lens_q=lens_q,
-        lens_k=lens_k,
+        **case_fields(rng, group, num_kv_heads, lens_q, lens_k),
         causal=rng.random() < 0.7,
         block_size=rng.choice((16, 32, 256)) if paged else None,
         q_scale=rng.choice((1.0, 1.0, 4.0)),  # 4: peaked softmax, large logits
@@ -96,12 +103,7 @@ def random_sm90_case(case: int) -> dict:
     else:
         lens_k = list(lens_q)
     return dict(
-        dtype=rng.choice((torch.bfloat16, torch.float16)),
-        head_dim=rng.choice((64, 128)),
-        num_heads=group * num_kv_heads,
-        num_kv_heads=num_kv_heads,
-        lens_q=lens_q,
-        lens_k=lens_k,
+        **case_fields(rng, group, num_kv_heads, lens_q, lens_k),
         causal=rng.random() < 0.75,
         block_size=rng.choice((16, 32, 64, 128, 256)) if rng.random() < 0.35 else None,
         q_scale=rng.choice((1.0, 1.0, 4.0)),

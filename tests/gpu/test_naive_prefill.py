@@ -10,7 +10,7 @@ import torch
 
 from minivllm import ops
 from minivllm.ops import reference
-from tests.gpu.test_flash_prefill import cu_seqlens
+from tests.gpu.test_flash_prefill import case_fields, cu_seqlens
 from tests.gpu.test_flash_prefill import make_inputs as flash_inputs
 
 pytestmark = pytest.mark.skipif(
@@ -44,12 +44,7 @@ def random_case(case: int) -> dict:
     with_prefix = rng.random() < 0.4  # q_len < k_len: queries after a cached prefix, bottom-right causal
     lens_k = [lq + (random_length(rng, 1024) if with_prefix else 0) for lq in lens_q]
     return dict(
-        dtype=rng.choice((torch.bfloat16, torch.float16)),
-        head_dim=rng.choice((64, 128)),
-        num_heads=group * num_kv_heads,
-        num_kv_heads=num_kv_heads,
-        lens_q=lens_q,
-        lens_k=lens_k,
+        **case_fields(rng, group, num_kv_heads, lens_q, lens_k),
         q_scale=rng.choice((1.0, 1.0, 4.0)),  # 4: peaked softmax, large logits
         seed=case,
     )
