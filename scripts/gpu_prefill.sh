@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # The sm_90 prefill kernel on one GPU machine (issue 16), in one run, each step under a timeout (a barrier bug
 # hangs): build; the first shapes (each in a process of its own if the set hangs); the kernel switch; the whole
-# prefill test file; compute-sanitizer on the first shapes; benchmarks.prefill. Logs to OUT_DIR.
+# prefill test file; benchmarks.prefill, then paged at 16-token and 256-token blocks for (16, 8, 128);
+# compute-sanitizer on the first shapes. Logs to OUT_DIR (more than the device returns: tar them).
 #   scripts/gpu_prefill.sh OUT_DIR [SECONDS]    (SECONDS: the time this script may take, 600 by default)
-# PREFILL_SKIP_BUILD=1 uses the extension already built in place.
+# PREFILL_SKIP_BUILD=1 uses the extension already built in place. PREFILL_BASELINE=DIR (from the repo root; a
+# `git archive` of another revision) is built beside this tree and benchmarked after it in the same run, the
+# A/B that counts.
 set -uo pipefail
 out=$(realpath -m "${1:?usage: scripts/gpu_prefill.sh OUT_DIR [SECONDS]}")
 limit=${2:-600}
@@ -11,10 +14,16 @@ mkdir -p "$out"
 cd "$(dirname "$0")/.."
 log="$out/prefill.log"
 . scripts/gpu_env.sh
+baseline=${PREFILL_BASELINE:+$(realpath "$PREFILL_BASELINE")}
+if [ -n "$baseline" ]; then
+  (cd "$baseline" && MAX_JOBS=8 bash scripts/gpu_build.sh >"$out/build_baseline.log" 2>&1) &
+  baseline_build=$!
+fi
 if [ "${PREFILL_SKIP_BUILD:-0}" != 1 ]; then
-  bash scripts/gpu_build.sh >"$out/build.log" 2>&1 || { tail -50 "$out/build.log"; exit 1; }
+  MAX_JOBS=${baseline:+8} bash scripts/gpu_build.sh >"$out/build.log" 2>&1 || { tail -50 "$out/build.log"; exit 1; }
   grep -o "archs[^ ]*.*" "$out/build.log" | head -2 | tee -a "$log"
 fi
+[ -z "$baseline" ] || wait "$baseline_build" || { tail -50 "$out/build_baseline.log"; exit 1; }
 echo "--- built at ${SECONDS}s" | tee -a "$log"
 file=tests/gpu/test_flash_prefill.py
 pytest_step() {  # pytest_step NAME SECONDS ARGS...: one pytest process, its failures and summary in the log
@@ -41,6 +50,16 @@ if [ $first = 0 ]; then
   pytest_step whole_file 150 -x "$file"
   timeout 100 python3 -m benchmarks.prefill --json "$out/prefill.json" 2>&1 | tee -a "$log"
   stamp "benchmarks.prefill"
+  if [ -n "$baseline" ]; then
+    echo "=== the baseline, $baseline" | tee -a "$log"
+    (cd "$baseline" && timeout 100 python3 -m benchmarks.prefill --json "$out/prefill_baseline.json") 2>&1 | tee -a "$log"
+    stamp "benchmarks.prefill (baseline)"
+  fi
+  for block in 16 256; do  # is the paged path bound by its boxes a tile (8 at block 16, 1 at 256)?
+    timeout 60 python3 -m benchmarks.prefill --heads 16/8/128 --no-mixed --block-size $block \
+      --json "$out/prefill_block_$block.json" 2>&1 | tail -9 | tee -a "$log"
+    stamp "benchmarks.prefill, block $block"
+  done
 fi
 for tool in memcheck racecheck synccheck; do
   [ $((limit - 70 - SECONDS)) -gt 0 ] || { echo "--- $tool skipped (time)" | tee -a "$log"; continue; }
