@@ -11,7 +11,7 @@ mkdir -p "$out"
 cd "$(dirname "$0")/.."
 log="$out/gpu_check.log"
 . scripts/gpu_env.sh
-bash scripts/gpu_build.sh >"$out/build.log" 2>&1 || { tail -50 "$out/build.log"; exit 1; }
+build_in_place
 python3 -m pytest -q tests/gpu ${2:+-k "$2"} 2>&1 | tee -a "$log"
 status=${PIPESTATUS[0]}
 for bench in "throughput --compare-hf" latency kv_write decode prefill small_m_linear; do

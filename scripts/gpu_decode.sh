@@ -22,9 +22,8 @@ if [ -n "${2:-}" ]; then
   (cd "$base" && bash scripts/gpu_build.sh >/tmp/build_baseline.log 2>&1) &  # $OUT keeps 8 files: not this
   baseline_build=$!
 fi
-bash scripts/gpu_build.sh >"$out/build.log" 2>&1 || { tail -50 "$out/build.log"; exit 1; }
+build_in_place
 grep -E "paged_decode.*(registers|spill)|error" "$out/build.log" | head -20 | tee -a "$log"
-stamp "built"
 python3 -m pytest -q -rf tests/gpu/test_paged_decode.py -k "not bad_inputs" 2>&1 | tail -40 | tee -a "$log"
 status=${PIPESTATUS[0]}
 # Other split sizes through the same code: smaller splits, more of them, and split batches of whole waves.

@@ -13,7 +13,7 @@ mkdir -p "$out"
 cd "$(dirname "$0")/.."
 log="$out/host.log"
 . scripts/gpu_env.sh
-bash scripts/gpu_build.sh >"$out/build.log" 2>&1 || { tail -50 "$out/build.log"; exit 1; }
+build_in_place
 extras="--logprobs 5 --presence-penalty 0.5 --repetition-penalty 1.1"
 for name in plain extras; do
   flags=""; [ $name = extras ] && flags=$extras

@@ -20,11 +20,10 @@ if [ -n "$baseline" ]; then
   baseline_build=$!
 fi
 if [ "${PREFILL_SKIP_BUILD:-0}" != 1 ]; then
-  MAX_JOBS=${baseline:+8} bash scripts/gpu_build.sh >"$out/build.log" 2>&1 || { tail -50 "$out/build.log"; exit 1; }
+  MAX_JOBS=${baseline:+8} build_in_place
   grep -o "archs[^ ]*.*" "$out/build.log" | head -2 | tee -a "$log"
 fi
 [ -z "$baseline" ] || wait "$baseline_build" || { tail -50 "$out/build_baseline.log"; exit 1; }
-echo "--- built at ${SECONDS}s" | tee -a "$log"
 file=tests/gpu/test_flash_prefill.py
 pytest_step() {  # pytest_step NAME SECONDS ARGS...: one pytest process, its failures and summary in the log
   local name=$1 seconds=$2

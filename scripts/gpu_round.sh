@@ -14,8 +14,7 @@ mkdir -p "$out"
 cd "$(dirname "$0")/.."
 log="$out/round.log"
 . scripts/gpu_env.sh
-bash scripts/gpu_build.sh >"$out/build.log" 2>&1 || { tail -50 "$out/build.log"; exit 1; }
-echo "--- built at ${SECONDS}s" | tee -a "$log"
+build_in_place
 timeout 240 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_sampler_gpu.py tests/gpu/test_engine_gpu.py \
   tests/gpu/test_step_inputs_gpu.py tests/gpu/test_paged_decode.py tests/gpu/test_small_m_linear.py \
   tests/gpu/test_sampler_kernels.py >"$out/gpu_tests.log" 2>&1

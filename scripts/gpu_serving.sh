@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 log="$out/serving.log"
 . scripts/gpu_env.sh
 if [ "${SERVING_OFFLINE:-1}" != 0 ]; then
-  bash scripts/gpu_build.sh >"$out/build.log" 2>&1 || { tail -50 "$out/build.log"; exit 1; }
+  build_in_place
   timeout 120 python3 -m benchmarks.throughput --json "$out/throughput.json" 2>&1 | grep -v -i warn | tee -a "$log"
 fi
 python3 - "$out/batch.jsonl" <<'PY'

@@ -9,8 +9,7 @@ mkdir -p "$out"
 cd "$(dirname "$0")/.."
 log="$out/small_batch.log"
 . scripts/gpu_env.sh
-bash scripts/gpu_build.sh >"$out/build.log" 2>&1 || { tail -50 "$out/build.log"; exit 1; }
-echo "--- built at ${SECONDS}s" | tee -a "$log"
+build_in_place
 timeout 200 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_small_m_linear.py tests/gpu/test_engine_gpu.py 2>&1 \
   | tail -8 | tee -a "$log"
 stamp "GPU tests"
