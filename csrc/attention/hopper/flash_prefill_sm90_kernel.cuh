@@ -31,8 +31,10 @@
 //    rows (or past the tensor's end, which TMA zero-fills). Keys past len_k are masked to -inf (weight 0)
 //    and their rows of V zeroed in shared memory, so whatever they hold cannot reach O; query rows past
 //    len_q are computed and never stored.
-//  - Paged k/v: a 4-D map over the cache [blocks, block_size, Hkv, D]; the producer reads the block table and
-//    loads a tile as 128 / block_size boxes (one for block_size >= 128), one per cache block. Boxes wholly
+//  - Paged k/v: a 4-D map over the cache [blocks, block_size, Hkv, D]; the producer's first warp reads the block
+//    table and loads a tile as 128 / block_size boxes (one for block_size >= 128), one per cache block, lane b
+//    issuing box b: at block 16 one thread issued 32 boxes a tile in series, and paged ran at 0.64..0.89 of
+//    packed (sixth session). Boxes wholly
 //    past len_k re-read the sequence's last block (an L2 hit), so the table is never read past its row and
 //    no box lies wholly outside the map; those rows of V are zeroed like any key past len_k.
 //  - Output: normalised in registers, staged through this warpgroup's rows of the Q tile (same swizzle, so
@@ -43,8 +45,7 @@
 //    warpgroups take turns to issue through named barriers, so one's softmax overlaps the other's products
 //    (ping-pong).
 // Not yet (the next sessions): persistent CTAs (a short sequence's CTA is mostly prologue and epilogue, and at
-// 225 KB of shared memory an SM holds one); paged tiles of small blocks issued by several producer threads (at
-// block 16 one thread issues 32 boxes a tile, and paged runs at 0.64..0.89 of packed). Measured and reverted
+// 225 KB of shared memory an SM holds one). Measured and reverted
 // (benchmarks/NOTES_prefill.md, sixth session): K and V on full barriers of their own, so that S waits for K
 // only; the producer warp's lanes reading a tile's block-table entries at once, before the empty wait.
 #pragma once
@@ -140,7 +141,11 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   const int warpgroup = threadIdx.x / 128;
   if (warpgroup == 0) {
     setmaxnreg_dec<Traits::kProducerRegisters>();
-    if (threadIdx.x == 0) {
+    // One thread issues the loads of Q and of packed K/V. A paged tile of small blocks is many boxes (8 a slab
+    // at block 16), so there the first warp issues them, lane b box b, once lane 0 has announced the tile's bytes.
+    if (threadIdx.x >= 32 || (p.block_table == nullptr && threadIdx.x != 0)) return;
+    const int lane = threadIdx.x;
+    if (lane == 0) {
       prefetch_tensor_map(&params.q_map);
       prefetch_tensor_map(&params.k_map);
       prefetch_tensor_map(&params.v_map);
@@ -150,45 +155,48 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         tma_load_3d(base + slab * Traits::kQSlabBytes, &params.q_map, q_full, slab * Traits::kSlabCols, head,
                     q_start + row0);
       }
-      const int kv_head = head / p.group_size;
-      const int* block_table = p.block_table == nullptr ? nullptr : p.block_table + seq * p.block_table_stride;
-      // Paged: a tile of kBlockN keys is kBlockN / rows boxes of `rows` keys, each from one cache block, landing
-      // rows * 128 bytes apart (a multiple of the 1024-byte swizzle atom, so together they are the one-box layout).
-      const int block_size = 1 << p.block_size_log2;
-      const int rows = min(block_size, kBlockN);
-      for (int it = 0; it < n_blocks; ++it) {
-        const int stage = it % kStages;
-        const int key0 = (n_blocks - 1 - it) * kBlockN;  // in the sequence
+    }
+    const int kv_head = head / p.group_size;
+    const int* block_table = p.block_table == nullptr ? nullptr : p.block_table + seq * p.block_table_stride;
+    // Paged: a tile of kBlockN keys is kBlockN / rows boxes of `rows` keys, each from one cache block, landing
+    // rows * 128 bytes apart (a multiple of the 1024-byte swizzle atom, so together they are the one-box layout).
+    const int block_size = 1 << p.block_size_log2;
+    const int rows = min(block_size, kBlockN);
+    const int boxes = kBlockN / rows;  // at most 8: flash_attn_varlen takes block sizes of 16 and up
+    for (int it = 0; it < n_blocks; ++it) {
+      const int stage = it % kStages;
+      const int key0 = (n_blocks - 1 - it) * kBlockN;  // in the sequence
+      const uint32_t k_tile = base + Traits::kOffsetK + stage * Traits::kKVBytes;
+      const uint32_t v_tile = base + Traits::kOffsetV + stage * Traits::kKVBytes;
+      if (block_table == nullptr) {
         mbarrier_wait(empty(stage), ((it / kStages) & 1) ^ 1);
-        // Paged tiles are kBlockN / rows whole boxes; a packed tile is one box of kv_box_rows rows a slab.
-        mbarrier_arrive_expect_tx(full(stage), block_table == nullptr ? 2 * Traits::kSlabs * params.kv_box_rows * 128
-                                                                      : 2 * Traits::kKVBytes);
-        const uint32_t k_tile = base + Traits::kOffsetK + stage * Traits::kKVBytes;
-        const uint32_t v_tile = base + Traits::kOffsetV + stage * Traits::kKVBytes;
-        if (block_table == nullptr) {
+        mbarrier_arrive_expect_tx(full(stage), 2 * Traits::kSlabs * params.kv_box_rows * 128);
 #pragma unroll
-          for (int slab = 0; slab < Traits::kSlabs; ++slab) {
-            const int col = slab * Traits::kSlabCols;
-            const int key = k_start + key0;
-            tma_load_3d(k_tile + slab * Traits::kKVSlabBytes, &params.k_map, full(stage), col, kv_head, key);
-            tma_load_3d(v_tile + slab * Traits::kKVSlabBytes, &params.v_map, full(stage), col, kv_head, key);
-          }
-          continue;
+        for (int slab = 0; slab < Traits::kSlabs; ++slab) {
+          const int col = slab * Traits::kSlabCols;
+          const int key = k_start + key0;
+          tma_load_3d(k_tile + slab * Traits::kKVSlabBytes, &params.k_map, full(stage), col, kv_head, key);
+          tma_load_3d(v_tile + slab * Traits::kKVSlabBytes, &params.v_map, full(stage), col, kv_head, key);
         }
-        for (int box = 0; box < kBlockN / rows; ++box) {
-          const int key = key0 + box * rows;
-          // A box wholly past the sequence re-reads its last block: the table row may end there, and its keys
-          // are masked (V's rows zeroed) anyway.
-          const int block = block_table[min(key, len_k - 1) >> p.block_size_log2];
-          const int in_block = key & (block_size - 1);
-          const uint32_t offset = box * rows * 128;
+        continue;
+      }
+      // A box wholly past the sequence re-reads its last block: the table row may end there, and its keys are
+      // masked (V's rows zeroed) anyway. The table read goes ahead of the wait.
+      const int key = key0 + lane * rows;
+      const int block = lane < boxes ? block_table[min(key, len_k - 1) >> p.block_size_log2] : 0;
+      if (lane == 0) {
+        mbarrier_wait(empty(stage), ((it / kStages) & 1) ^ 1);
+        mbarrier_arrive_expect_tx(full(stage), 2 * Traits::kKVBytes);  // kBlockN / rows whole boxes
+      }
+      __syncwarp();  // the stage is free and its bytes announced before any lane's box lands
+      if (lane < boxes) {
+        const int in_block = key & (block_size - 1);
 #pragma unroll
-          for (int slab = 0; slab < Traits::kSlabs; ++slab) {
-            const int col = slab * Traits::kSlabCols;
-            const uint32_t dst = offset + slab * Traits::kKVSlabBytes;
-            tma_load_4d(k_tile + dst, &params.k_map, full(stage), col, kv_head, in_block, block);
-            tma_load_4d(v_tile + dst, &params.v_map, full(stage), col, kv_head, in_block, block);
-          }
+        for (int slab = 0; slab < Traits::kSlabs; ++slab) {
+          const int col = slab * Traits::kSlabCols;
+          const uint32_t dst = lane * rows * 128 + slab * Traits::kKVSlabBytes;
+          tma_load_4d(k_tile + dst, &params.k_map, full(stage), col, kv_head, in_block, block);
+          tma_load_4d(v_tile + dst, &params.v_map, full(stage), col, kv_head, in_block, block);
         }
       }
     }
