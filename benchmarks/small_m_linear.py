@@ -21,8 +21,6 @@ from benchmarks.common import copy_bandwidth_gbs, gpu_name, graph_time_ms, parse
 from benchmarks.decode import L2_ROTATION_BYTES
 from minivllm import ops
 from minivllm.layers.fusion import fused_on_gpu
-from minivllm.layers.norm import add_rms_norm, rms_norm
-from minivllm.models.decoder import silu_and_mul
 from minivllm.ops import KERNELS_BUILT, SMALL_M_MAX_ROWS
 
 DTYPE = torch.bfloat16
@@ -99,12 +97,12 @@ def fused_pairs(w: dict, residual: torch.Tensor, acts: dict[str, torch.Tensor]) 
     linear, attn, h = ops.linear, acts["attn"], acts["h"]
     return {
         "rms_norm + qkv": (lambda: ops.norm_linear(residual, w["norm1"], EPS, w["qkv"]),
-                           lambda: linear(rms_norm(residual, w["norm1"], EPS), w["qkv"])),
+                           lambda: linear(ops.rms_norm(residual, w["norm1"], EPS), w["qkv"])),
         "o + residual add": (lambda: ops.linear_add_residual(attn, w["o"], residual),
                              lambda: add_to_residual(linear(attn, w["o"]), residual)),
         "rms_norm + gate_up + silu": (
             lambda: ops.norm_gate_up_silu(residual, w["norm2"], EPS, w["gate_up"]),
-            lambda: silu_and_mul(*linear(rms_norm(residual, w["norm2"], EPS), w["gate_up"]).chunk(2, dim=-1))),
+            lambda: ops.silu_and_mul(linear(ops.rms_norm(residual, w["norm2"], EPS), w["gate_up"]))),
         "down + residual add": (lambda: ops.linear_add_residual(h, w["down"], residual),
                                 lambda: add_to_residual(linear(h, w["down"]), residual)),
         "layer's products": (lambda: fused_layer(w, residual, attn),
@@ -122,11 +120,10 @@ def fused_layer(w: dict, residual: torch.Tensor, attn: torch.Tensor) -> torch.Te
 
 def unfused_layer(w: dict, residual: torch.Tensor, attn: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
     """The same as DecoderLayer.forward ran it: add + norm, qkv, o, add + norm, gate_up, SiLU-and-mul, down."""
-    normed, residual = add_rms_norm(prev, residual, w["norm1"], EPS)
+    normed, residual = ops.add_rms_norm(prev, residual, w["norm1"], EPS)
     ops.linear(normed, w["qkv"])
-    normed, residual = add_rms_norm(ops.linear(attn, w["o"]), residual, w["norm2"], EPS)
-    gate, up = ops.linear(normed, w["gate_up"]).chunk(2, dim=-1)
-    return ops.linear(silu_and_mul(gate, up), w["down"])
+    normed, residual = ops.add_rms_norm(ops.linear(attn, w["o"]), residual, w["norm2"], EPS)
+    return ops.linear(ops.silu_and_mul(ops.linear(normed, w["gate_up"])), w["down"])
 
 
 def measure_fusions() -> list[dict]:

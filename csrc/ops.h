@@ -39,6 +39,13 @@ torch::Tensor small_m_linear(const torch::Tensor& x, const torch::Tensor& weight
                              const std::optional<torch::Tensor>& norm_weight, double eps,
                              const std::optional<torch::Tensor>& residual, bool silu_gate);
 
+// The elementwise ops between the products (norm_act.cu), over rows [T, N] with N % 8 == 0, in 16-byte chunks.
+// rms_norm: x fp32, fp16 or bf16, out in the weight's (fp16 or bf16) dtype. add_rms_norm: residual (fp32,
+// contiguous) += x in place, then out = rms_norm(residual). silu_and_mul: gate_up [T, 2I] -> silu(gate) * up [T, I].
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps);
+torch::Tensor add_rms_norm(const torch::Tensor& x, torch::Tensor& residual, const torch::Tensor& weight, double eps);
+torch::Tensor silu_and_mul(const torch::Tensor& gate_up);
+
 // Packed variable-length attention; with block_table, k and v are the paged caches.
 torch::Tensor flash_attn_varlen(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                 const torch::Tensor& cu_seqlens_q, const torch::Tensor& cu_seqlens_k,

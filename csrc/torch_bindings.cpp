@@ -15,6 +15,9 @@ TORCH_LIBRARY(minivllm, m) {
   m.def(
       "small_m_linear(Tensor x, Tensor weight, Tensor? bias, bool fp32_out, Tensor? norm_weight=None, "
       "float eps=0.0, Tensor? residual=None, bool silu_gate=False) -> Tensor");
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("add_rms_norm(Tensor x, Tensor(a!) residual, Tensor weight, float eps) -> Tensor");
+  m.def("silu_and_mul(Tensor gate_up) -> Tensor");
   m.def(
       "flash_attn_varlen(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
       "int max_seqlen_q, int max_seqlen_k, float scale, bool causal, Tensor? block_table) -> Tensor");
@@ -36,6 +39,9 @@ TORCH_LIBRARY_IMPL(minivllm, CUDA, m) {
   m.impl("reshape_and_cache", &reshape_and_cache);
   m.impl("qk_norm_rope_cache", &qk_norm_rope_cache);
   m.impl("small_m_linear", &small_m_linear);
+  m.impl("rms_norm", &rms_norm);
+  m.impl("add_rms_norm", &add_rms_norm);
+  m.impl("silu_and_mul", &silu_and_mul);
   m.impl("flash_attn_varlen", &flash_attn_varlen);
   m.impl("naive_attention_varlen", &naive_attention_varlen);
   m.impl("paged_attention_decode", &paged_attention_decode);

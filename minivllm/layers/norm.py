@@ -1,14 +1,13 @@
 import torch
 from torch import nn
 
-from minivllm.layers.fusion import fused_on_gpu
-from minivllm.ops import reference
+from minivllm import ops
 
 
 class RMSNorm(nn.Module):
     """RMSNorm computed in fp32 as HF does; with a residual it adds first and returns the new residual, which
     stays in fp32 (HF rounds it to the model's dtype at every layer: in bf16 that rounding adds up to near-tie
-    flips of the next token)."""
+    flips of the next token). On the GPU the add happens in place, into the residual passed in."""
 
     def __init__(self, hidden_size: int, eps: float):
         super().__init__()
@@ -19,17 +18,5 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
-            return rms_norm(x, self.weight, self.eps)
-        return add_rms_norm(x, residual, self.weight, self.eps)
-
-
-def _add_rms_norm(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rms_norm(x + residual), x + residual), the sum in fp32."""
-    x = residual + x.float()
-    return reference.rms_norm(x, weight, eps), x
-
-
-rms_norm = fused_on_gpu(reference.rms_norm)
-add_rms_norm = fused_on_gpu(_add_rms_norm)
+            return ops.rms_norm(x, self.weight, self.eps)
+        return ops.add_rms_norm(x, residual, self.weight, self.eps)

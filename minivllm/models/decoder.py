@@ -12,12 +12,10 @@ from transformers import PretrainedConfig
 from minivllm import ops
 from minivllm.distributed import TensorParallel
 from minivllm.layers.attention import Attention, AttentionMetadata
-from minivllm.layers.fusion import fused_on_gpu
 from minivllm.layers.linear import ColumnParallelLinear, RowParallelLinear, Split
 from minivllm.layers.norm import RMSNorm
 from minivllm.layers.rotary import RotaryEmbedding
 from minivllm.layers.vocab_parallel import ParallelLMHead, VocabParallelEmbedding
-from minivllm.ops import reference
 
 
 def head_dim_of(config: PretrainedConfig) -> int:
@@ -84,11 +82,7 @@ class DecoderMLP(nn.Module):
         self.down_proj = RowParallelLinear(size, config.hidden_size, bias, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(silu_and_mul(gate, up))
-
-
-silu_and_mul = fused_on_gpu(reference.silu_and_mul)
+        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):

@@ -249,6 +249,54 @@ def linear_add_residual(
     return reference.linear_add_residual(x, weight, residual, bias)
 
 
+def norm_rows_fit(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the norm kernels (csrc/norm_act.cu) take x [..., N] and weight [N]: on a GPU, a half-precision weight,
+    N a multiple of 8, rows and weight in 16-byte chunks. Anything else takes the torch reference."""
+    return (
+        KERNELS_BUILT
+        and x.is_cuda
+        and x.dtype in (torch.float32, *KERNEL_DTYPES)
+        and x.shape[-1] % 8 == 0
+        and x.is_contiguous()
+        and x.data_ptr() % 16 == 0
+        and vector_fits(weight, weight.dtype)
+        and weight.dtype in KERNEL_DTYPES
+        and weight.shape == x.shape[-1:]
+    )
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of x [..., N] (half precision or the fp32 residual stream) in the weight's dtype, as reference.rms_norm
+    computes it."""
+    if norm_rows_fit(x, weight):
+        return torch.ops.minivllm.rms_norm(x.view(-1, x.shape[-1]), weight, eps).view(x.shape)
+    return reference.rms_norm(x, weight, eps)
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(residual + x), residual + x), the sum in fp32 (residual: the fp32 stream [..., N]). The kernel adds
+    x into residual in place and returns it; the reference returns a new tensor."""
+    residual_fits = residual.dtype == torch.float32 and residual.shape == x.shape and norm_rows_fit(residual, weight)
+    if residual_fits and x.dtype in KERNEL_DTYPES and norm_rows_fit(x, weight):
+        rows = residual.view(-1, x.shape[-1])
+        out = torch.ops.minivllm.add_rms_norm(x.view(-1, x.shape[-1]), rows, weight, eps)
+        return out.view(x.shape), residual
+    return reference.add_rms_norm(x, residual, weight, eps)
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up [..., I] for gate_up [..., 2I] = [gate | up] (gate_up_proj's output), SiLU rounded to the
+    dtype before the multiply as reference.silu_and_mul does in half precision."""
+    rows = gate_up.view(-1, gate_up.shape[-1]) if gate_up.is_contiguous() else None
+    if KERNELS_BUILT and gate_up.is_cuda and gate_up.dtype in KERNEL_DTYPES and rows is not None and (
+        gate_up.shape[-1] % 16 == 0 and rows_aligned(rows)
+    ):
+        return torch.ops.minivllm.silu_and_mul(rows).view(*gate_up.shape[:-1], gate_up.shape[-1] // 2)
+    return reference.silu_and_mul(*gate_up.chunk(2, dim=-1))
+
+
 def sampler_kernels_fit(logits: torch.Tensor) -> bool:
     """Whether the sampler kernels (csrc/sampler.cu) take these logits: fp32 [B, V], contiguous, on a GPU. Other
     logits (the CPU, a bf16 lm_head) take the torch reference, eagerly."""

@@ -111,11 +111,40 @@ def test_greedy_agrees_with_hf(checkpoint):
     release(llm)
 
 
+def greedy_top2(llm, batch: list[list[int]], max_tokens: int = 32) -> list[tuple[list[int], list[float]]]:
+    """Each prompt's greedy tokens and, at each step, the gap between its two most likely tokens' logprobs."""
+    from minivllm import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, logprobs=2)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in batch], params, use_tqdm=False)
+    runs = []
+    for o in outputs:
+        tops = [sorted((lp.logprob for lp in step.values()), reverse=True) for step in o.outputs[0].logprobs]
+        runs.append((o.outputs[0].token_ids, [top[0] - top[1] for top in tops]))
+    return runs
+
+
+def assert_same_but_near_ties(reference, ours, what: str, tie: float = 0.05) -> None:
+    """Greedy output equal to the reference's, but that a sequence may depart where both runs saw a near-tie
+    (top-2 logprobs within `tie`): recomputing a preempted sequence's K/V in one prefill, rather than token by
+    token, rounds its bf16 activations differently (run 4 of the seventh session: one departure in 9 sequences,
+    after 19 equal tokens, at a gap of 0.00034 in the reference and 0.028 in the preempted run). A faulty path
+    departs where the reference was decisive."""
+    for i, ((ref_tokens, ref_gaps), (tokens, gaps)) in enumerate(zip(reference, ours)):
+        assert len(tokens) == len(ref_tokens), f"{what}: sequence {i} has {len(tokens)} tokens"
+        step = next((s for s, (a, b) in enumerate(zip(ref_tokens, tokens)) if a != b), None)
+        if step is not None:
+            assert ref_gaps[step] < tie and gaps[step] < tie, (
+                f"{what}: sequence {i} departs at step {step}, where the top-2 gaps were {ref_gaps[step]:.4f} "
+                f"(reference) and {gaps[step]:.4f}: not a near-tie")
+
+
 def test_graphs_prefix_caching_and_preemption_keep_greedy_output(checkpoint):
     path, _ = checkpoint
     batch = prompts(2) + [prompts(2)[-1][:150] + [5, 6, 7]]  # a shared prefix for the cache to hit
     llm = make_llm(path, enforce_eager=True, enable_prefix_caching=False)
     reference = greedy(llm, batch)
+    reference_top2 = greedy_top2(llm, batch)
     release(llm)
 
     llm = make_llm(path)  # CUDA graphs and prefix caching on
@@ -125,7 +154,7 @@ def test_graphs_prefix_caching_and_preemption_keep_greedy_output(checkpoint):
     release(llm)
 
     llm = make_llm(path, num_kv_blocks=40, max_model_len=300)  # too small for the batch at once
-    assert greedy(llm, batch) == reference
+    assert_same_but_near_ties(reference_top2, greedy_top2(llm, batch), "preemption")
     assert llm.llm_engine.scheduler.num_preemptions > 0
     release(llm)
 
