@@ -33,10 +33,10 @@
 //    len_q are computed and never stored.
 //  - Paged k/v: a 4-D map over the cache [blocks, block_size, Hkv, D]; the producer's first warp reads the block
 //    table and loads a tile as 128 / block_size boxes (one for block_size >= 128), one per cache block, lane b
-//    issuing box b: at block 16 one thread issued 32 boxes a tile in series, and paged ran at 0.64..0.89 of
-//    packed (sixth session). Boxes wholly
-//    past len_k re-read the sequence's last block (an L2 hit), so the table is never read past its row and
-//    no box lies wholly outside the map; those rows of V are zeroed like any key past len_k.
+//    issuing box b. At block 16 one thread issuing all 32 boxes of a tile ran paged at 0.64..0.89 of packed;
+//    lane by lane, 0.85..0.98 (seventh session; one box a lane of 32 was slower again). Boxes wholly past len_k
+//    re-read the sequence's last block (an L2 hit), so the table is never read past its row and no box lies
+//    wholly outside the map; those rows of V are zeroed like any key past len_k.
 //  - Output: normalised in registers, staged through this warpgroup's rows of the Q tile (same swizzle, so
 //    the 4-byte writes are conflict-free), then 16-byte stores bounded by the sequence's rows. A TMA store
 //    would write the whole box, i.e. the next sequence's rows too.
@@ -44,8 +44,9 @@
 //    softmax of the first while the second runs on the tensor cores (intra-warpgroup); the two consumer
 //    warpgroups take turns to issue through named barriers, so one's softmax overlaps the other's products
 //    (ping-pong).
-// Not yet (the next sessions): persistent CTAs (a short sequence's CTA is mostly prologue and epilogue, and at
-// 225 KB of shared memory an SM holds one). Measured and reverted
+// Not yet (the next sessions): persistent CTAs with a dynamic tile queue (a short sequence's CTA is mostly prologue
+// and epilogue, and at 225 KB of shared memory an SM holds one; a static schedule, branch experiment/prefill-next,
+// lost 6..12% on long and mixed rows to imbalance, seventh session). Measured and reverted
 // (benchmarks/NOTES_prefill.md, sixth session): K and V on full barriers of their own, so that S waits for K
 // only; the producer warp's lanes reading a tile's block-table entries at once, before the empty wait.
 #pragma once
