@@ -34,7 +34,7 @@
 //  - Paged k/v: a 4-D map over the cache [blocks, block_size, Hkv, D]; the producer's first warp reads the block
 //    table and loads a tile as 128 / block_size boxes (one for block_size >= 128), one per cache block, lane b
 //    issuing box b. At block 16 one thread issuing all 32 boxes of a tile ran paged at 0.64..0.89 of packed;
-//    lane by lane, 0.85..0.98 (seventh session; one box a lane of 32 was slower again). Boxes wholly past len_k
+//    lane by lane, 0.82..0.98 (seventh session; one box a lane of 32 was slower again). Boxes wholly past len_k
 //    re-read the sequence's last block (an L2 hit), so the table is never read past its row and no box lies
 //    wholly outside the map; those rows of V are zeroed like any key past len_k.
 //  - Output: normalised in registers, staged through this warpgroup's rows of the Q tile (same swizzle, so
