@@ -84,7 +84,7 @@ void reshape_and_cache(const torch::Tensor& key, const torch::Tensor& value, tor
   constexpr int64_t kElemsPerChunk = 8;
   const std::initializer_list<const torch::Tensor*> vectorised = {&key, &value, &k_cache, &v_cache};
   for (const torch::Tensor* t : vectorised) {
-    TORCH_CHECK(reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0,
+    TORCH_CHECK(minivllm::aligned(*t, 16),
                 "reshape_and_cache: key, value and the caches must start at 16-byte aligned addresses");
   }
   TORCH_CHECK(key.stride(0) % kElemsPerChunk == 0 && key.stride(1) % kElemsPerChunk == 0 &&

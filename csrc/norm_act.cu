@@ -20,6 +20,7 @@
 
 namespace {
 
+using minivllm::aligned;
 using minivllm::str;
 
 constexpr int kVec = 8;  // elements a thread moves at once: 16 bytes of half, 32 of fp32
@@ -122,13 +123,11 @@ __global__ void silu_and_mul_kernel(const T* __restrict__ gate_up, int64_t strid
   store8(out + row * chunks_per_row * kVec + col, g);
 }
 
-bool aligned16(const torch::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
-
 // x [T, N]: contiguous rows of N % 8 == 0 elements, 16-byte aligned, rows a multiple of 8 elements apart.
 void check_rows(const char* op, const char* name, const torch::Tensor& t, const torch::Tensor& like) {
   TORCH_CHECK(t.is_cuda() && t.device() == like.device(), op, ": ", name, " must be a CUDA tensor on ",
               like.device().str(), ", got ", t.device().str());
-  TORCH_CHECK(t.dim() == 2 && t.size(1) % kVec == 0 && t.stride(1) == 1 && t.stride(0) % kVec == 0 && aligned16(t),
+  TORCH_CHECK(t.dim() == 2 && t.size(1) % kVec == 0 && t.stride(1) == 1 && t.stride(0) % kVec == 0 && aligned(t, 16),
               op, ": ", name, " must be [num_tokens, hidden] with hidden a multiple of 8, contiguous in its last "
               "dimension, 16-byte aligned and rows a multiple of 8 elements apart; got shape ", str(t.sizes()),
               " and strides ", str(t.strides()));
@@ -138,7 +137,7 @@ void check_weight(const char* op, const torch::Tensor& weight, const torch::Tens
   TORCH_CHECK(weight.scalar_type() == at::kHalf || weight.scalar_type() == at::kBFloat16, op, ": weight dtype ",
               weight.scalar_type(), " is not supported; use torch.float16 or torch.bfloat16");
   TORCH_CHECK(weight.is_cuda() && weight.device() == x.device() && weight.dim() == 1 &&
-                  weight.size(0) == x.size(1) && weight.is_contiguous() && aligned16(weight),
+                  weight.size(0) == x.size(1) && weight.is_contiguous() && aligned(weight, 16),
               op, ": weight must be a contiguous, 16-byte aligned [hidden] = [", str(x.size(1)),
               "] tensor on x's device, got shape ", str(weight.sizes()), " on ", weight.device().str());
 }

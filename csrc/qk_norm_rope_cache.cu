@@ -167,7 +167,7 @@ void qk_norm_rope_cache(torch::Tensor& qkv, const torch::Tensor& positions, cons
   TORCH_CHECK(head_dim == 64 || head_dim == 128, "qk_norm_rope_cache: head_dim ", str(head_dim),
               " is not supported; supported: 64, 128");
   // q, k and v are read afterwards as views of qkv by the attention kernels, which load 16-byte chunks.
-  TORCH_CHECK(qkv.stride(1) == 1 && qkv.stride(0) % 8 == 0 && reinterpret_cast<uintptr_t>(qkv.data_ptr()) % 16 == 0,
+  TORCH_CHECK(qkv.stride(1) == 1 && qkv.stride(0) % 8 == 0 && minivllm::aligned(qkv, 16),
               "qk_norm_rope_cache: qkv must be contiguous in its last dimension, 16-byte aligned, with a row stride "
               "that is a multiple of 8 elements, got strides ",
               str(qkv.strides()));

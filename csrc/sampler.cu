@@ -46,6 +46,7 @@ extern "C" __device__ float __nv_logf(float);
 
 namespace {
 
+using minivllm::aligned;
 using minivllm::str;
 
 constexpr int kThreads = 256;
@@ -369,8 +370,6 @@ int resident_ctas(Kernel kernel, int device) {
   }
   return slots;
 }
-
-bool aligned(const torch::Tensor& t, int bytes) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % bytes == 0; }
 
 void check_contiguous(const char* op, const char* name, const torch::Tensor& t) {
   TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous, got strides ", t.strides());

@@ -5,11 +5,15 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <cstdint>
 #include <string>
 
 namespace minivllm {
 // Numbers and shapes as text, for check messages built up as strings.
 inline std::string str(int64_t value) { return std::to_string(value); }
+
+// Whether t's data starts at a multiple of `bytes` (the kernels' vector loads need 16).
+inline bool aligned(const at::Tensor& t, int bytes) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % bytes == 0; }
 
 inline std::string str(c10::IntArrayRef dims) {
   std::string s = "[";
