@@ -46,12 +46,15 @@ def prompts(seed: int = 0, lengths: tuple[int, ...] = (1, 7, 16, 17, 33, 64, 100
     return [torch.randint(0, 1024, (n,), generator=g).tolist() for n in lengths]
 
 
-def greedy(llm, batch: list[list[int]], max_tokens: int = 32) -> list[list[int]]:
+def greedy_outputs(llm, batch: list[list[int]], max_tokens: int = 32, logprobs: int | None = None) -> list:
     from minivllm import SamplingParams
 
-    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-    outputs = llm.generate([{"prompt_token_ids": p} for p in batch], params, use_tqdm=False)
-    return [o.outputs[0].token_ids for o in outputs]
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, logprobs=logprobs)
+    return [o.outputs[0] for o in llm.generate([{"prompt_token_ids": p} for p in batch], params, use_tqdm=False)]
+
+
+def greedy(llm, batch: list[list[int]], max_tokens: int = 32) -> list[list[int]]:
+    return [o.token_ids for o in greedy_outputs(llm, batch, max_tokens)]
 
 
 def release(llm) -> None:
@@ -113,14 +116,10 @@ def test_greedy_agrees_with_hf(checkpoint):
 
 def greedy_top2(llm, batch: list[list[int]], max_tokens: int = 32) -> list[tuple[list[int], list[float]]]:
     """Each prompt's greedy tokens and, at each step, the gap between its two most likely tokens' logprobs."""
-    from minivllm import SamplingParams
-
-    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, logprobs=2)
-    outputs = llm.generate([{"prompt_token_ids": p} for p in batch], params, use_tqdm=False)
     runs = []
-    for o in outputs:
-        tops = [sorted((lp.logprob for lp in step.values()), reverse=True) for step in o.outputs[0].logprobs]
-        runs.append((o.outputs[0].token_ids, [top[0] - top[1] for top in tops]))
+    for out in greedy_outputs(llm, batch, max_tokens, logprobs=2):
+        tops = [sorted((lp.logprob for lp in step.values()), reverse=True) for step in out.logprobs]
+        runs.append((out.token_ids, [top[0] - top[1] for top in tops]))
     return runs
 
 
