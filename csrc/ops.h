@@ -46,11 +46,13 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, doub
 torch::Tensor add_rms_norm(const torch::Tensor& x, torch::Tensor& residual, const torch::Tensor& weight, double eps);
 torch::Tensor silu_and_mul(const torch::Tensor& gate_up);
 
-// Packed variable-length attention; with block_table, k and v are the paged caches.
+// Packed variable-length attention; with block_table, k and v are the paged caches. With out (q's shape and
+// dtype), the result is written there and out is returned.
 torch::Tensor flash_attn_varlen(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                 const torch::Tensor& cu_seqlens_q, const torch::Tensor& cu_seqlens_k,
                                 int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, bool causal,
-                                const std::optional<torch::Tensor>& block_table);
+                                const std::optional<torch::Tensor>& block_table,
+                                const std::optional<torch::Tensor>& out);
 
 // Whether flash_attn_varlen can run its sm_90a (TMA + wgmma) kernel on the current device: the build holds
 // sm_90a code and the GPU is sm_90. It then runs unless MINIVLLM_PREFILL_SM90=0.

@@ -20,7 +20,7 @@ TORCH_LIBRARY(minivllm, m) {
   m.def("silu_and_mul(Tensor gate_up) -> Tensor");
   m.def(
       "flash_attn_varlen(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
-      "int max_seqlen_q, int max_seqlen_k, float scale, bool causal, Tensor? block_table) -> Tensor");
+      "int max_seqlen_q, int max_seqlen_k, float scale, bool causal, Tensor? block_table, Tensor(a!)? out=None) -> Tensor");
   m.def("flash_prefill_sm90_available() -> bool", &flash_prefill_sm90_available);
   m.def(
       "naive_attention_varlen(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "

@@ -75,7 +75,8 @@ bool flash_prefill_sm90_available() {
 torch::Tensor flash_attn_varlen(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                 const torch::Tensor& cu_seqlens_q, const torch::Tensor& cu_seqlens_k,
                                 int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, bool causal,
-                                const std::optional<torch::Tensor>& block_table) {
+                                const std::optional<torch::Tensor>& block_table,
+                                const std::optional<torch::Tensor>& out_arg) {
   const bool paged = block_table.has_value();
   MINIVLLM_CHECK_CUDA(q);
   check_cuda(k, "k", q);
@@ -137,7 +138,18 @@ torch::Tensor flash_attn_varlen(const torch::Tensor& q, const torch::Tensor& k, 
     params.kv_block_stride = k.stride(0);
   }
 
-  torch::Tensor out = torch::empty({q.size(0), num_heads, head_dim}, q.options());
+  torch::Tensor out;
+  if (out_arg.has_value()) {  // a CUDA graph's static buffer (the prefill's piecewise graphs read it)
+    out = *out_arg;
+    check_cuda(out, "out", q);
+    TORCH_CHECK(out.scalar_type() == q.scalar_type() && out.dim() == 3 && out.size(0) == q.size(0) &&
+                    out.size(1) == num_heads && out.size(2) == head_dim,
+                "flash_attn_varlen: out must be q's dtype and shape ", str(q.sizes()), ", got ", out.scalar_type(),
+                " ", str(out.sizes()));
+    check_rows(out, "out");
+  } else {
+    out = torch::empty({q.size(0), num_heads, head_dim}, q.options());
+  }
   constexpr int64_t kBlockM = minivllm::flash::kFlashPrefillBlockM;
   const int64_t num_m_blocks = (max_seqlen_q + kBlockM - 1) / kBlockM;
   TORCH_CHECK(num_m_blocks <= 65535, "flash_attn_varlen: max_seqlen_q ", str(max_seqlen_q),

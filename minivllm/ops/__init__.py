@@ -85,8 +85,11 @@ def flash_attn_varlen(
     scale: float,
     causal: bool = True,
     block_table: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, block_table)
+    """reference.flash_attn_varlen's attention; with out (q's shape and dtype) written there, as a CUDA graph that
+    reads the result needs (rows no sequence covers are left as they were)."""
+    args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, block_table, out)
     if use_kernels(q):
         return torch.ops.minivllm.flash_attn_varlen(*args)
     return reference.flash_attn_varlen(*args)

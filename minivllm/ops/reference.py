@@ -144,14 +144,15 @@ def flash_attn_varlen(
     scale: float,
     causal: bool,
     block_table: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention over a packed batch: q [Tq, Hq, D]; sequence i owns rows cu_seqlens_q[i]:cu_seqlens_q[i+1].
 
     Without block_table, k and v are packed [Tk, Hkv, D] like q. With block_table [B, max_blocks], k and v
     are the paged caches and sequence i reads its first cu_seqlens_k[i+1] - cu_seqlens_k[i] keys from its
-    pages. max_seqlen_q and max_seqlen_k are only hints for the kernels.
+    pages. max_seqlen_q and max_seqlen_k are only hints for the kernels. out, if given, receives the result.
     """
-    out = torch.empty_like(q)
+    out = torch.empty_like(q) if out is None else out
     starts_q, starts_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     for i in range(len(starts_q) - 1):
         q0, q1 = starts_q[i], starts_q[i + 1]

@@ -243,9 +243,9 @@ def small_inputs(dtype=torch.float16, head_dim=64, num_heads=4, num_kv_heads=2, 
     return q, k, v, cu
 
 
-def call(q, k, v, cu_q, cu_k=None, block_table=None):
+def call(q, k, v, cu_q, cu_k=None, block_table=None, out=None):
     cu_k = cu_q if cu_k is None else cu_k
-    return torch.ops.minivllm.flash_attn_varlen(q, k, v, cu_q, cu_k, 22, 22, 0.125, True, block_table)
+    return torch.ops.minivllm.flash_attn_varlen(q, k, v, cu_q, cu_k, 22, 22, 0.125, True, block_table, out)
 
 
 @pytest.mark.parametrize(
@@ -311,3 +311,19 @@ def test_switch_picks_the_kernel(switch, runs, not_runs, monkeypatch):
         torch.cuda.synchronize()
     names = [event.key for event in prof.key_averages()]
     assert any(runs in name for name in names) and not any(not_runs in name for name in names), names
+
+
+def test_out_receives_the_result_and_rows_past_the_batch_stay(kernel):
+    """With out, the result lands there (out returned), equal to a call without; rows no sequence covers (a padded
+    graph step's) keep what they held. A wrong shape, dtype or layout raises."""
+    q, k, v, cu = small_inputs(dtype=torch.bfloat16)
+    cu = torch.tensor([0, 10, 24], dtype=torch.int32, device="cuda")  # rows 24..31 are padding
+    out = torch.full_like(q, 7.0)
+    returned = call(q, k, v, cu, out=out)
+    assert returned.data_ptr() == out.data_ptr()
+    assert torch.equal(out[:24], call(q, k, v, cu)[:24])
+    assert (out[24:] == 7.0).all()
+    for bad, message in [(out[:31], "out must be q's dtype and shape"), (out.half(), "out must be q's dtype"),
+                         (out.transpose(1, 2).contiguous().transpose(1, 2), "out must be contiguous")]:
+        with pytest.raises(RuntimeError, match=message):
+            call(q, k, v, cu, out=bad)
