@@ -40,10 +40,13 @@ class Attention(nn.Module):
         self.split_kv_heads = split_kv_heads
         self.k_cache = self.v_cache = torch.tensor([])  # views into the engine's KV cache, set by the runner
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """q [T, Hq, D], k and v [T, Hkv, D] -> [T, Hq, D]. This step's k and v must already be in the cache
         (ops.qk_norm_rope_cache writes them); k and v, views of one qkv buffer, share their strides as the
-        prefill kernel needs."""
+        prefill kernel needs. out (prefill only): where the result goes, see ops.flash_attn_varlen."""
         if not meta.is_prefill:
             return ops.paged_attention_decode(
                 q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens, self.scale,
@@ -53,5 +56,5 @@ class Attention(nn.Module):
             k, v = self.k_cache, self.v_cache
         return ops.flash_attn_varlen(
             q, k, v, meta.cu_seqlens_q, meta.cu_seqlens_k, meta.max_seqlen_q, meta.max_seqlen_k,
-            self.scale, causal=True, block_table=meta.block_tables,
+            self.scale, causal=True, block_table=meta.block_tables, out=out,
         )

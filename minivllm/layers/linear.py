@@ -85,8 +85,8 @@ class ColumnParallelLinear(nn.Linear):
         if bias:
             mark_sharded(self.bias, sharding)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.linear(x, self.weight, self.bias)
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        return ops.linear(x, self.weight, self.bias, out=out)
 
     def shard(self, tensor: torch.Tensor, index: int) -> torch.Tensor:
         """Piece `index` (e.g. k of qkv) of a tensor shaped like this layer's weight or bias."""

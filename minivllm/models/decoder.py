@@ -53,22 +53,27 @@ class DecoderAttention(nn.Module):
         split_kv_heads = config.num_key_value_heads if tp.invariant_splits else None
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5, split_kv_heads)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        return self.o_proj(self.attend(positions, self.qkv_proj(x), meta))
-
     def attend(self, positions: torch.Tensor, qkv: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Attention over the projected qkv [T, ...]: the heads' outputs [T, num_heads * head_dim], before o_proj."""
-        # q/k norms, rotary and the K/V cache write in one op, in place on qkv; q, k, v are then views of it
+        self.write_qkv(positions, qkv, meta)
+        return self.attention(qkv, meta)
+
+    def write_qkv(self, positions: torch.Tensor, qkv: torch.Tensor, meta: AttentionMetadata) -> None:
+        """The q/k norms, rotary and the K/V cache write in one op, in place on qkv [T, ...]: token by token."""
         norm_weights = (self.q_norm.weight, self.k_norm.weight) if self.q_norm is not None else (None, None)
         ops.qk_norm_rope_cache(
             qkv, positions, self.rotary.cos, self.rotary.sin, *norm_weights, self.norm_eps,
             self.attn.k_cache, self.attn.v_cache, meta.slot_mapping, self.num_heads, self.num_kv_heads,
         )
+
+    def attention(self, qkv: torch.Tensor, meta: AttentionMetadata, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention over qkv once write_qkv has run, q, k and v being views of it: [T, num_heads * head_dim]. out
+        [T, num_heads, head_dim] (prefill only) receives the result."""
         q, k, v = qkv.split(self.qkv_proj.output_sizes, dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        return self.attn(q, k, v, meta).flatten(1, 2)
+        return self.attn(q, k, v, meta, out).flatten(1, 2)
 
 
 class DecoderMLP(nn.Module):
@@ -95,15 +100,23 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(
-        self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, meta: AttentionMetadata
+    def project_qkv(
+        self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, meta: AttentionMetadata,
+        qkv_out: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer up to attention: (qkv with its K/V in the cache, the residual stream). The input norm adds x
+        into residual (layer 0: residual None, x starts it); qkv_out, if given, receives the qkv product."""
         if residual is None:
             x, residual = self.input_layernorm(x), x.float()
         else:
             x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(positions, x, meta)
-        x, residual = self.post_attention_layernorm(x, residual)
+        qkv = self.self_attn.qkv_proj(x, out=qkv_out)
+        self.self_attn.write_qkv(positions, qkv, meta)
+        return qkv, residual
+
+    def finish(self, attn_out: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer after attention: o_proj, the post-attention norm (adding into residual), the MLP."""
+        x, residual = self.post_attention_layernorm(self.self_attn.o_proj(attn_out), residual)
         return self.mlp(x), residual
 
     def fused_forward(self, positions: torch.Tensor, residual: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -140,16 +153,32 @@ class DecoderModel(nn.Module):
         self.tp = tp
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        x, residual = self.embed_tokens(input_ids), None
-        if self.runs_fused(x):
-            residual = x.float()
+        if self.runs_fused(input_ids):
+            residual = self.embed_tokens(input_ids).float()
             for layer in self.layers:
                 residual = layer.fused_forward(positions, residual, meta)
             return self.norm(residual)
-        for layer in self.layers:
-            x, residual = layer(positions, x, residual, meta)
-        x, _ = self.norm(x, residual)
-        return x
+        out, residual = self.piece(0, positions, meta, input_ids)
+        for i, layer in enumerate(self.layers):  # out: layer i's qkv; after the last piece, the hidden states
+            out, residual = self.piece(i + 1, positions, meta, layer.self_attn.attention(out, meta), residual)
+        return out
+
+    def piece(
+        self, index: int, positions: torch.Tensor, meta: AttentionMetadata, x: torch.Tensor,
+        residual: torch.Tensor | None = None, qkv_out: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The work between attention index - 1 and attention index, where every token's row is computed on its
+        own: a CUDA graph of it serves any step of up to its token count (engine/prefill_graphs.py). Piece 0
+        embeds the token ids x; a later piece finishes the layer before from its attention output x and the
+        residual. Each piece but the last ends in layer index's project_qkv (qkv, residual); the last in the
+        final norm's hidden states (and None)."""
+        if index == 0:
+            x = self.embed_tokens(x)
+        else:
+            x, residual = self.layers[index - 1].finish(x, residual)
+        if index == len(self.layers):
+            return self.norm(x, residual)[0], None
+        return self.layers[index].project_qkv(positions, x, residual, meta, qkv_out)
 
     def runs_fused(self, x: torch.Tensor) -> bool:
         """Whether this step's layers run fused_forward: a step of at most SMALL_M_MAX_ROWS tokens (batch-1 decode

@@ -145,14 +145,18 @@ def paged_attention_decode(
 
 
 def linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, fp32_out: bool = False
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, fp32_out: bool = False,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x [..., K] @ weight[N, K]^T (+ bias), in x's dtype, or in fp32 when fp32_out (logits, tp_invariant sums).
 
     A decode step's 1..SMALL_M_MAX_ROWS rows run our small-M kernel where it beats cuBLAS (up to
     SMALL_M_MAX_OUTPUTS outputs); larger batches and wider products stay with cuBLAS, and the CPU with torch.
+    out (contiguous [rows, N] in x's dtype; not with fp32_out): written in place, the same product as without.
     """
     rows = x.reshape(-1, x.shape[-1])
+    if out is not None:
+        return linear_into(rows, weight, bias, out).view(*x.shape[:-1], weight.shape[0])
     if small_m_kernel_fits(rows, weight, bias):
         out = torch.ops.minivllm.small_m_linear(rows, weight, bias, fp32_out)
         return out.view(*x.shape[:-1], weight.shape[0])
@@ -163,6 +167,16 @@ def linear(
         return out.view(*x.shape[:-1], weight.shape[0])
     out = F.linear(x, weight, bias)
     return out.float() if fp32_out else out
+
+
+def linear_into(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+    """linear()'s product of rows [M, K] written into out [M, N]: the small-M kernel's result copied there, else
+    cuBLAS's mm (addmm with a bias) into it, the call F.linear makes."""
+    if small_m_kernel_fits(rows, weight, bias):
+        return out.copy_(torch.ops.minivllm.small_m_linear(rows, weight, bias, False))
+    if bias is None:
+        return torch.mm(rows, weight.t(), out=out)
+    return torch.addmm(bias, rows, weight.t(), out=out)
 
 
 def small_m_kernel_fits(
