@@ -212,13 +212,13 @@ def test_rank_zero_leaves_the_group_in_an_order_nccl_can_finish(monkeypatch, wor
     monkeypatch.setattr(tp_workers, "leave_tensor_parallel", lambda alone=False: events.append(f"leave {alone}"))
     processes = [RecordedProcess(events), RecordedProcess(events)]
     processes[1].alive = workers_alive_at_stop
-    graphs = {8: RecordedGraph(events), 16: RecordedGraph(events)}
+    graphs = [RecordedGraph(events), RecordedGraph(events)]
     tp_workers.stop_workers(processes, object(), graphs)
     if workers_alive_at_stop:
         assert events == ["graph reset", "graph reset", "send [None]", "leave False", "join", "join", "leave True"]
     else:
         assert events == ["graph reset", "graph reset", "join", "join", "leave True"]
-    assert graphs == {}
+    assert graphs == []
 
 
 # ----- a failing rank ----------------------------------------------------------------------------------------

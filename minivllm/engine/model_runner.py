@@ -1,5 +1,6 @@
-"""Runs the model, one StepMessage at a time: stages its inputs, runs the forward (eager, or a CUDA graph
-replay for decode) and samples. Also owns the KV cache and measures how much of it fits.
+"""Runs the model, one StepMessage at a time: stages its inputs, runs the forward (eager, or CUDA graph replays:
+a whole decode step, a prefill's pieces between its attentions) and samples. Also owns the KV cache and measures
+how much of it fits.
 
 The runner knows nothing of requests or of the other ranks beyond its shard of the model: the layer above
 (the engine, or the tensor-parallel worker loop) sizes the cache across ranks and hands it every step.
@@ -15,6 +16,7 @@ import torch
 from minivllm import ops
 from minivllm.config import EngineConfig
 from minivllm.distributed import TensorParallel
+from minivllm.engine.prefill_graphs import PrefillGraphs
 from minivllm.engine.step_inputs import StepInputs
 from minivllm.engine.step_message import StepMessage
 from minivllm.layers.attention import Attention, AttentionMetadata
@@ -40,7 +42,9 @@ class ModelRunner:
         self.sampling_generator = torch.Generator(self.device).manual_seed(config.args.seed)
         self.penalty_counts = PenaltyCounts(config.source.config.vocab_size, config.args.max_num_seqs, self.device)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}  # decode, by padded batch size
+        self.prefill_graphs: PrefillGraphs | None = None
+        self.captured_graphs: list[torch.cuda.CUDAGraph] = []  # all of them, for release_graphs
         self.graph_capture_seconds = 0.0
         self.num_kv_blocks = 0
         self.previous_tokens: torch.Tensor | None = None  # what the last step sampled, which the next may read
@@ -81,7 +85,11 @@ class ModelRunner:
         self.inputs = StepInputs(max(args.max_num_batched_tokens, max_rows), max_rows, max_blocks, self.block_size,
                                  self.device)
         if self.device.type == "cuda" and not args.enforce_eager and ops.use_kernels(self.kv_cache):
-            self.capture_decode_graphs()
+            pool = self.capture_decode_graphs()
+            self.prefill_graphs = PrefillGraphs(self.model, args.max_num_batched_tokens)
+            self.prefill_graphs.capture(self.inputs, pool)
+            self.captured_graphs += self.prefill_graphs.all_graphs
+            self.graph_capture_seconds += self.prefill_graphs.capture_seconds
         if self.device.type == "cuda":
             self.warm_up_sampler()
 
@@ -115,14 +123,16 @@ class ModelRunner:
     def execute(self, step: StepMessage) -> "LaunchedStep":
         """Start the step on the device, without waiting for it: the next token of each sampling row."""
         graph_size = None if step.is_prefill else next((s for s in sorted(self.graphs) if s >= step.num_rows), None)
+        bucket = self.prefill_graphs.bucket(step.num_tokens) if step.is_prefill and self.prefill_graphs else None
         staged = self.inputs.stage(step, graph_size or step.num_rows, self.previous_tokens, self.sampling_generator,
-                                   self.penalty_counts, for_graph=graph_size is not None)
+                                   self.penalty_counts, for_graph=graph_size is not None, graph_tokens=bucket)
         prompt_logprobs = None
         if graph_size is not None:
             self.graphs[graph_size].replay()
             hidden = self.graph_hidden[: step.num_rows]
-        else:
-            hidden = self.model(staged.input_ids, staged.positions, staged.meta)
+        else:  # a prefill's pieces replay where a bucket holds it (rows past its tokens are padding)
+            hidden = (self.prefill_graphs.run(bucket, staged.meta) if bucket is not None
+                      else self.model(staged.input_ids, staged.positions, staged.meta))
             prompt_logprobs = self.prompt_logprobs(step, hidden) if step.prompt_logprobs else None
             if not step.sampling_rows:  # prompt chunks that do not reach their prompt's end
                 self.previous_tokens = None
@@ -193,8 +203,9 @@ class ModelRunner:
         return [s for s in (1, 2, 4, 8) if s < largest] + list(range(16, largest, 16)) + [largest]
 
     @torch.inference_mode()
-    def capture_decode_graphs(self) -> None:
-        """One graph per batch-size bucket, largest first, all in one memory pool; inputs padded at replay."""
+    def capture_decode_graphs(self) -> tuple:
+        """One graph per batch-size bucket, largest first, all in one memory pool (returned, for the prefill's
+        graphs); inputs padded at replay."""
         start = time.perf_counter()
         sizes = self.graph_batch_sizes()
         largest = sizes[-1]
@@ -209,14 +220,16 @@ class ModelRunner:
             pool = graph.pool()
             self.graphs[size] = graph
             torch.cuda.synchronize()
+        self.captured_graphs += self.graphs.values()
         self.graph_hidden = hidden
         self.graph_capture_seconds = time.perf_counter() - start
+        return pool
 
 
-def release_graphs(graphs: dict[int, torch.cuda.CUDAGraph]) -> None:
+def release_graphs(graphs: list[torch.cuda.CUDAGraph]) -> None:
     """Destroy captured graphs. NCCL cannot destroy (or abort) a communicator while a graph that captured one
     of its collectives lives, so tensor parallelism calls this on every rank before leaving its group."""
-    for graph in graphs.values():
+    for graph in graphs:
         graph.reset()
     graphs.clear()
 

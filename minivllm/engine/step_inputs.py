@@ -135,13 +135,23 @@ class StepInputs:
         staged = self.stage(StepMessage(False, [], [], [], [], [], []), rows, None, None, for_graph=True)
         return staged.input_ids, staged.positions, staged.meta
 
+    def prefill_views(self, tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(input ids, positions, slot mapping) of a prefill step padded to `tokens`, as a prefill graph of that
+        size reads them (their addresses depend only on it); all padding now: token 0 at position 0, no slot."""
+        layout = step_layout(True, tokens, 0, 0, 0, 0, [])
+        mirror, host = self.inputs.host(layout)
+        host["input_ids"][:] = host["positions"][:] = 0
+        host["slot_mapping"][:] = -1
+        device = self.inputs.send(layout, mirror)
+        return device["input_ids"], device["positions"], device["slot_mapping"]
+
     def stage(self, step: StepMessage, rows: int, previous_tokens: torch.Tensor | None,
               generator: torch.Generator | None, penalty_counts: PenaltyCounts | None = None,
-              for_graph: bool = False) -> StagedStep:
-        """Lay the step out in the next host mirror (decode padded to `rows`), copy it to the device, and put in
-        the tokens still on the GPU from previous_tokens, the tokens the step before sampled. A graph's block
-        tables are as wide as the longest sequence can need; elsewhere as the batch's widest (the CPU's
-        reference attention reads every entry)."""
+              for_graph: bool = False, graph_tokens: int | None = None) -> StagedStep:
+        """Lay the step out in the next host mirror (decode padded to `rows`, a prefill to graph_tokens if given),
+        copy it to the device, and put in the tokens still on the GPU from previous_tokens, the tokens the step
+        before sampled. A decode graph's block tables are as wide as the longest sequence can need; elsewhere as
+        the batch's widest (the CPU's reference attention reads every entry)."""
         n, prefill = step.num_rows, step.is_prefill
         lengths = np.asarray(step.num_new_tokens, dtype=np.int64)
         starts = np.asarray(step.start_positions, dtype=np.int64)
@@ -149,8 +159,8 @@ class StepInputs:
         paged = not prefill or bool(starts.any())  # prefill reads keys from the pages once some are cached
         width = (self.max_blocks if for_graph else max(map(len, step.block_tables))) if paged else 0
         columns = step.sampling.used_columns() if step.sampling is not None else {}
-        layout = step_layout(prefill, step.num_tokens if prefill else rows, rows, width, len(step.sampling_rows),
-                             len(step.pending), list(columns))
+        layout = step_layout(prefill, (graph_tokens or step.num_tokens) if prefill else rows, rows, width,
+                             len(step.sampling_rows), len(step.pending), list(columns))
         mirror, host = self.inputs.host(layout)
         tables = host["block_tables"].reshape(rows, width) if paged else np.zeros((n, max(map(len, step.block_tables))),
                                                                                   dtype=np.int32)
@@ -160,18 +170,19 @@ class StepInputs:
         np.cumsum(lengths, out=cu_q[1:])
         row_of = np.repeat(np.arange(n), lengths)
         positions = np.arange(step.num_tokens) - cu_q[row_of] + starts[row_of]
-        host["input_ids"][: step.num_tokens] = step.token_ids
-        host["positions"][: step.num_tokens] = positions
+        t = step.num_tokens
+        host["input_ids"][:t] = step.token_ids
+        host["positions"][:t] = positions
         bs = self.block_size
-        host["slot_mapping"][: step.num_tokens] = tables[row_of, positions // bs] * bs + positions % bs
+        host["slot_mapping"][:t] = tables[row_of, positions // bs] * bs + positions % bs
+        host["input_ids"][t:] = host["positions"][t:] = 0  # padding tokens (graphs): nothing to write or read
+        host["slot_mapping"][t:] = -1
         if prefill:
             host["cu_seqlens_q"][:] = cu_q
             host["cu_seqlens_k"][0] = 0
             np.cumsum(ends, out=host["cu_seqlens_k"][1:])
             host["sample_rows"][:] = cu_q[1:][step.sampling_rows] - 1
-        else:  # padding rows: nothing to write, nothing to attend to
-            host["input_ids"][n:] = host["positions"][n:] = 0
-            host["slot_mapping"][n:] = -1
+        else:  # padding rows: nothing to attend to
             host["context_lens"][:n] = ends
             host["context_lens"][n:] = 0
             host["total_context_len"][0] = ends.sum()

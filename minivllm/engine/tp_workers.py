@@ -86,7 +86,7 @@ def run_worker(rank: int, config: EngineConfig, port: int, num_threads: int, rep
         runner.init_kv_cache(control.min(runner.available_kv_blocks()))  # one block table serves every rank
         while (step := control.broadcast()) is not None:
             runner.execute(step)
-        release_graphs(runner.graphs)
+        release_graphs(runner.captured_graphs)
     except BaseException as error:
         reports.put(("failed", rank, f"{type(error).__name__}: {error}\n\n{traceback.format_exc()}"))
         raise SystemExit(1) from None  # not leave_tensor_parallel(): it could wait on the broken group
@@ -138,7 +138,7 @@ class WorkerGroup:
         for process in self.processes:
             process.start()
         self.stopped: str | None = None  # why the group can no longer run, once it cannot
-        self._finalizer = weakref.finalize(self, stop_workers, self.processes, None, {})
+        self._finalizer = weakref.finalize(self, stop_workers, self.processes, None, [])
 
     def start(self) -> None:
         """Join the group once every worker is up, build rank 0's runner and agree on the KV cache's size."""
@@ -148,7 +148,8 @@ class WorkerGroup:
         # stopping now tells the workers first, over the control group, after destroying rank 0's decode graphs
         # (see release_graphs)
         self._finalizer.detach()
-        self._finalizer = weakref.finalize(self, stop_workers, self.processes, self.control.group, self.runner.graphs)
+        self._finalizer = weakref.finalize(self, stop_workers, self.processes, self.control.group,
+                                          self.runner.captured_graphs)
         self.reached("weights loaded")
         num_blocks = self.guarded(self.control.min, self.runner.available_kv_blocks())
         self.guarded(self.runner.init_kv_cache, self.config.check_kv_capacity(num_blocks))
@@ -229,7 +230,7 @@ class WorkerGroup:
 
 
 def stop_workers(
-    processes: list[mp.Process], control: dist.ProcessGroup | None, graphs: dict[int, torch.cuda.CUDAGraph]
+    processes: list[mp.Process], control: dist.ProcessGroup | None, graphs: list[torch.cuda.CUDAGraph]
 ) -> None:
     """Tell the workers to stop (over the control group, when all are alive to hear it), then make sure. Rank 0's
     graphs go first: while they live, leaving the NCCL group would wait for ever."""

@@ -158,6 +158,39 @@ def test_graphs_prefix_caching_and_preemption_keep_greedy_output(checkpoint):
     release(llm)
 
 
+def test_prefill_graphs_give_the_eager_prefill(checkpoint):
+    """A prefill step through the captured pieces (engine/prefill_graphs.py) against the same step run eagerly from
+    the same cache: bit for bit where the step fills its bucket (the same kernels on the same shapes); within bf16
+    rounding where it is padded (cuBLAS may choose other kernels for another row count), the padding writing no
+    cache slot. The padded step is a chunk after a cached one (the paged path) with a fresh prompt."""
+    from tests.test_prefill_graphs import (
+        BLOCK,
+        bucketed_against_eager,
+        chunked_steps,
+        prefill,
+        step_slots,
+        written_slots,
+    )
+
+    path, _ = checkpoint
+    llm = make_llm(path, block_size=BLOCK, enable_prefix_caching=False)
+    runner = llm.llm_engine.runner
+    graphs = runner.prefill_graphs
+    assert graphs is not None and 64 in graphs.graphs, "no prefill graph of 64 tokens was captured"
+    full = prefill([(prompts(4, (64,))[0], 0, [10, 11, 12, 13])])
+    (ours, ours_cache), (eager, eager_cache), _ = bucketed_against_eager(runner, graphs.run, full, 64)
+    assert torch.equal(ours, eager) and torch.equal(ours_cache, eager_cache)
+    first, second = chunked_steps()  # 16 tokens, then 44 in bucket 64
+    staged = runner.inputs.stage(first, 1, None, None)
+    with torch.inference_mode():
+        runner.model(staged.input_ids, staged.positions, staged.meta)
+    (ours, ours_cache), (eager, eager_cache), before = bucketed_against_eager(runner, graphs.run, second, 64)
+    torch.testing.assert_close(ours, eager, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(ours_cache, eager_cache, rtol=2e-2, atol=2e-2)
+    assert written_slots(before, ours_cache) == step_slots(second)
+    release(llm)
+
+
 def test_sampling_extras_compile_nothing_after_start_up(checkpoint):
     """The sampler's fused kernels are compiled at start-up: a run with a temperature, penalties on some rows and
     logprobs, over many batch sizes, compiles no graph of its own (a compile mid-run stalls every request for
