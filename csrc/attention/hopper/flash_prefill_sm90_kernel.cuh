@@ -47,8 +47,10 @@
 // Not yet (the next sessions): persistent CTAs with a dynamic tile queue (a short sequence's CTA is mostly prologue
 // and epilogue, and at 225 KB of shared memory an SM holds one; a static schedule, branch experiment/prefill-next,
 // lost 6..25% on long and mixed rows to imbalance, seventh session). Measured and reverted
-// (benchmarks/NOTES_prefill.md, sixth session): K and V on full barriers of their own, so that S waits for K
-// only; the producer warp's lanes reading a tile's block-table entries at once, before the empty wait.
+// (benchmarks/NOTES_prefill.md, sixth and ninth sessions): K and V on full barriers of their own, so that S waits
+// for K only; the producer warp's lanes reading a tile's block-table entries at once, before the empty wait;
+// paged tiles of small blocks gathered by the whole producer warpgroup with cp.async instead of TMA boxes (slower
+// than the boxes on almost every row, with the proxy fence in the consumers, in the producer, or none).
 #pragma once
 
 #include <cmath>
