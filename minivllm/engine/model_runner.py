@@ -46,7 +46,7 @@ class ModelRunner:
         self.prefill_graphs: PrefillGraphs | None = None
         self.captured_graphs: list[torch.cuda.CUDAGraph] = []  # all of them, for release_graphs
         self.graph_capture_seconds = 0.0
-        self.graph_memory_bytes = 0  # what the caching allocator reserved for the graphs (pool and buffers)
+        self.graph_memory_bytes = 0  # the graphs' memory pool and static buffers
         self.num_kv_blocks = 0
         self.previous_tokens: torch.Tensor | None = None  # what the last step sampled, which the next may read
 
@@ -86,13 +86,13 @@ class ModelRunner:
         self.inputs = StepInputs(max(args.max_num_batched_tokens, max_rows), max_rows, max_blocks, self.block_size,
                                  self.device)
         if self.device.type == "cuda" and not args.enforce_eager and ops.use_kernels(self.kv_cache):
-            reserved = torch.cuda.memory_reserved(self.device)
             pool = self.capture_decode_graphs()
             self.prefill_graphs = PrefillGraphs(self.model, args.max_num_batched_tokens)
             self.prefill_graphs.capture(self.inputs, pool)
             self.captured_graphs += self.prefill_graphs.all_graphs
             self.graph_capture_seconds += self.prefill_graphs.capture_seconds
-            self.graph_memory_bytes = torch.cuda.memory_reserved(self.device) - reserved
+            buffers = (self.graph_hidden, self.prefill_graphs.qkv, self.prefill_graphs.attn_out)
+            self.graph_memory_bytes = pool_bytes(pool) + sum(t.nbytes for t in buffers)
         if self.device.type == "cuda":
             self.warm_up_sampler()
 
@@ -227,6 +227,11 @@ class ModelRunner:
         self.graph_hidden = hidden
         self.graph_capture_seconds = time.perf_counter() - start
         return pool
+
+
+def pool_bytes(pool: tuple) -> int:
+    """Bytes of the caching allocator's segments in graph memory pool `pool` (what its graphs keep reserved)."""
+    return sum(s["total_size"] for s in torch.cuda.memory_snapshot() if tuple(s["segment_pool_id"]) == tuple(pool))
 
 
 def release_graphs(graphs: list[torch.cuda.CUDAGraph]) -> None:
