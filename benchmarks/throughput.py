@@ -92,7 +92,7 @@ def main() -> None:
     rows = [row]
     print(f"GPU {gpu_name()}, copy bandwidth {bandwidth:.0f} GB/s, KV blocks {runner.num_kv_blocks} "
           f"(block {runner.block_size}), startup {startup:.1f} s, graph capture {runner.graph_capture_seconds:.1f} s "
-          f"({len(runner.captured_graphs)} graphs, {runner.graph_memory_bytes / 2**20:.0f} MiB reserved)")
+          f"({len(runner.captured_graphs)} graphs, {runner.graph_memory_bytes / 2**20:.0f} MiB held)")
     if args.compare_hf:
         rows += compare_hf(llm, prompts, params)
     print_table(rows, "throughput (nano-vllm workload)")

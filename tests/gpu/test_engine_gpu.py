@@ -170,7 +170,7 @@ def test_prefill_graphs_give_the_eager_prefill(checkpoint):
     runner = llm.llm_engine.runner
     graphs = runner.prefill_graphs
     assert graphs is not None and 64 in graphs.graphs, "no prefill graph of 64 tokens was captured"
-    assert 0 < runner.graph_memory_bytes < 2**30, f"the graphs reserved {runner.graph_memory_bytes} bytes"
+    assert 0 < runner.graph_memory_bytes < 2**30, f"the graphs hold {runner.graph_memory_bytes} bytes"
     full = prefill([(prompts(4, (64,))[0], 0, [10, 11, 12, 13])])
     (ours, ours_cache), (eager, eager_cache), _ = bucketed_against_eager(runner, graphs.run, full, 64)
     assert torch.equal(ours, eager) and torch.equal(ours_cache, eager_cache)
