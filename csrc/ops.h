@@ -35,7 +35,7 @@ void qk_norm_rope_cache(torch::Tensor& qkv, const torch::Tensor& positions, cons
 // norm_weight [K]: x is rms_norm(x, norm_weight, eps) first (x may then be fp32); residual [M, N] fp32 (needs
 // fp32_out): out = product + residual; silu_gate: weight = [gate; up] [2I, K], out [M, I] = silu(gate) * up.
 // schedule: "stream", "resident" (sm_90: each CTA's weight rows in shared memory before the PDL wait; refused
-// where they do not fit) or "auto" (resident where it fits).
+// where they do not fit) or "auto" (resident where it fits and MINIVLLM_SMALL_M_RESIDENT=1, else stream).
 torch::Tensor small_m_linear(const torch::Tensor& x, const torch::Tensor& weight,
                              const std::optional<torch::Tensor>& bias, bool fp32_out,
                              const std::optional<torch::Tensor>& norm_weight, double eps,

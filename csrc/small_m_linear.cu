@@ -646,17 +646,18 @@ void check_residual(const torch::Tensor& residual, const torch::Tensor& x, int64
 }
 
 // Whether "auto" may pick the resident schedule: sm_90 or later (bulk copies; the PDL wait it is built around),
-// unless MINIVLLM_SMALL_M_RESIDENT=0 (for A/B runs; read once).
+// and MINIVLLM_SMALL_M_RESIDENT=1 (read once). Opt-in until a device run has measured it against the streaming
+// schedule (benchmarks/NOTES_decode.md, scripts/gpu_small_batch.sh).
 bool resident_allowed(const torch::Tensor& x) {
   static const bool allowed = [] {
     const char* text = std::getenv("MINIVLLM_SMALL_M_RESIDENT");
-    return text == nullptr || std::strcmp(text, "0") != 0;
+    return text != nullptr && std::strcmp(text, "1") == 0;
   }();
   return allowed && at::cuda::getDeviceProperties(x.get_device())->major >= 9;
 }
 
 // The schedule's layout: "stream" (fits false), "resident" (refused where it does not apply), or "auto" (resident
-// where it fits and resident_allowed).
+// where it fits and resident_allowed, else stream).
 ResidentLayout choose_schedule(c10::string_view schedule, const torch::Tensor& x, int64_t out_cols, bool silu) {
   const bool resident = schedule == "resident", automatic = schedule == "auto";
   TORCH_CHECK(resident || automatic || schedule == "stream", "small_m_linear: schedule must be 'auto', 'stream' or "

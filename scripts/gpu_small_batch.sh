@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The small-batch decode path on one GPU machine (issue 17): build; the small-M linear GPU tests; batch-1 latency
-# with the small-M products' resident schedule against the streaming one (MINIVLLM_SMALL_M_RESIDENT=0), the two
+# with the small-M products' resident schedule (MINIVLLM_SMALL_M_RESIDENT=1) against the streaming one, the two
 # interleaved twice in the same run; benchmarks.small_m_linear; step_profile at batch 1 and 8 (context 1k), where
 # each kernel's share is what a faster step has to cut. Logs and JSON go to OUT_DIR.
 #   scripts/gpu_small_batch.sh OUT_DIR
@@ -11,7 +11,9 @@ cd "$(dirname "$0")/.."
 log="$out/small_batch.log"
 . scripts/gpu_env.sh
 build_in_place
-timeout 200 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_small_m_linear.py 2>&1 | tail -15 | tee -a "$log"
+# with the resident schedule switched on, so that "auto" (the engine's decode among the tests) takes it too
+MINIVLLM_SMALL_M_RESIDENT=1 timeout 200 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_small_m_linear.py 2>&1 \
+  | tail -15 | tee -a "$log"
 stamp "GPU tests"
 for pass in 1 2; do
   for resident in 1 0; do
