@@ -3,9 +3,7 @@ with fp32 output for the lm_head) on Qwen3-0.6B's shapes, bf16, and the GPU's ow
 the same run. A decode step reads every weight once, so GB/s counts the weight bytes read per call.
 
 Both are timed as CUDA-graph replays of back-to-back calls, each on its own copy of the weights, so that the
-copies together exceed the L2 (as a step's 1.2 GB of weights do) and no call reads its weights from L2. Ours is
-the schedule "auto" picks (on sm_90, "resident" where a CTA's weight rows fit shared memory); "stream us" times
-the streaming schedule beside it.
+copies together exceed the L2 (as a step's 1.2 GB of weights do) and no call reads its weights from L2.
 
 Then the fused products (issue 17) against the unfused kernels they replace, as the decoder ran them before: the
 RMSNorm (torch.compile'd) and our product for qkv; the product and the residual add (compiled) for o and down;
@@ -37,8 +35,7 @@ SHAPES = [
 ]
 ROWS = [m for m in (1, 2, 4, 8, 16) if m <= SMALL_M_MAX_ROWS]
 TORCH_ONLY_ROWS = [32, 64, 128, 256]  # batches the engine leaves to cuBLAS: what they cost a step
-COLUMNS = ["layer", "N x K", "M", "us", "GB/s", "of copy", "stream us", "torch us", "torch GB/s", "torch of copy",
-           "x torch"]
+COLUMNS = ["layer", "N x K", "M", "us", "GB/s", "of copy", "torch us", "torch GB/s", "torch of copy", "x torch"]
 STEP_COLUMNS = ["M", "us", "torch us", "saved us", "x torch"]
 HIDDEN, QKV, INTERMEDIATE, EPS = 1024, 4096, 3072, 1e-6  # Qwen3-0.6B
 FUSED_ROWS = [1, 8]
@@ -60,11 +57,8 @@ def measure(name: str, n: int, k: int, fp32_out: bool, m: int, weights: list[tor
     if m > SMALL_M_MAX_ROWS:
         return row
     ours_ms = graph_time_ms([lambda w=w: torch.ops.minivllm.small_m_linear(x, w, None, fp32_out) for w in weights])
-    stream_ms = graph_time_ms([lambda w=w: torch.ops.minivllm.small_m_linear(x, w, None, fp32_out, schedule="stream")
-                               for w in weights])
     gbs = weight_bytes / (ours_ms * 1e-3) / 1e9
-    return row | {"us": ours_ms * 1e3, "GB/s": gbs, "of copy": gbs / copy_gbs, "x torch": torch_ms / ours_ms,
-                  "stream us": stream_ms * 1e3}
+    return row | {"us": ours_ms * 1e3, "GB/s": gbs, "of copy": gbs / copy_gbs, "x torch": torch_ms / ours_ms}
 
 
 def per_step(rows: list[dict]) -> list[dict]:

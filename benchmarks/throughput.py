@@ -137,7 +137,7 @@ def breakdown_rows(windows: list[Window], bin_steps: int) -> list[dict]:
         wall_ms = sum(w.wall_ms for w in group) / steps
         gpu_ms = dict.fromkeys(KERNEL_KINDS, 0.0)
         for window in group:
-            for kind, us in time_by_kind(window.kernels_us).items():
+            for kind, us in time_by_kind(window.kernels.us).items():
                 gpu_ms[kind] += us / 1e3 / steps
         batches = [w.batch for w in group]
         rows.append({

@@ -34,15 +34,10 @@ void qk_norm_rope_cache(torch::Tensor& qkv, const torch::Tensor& positions, cons
 // accumulation, out in the weight's dtype or, with fp32_out, in fp32. Fusions (see small_m_linear.cu):
 // norm_weight [K]: x is rms_norm(x, norm_weight, eps) first (x may then be fp32); residual [M, N] fp32 (needs
 // fp32_out): out = product + residual; silu_gate: weight = [gate; up] [2I, K], out [M, I] = silu(gate) * up.
-// schedule: "stream", "resident" (sm_90: each CTA's weight rows in shared memory before the PDL wait; refused
-// where they do not fit) or "auto" (resident where it fits and MINIVLLM_SMALL_M_RESIDENT=1, else stream).
 torch::Tensor small_m_linear(const torch::Tensor& x, const torch::Tensor& weight,
                              const std::optional<torch::Tensor>& bias, bool fp32_out,
                              const std::optional<torch::Tensor>& norm_weight, double eps,
-                             const std::optional<torch::Tensor>& residual, bool silu_gate,
-                             c10::string_view schedule);
-// Whether schedule="resident" takes out_cols outputs at x's K on x's device (sm_90, shared memory).
-bool small_m_resident_fits(const torch::Tensor& x, int64_t out_cols, bool silu_gate);
+                             const std::optional<torch::Tensor>& residual, bool silu_gate);
 
 // The elementwise ops between the products (norm_act.cu), over rows [T, N] with N % 8 == 0, in 16-byte chunks.
 // rms_norm: x fp32, fp16 or bf16, out in the weight's (fp16 or bf16) dtype. add_rms_norm: residual (fp32,

@@ -33,14 +33,11 @@
 #include <ATen/cuda/CUDAContext.h>
 
 #include <cmath>
-#include <cstdlib>
-#include <cstring>
 #include <type_traits>
 
 #include "common/checks.h"
 #include "common/pdl.cuh"
 #include "common/ptx.cuh"
-#include "common/ptx_sm90.cuh"
 #include "ops.h"
 
 namespace {
@@ -307,238 +304,7 @@ __global__ void __launch_bounds__(kThreads, 2) small_m_linear_kernel(const Param
   p.out[int64_t(out_m) * out_cols + out_col] = from_float<OutT>(out);
 }
 
-// ---- The resident schedule (sm_90): a CTA's whole weight slice in shared memory before the PDL wait ----
-// The streaming kernel above has only kUnroll chunks a lane in flight at its wait, and two of its CTAs fill an
-// SM's registers, so the next kernel's CTAs rarely start before it drains: a chain of products pays each one's
-// weight stream after the one before it ends. Here one wave of CTAs each own `cols` consecutive outputs (their
-// weight rows: at most 64, a few tens of KB, and few registers). Warp 0 copies the rows into shared memory with
-// bulk copies (the TMA unit: no registers) at launch, before the wait, so a product's weights stream while the
-// kernel before it finishes. After the wait the CTA reads x through L1 and runs the streaming kernel's mma
-// fragments and epilogues over the rows it holds.
-
-constexpr int kResidentMaxTiles = 8;             // 8-row B tiles a CTA holds: 64 weight rows
-constexpr int kResidentSmemBudget = 110 * 1024;  // a CTA of each of two consecutive products fits an SM (227 KB)
-constexpr int kResidentRowPad = 64;              // bytes after a row: rows g and g + 1 on other banks
-constexpr int kResidentRowsOffset = 1024;        // the mbarrier and the norm's sums come first
-
-// A product's resident grid: `cols` outputs a CTA, as few as fill one wave, in 8-row tiles (the SiLU gate's
-// cols gate rows, then cols up rows).
-struct ResidentLayout {
-  int cols = 0, rows = 0, row_pitch = 0, blocks = 0, smem_bytes = 0;
-  bool fits = false;
-};
-
-inline ResidentLayout resident_layout(int64_t out_cols, int64_t k, bool silu, int sms) {
-  ResidentLayout l;
-  const int64_t granule = silu ? kRows / 2 : kRows;
-  const int64_t cols = ((out_cols + sms - 1) / sms + granule - 1) / granule * granule;
-  const int64_t rows = silu ? 2 * cols : cols;
-  const int64_t pitch = (2 * k + 127) / 128 * 128 + kResidentRowPad;
-  const int64_t partials = int64_t(kWarps) * kMaxM * rows * sizeof(float);  // overlay the rows once read
-  const int64_t smem = kResidentRowsOffset + std::max(rows * pitch, partials);
-  l.fits = rows <= kResidentMaxTiles * kRows && smem <= kResidentSmemBudget;
-  if (!l.fits) return l;
-  l.cols = static_cast<int>(cols);
-  l.rows = static_cast<int>(rows);
-  l.row_pitch = static_cast<int>(pitch);
-  l.blocks = static_cast<int>((out_cols + cols - 1) / cols);
-  l.smem_bytes = static_cast<int>(smem);
-  return l;
-}
-
-template <typename T, typename XT, typename OutT>
-struct ResidentParams {
-  Params<T, XT, OutT> p;
-  int cols;       // outputs a CTA
-  int row_pitch;  // bytes between weight rows in shared memory
-};
-
-template <typename T, typename XT, typename OutT, bool kHighRows, bool kNorm, Epilogue kEpilogue>
-__global__ void __launch_bounds__(kThreads, 2) small_m_resident_kernel(const ResidentParams<T, XT, OutT> r) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  namespace ptx = minivllm::ptx;
-  // Steps of x in flight a lane (x comes from L2 or L1, not DRAM); fp32 rows g + 8 would spill at 4.
-  constexpr int kU = std::is_same_v<XT, float> && kHighRows ? 2 : 4;
-  constexpr bool kSilu = kEpilogue == Epilogue::kSiluGate;
-  constexpr int kResidentMaxOuts = kMaxM * kResidentMaxTiles * kRows / kThreads;  // outputs a thread finishes
-  minivllm::pdl::allow_next_grid();
-  const Params<T, XT, OutT>& p = r.p;
-  extern __shared__ __align__(128) unsigned char smem[];
-  const uint32_t bar = ptx::smem_address(smem);
-  float(*sum_sq_part)[kMaxM] = reinterpret_cast<float(*)[kMaxM]>(smem + 16);
-  unsigned char* weight_rows = smem + kResidentRowsOffset;
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int g = lane / 4, t = lane % 4;
-  const int out_cols = kSilu ? p.n / 2 : p.n;
-  const int first_col = blockIdx.x * r.cols;
-  const int rows = kSilu ? 2 * r.cols : r.cols, tiles = rows / kRows;
-  const int valid_cols = min(r.cols, out_cols - first_col);
-  // The weight row held in shared-memory row i (gate rows, then up rows), or -1 past the last output.
-  auto weight_row = [&](int i) {
-    const int c = kSilu && i >= r.cols ? i - r.cols : i;
-    if (c >= valid_cols) return -1;
-    return kSilu && i >= r.cols ? out_cols + first_col + c : first_col + c;
-  };
-
-  if (threadIdx.x == 0) {
-    ptx::mbarrier_init(bar, 1);
-    ptx::fence_barrier_init();
-  }
-  __syncthreads();
-  if (warp == 0) {
-    const uint32_t row_bytes = p.k_chunks * 16;
-    if (lane == 0) ptx::mbarrier_arrive_expect_tx(bar, row_bytes * valid_cols * (kSilu ? 2 : 1));
-    __syncwarp();
-    for (int i = lane; i < rows; i += 32) {
-      const int row = weight_row(i);
-      if (row >= 0) {
-        ptx::bulk_copy_global_to_shared(ptx::smem_address(weight_rows + i * r.row_pitch),
-                                        p.weight + int64_t(row) * p.weight_stride, row_bytes, bar);
-      }
-    }
-  }
-  minivllm::pdl::wait_for_prior_grid();
-
-  // Thread i's outputs: i, i + kThreads, ... of the CTA's m x cols; their residuals load now, under the stream.
-  const int outs = p.m * r.cols;
-  float residual[kResidentMaxOuts] = {};
-  if constexpr (kEpilogue == Epilogue::kAddResidual) {
-#pragma unroll
-    for (int j = 0; j < kResidentMaxOuts; ++j) {
-      const int i = threadIdx.x + j * kThreads, m = i / r.cols, c = i % r.cols;
-      if (i < outs && c < valid_cols) residual[j] = __ldg(p.residual + int64_t(m) * p.n + first_col + c);
-    }
-  }
-
-  const bool low_valid = g < p.m, high_valid = kHighRows && g + 8 < p.m;
-  const XChunk<XT>* x_low = reinterpret_cast<const XChunk<XT>*>(p.x + int64_t(min(g, p.m - 1)) * p.x_stride);
-  const XChunk<XT>* x_high =
-      reinterpret_cast<const XChunk<XT>*>(p.x + int64_t(min(g + 8, p.m - 1)) * p.x_stride);
-  const uint4* gamma = reinterpret_cast<const uint4*>(p.norm_weight);
-  const int steps = (p.k_chunks + kChunksPerStep - 1) / kChunksPerStep;
-  const int step_end = (warp + 1) * steps / kWarps;
-  auto in_k = [&](int step, int u) { return step + u < step_end && (step + u) * kChunksPerStep + t < p.k_chunks; };
-  // A tile's accumulator; with 4 tiles or fewer, a chunk's second mma goes to tile + 4's unused one, so that a
-  // one-tile CTA still runs two independent chains (a second set for all 8 would spill).
-  float acc[kResidentMaxTiles][4] = {};
-  const bool split_chains = tiles <= kResidentMaxTiles / 2;
-  float sum_sq_low = 0.f, sum_sq_high = 0.f;
-  bool weights_landed = false;
-  for (int step = warp * steps / kWarps; step < step_end; step += kU) {
-    XChunk<XT> low[kU], high[kU];
-    uint4 gm[kNorm ? kU : 1];
-#pragma unroll
-    for (int u = 0; u < kU; ++u) {
-      const int chunk = (step + u) * kChunksPerStep + t;
-      low[u] = load_x_chunk(x_low + chunk, in_k(step, u) && low_valid);
-      if constexpr (kHighRows) {
-        high[u] = load_x_chunk(x_high + chunk, in_k(step, u) && high_valid);
-      } else {
-        high[u] = XChunk<XT>{};
-      }
-      if constexpr (kNorm) gm[u] = load_x_chunk(gamma + chunk, in_k(step, u));
-    }
-    if (!weights_landed) {  // after the first x loads are issued, so that they fly while it waits
-      ptx::mbarrier_wait(bar, 0);
-      weights_landed = true;
-    }
-#pragma unroll
-    for (int u = 0; u < kU; ++u) {
-      uint4 a_low, a_high = make_uint4(0, 0, 0, 0);
-      if constexpr (kNorm) {
-        a_low = scaled_by_gamma<T>(low[u], gm[u], sum_sq_low);
-        if constexpr (kHighRows) a_high = scaled_by_gamma<T>(high[u], gm[u], sum_sq_high);
-      } else {
-        a_low = low[u];
-        a_high = high[u];
-      }
-      const uint32_t a0[4] = {a_low.x, a_high.x, a_low.y, a_high.y};
-      const uint32_t a1[4] = {a_low.z, a_high.z, a_low.w, a_high.w};
-      const bool valid = in_k(step, u);  // past K the rows hold other data (or none): zeros instead
-      const unsigned char* chunk_ptr = weight_rows + g * r.row_pitch + ((step + u) * kChunksPerStep + t) * 16;
-#pragma unroll
-      for (int tile = 0; tile < kResidentMaxTiles; ++tile) {
-        if (tile < tiles) {
-          const uint4 w = valid ? *reinterpret_cast<const uint4*>(chunk_ptr + tile * kRows * r.row_pitch)
-                                : make_uint4(0, 0, 0, 0);
-          mma_16816<T>(acc[tile], a0, w.x, w.y);
-          if (tile < kResidentMaxTiles / 2 && split_chains) {
-            mma_16816<T>(acc[tile + kResidentMaxTiles / 2], a1, w.z, w.w);
-          } else {
-            mma_16816<T>(acc[tile], a1, w.z, w.w);
-          }
-        }
-      }
-    }
-  }
-  if (!weights_landed) ptx::mbarrier_wait(bar, 0);  // a warp with no K range must not free the rows early
-
-  __syncthreads();  // every warp has read the rows: their space now holds the partial sums [warp][m][row]
-  float* partial = reinterpret_cast<float*>(weight_rows);
-  auto partial_at = [&](int w, int m, int row) -> float& { return partial[(w * kMaxM + m) * rows + row]; };
-#pragma unroll
-  for (int tile = 0; tile < kResidentMaxTiles / 2; ++tile) {
-    if (split_chains) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) acc[tile][i] += acc[tile + kResidentMaxTiles / 2][i];
-    }
-  }
-#pragma unroll
-  for (int tile = 0; tile < kResidentMaxTiles; ++tile) {
-    if (tile < tiles) {
-      const int row = tile * kRows + 2 * t;
-      partial_at(warp, g, row) = acc[tile][0];
-      partial_at(warp, g, row + 1) = acc[tile][1];
-      partial_at(warp, g + 8, row) = acc[tile][2];
-      partial_at(warp, g + 8, row + 1) = acc[tile][3];
-    }
-  }
-  if constexpr (kNorm) {
-#pragma unroll
-    for (int offset = 1; offset < 4; offset *= 2) {
-      sum_sq_low += __shfl_xor_sync(0xffffffffu, sum_sq_low, offset);
-      sum_sq_high += __shfl_xor_sync(0xffffffffu, sum_sq_high, offset);
-    }
-    if (t == 0) {
-      sum_sq_part[warp][g] = sum_sq_low;
-      sum_sq_part[warp][g + 8] = sum_sq_high;
-    }
-  }
-  __syncthreads();
-#pragma unroll
-  for (int j = 0; j < kResidentMaxOuts; ++j) {
-    const int i = threadIdx.x + j * kThreads, m = i / r.cols, c = i % r.cols;
-    if (i >= outs || c >= valid_cols) continue;
-    float inv_rms = 1.f;
-    if constexpr (kNorm) {
-      float sum_sq = 0.f;
-#pragma unroll
-      for (int w = 0; w < kWarps; ++w) sum_sq += sum_sq_part[w][m];
-      inv_rms = rsqrtf(sum_sq / float(p.k_chunks * kChunkElems) + p.eps);
-    }
-    // Shared-memory row `row`'s output, normalised, plus its bias.
-    auto column = [&](int row) {
-      float sum = 0.f;
-#pragma unroll
-      for (int w = 0; w < kWarps; ++w) sum += partial_at(w, m, row);
-      if constexpr (kNorm) sum *= inv_rms;
-      if (p.bias != nullptr) sum += to_float(p.bias[weight_row(row)]);
-      return sum;
-    };
-    float out;
-    if constexpr (kSilu) {
-      const float gate = column(c), up = column(r.cols + c);
-      out = gate / (1.f + __expf(-gate)) * up;
-    } else {
-      out = column(c);
-      if constexpr (kEpilogue == Epilogue::kAddResidual) out += residual[j];
-    }
-    p.out[int64_t(m) * out_cols + first_col + c] = from_float<OutT>(out);
-  }
-#endif
-}
-
-// The op's tensors, checked, and the schedule chosen for them, in one place for the dispatch below.
+// The op's tensors, checked, in one place for the dispatch below.
 struct Operands {
   const torch::Tensor& x;
   const torch::Tensor& weight;
@@ -547,20 +313,7 @@ struct Operands {
   double eps;
   const std::optional<torch::Tensor>& residual;
   torch::Tensor& out;
-  ResidentLayout resident;  // .fits false: the streaming kernel
 };
-
-// Lets a resident kernel take the budget's dynamic shared memory, once per kernel and device.
-template <typename Kernel>
-void allow_resident_smem(Kernel kernel, int device) {
-  constexpr int kMaxDevices = 64;
-  static bool done[kMaxDevices] = {};  // racing threads set the same attribute
-  TORCH_CHECK(device < kMaxDevices, "small_m_linear: device index ", device, " is beyond ", kMaxDevices);
-  if (!done[device]) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kResidentSmemBudget));
-    done[device] = true;
-  }
-}
 
 template <typename T, typename XT, typename OutT, bool kNorm, Epilogue kEpilogue>
 void launch(const Operands& a, cudaStream_t stream) {
@@ -579,14 +332,6 @@ void launch(const Operands& a, cudaStream_t stream) {
     p.eps = static_cast<float>(a.eps);
   }
   if constexpr (kEpilogue == Epilogue::kAddResidual) p.residual = a.residual->data_ptr<float>();
-  if (a.resident.fits) {
-    const ResidentParams<T, XT, OutT> r{p, a.resident.cols, a.resident.row_pitch};
-    auto kernel = p.m > 8 ? small_m_resident_kernel<T, XT, OutT, true, kNorm, kEpilogue>
-                          : small_m_resident_kernel<T, XT, OutT, false, kNorm, kEpilogue>;
-    allow_resident_smem(kernel, a.x.get_device());
-    minivllm::pdl::launch(kernel, dim3(a.resident.blocks), dim3(kThreads), a.resident.smem_bytes, stream, r);
-    return;
-  }
   const int blocks = (static_cast<int>(a.out.size(1)) + kCols<kEpilogue> - 1) / kCols<kEpilogue>;
   minivllm::pdl::launch(p.m > 8 ? small_m_linear_kernel<T, XT, OutT, true, kNorm, kEpilogue>
                                 : small_m_linear_kernel<T, XT, OutT, false, kNorm, kEpilogue>,
@@ -645,34 +390,6 @@ void check_residual(const torch::Tensor& residual, const torch::Tensor& x, int64
               "] tensor, got shape ", str(residual.sizes()), " and strides ", str(residual.strides()));
 }
 
-// Whether "auto" may pick the resident schedule: sm_90 or later (bulk copies; the PDL wait it is built around),
-// and MINIVLLM_SMALL_M_RESIDENT=1 (read once). Opt-in until a device run has measured it against the streaming
-// schedule (benchmarks/NOTES_decode.md, scripts/gpu_small_batch.sh).
-bool resident_allowed(const torch::Tensor& x) {
-  static const bool allowed = [] {
-    const char* text = std::getenv("MINIVLLM_SMALL_M_RESIDENT");
-    return text != nullptr && std::strcmp(text, "1") == 0;
-  }();
-  return allowed && at::cuda::getDeviceProperties(x.get_device())->major >= 9;
-}
-
-// The schedule's layout: "stream" (fits false), "resident" (refused where it does not apply), or "auto" (resident
-// where it fits and resident_allowed, else stream).
-ResidentLayout choose_schedule(c10::string_view schedule, const torch::Tensor& x, int64_t out_cols, bool silu) {
-  const bool resident = schedule == "resident", automatic = schedule == "auto";
-  TORCH_CHECK(resident || automatic || schedule == "stream", "small_m_linear: schedule must be 'auto', 'stream' or "
-              "'resident', got '", std::string(schedule), "'");
-  if (!resident && !(automatic && resident_allowed(x))) return {};
-  const auto* props = at::cuda::getDeviceProperties(x.get_device());
-  TORCH_CHECK(!resident || props->major >= 9, "small_m_linear: the resident schedule needs sm_90 or later (bulk "
-              "copies), this GPU is sm_", props->major, props->minor, "; use schedule='auto' or 'stream'");
-  const ResidentLayout layout = resident_layout(out_cols, x.size(1), silu, props->multiProcessorCount);
-  TORCH_CHECK(!resident || layout.fits, "small_m_linear: the resident schedule does not fit ", str(out_cols),
-              " outputs at K = ", str(x.size(1)), ": a CTA's weight rows must fit ", str(kResidentMaxTiles * kRows),
-              " rows and ", str(kResidentSmemBudget), " bytes of shared memory; use schedule='auto' or 'stream'");
-  return layout;
-}
-
 void check_silu_gate(int64_t n, bool fp32_out, bool has_residual) {
   TORCH_CHECK(!has_residual, "small_m_linear: silu_gate and a residual cannot be combined; add the residual after "
               "the down projection");
@@ -686,8 +403,7 @@ void check_silu_gate(int64_t n, bool fp32_out, bool has_residual) {
 torch::Tensor small_m_linear(const torch::Tensor& x, const torch::Tensor& weight,
                              const std::optional<torch::Tensor>& bias, bool fp32_out,
                              const std::optional<torch::Tensor>& norm_weight, double eps,
-                             const std::optional<torch::Tensor>& residual, bool silu_gate,
-                             c10::string_view schedule) {
+                             const std::optional<torch::Tensor>& residual, bool silu_gate) {
   TORCH_CHECK(x.is_cuda(), "small_m_linear: x must be a CUDA tensor, got ", x.device().str());
   // An fp32 x is the residual stream, which only the norm reads (its product runs in the weight's dtype).
   const bool fp32_x = x.scalar_type() == at::kFloat && norm_weight.has_value();
@@ -720,23 +436,15 @@ torch::Tensor small_m_linear(const torch::Tensor& x, const torch::Tensor& weight
   if (residual.has_value()) check_residual(*residual, x, n, fp32_out);
 
   const int64_t out_cols = silu_gate ? n / 2 : n;
-  const ResidentLayout resident = choose_schedule(schedule, x, out_cols, silu_gate);
   torch::Tensor out = torch::empty({m, out_cols}, x.options().dtype(fp32_out ? at::kFloat : dtype));
   if (n == 0) return out;
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const Operands operands{x, weight, bias, norm_weight, eps, residual, out, resident};
+  const Operands operands{x, weight, bias, norm_weight, eps, residual, out};
   if (dtype == at::kHalf) {
     launch_for_epilogue<__half>(operands, fp32_out, silu_gate, stream);
   } else {
     launch_for_epilogue<__nv_bfloat16>(operands, fp32_out, silu_gate, stream);
   }
   return out;
-}
-
-bool small_m_resident_fits(const torch::Tensor& x, int64_t out_cols, bool silu_gate) {
-  TORCH_CHECK(x.is_cuda() && x.dim() == 2, "small_m_resident_fits: x must be a 2-D CUDA tensor [M, K], got ",
-              x.device().str(), " with shape ", str(x.sizes()));
-  const auto* props = at::cuda::getDeviceProperties(x.get_device());
-  return props->major >= 9 && resident_layout(out_cols, x.size(1), silu_gate, props->multiProcessorCount).fits;
 }

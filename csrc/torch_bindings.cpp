@@ -14,8 +14,7 @@ TORCH_LIBRARY(minivllm, m) {
       "int num_kv_heads) -> ()");
   m.def(
       "small_m_linear(Tensor x, Tensor weight, Tensor? bias, bool fp32_out, Tensor? norm_weight=None, "
-      "float eps=0.0, Tensor? residual=None, bool silu_gate=False, str schedule=\"auto\") -> Tensor");
-  m.def("small_m_resident_fits(Tensor x, int out_cols, bool silu_gate) -> bool");
+      "float eps=0.0, Tensor? residual=None, bool silu_gate=False) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("add_rms_norm(Tensor x, Tensor(a!) residual, Tensor weight, float eps) -> Tensor");
   m.def("silu_and_mul(Tensor gate_up) -> Tensor");
@@ -40,7 +39,6 @@ TORCH_LIBRARY_IMPL(minivllm, CUDA, m) {
   m.impl("reshape_and_cache", &reshape_and_cache);
   m.impl("qk_norm_rope_cache", &qk_norm_rope_cache);
   m.impl("small_m_linear", &small_m_linear);
-  m.impl("small_m_resident_fits", &small_m_resident_fits);
   m.impl("rms_norm", &rms_norm);
   m.impl("add_rms_norm", &add_rms_norm);
   m.impl("silu_and_mul", &silu_and_mul);

@@ -1,11 +1,13 @@
-"""The benchmarks' --plot figures, the throughput breakdown's kernel classes and step bins, and latency's floor,
-from small synthetic rows (no GPU)."""
+"""The benchmarks' --plot figures, the throughput breakdown's kernel classes and step bins, step_profile's kernel
+times, and latency's floor, from small synthetic rows (no GPU)."""
 
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 from matplotlib import image
+from torch.autograd import DeviceType
 
 from benchmarks import common, decode, latency, plot, prefill, step_profile, throughput, workload
 from benchmarks.step_profile import Window, kernel_kind
@@ -97,8 +99,21 @@ def window(first_step: int, batch: int, wall_ms: float, steps: int = 4, prefill:
     kernels = {"void paged_decode_kernel<bf16>": 4000.0, "nvjet_tst_64x8": 1500.0,
                "void small_m_linear_kernel<1>": 500.0, "triton_poi_fused_mul_0": 800.0,
                "Memcpy HtoD (Pageable -> Device)": 200.0}
-    return Window(first_step, steps, prefill, batch, wall_ms, {k: v * steps / 4 for k, v in kernels.items()},
-                  dict.fromkeys(kernels, steps))
+    us = {k: v * steps / 4 for k, v in kernels.items()}
+    times = step_profile.KernelTimes(us, us, dict.fromkeys(kernels, steps))
+    return Window(first_step, steps, prefill, batch, wall_ms, times)
+
+
+def test_kernel_times_count_an_overlap_once():
+    """A kernel that starts inside the one before it (a dependent launch waiting) is exposed only past its end."""
+    def event(name, start, end, device=DeviceType.CUDA):
+        return SimpleNamespace(name=name, device_type=device, time_range=SimpleNamespace(start=start, end=end))
+    events = [event("b", 8.0, 14.0), event("a", 0.0, 10.0), event("host", 0.0, 50.0, DeviceType.CPU),
+              event("c", 11.0, 12.0), event("a", 20.0, 25.0)]
+    times = step_profile.kernel_times_us(SimpleNamespace(events=lambda: events))
+    assert times.us == {"a": 15.0, "b": 6.0, "c": 1.0}
+    assert times.exposed_us == {"a": 15.0, "b": 4.0, "c": 0.0}
+    assert times.calls == {"a": 2, "b": 1, "c": 1}
 
 
 def test_breakdown_bins_windows_by_decode_step():

@@ -2,8 +2,7 @@
 // (cp.async.bulk.tensor), warpgroup matrix multiplies (wgmma) and their shared-memory matrix descriptors, and
 // warpgroup register reallocation. Thin wrappers only: each is one instruction (or one instruction in a wait
 // loop), named after it, with the PTX ISA section it follows. Include only from code compiled for sm_90a
-// (`__CUDA_ARCH_FEAT_SM90_ALL`); wgmma and setmaxnreg do not exist on plain sm_90. The mbarriers and bulk
-// copies are plain sm_90: code built for every arch may call them under `__CUDA_ARCH__ >= 900`.
+// (`__CUDA_ARCH_FEAT_SM90_ALL`); wgmma and setmaxnreg do not exist on plain sm_90.
 #pragma once
 
 #include <cuda.h>  // CUtensorMap (a type only: nothing links against the driver)
@@ -61,18 +60,6 @@ __device__ __forceinline__ void mbarrier_wait(uint32_t bar, uint32_t parity) {
         : "r"(bar), "r"(parity)
         : "memory");
   }
-}
-
-// ---- Bulk copies (PTX ISA "cp.async.bulk"; plain sm_90, like the mbarriers above) ----
-
-// Copies `bytes` (a multiple of 16; both addresses 16-byte aligned) from global memory to shared memory at
-// `dst` through the TMA unit, without registers, and signals the bytes on mbarrier `bar`.
-__device__ __forceinline__ void bulk_copy_global_to_shared(uint32_t dst, const void* src, uint32_t bytes,
-                                                           uint32_t bar) {
-  asm volatile(
-      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
-      "l"(reinterpret_cast<uint64_t>(src)), "r"(bytes), "r"(bar)
-      : "memory");
 }
 
 // ---- TMA (PTX ISA "cp.async.bulk.tensor"; the map is built on the host by cuTensorMapEncodeTiled) ----

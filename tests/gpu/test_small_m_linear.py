@@ -2,15 +2,12 @@
 151936, K multiples of 8 up to 4096, with and without bias, fp32 or model-dtype output, weights that are
 row-slices of wider matrices; the output allocation poisoned with NaN beforehand so an unwritten element
 shows; capture in a CUDA graph, alone and as a dependent chain; the refusals of bad input; and the wrapper
-`ops.linear` choosing the kernel only where it applies. Each case runs both schedules: "stream" (weights streamed
-through registers) and "resident" (sm_90: each CTA's weight rows in shared memory before the PDL wait) where it
-fits, or "auto" (resident there with MINIVLLM_SMALL_M_RESIDENT=1). Then the same for its fusions (RMSNorm
-prologue on fp32 or half x, residual epilogue, SiLU gate), their wrappers, and a bf16 model's decode on the fused
-path against the unfused one."""
+`ops.linear` choosing the kernel only where it applies. Then the same for its fusions (RMSNorm prologue on fp32
+or half x, residual epilogue, SiLU gate), their wrappers, and a bf16 model's decode on the fused path against the
+unfused one."""
 
 import gc
 import math
-import os
 import random
 import re
 
@@ -28,18 +25,8 @@ pytestmark = pytest.mark.skipif(
 DTYPES = [torch.float16, torch.bfloat16]
 
 
-SCHEDULES = ["stream", "resident"]
-
-
-def kernel(x, weight, bias=None, fp32_out=False, schedule="auto"):
-    return torch.ops.minivllm.small_m_linear(x, weight, bias, fp32_out, schedule=schedule)
-
-
-def require_resident(x, out_cols, silu_gate=False):
-    """Skips where the GPU has no resident schedule for this shape (before sm_90, or too few SMs for its CTA's rows
-    to fit shared memory: Qwen3-0.6B's shapes fit on 132 SMs)."""
-    if not torch.ops.minivllm.small_m_resident_fits(x, out_cols, silu_gate):
-        pytest.skip(f"no resident schedule for {out_cols} outputs at K = {x.shape[1]} on this GPU")
+def kernel(x, weight, bias=None, fp32_out=False):
+    return torch.ops.minivllm.small_m_linear(x, weight, bias, fp32_out)
 
 
 def poison_next_allocation(shape, dtype):
@@ -79,15 +66,13 @@ def row_slice(rows, cols, pad, dtype, g, scale=1.0):
     return full[:, :cols]
 
 
-def check_case(m, n, k, dtype, with_bias, fp32_out, pad_weight, pad_x, seed, schedule="auto"):
+def check_case(m, n, k, dtype, with_bias, fp32_out, pad_weight, pad_x, seed):
     g = torch.Generator(device="cuda").manual_seed(seed)
     x = row_slice(m, k, pad_x, dtype, g)
     weight = row_slice(n, k, pad_weight, dtype, g, scale=k**-0.5)  # outputs of order 1, as in a model
     bias = torch.randn(n, device="cuda", generator=g).to(dtype) if with_bias else None
     poison_next_allocation((m, n), torch.float32 if fp32_out else dtype)
-    if schedule == "resident":
-        require_resident(x, n)
-    out = kernel(x, weight, bias, fp32_out, schedule)
+    out = kernel(x, weight, bias, fp32_out)
     assert_close_to_reference(out, x, weight, bias, fp32_out)
 
 
@@ -96,9 +81,8 @@ EDGE_N = [1, 7, 8, 9, 1023, 4097]
 EDGE_K = [8, 16, 24, 32, 40, 1000, 1024, 3072, 4096]
 
 
-@pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("seed", range(120))
-def test_random_cases_match_reference(seed, schedule):
+def test_random_cases_match_reference(seed):
     rng = random.Random(seed)
     if seed < 42:  # every edge M, N and K at least once
         m, n, k = EDGE_M[seed % len(EDGE_M)], EDGE_N[seed % len(EDGE_N)], EDGE_K[seed % len(EDGE_K)]
@@ -106,7 +90,7 @@ def test_random_cases_match_reference(seed, schedule):
         m, n, k = rng.randint(1, SMALL_M_MAX_ROWS), rng.randint(1, 5000), 8 * rng.randint(1, 512)
     check_case(
         m, n, k, dtype=rng.choice(DTYPES), with_bias=rng.random() < 0.5, fp32_out=rng.random() < 0.5,
-        pad_weight=rng.choice([0, 0, 8, 64]), pad_x=rng.choice([0, 0, 8]), seed=seed, schedule=schedule,
+        pad_weight=rng.choice([0, 0, 8, 64]), pad_x=rng.choice([0, 0, 8]), seed=seed,
     )
 
 
@@ -117,27 +101,12 @@ def test_vocab_sized_outputs(m, n, k):
     check_case(m, n, k, torch.bfloat16, with_bias=False, fp32_out=True, pad_weight=0, pad_x=0, seed=m * n + k)
 
 
-@pytest.mark.parametrize("schedule", ["stream", "resident"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m", [1, 2, 4, 8, 16])
 @pytest.mark.parametrize("n, k", [(4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072)])
-def test_qwen3_shapes(n, k, m, dtype, schedule):
+def test_qwen3_shapes(n, k, m, dtype):
     """Qwen3-0.6B's qkv, o, gate_up and down projections at the decode graphs' batch sizes."""
-    check_case(m, n, k, dtype, with_bias=False, fp32_out=False, pad_weight=0, pad_x=0, seed=n + k + m,
-               schedule=schedule)
-
-
-def test_auto_follows_the_resident_switch():
-    """On sm_90, "auto" gives resident's bits with MINIVLLM_SMALL_M_RESIDENT=1 (the process's, read once), else
-    stream's (the two sum K in other orders, so their bits differ: checked first, or the comparison would show
-    nothing)."""
-    g = torch.Generator(device="cuda").manual_seed(5)
-    x = torch.randn(2, 1024, device="cuda", generator=g).bfloat16()
-    weight = (torch.randn(4096, 1024, device="cuda", generator=g) * 1024**-0.5).bfloat16()
-    require_resident(x, 4096)
-    resident, stream = kernel(x, weight, schedule="resident"), kernel(x, weight, schedule="stream")
-    assert not torch.equal(resident, stream)
-    assert torch.equal(kernel(x, weight), resident if os.environ.get("MINIVLLM_SMALL_M_RESIDENT") == "1" else stream)
+    check_case(m, n, k, dtype, with_bias=False, fp32_out=False, pad_weight=0, pad_x=0, seed=n + k + m)
 
 
 def test_empty_weight_gives_empty_output():
@@ -167,9 +136,8 @@ def test_cuda_graph_replay_follows_new_inputs():
     assert_close_to_reference(out, x, weight, bias, True)
 
 
-@pytest.mark.parametrize("schedule", ["stream", "resident"])
 @pytest.mark.parametrize("m", [1, 16])
-def test_cuda_graph_of_a_dependent_chain(m, schedule):
+def test_cuda_graph_of_a_dependent_chain(m):
     """A captured chain of 16 products, each x the output of the one before: with programmatic dependent launch a
     kernel starts while the one before it still runs, so one reading x before its wait (common/pdl.cuh) would
     read the previous replay's values, which a new input at every replay makes wrong. The oracle is the same
@@ -178,13 +146,7 @@ def test_cuda_graph_of_a_dependent_chain(m, schedule):
     k = 1024
     weights = [(torch.randn(k, k, device="cuda", generator=g) * k**-0.5).bfloat16() for _ in range(16)]
     x = torch.randn(m, k, device="cuda", generator=g).bfloat16()
-    if schedule == "resident":
-        require_resident(x, k)
-
-    def link(h, weight):
-        return kernel(h, weight, schedule=schedule)
-
-    assert_captured_chain_equals_eager(link, weights, x, g, smallest_peak=0.1)
+    assert_captured_chain_equals_eager(kernel, weights, x, g, smallest_peak=0.1)
 
 
 def assert_captured_chain_equals_eager(link, weights, x, g, smallest_peak):
@@ -241,18 +203,15 @@ BAD_INPUTS = [
     (lambda: (cuda(2, 64), cuda(8, 64), cuda(16)[::2]), "bias must be a contiguous [N] = [8] tensor"),
     (lambda: (cuda(2, 64), cuda(8, 64), cuda(8, dtype=torch.float32)), "bias must have x's dtype Half, got Float"),
     (lambda: (torch.randn(2, 64).half(), torch.randn(8, 64).half()), "'CPU' backend"),
-    (lambda: (cuda(2, 64), cuda(8, 64), None, "fast"), "schedule must be 'auto', 'stream' or 'resident', got 'fast'"),
-    # 151936 outputs need 1151 weight rows a CTA: beyond the resident schedule (or, before sm_90, without one)
-    (lambda: (cuda(1, 1024), cuda(151936, 1024), None, "resident"), "small_m_linear: the resident schedule"),
 ]
 
 
 @pytest.mark.parametrize("make_args, message", BAD_INPUTS)
 def test_bad_inputs_are_refused(make_args, message):
     args = make_args()  # built inside the test: collection must not touch CUDA
-    x, weight, bias, schedule = (*args, None, "auto")[:4]
+    x, weight, bias = (*args, None)[:3]
     with pytest.raises(RuntimeError, match=re.escape(message)):
-        kernel(x, weight, bias, schedule=schedule)
+        kernel(x, weight, bias)
 
 
 @pytest.fixture
@@ -311,10 +270,8 @@ def test_wrapper_leaves_wide_products_to_cublas(kernel_calls, n, runs_kernel):
 
 
 # ----- fusions -------------------------------------------------------------------------------------------------
-def fused_kernel(x, weight, bias=None, fp32_out=False, norm_weight=None, eps=0.0, residual=None, silu_gate=False,
-                 schedule="auto"):
-    return torch.ops.minivllm.small_m_linear(x, weight, bias, fp32_out, norm_weight, eps, residual, silu_gate,
-                                             schedule)
+def fused_kernel(x, weight, bias=None, fp32_out=False, norm_weight=None, eps=0.0, residual=None, silu_gate=False):
+    return torch.ops.minivllm.small_m_linear(x, weight, bias, fp32_out, norm_weight, eps, residual, silu_gate)
 
 
 def product_bounds(x, weight, bias, norm_weight, eps):
@@ -387,22 +344,19 @@ def fused_case(fusion, m, n, k, dtype, with_bias, fp32_out, pad_weight, pad_x, e
 
 
 def check_fused_case(fusion, m, n, k, dtype, with_bias=False, fp32_out=False, pad_weight=0, pad_x=0, eps=1e-6,
-                     seed=0, schedule="auto"):
+                     seed=0):
     x, weight, args = fused_case(fusion, m, n, k, dtype, with_bias, fp32_out, pad_weight, pad_x, eps, seed)
-    if schedule == "resident":
-        require_resident(x, n, args["silu_gate"])
     poison_next_allocation((m, n), torch.float32 if args["fp32_out"] else dtype)
-    out = fused_kernel(x, weight, **args, schedule=schedule)
+    out = fused_kernel(x, weight, **args)
     assert_fused_close(out, x, weight, **args)
 
 
 EDGE_I = [1, 3, 4, 5, 7, 8, 9, 1023, 3072]  # silu outputs: a CTA takes 4
 
 
-@pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("fusion", FUSIONS)
 @pytest.mark.parametrize("seed", range(30))
-def test_fused_random_cases_match_reference(fusion, seed, schedule):
+def test_fused_random_cases_match_reference(fusion, seed):
     rng = random.Random(1000 + seed)
     edges = EDGE_I if "silu" in fusion else EDGE_N
     if seed < 18:  # every edge M, N (I) and K at least once
@@ -413,11 +367,9 @@ def test_fused_random_cases_match_reference(fusion, seed, schedule):
     check_fused_case(
         fusion, m, n, k, dtype=rng.choice(DTYPES), with_bias=rng.random() < 0.5, fp32_out=rng.random() < 0.5,
         pad_weight=rng.choice([0, 0, 8, 64]), pad_x=rng.choice([0, 0, 8]), eps=rng.choice([1e-6, 0.5]), seed=seed,
-        schedule=schedule,
     )
 
 
-@pytest.mark.parametrize("schedule", ["stream", "resident"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m", [1, 8, 9, 16])
 @pytest.mark.parametrize("fusion, n, k", [
@@ -426,9 +378,9 @@ def test_fused_random_cases_match_reference(fusion, seed, schedule):
     ("norm_fp32_x_silu", 3072, 1024),  # gate_up: I = 3072, 6144 weight rows
     ("residual", 1024, 3072),  # down
 ])
-def test_fused_qwen3_shapes(fusion, n, k, m, dtype, schedule):
+def test_fused_qwen3_shapes(fusion, n, k, m, dtype):
     """Qwen3-0.6B's products as the decoder fuses them, at the decode graphs' batch sizes."""
-    check_fused_case(fusion, m, n, k, dtype, seed=n + k + m, schedule=schedule)
+    check_fused_case(fusion, m, n, k, dtype, seed=n + k + m)
 
 
 def test_norm_uses_eps_and_each_rows_own_rms():
@@ -466,9 +418,8 @@ def test_fused_cuda_graph_replay_follows_new_inputs(fusion):
     assert_fused_close(out, x, weight, **args)
 
 
-@pytest.mark.parametrize("schedule", ["stream", "resident"])
 @pytest.mark.parametrize("fusion", ["norm", "norm_fp32_x", "residual", "norm_silu"])
-def test_fused_cuda_graph_of_a_dependent_chain(fusion, schedule):
+def test_fused_cuda_graph_of_a_dependent_chain(fusion):
     """As test_cuda_graph_of_a_dependent_chain, each call reading the one before's output as the activation it
     fuses (x of the norm and SiLU paths, the residual): all of them must be read after the PDL wait. (The SiLU
     chain has the norm too: without it the values would shrink to nothing in 16 links.)"""
@@ -481,14 +432,11 @@ def test_fused_cuda_graph_of_a_dependent_chain(fusion, schedule):
     start = torch.randn(m, k, device="cuda", generator=g)
     if fusion in ("norm", "norm_silu"):
         start = start.bfloat16()
-    if schedule == "resident":
-        require_resident(x0, k, fusion == "norm_silu")
 
     def link(h, weight):
         if fusion == "residual":
-            return fused_kernel(x0, weight, None, True, residual=h, schedule=schedule)
-        return fused_kernel(h, weight, None, fusion == "norm_fp32_x", gamma, 1e-6, silu_gate=fusion == "norm_silu",
-                            schedule=schedule)
+            return fused_kernel(x0, weight, None, True, residual=h)
+        return fused_kernel(h, weight, None, fusion == "norm_fp32_x", gamma, 1e-6, silu_gate=fusion == "norm_silu")
 
     assert_captured_chain_equals_eager(link, weights, start, g, smallest_peak=0.01)
 
