@@ -33,6 +33,11 @@ TORCH_LIBRARY(minivllm, m) {
       "Tensor? in_prompt=None, Tensor? slots=None, Tensor? presence=None, Tensor? frequency=None, "
       "Tensor? repetition=None) -> Tensor");
   m.def("sampler_logsumexp_rank(Tensor logits, Tensor tokens) -> (Tensor, Tensor)");
+  m.def(
+      "decode_layers(Tensor(a!) residual, Tensor layers, Tensor(b!) k_cache, Tensor positions, Tensor slot_mapping, "
+      "Tensor context_lens, Tensor block_tables, Tensor cos, Tensor sin, int num_heads, int intermediate, float eps, "
+      "float scale, Tensor(c!)? timings=None) -> ()");
+  m.def("decode_layers_available() -> bool", &decode_layers_available);
 }
 
 TORCH_LIBRARY_IMPL(minivllm, CUDA, m) {
@@ -47,6 +52,7 @@ TORCH_LIBRARY_IMPL(minivllm, CUDA, m) {
   m.impl("paged_attention_decode", &paged_attention_decode);
   m.impl("sampler_gumbel_argmax", &sampler_gumbel_argmax);
   m.impl("sampler_logsumexp_rank", &sampler_logsumexp_rank);
+  m.impl("decode_layers", &decode_layers);
 }
 
 // An importable module: `import minivllm._C` loads the library and runs the registrations above.

@@ -95,6 +95,25 @@ __device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
+// Device-wide counters between the CTAs of a persistent kernel: the writer makes its stores visible before the
+// count (release), the reader sees them once it has seen the count (acquire).
+__device__ __forceinline__ int load_acquire_gpu(const int* ptr) {
+  int v;
+  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(v) : "l"(ptr) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ void add_release_gpu(int* ptr, int v) {
+  asm volatile("red.release.gpu.global.add.s32 [%0], %1;\n" ::"l"(ptr), "r"(v) : "memory");
+}
+
+// The GPU's global timer in nanoseconds, the same clock on every SM (for in-kernel timestamps).
+__device__ __forceinline__ uint64_t global_timer_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;\n" : "=l"(t));
+  return t;
+}
+
 // 16 bytes from global memory read once (weights streamed by a decode step), zeros when !valid: no L1
 // allocation, and L2 fetches 256-byte segments since the rest of the row follows.
 __device__ __forceinline__ uint4 load_streaming_16(const uint4* ptr, bool valid) {

@@ -1,8 +1,9 @@
-// The sm_90a (Hopper) PTX instructions the kernels are built from: mbarriers, TMA tile loads
-// (cp.async.bulk.tensor), warpgroup matrix multiplies (wgmma) and their shared-memory matrix descriptors, and
+// The sm_90a (Hopper) PTX instructions the kernels are built from: mbarriers, bulk copies and TMA tile loads
+// (cp.async.bulk, cp.async.bulk.tensor), warpgroup matrix multiplies (wgmma) and their shared-memory matrix descriptors, and
 // warpgroup register reallocation. Thin wrappers only: each is one instruction (or one instruction in a wait
 // loop), named after it, with the PTX ISA section it follows. Include only from code compiled for sm_90a
-// (`__CUDA_ARCH_FEAT_SM90_ALL`); wgmma and setmaxnreg do not exist on plain sm_90.
+// (`__CUDA_ARCH_FEAT_SM90_ALL`); wgmma and setmaxnreg do not exist on plain sm_90 (the mbarriers and copies do,
+// and code for sm_90 and later may use them).
 #pragma once
 
 #include <cuda.h>  // CUtensorMap (a type only: nothing links against the driver)
@@ -60,6 +61,17 @@ __device__ __forceinline__ void mbarrier_wait(uint32_t bar, uint32_t parity) {
         : "r"(bar), "r"(parity)
         : "memory");
   }
+}
+
+// ---- Bulk copies (PTX ISA "cp.async.bulk"; sm_90): a contiguous run of bytes, no tensor map ----
+
+// Copies `bytes` (a multiple of 16; both addresses 16-byte aligned) from global memory to shared memory at
+// `dst` and signals them on mbarrier `bar`, as a TMA load does.
+__device__ __forceinline__ void bulk_copy_to_shared(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
+      "l"(src), "r"(bytes), "r"(bar)
+      : "memory");
 }
 
 // ---- TMA (PTX ISA "cp.async.bulk.tensor"; the map is built on the host by cuTensorMapEncodeTiled) ----

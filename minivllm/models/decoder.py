@@ -132,6 +132,36 @@ class DecoderLayer(nn.Module):
         x = ops.norm_gate_up_silu(residual, norm.weight, norm.eps, gate_up_proj.weight, gate_up_proj.bias)
         return ops.linear_add_residual(x, mlp.down_proj.weight, residual, mlp.down_proj.bias)
 
+    def decode_layers_fit(self) -> bool:
+        """Whether ops.decode_layers can run this layer (every layer has layer 0's shapes): no biases, head_dim
+        128, 1, 2, 4 or 8 query heads a kv head, each product's K a multiple of DECODE_LAYERS_K_MULTIPLE, contiguous
+        weights in the cache's half dtype."""
+        attn, mlp = self.self_attn, self.mlp
+        products = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        cache = attn.attn.k_cache
+        return (
+            ops.DECODE_LAYERS
+            and cache.dim() == 4
+            and cache.dtype in ops.KERNEL_DTYPES
+            and attn.head_dim == 128
+            and attn.num_heads % attn.num_kv_heads == 0
+            and attn.num_heads // attn.num_kv_heads in (1, 2, 4, 8)
+            and all(p.bias is None and p.weight.dtype == cache.dtype and p.weight.is_contiguous() for p in products)
+            and all(p.weight.shape[1] % ops.DECODE_LAYERS_K_MULTIPLE == 0 for p in products)
+            and ops.decode_layers_available(cache.device)
+        )
+
+    def decode_layers_row(self) -> list[int]:
+        """This layer's device pointers in csrc/decode_layers.cu's column order (0: no q/k norm)."""
+        attn, mlp = self.self_attn, self.mlp
+        norms = (attn.q_norm.weight.data_ptr(), attn.k_norm.weight.data_ptr()) if attn.q_norm is not None else (0, 0)
+        return [
+            self.input_layernorm.weight.data_ptr(), attn.qkv_proj.weight.data_ptr(), *norms,
+            attn.o_proj.weight.data_ptr(), self.post_attention_layernorm.weight.data_ptr(),
+            mlp.gate_up_proj.weight.data_ptr(), mlp.down_proj.weight.data_ptr(),
+            attn.attn.k_cache.data_ptr(), attn.attn.v_cache.data_ptr(),
+        ]
+
     def fused_products_fit(self, num_tokens: int, device: torch.device) -> bool:
         """Whether the small-M kernel takes all four of fused_forward's products for a step of num_tokens."""
         products = (self.self_attn.qkv_proj, self.self_attn.o_proj, self.mlp.gate_up_proj, self.mlp.down_proj)
@@ -151,8 +181,12 @@ class DecoderModel(nn.Module):
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.tp = tp
+        self.decode_table: torch.Tensor | None = None  # decode_layers_table's pointers, and the cache they hold
+        self.decode_table_key = 0
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        if self.runs_decode_layers(input_ids, meta):
+            return self.norm(self.decode_layers(input_ids, positions, meta))
         if self.runs_fused(input_ids):
             residual = self.embed_tokens(input_ids).float()
             for layer in self.layers:
@@ -179,6 +213,37 @@ class DecoderModel(nn.Module):
         if index == len(self.layers):
             return self.norm(x, residual)[0], None
         return self.layers[index].project_qkv(positions, x, residual, meta, qkv_out)
+
+    def runs_decode_layers(self, x: torch.Tensor, meta: AttentionMetadata) -> bool:
+        """Whether this step runs every layer in one persistent kernel (ops.decode_layers): a decode step of at
+        most DECODE_LAYERS_MAX_ROWS sequences on one sm_90 or later GPU, for layers the kernel takes. Shapes and
+        the device only, as runs_fused; on one GPU for runs_fused's reasons."""
+        if meta.is_prefill or not 1 <= x.shape[0] <= ops.DECODE_LAYERS_MAX_ROWS:
+            return False
+        return self.tp.size == 1 and not self.tp.invariant_splits and self.layers[0].decode_layers_fit()
+
+    def decode_layers(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """The residual stream [T, hidden] (fp32) after every layer, from ops.decode_layers."""
+        residual = self.embed_tokens(input_ids).float()
+        first = self.layers[0]
+        attn, rotary = first.self_attn, first.self_attn.rotary
+        ops.decode_layers(
+            residual, self.decode_layers_table(), attn.attn.k_cache, positions, meta.slot_mapping, meta.context_lens,
+            meta.block_tables, rotary.cos, rotary.sin, attn.num_heads, first.mlp.down_proj.weight.shape[1],
+            attn.norm_eps, attn.attn.scale,
+        )
+        return residual
+
+    def decode_layers_table(self) -> torch.Tensor:
+        """[num_layers, 10] int64 device pointers for ops.decode_layers, built on the first call and again only
+        when the runner gives the layers new caches (the weights do not move)."""
+        cache = self.layers[0].self_attn.attn.k_cache
+        key = cache.data_ptr()
+        if self.decode_table_key != key:
+            rows = [layer.decode_layers_row() for layer in self.layers]
+            self.decode_table = torch.tensor(rows, dtype=torch.int64, device=cache.device)
+            self.decode_table_key = key
+        return self.decode_table
 
     def runs_fused(self, x: torch.Tensor) -> bool:
         """Whether this step's layers run fused_forward: a step of at most SMALL_M_MAX_ROWS tokens (batch-1 decode

@@ -5,6 +5,9 @@ dtype and head size the kernels support; everything else runs the torch referenc
 `linear`, torch's own matrix product).
 """
 
+import functools
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -28,6 +31,11 @@ SMALL_M_MAX_OUTPUTS = 4096
 # (Qwen3-0.6B): there cuBLAS is 0.33 us ahead on the product, but the fusion saves the kernel it replaces (SiLU-and-
 # mul, ~1.1 us) and a launch gap. Beyond it cuBLAS's lead grows with N and was not measured against a fusion.
 SMALL_M_FUSED_MAX_OUTPUTS = 6144
+
+DECODE_LAYERS_MAX_ROWS = 8  # kMaxRows of csrc/decode_layers.cu
+DECODE_LAYERS_K_MULTIPLE = 1024  # kSlotK: every product's K is a whole number of ring slots
+# MINIVLLM_DECODE_LAYERS=0 keeps small decode steps on the kernel-per-op path (for A/B runs).
+DECODE_LAYERS = os.environ.get("MINIVLLM_DECODE_LAYERS", "1") != "0"
 
 
 def use_kernels(t: torch.Tensor, head_dim: int | None = None) -> bool:
@@ -336,3 +344,28 @@ def sampler_logsumexp_rank(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[
     if sampler_kernels_fit(logits):
         return torch.ops.minivllm.sampler_logsumexp_rank(logits, tokens)
     return reference.sampler_logsumexp_rank(logits, tokens)
+
+
+@functools.cache
+def decode_layers_available(device: torch.device) -> bool:
+    """Whether ops.decode_layers runs on this device: the extension is built and the GPU is sm_90 or later."""
+    if not (KERNELS_BUILT and device.type == "cuda"):
+        return False
+    with torch.cuda.device(device):
+        return torch.ops.minivllm.decode_layers_available()
+
+
+def decode_layers(
+    residual: torch.Tensor, layers: torch.Tensor, k_cache: torch.Tensor, positions: torch.Tensor,
+    slot_mapping: torch.Tensor, context_lens: torch.Tensor, block_tables: torch.Tensor, cos: torch.Tensor,
+    sin: torch.Tensor, num_heads: int, intermediate: int, eps: float, scale: float,
+    timings: torch.Tensor | None = None,
+) -> None:
+    """Every decoder layer of a decode step of 1..DECODE_LAYERS_MAX_ROWS sequences in one persistent kernel (see
+    csrc/ops.h): residual [M, hidden] fp32, the embeddings, becomes the stream after the last layer, and each
+    layer's cache gets this step's K/V. layers: the device pointer table that DecoderModel.decode_layers_table
+    builds. The per-layer path (DecoderLayer.fused_forward) is its reference. timings: see csrc/ops.h."""
+    torch.ops.minivllm.decode_layers(
+        residual, layers, k_cache, positions, slot_mapping, context_lens, block_tables, cos, sin, num_heads,
+        intermediate, eps, scale, timings,
+    )

@@ -1,0 +1,802 @@
+// decode_layers: every decoder layer of a small decode step (1..8 sequences, Qwen3's layer) in one persistent
+// kernel, sm_90 and later (issue 17).
+//
+// Why: a batch-1 step as a chain of ~6 kernels a layer pays each kernel's ramp and drain; in that chain the four
+// products cost 3.1x their weight-streaming floor and attention 8x its KV floor (benchmarks/NOTES_decode.md). Here
+// one CTA an SM stays resident for the whole step, and the weights and KV bytes, which do not depend on this
+// step's activations, stream without a break while the arithmetic follows the activations' dependencies.
+//
+// - Warp 8 of each CTA is the producer: it walks the CTA's share of the step's work items in order and bulk-copies
+//   (cp.async.bulk) each item's bytes into a ring of 16 KB shared-memory slots, each with a full and an empty
+//   mbarrier; it waits only for free slots, so it runs up to a ring's depth ahead, across stage and layer
+//   boundaries. A product's slot is 8 weight rows x 1024 of K (rows padded by 64 bytes against bank conflicts);
+//   an attention slot is 32 cached tokens of one kv head's K and V.
+// - Warps 0..7 consume. Per layer the stages are: qkv (input RMSNorm folded in), attention (q/k RMSNorm, rotary,
+//   the new K/V into the cache, split-KV attention and its merge), o_proj + residual, gate_up (post-attention
+//   RMSNorm folded in, SiLU-and-mul in the epilogue), down + residual. Items of a stage go to CTAs round-robin
+//   (item i to CTA i % grid), so every CTA knows its order from the shapes and the context lengths alone.
+// - A stage waits for the one before it through device-wide counters: each finished item adds 1 (release);
+//   a CTA's first item of a stage waits (acquire) until the stage before has all its items. Data made in this
+//   kernel is read through L2 (__ldcg): L1 is not coherent between SMs.
+// - Products: per slot, warp w takes 4 steps of 32 elements of K; lane (g, t) reads 16 bytes of weight row g and
+//   of x row g at the same offset and feeds two mma.m16n8k16 (x's rows as A, weight rows as B's 8 columns; the
+//   mapping of k inside an mma does not matter to a dot product, as in small_m_linear.cu). x is staged in shared
+//   memory once a stage (normalised where a norm comes first, rounded as the unfused RMSNorm rounds).
+// - Attention: an item is (sequence, kv head, split); a split is a run of 32-token chunks, splits per sequence so
+//   that the items fill about one wave. Scores on CUDA cores (32 tokens x 8 lanes of 16 dims), online softmax
+//   in base 2 per query head, P V with one output element a thread. The new token's K and V come from the qkv
+//   output (normalised and rotated here) and are written to the cache by the item that holds that position; the
+//   producer never reads that row. The last split of a (sequence, kv head) to finish merges the partials.
+// Grid: one CTA an SM, all resident (the dependencies spin, so every CTA must run at once).
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/zeros.h>
+
+#include <cmath>
+
+#include "common/checks.h"
+#include "common/ptx.cuh"
+#include "common/ptx_sm90.cuh"
+#include "ops.h"
+
+namespace {
+
+using minivllm::str;
+
+constexpr int kD = 128;               // head_dim
+constexpr int kConsumerWarps = 8;
+constexpr int kConsumers = kConsumerWarps * 32;
+constexpr int kThreads = kConsumers + 32;  // + the producer warp
+constexpr int kMaxRows = 8;           // sequences: x's rows are the mma's A rows 0..7
+constexpr int kMaxGroup = 8;          // query heads a kv head
+constexpr int kSlotK = 1024;          // a weight row's elements a slot
+constexpr int kRowPitch = kSlotK + 32;  // elements: 64 bytes of padding shift row g + 1 by 16 banks
+constexpr int kSlotRows = 8;
+constexpr int kSlotTokens = 32;
+constexpr int kMaxSlots = 16;
+constexpr int kXPad = 32;             // elements of padding a staged x row, for the same reason
+constexpr int kFlushItems = 8;        // product items whose partial sums wait in shared memory for one epilogue
+constexpr int kStages = 5;
+constexpr int kStamps = 4;
+enum Stage { kQkv, kAttn, kO, kGateUp, kDown };
+// The columns of the layer table, one row a layer: device pointers.
+enum Field { kInputNorm, kQkvW, kQNorm, kKNorm, kOW, kPostNorm, kGateUpW, kDownW, kKCache, kVCache, kFields };
+
+template <typename T>
+constexpr int kSlotBytes = kSlotRows * kRowPitch * sizeof(T);
+
+// The products' partial sums [kFlushItems, warps, m, 8] (a multiple of 16 bytes).
+__host__ __device__ constexpr int red_floats(int m) { return kFlushItems * kConsumerWarps * m * kSlotRows; }
+
+template <typename T>
+struct Params {
+  const int64_t* layers;  // [num_layers, kFields]
+  float* residual;        // [m, hidden]: in, the embeddings; out, the stream after the last layer
+  const int64_t* positions;
+  const int64_t* slot_mapping;
+  const int* context_lens;  // including this step's token
+  const int* block_tables;  // [m, block_table_stride]
+  const float* cos;         // [max_position, D]
+  const float* sin;
+  T* qkv;                   // [m, (num_heads + 2 * num_kv_heads) * D]
+  T* attn_out;              // [m, num_heads * D]
+  T* h;                     // [m, intermediate]
+  float* partial_o;         // [m, num_heads, splits, D]
+  float* partial_lse;       // [m, num_heads, splits]
+  int* counters;            // [num_layers, kStages], then [num_layers, m, num_kv_heads]
+  int64_t* timings;         // [grid, num_layers, kStages, kStamps] or nullptr (see consume)
+  int64_t block_table_stride;
+  int64_t max_position;
+  int64_t num_cache_slots;
+  int num_layers, m, hidden, num_heads, num_kv_heads, intermediate, block_size, splits, num_slots, x_pitch;
+  float eps;
+  float scale_log2;  // softmax scale * log2(e)
+};
+
+// Shared memory past the ring and the staged x.
+struct Scratch {
+  float pv[kConsumerWarps][kD];                       // an attention item's P V sums, by warp
+  float q[kMaxGroup][kD];                             // the item's query heads, scaled to base 2
+  float score[kMaxGroup][kSlotTokens];
+  float prob[kMaxGroup][kSlotTokens];
+  float run_max[kMaxGroup], run_sum[kMaxGroup], alpha[kMaxGroup];
+  float sum_sq[kMaxRows];
+  alignas(16) uint16_t new_kv[2][kD];  // this step's k and v of the item's kv head, in T
+  uint64_t full[kMaxSlots], empty[kMaxSlots];
+  int lens[kMaxRows];
+  int last;
+};
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+
+namespace ptx = minivllm::ptx;
+constexpr int kStepsPerWarp = kSlotK / 32 / kConsumerWarps;  // 32 elements of K a step
+constexpr int kBarrierConsumers = 1;  // named barrier of the 8 consumer warps
+
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) {
+  return __float2half_rn(v);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+template <typename T>
+__device__ __forceinline__ float round_to(float v) {
+  return to_float(from_float<T>(v));
+}
+
+// The work of a stage, the same for producer and consumers.
+template <typename T>
+struct Plan {
+  const Params<T>& p;
+  const Scratch& s;
+  __device__ int qkv_rows() const { return (p.num_heads + 2 * p.num_kv_heads) * kD; }
+  __device__ int group() const { return p.num_heads / p.num_kv_heads; }
+  // An attention item: tokens [begin, end) of sequence m for kv head `head`, in chunks [chunk_begin, chunk_end).
+  struct AttnItem {
+    int m, head, split, splits, len, begin, end, chunk_begin, chunk_end;
+  };
+  __device__ int splits_of(int len) const {
+    const int chunks = (len + kSlotTokens - 1) / kSlotTokens;
+    return max(1, min(p.splits, chunks));
+  }
+  __device__ AttnItem attn_item(int item) const {
+    for (int m = 0;; ++m) {
+      const int len = s.lens[m], splits = splits_of(len), n = p.num_kv_heads * splits;
+      if (item < n || m == p.m - 1) {
+        AttnItem it{m, item / splits, item % splits, splits, len, 0, 0, 0, 0};
+        const int chunks = (len + kSlotTokens - 1) / kSlotTokens;
+        it.chunk_begin = it.split * chunks / splits;
+        it.chunk_end = (it.split + 1) * chunks / splits;
+        it.begin = it.chunk_begin * kSlotTokens;
+        it.end = min(it.chunk_end * kSlotTokens, len);
+        return it;
+      }
+      item -= n;
+    }
+  }
+  __device__ int items(int stage) const {
+    switch (stage) {
+      case kQkv: return qkv_rows() / kSlotRows;
+      case kAttn: {
+        int n = 0;
+        for (int m = 0; m < p.m; ++m) n += p.num_kv_heads * splits_of(s.lens[m]);
+        return n;
+      }
+      case kO: return p.hidden / kSlotRows;
+      case kGateUp: return p.intermediate / (kSlotRows / 2);
+      default: return p.hidden / kSlotRows;
+    }
+  }
+  // K of a product stage (its slots an item: K / kSlotK).
+  __device__ int k_of(int stage) const {
+    return stage == kO ? p.num_heads * kD : stage == kDown ? p.intermediate : p.hidden;
+  }
+  // The stage before this one (in this layer, or the last of the layer before): its counter and how many CTAs
+  // count in it, those with an item of it (none before the first qkv).
+  __device__ int dependency(int layer, int stage, int*& counter) const {
+    const int flat = layer * kStages + stage - 1;
+    if (flat < 0) return 0;
+    counter = p.counters + flat;
+    return min(items(stage == kQkv ? kDown : stage - 1), static_cast<int>(gridDim.x));
+  }
+  template <typename U = T>
+  __device__ const U* field(int layer, Field f) const {
+    return reinterpret_cast<const U*>(p.layers[layer * kFields + f]);
+  }
+};
+
+// ---------------------------------------------------------------------------------------------------------------
+// The producer warp.
+
+template <typename T>
+__device__ void produce(const Plan<T>& plan, char* ring, Scratch& s) {
+  const Params<T>& p = plan.p;
+  const int lane = threadIdx.x % 32;
+  int pos = 0;
+  // Claims the next slot: waits for it to be free, announces `bytes`, returns its shared address.
+  auto claim = [&](uint32_t bytes) {
+    const int r = pos % p.num_slots;
+    ptx::mbarrier_wait(ptx::smem_address(&s.empty[r]), ((pos / p.num_slots) & 1) ^ 1);
+    if (lane == 0) ptx::mbarrier_arrive_expect_tx(ptx::smem_address(&s.full[r]), bytes);
+    __syncwarp();
+    return ptx::smem_address(ring + int64_t(r) * kSlotBytes<T>);
+  };
+  for (int layer = 0; layer < p.num_layers; ++layer) {
+    for (int stage = 0; stage < kStages; ++stage) {
+      const int n = plan.items(stage);
+      for (int item = blockIdx.x; item < n; item += gridDim.x) {
+        if (stage == kAttn) {
+          const auto it = plan.attn_item(item);
+          const T* k_cache = plan.field(layer, kKCache);
+          const T* v_cache = plan.field(layer, kVCache);
+          // Lane = token of the chunk; the sequence's last token is this step's, made by the consumers.
+          auto valid = [&](int c) { return c * kSlotTokens + lane < min(it.end, it.len - 1); };
+          auto page_of = [&](int c) {
+            const int token = c * kSlotTokens + lane;
+            return valid(c) ? p.block_tables[it.m * p.block_table_stride + token / p.block_size] : 0;
+          };
+          int page = page_of(it.chunk_begin);
+          for (int c = it.chunk_begin; c < it.chunk_end; ++c, ++pos) {
+            const int next_page = c + 1 < it.chunk_end ? page_of(c + 1) : 0;  // its latency hides behind this slot
+            const int token = c * kSlotTokens + lane;
+            const uint32_t bytes = __popc(__ballot_sync(0xffffffffu, valid(c))) * 2 * kD * sizeof(T);
+            const uint32_t dst = claim(bytes);
+            if (valid(c)) {
+              const int64_t row = (int64_t(page) * p.block_size + token % p.block_size) * p.num_kv_heads + it.head;
+              const uint32_t full = ptx::smem_address(&s.full[pos % p.num_slots]);
+              ptx::bulk_copy_to_shared(dst + lane * kD * sizeof(T), k_cache + row * kD, kD * sizeof(T), full);
+              ptx::bulk_copy_to_shared(dst + (kSlotTokens + lane) * kD * sizeof(T), v_cache + row * kD,
+                                       kD * sizeof(T), full);
+            }
+            page = next_page;
+          }
+          continue;
+        }
+        const Field f = stage == kQkv ? kQkvW : stage == kO ? kOW : stage == kGateUp ? kGateUpW : kDownW;
+        const T* weight = plan.field(layer, f);
+        const int k = plan.k_of(stage);
+        // Lane g < 8 copies weight row g of the item: with the SiLU gate, gate rows 4i.. and up rows I + 4i..
+        int row = item * kSlotRows + lane;
+        if (stage == kGateUp) row = lane < 4 ? item * 4 + lane : p.intermediate + item * 4 + lane - 4;
+        for (int c = 0; c < k / kSlotK; ++c, ++pos) {
+          const uint32_t dst = claim(kSlotRows * kSlotK * sizeof(T));
+          if (lane < kSlotRows) {
+            ptx::bulk_copy_to_shared(dst + lane * kRowPitch * sizeof(T), weight + int64_t(row) * k + c * kSlotK,
+                                     kSlotK * sizeof(T), ptx::smem_address(&s.full[pos % p.num_slots]));
+          }
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The consumer warps.
+
+__device__ __forceinline__ void consumers_sync() { ptx::named_barrier_sync(kBarrierConsumers, kConsumers); }
+
+// Thread 0 spins until *counter >= target, then every consumer may read what the counted CTAs wrote.
+__device__ void wait_for(const int* counter, int target) {
+  if (threadIdx.x == 0) {
+    while (ptx::load_acquire_gpu(counter) < target) __nanosleep(32);
+  }
+  consumers_sync();
+}
+
+// This CTA is done with a stage: every consumer's global writes are ordered before the count by the barrier and
+// thread 0's fence (the cooperative-groups grid barrier's pattern: one fence a CTA, not one a thread).
+__device__ void signal(int* counter) {
+  consumers_sync();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    ptx::add_release_gpu(counter, 1);
+  }
+}
+
+// x for a product stage into shared memory [m, x_pitch] in T: rms_norm(residual) * gamma (qkv, gate_up), rounded
+// as the unfused RMSNorm rounds (to T, then times gamma, to T), or a copy of attn_out (o) or h (down).
+template <typename T>
+__device__ void stage_x(const Plan<T>& plan, int layer, int stage, T* xs, Scratch& s) {
+  const Params<T>& p = plan.p;
+  const int k = plan.k_of(stage);
+  if (stage == kO || stage == kDown) {
+    const T* src = stage == kO ? p.attn_out : p.h;
+    const int vecs = k / 8;  // 16-byte chunks a row
+    for (int i = threadIdx.x; i < p.m * vecs; i += kConsumers) {
+      const int m = i / vecs, v = i % vecs;
+      const uint4 chunk = __ldcg(reinterpret_cast<const uint4*>(src + int64_t(m) * k) + v);
+      *reinterpret_cast<uint4*>(xs + m * p.x_pitch + v * 8) = chunk;
+    }
+    consumers_sync();
+    return;
+  }
+  // One read of the residual: the first kHeld float4s a thread stay in registers for the second pass. k is a
+  // multiple of 1024, so a warp's 32 consecutive float4s lie in one row and its sum goes in with one atomic.
+  constexpr int kHeld = 4;
+  const float4* residual = reinterpret_cast<const float4*>(p.residual);
+  const int quads = k / 4, total = p.m * quads;
+  const T* gamma = plan.field(layer, stage == kQkv ? kInputNorm : kPostNorm);
+  if (threadIdx.x < kMaxRows) s.sum_sq[threadIdx.x] = 0.f;
+  consumers_sync();
+  float4 held[kHeld];
+  auto add_squares = [&](int i, const float4& v) {
+    float sum = v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+    if (threadIdx.x % 32 == 0) atomicAdd(&s.sum_sq[i / quads], sum);
+  };
+#pragma unroll
+  for (int j = 0; j < kHeld; ++j) {
+    const int i = threadIdx.x + j * kConsumers;
+    if (i < total) add_squares(i, held[j] = __ldcg(residual + i));
+  }
+  for (int i = threadIdx.x + kHeld * kConsumers; i < total; i += kConsumers) add_squares(i, __ldcg(residual + i));
+  consumers_sync();
+  auto normalise = [&](int i, const float4& v) {
+    const int m = i / quads, e = (i % quads) * 4;
+    const float inv_rms = rsqrtf(s.sum_sq[m] / k + p.eps);
+    const float x[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      xs[m * p.x_pitch + e + j] = from_float<T>(to_float(gamma[e + j]) * round_to<T>(x[j] * inv_rms));
+    }
+  };
+#pragma unroll
+  for (int j = 0; j < kHeld; ++j) {
+    const int i = threadIdx.x + j * kConsumers;
+    if (i < total) normalise(i, held[j]);
+  }
+  for (int i = threadIdx.x + kHeld * kConsumers; i < total; i += kConsumers) normalise(i, __ldcg(residual + i));
+  consumers_sync();
+}
+
+// Products of a CTA's items 8 weight rows (with the SiLU gate 4 gate and 4 up rows) each, over the slots of an
+// item; each warp's partial sums [m, 8] of an item go to red[item % kFlushItems], and every kFlushItems items (and
+// after the last) one barrier, then the epilogue of those items.
+template <typename T>
+__device__ void product_stage(const Plan<T>& plan, int layer, int stage, int& pos, const char* ring, const T* xs,
+                              float* red, Scratch& s) {
+  const Params<T>& p = plan.p;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
+  const bool row_valid = g < p.m;
+  const int n = plan.items(stage), slots = plan.k_of(stage) / kSlotK;
+  const int cols = stage == kGateUp ? kSlotRows / 2 : kSlotRows;
+  auto red_at = [&](int j, int w, int m, int col) -> float& {
+    return red[((j * kConsumerWarps + w) * p.m + m) * kSlotRows + col];
+  };
+  int pending = 0, first = blockIdx.x;
+  for (int item = blockIdx.x; item < n; item += gridDim.x) {
+    float acc[2][4] = {};
+    for (int c = 0; c < slots; ++c, ++pos) {
+      const int r = pos % p.num_slots;
+      ptx::mbarrier_wait(ptx::smem_address(&s.full[r]), (pos / p.num_slots) & 1);
+      const T* w_row = reinterpret_cast<const T*>(ring + int64_t(r) * kSlotBytes<T>) + g * kRowPitch;
+      const T* x_row = xs + (row_valid ? g : 0) * p.x_pitch + c * kSlotK;
+#pragma unroll
+      for (int i = 0; i < kStepsPerWarp; ++i) {
+        const int e = ((warp * kStepsPerWarp + i) * 4 + t) * 8;
+        const uint4 w = *reinterpret_cast<const uint4*>(w_row + e);
+        const uint4 x = row_valid ? *reinterpret_cast<const uint4*>(x_row + e) : make_uint4(0, 0, 0, 0);
+        const uint32_t a0[4] = {x.x, 0u, x.y, 0u}, a1[4] = {x.z, 0u, x.w, 0u};
+        ptx::mma_16816<T>(acc[0], a0, w.x, w.y);
+        ptx::mma_16816<T>(acc[1], a1, w.z, w.w);
+      }
+      __syncwarp();
+      if (lane == 0) ptx::mbarrier_arrive(ptx::smem_address(&s.empty[r]));
+    }
+    // acc[.][0..1]: x row g, B columns 2t, 2t + 1 (rows g + 8 are padding).
+    if (row_valid) {
+      red_at(pending, warp, g, 2 * t) = acc[0][0] + acc[1][0];
+      red_at(pending, warp, g, 2 * t + 1) = acc[0][1] + acc[1][1];
+    }
+    if (++pending < kFlushItems && item + gridDim.x < n) continue;
+    consumers_sync();
+    for (int o = threadIdx.x; o < pending * p.m * cols; o += kConsumers) {
+      const int j = o / (p.m * cols), m = o / cols % p.m, c = o % cols, out_item = first + j * gridDim.x;
+      auto column = [&](int col) {
+        float sum = 0.f;
+#pragma unroll
+        for (int w = 0; w < kConsumerWarps; ++w) sum += red_at(j, w, m, col);
+        return sum;
+      };
+      if (stage == kQkv) {
+        p.qkv[int64_t(m) * plan.qkv_rows() + out_item * kSlotRows + c] = from_float<T>(column(c));
+      } else if (stage == kGateUp) {
+        const float gate = column(c), up = column(c + cols);
+        p.h[int64_t(m) * p.intermediate + out_item * cols + c] = from_float<T>(gate / (1.f + __expf(-gate)) * up);
+      } else {
+        float* out = p.residual + int64_t(m) * p.hidden + out_item * kSlotRows + c;
+        *out = __ldcg(out) + column(c);
+      }
+    }
+    consumers_sync();  // red is free again
+    first = item + gridDim.x;
+    pending = 0;
+  }
+}
+
+// Lane l of a warp holds elements l + 32 j of a head: rotate_half's partners (j, j + 2) are in the same lane.
+// RMSNorm (when weight) and the neox rotary embedding, as qk_norm_rope_cache.cu computes them, rounded to T.
+template <typename T>
+__device__ void norm_rope(float (&x)[4], const T* weight, float eps, const float* cos, const float* sin) {
+  const int lane = threadIdx.x % 32;
+  if (weight != nullptr) {
+    float sum_sq = 0.f;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) sum_sq += x[j] * x[j];
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) sum_sq += __shfl_xor_sync(0xffffffffu, sum_sq, offset);
+    const float inv_rms = rsqrtf(sum_sq / kD + eps);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) x[j] = round_to<T>(to_float(weight[lane + 32 * j]) * round_to<T>(x[j] * inv_rms));
+  }
+  float out[4];
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    const int d = lane + 32 * j, d2 = d + kD / 2;
+    out[j] = round_to<T>(x[j] * cos[d] - x[j + 2] * sin[d]);
+    out[j + 2] = round_to<T>(x[j + 2] * cos[d2] + x[j] * sin[d2]);
+  }
+#pragma unroll
+  for (int j = 0; j < 4; ++j) x[j] = out[j];
+}
+
+// Scores, online softmax and P V over n tokens of K and V [n, D] in shared memory. P V: warp w takes query head
+// w / parts and tokens j = w % parts (mod parts), lane l dims 4l..4l+3, so a warp reads 256 contiguous bytes of a
+// V row; acc holds those 4 sums, to be added over the parts once the item is done.
+template <typename T>
+__device__ void attend_tokens(const T* k, const T* v, int n, int group, float (&acc)[4], Scratch& s) {
+  const int token = threadIdx.x / 8, sub = threadIdx.x % 8, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  // Scores: 8 lanes a token, each 16 dims (16-byte chunks sub and sub + 8 of the row).
+  float kf[16] = {};
+  if (token < n) {
+    const uint4 c0 = *reinterpret_cast<const uint4*>(k + token * kD + sub * 8);
+    const uint4 c1 = *reinterpret_cast<const uint4*>(k + token * kD + (sub + 8) * 8);
+    const T* e0 = reinterpret_cast<const T*>(&c0);
+    const T* e1 = reinterpret_cast<const T*>(&c1);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      kf[j] = to_float(e0[j]);
+      kf[j + 8] = to_float(e1[j]);
+    }
+  }
+  for (int g = 0; g < group; ++g) {
+    float dot = 0.f;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) dot += s.q[g][sub * 8 + j] * kf[j] + s.q[g][(sub + 8) * 8 + j] * kf[j + 8];
+#pragma unroll
+    for (int offset = 1; offset < 8; offset *= 2) dot += __shfl_xor_sync(0xffffffffu, dot, offset);
+    if (sub == 0) s.score[g][token] = token < n ? dot : -INFINITY;
+  }
+  consumers_sync();
+  // Softmax: warp g for query head g, lane = token.
+  if (warp < group) {
+    const float score = s.score[warp][lane];
+    float block_max = score;
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) {
+      block_max = fmaxf(block_max, __shfl_xor_sync(0xffffffffu, block_max, offset));
+    }
+    const float old_max = s.run_max[warp], new_max = fmaxf(old_max, block_max);
+    const float prob = exp2f(score - new_max);
+    float sum = prob;
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+    s.prob[warp][lane] = prob;
+    __syncwarp();
+    if (lane == 0) {
+      const float alpha = exp2f(old_max - new_max);  // 0 while old_max is -inf
+      s.alpha[warp] = alpha;
+      s.run_sum[warp] = s.run_sum[warp] * alpha + sum;
+      s.run_max[warp] = new_max;
+    }
+  }
+  consumers_sync();
+  const int parts = kConsumerWarps / group, g = warp / parts;
+  const float alpha = s.alpha[g];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) acc[i] *= alpha;
+  for (int j = warp % parts; j < n; j += parts) {
+    const float prob = s.prob[g][j];
+    const uint2 chunk = *reinterpret_cast<const uint2*>(v + j * kD + lane * 4);
+    const T* e = reinterpret_cast<const T*>(&chunk);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[i] += prob * to_float(e[i]);
+  }
+}
+
+// One attention item: (sequence, kv head, split).
+template <typename T>
+__device__ void attention_item(const Plan<T>& plan, int layer, int item, int& pos, const char* ring, Scratch& s) {
+  const Params<T>& p = plan.p;
+  const auto it = plan.attn_item(item);
+  const int group = plan.group(), lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const bool has_new = it.len > 0 && it.len - 1 >= it.begin && it.len - 1 < it.end;
+  T (*new_kv)[kD] = reinterpret_cast<T (*)[kD]>(s.new_kv);
+  // q heads, the new k and v: warp w takes vector w (w < group: q head; group: k; group + 1: v).
+  const int64_t position = p.positions[it.m];
+  CUDA_KERNEL_ASSERT(position >= 0 && position < p.max_position);
+  const T* row = p.qkv + int64_t(it.m) * plan.qkv_rows();
+  for (int vec = warp; vec < group + 2; vec += kConsumerWarps) {
+    const int head = vec < group ? it.head * group + vec
+                                 : p.num_heads + (vec == group ? 0 : p.num_kv_heads) + it.head;
+    float x[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) x[j] = to_float(__ldcg(row + head * kD + lane + 32 * j));
+    if (vec <= group) {
+      norm_rope<T>(x, plan.field(layer, vec < group ? kQNorm : kKNorm), p.eps, p.cos + position * kD,
+                   p.sin + position * kD);
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      if (vec < group) {
+        s.q[vec][lane + 32 * j] = x[j] * p.scale_log2;
+      } else {
+        new_kv[vec - group][lane + 32 * j] = from_float<T>(x[j]);
+      }
+    }
+  }
+  if (threadIdx.x < kMaxGroup) {
+    s.run_max[threadIdx.x] = -INFINITY;
+    s.run_sum[threadIdx.x] = 0.f;
+  }
+  consumers_sync();
+  if (has_new && threadIdx.x < 2 * kD) {
+    const int64_t slot = p.slot_mapping[it.m];
+    if (slot >= 0) {
+      CUDA_KERNEL_ASSERT(slot < p.num_cache_slots);
+      T* cache = const_cast<T*>(plan.field(layer, threadIdx.x < kD ? kKCache : kVCache));
+      cache[(slot * p.num_kv_heads + it.head) * kD + threadIdx.x % kD] = new_kv[threadIdx.x / kD][threadIdx.x % kD];
+    }
+  }
+  float acc[4] = {};
+  for (int c = it.chunk_begin; c < it.chunk_end; ++c, ++pos) {
+    const int r = pos % p.num_slots;
+    ptx::mbarrier_wait(ptx::smem_address(&s.full[r]), (pos / p.num_slots) & 1);
+    const T* k = reinterpret_cast<const T*>(ring + int64_t(r) * kSlotBytes<T>);
+    const int n = max(0, min(min(it.end, it.len - 1) - c * kSlotTokens, kSlotTokens));
+    if (n > 0) attend_tokens<T>(k, k + kSlotTokens * kD, n, group, acc, s);
+    __syncwarp();
+    if (lane == 0) ptx::mbarrier_arrive(ptx::smem_address(&s.empty[r]));
+  }
+  if (has_new) attend_tokens<T>(new_kv[0], new_kv[1], 1, group, acc, s);
+
+  // The parts' sums, normalised; one split writes attn_out, several write partials that the last of them merges.
+#pragma unroll
+  for (int i = 0; i < 4; ++i) s.pv[warp][lane * 4 + i] = acc[i];
+  consumers_sync();
+  const int first_q = it.head * group, parts = kConsumerWarps / group;
+  for (int o = threadIdx.x; o < group * kD; o += kConsumers) {
+    const int g = o / kD, d = o % kD;
+    float sum_pv = 0.f;
+    for (int part = 0; part < parts; ++part) sum_pv += s.pv[g * parts + part][d];
+    const float sum = s.run_sum[g], out = sum > 0.f ? sum_pv / sum : 0.f;
+    if (it.splits == 1) {
+      p.attn_out[(int64_t(it.m) * p.num_heads + first_q + g) * kD + d] = from_float<T>(out);
+    } else {
+      const int64_t at = (int64_t(it.m) * p.num_heads + first_q + g) * p.splits + it.split;
+      p.partial_o[at * kD + d] = out;
+      if (d == 0) p.partial_lse[at] = sum > 0.f ? s.run_max[g] + __log2f(sum) : -INFINITY;
+    }
+  }
+  if (it.splits == 1) return consumers_sync();  // s.pv and the softmax state are free again
+  int* arrivals = p.counters + p.num_layers * kStages + (layer * p.m + it.m) * p.num_kv_heads + it.head;
+  consumers_sync();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    s.last = atomicAdd(arrivals, 1) == it.splits - 1;
+    if (s.last) __threadfence();
+  }
+  consumers_sync();
+  if (!s.last) return;
+  for (int o = threadIdx.x; o < group * kD; o += kConsumers) {
+    const int g = o / kD, d = o % kD;
+    const int64_t at = (int64_t(it.m) * p.num_heads + first_q + g) * p.splits;
+    float lse_max = -INFINITY;
+    for (int j = 0; j < it.splits; ++j) lse_max = fmaxf(lse_max, __ldcg(p.partial_lse + at + j));
+    float num = 0.f, den = 0.f;
+    if (lse_max > -INFINITY) {
+      for (int j = 0; j < it.splits; ++j) {
+        const float w = exp2f(__ldcg(p.partial_lse + at + j) - lse_max);
+        num += w * __ldcg(p.partial_o + (at + j) * kD + d);
+        den += w;
+      }
+    }
+    p.attn_out[(int64_t(it.m) * p.num_heads + first_q + g) * kD + d] = from_float<T>(den > 0.f ? num / den : 0.f);
+  }
+  consumers_sync();
+}
+
+template <typename T>
+__device__ void consume(const Plan<T>& plan, const char* ring, T* xs, float* red, Scratch& s) {
+  const Params<T>& p = plan.p;
+  // With p.timings, thread 0's global timer (ns) at each of its stages' start, once the dependency is met, once x
+  // is staged and once it has signalled: where the step's time goes (benchmarks.decode_layers --stages).
+  auto stamp = [&](int layer, int stage, int k) {
+    if (p.timings == nullptr || threadIdx.x != 0) return;
+    p.timings[((int64_t(blockIdx.x) * p.num_layers + layer) * kStages + stage) * kStamps + k] = ptx::global_timer_ns();
+  };
+  int pos = 0;
+  for (int layer = 0; layer < p.num_layers; ++layer) {
+    for (int stage = 0; stage < kStages; ++stage) {
+      const int n = plan.items(stage);
+      if (blockIdx.x >= n) continue;
+      stamp(layer, stage, 0);
+      int* counter = nullptr;
+      const int target = plan.dependency(layer, stage, counter);
+      if (counter != nullptr) wait_for(counter, target);
+      stamp(layer, stage, 1);
+      if (stage == kAttn) {
+        stamp(layer, stage, 2);
+        for (int item = blockIdx.x; item < n; item += gridDim.x) attention_item(plan, layer, item, pos, ring, s);
+      } else {
+        stage_x(plan, layer, stage, xs, s);
+        stamp(layer, stage, 2);
+        product_stage(plan, layer, stage, pos, ring, xs, red, s);
+      }
+      signal(p.counters + layer * kStages + stage);
+      stamp(layer, stage, 3);
+    }
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 1) decode_layers_kernel(const __grid_constant__ Params<T> p) {
+  extern __shared__ __align__(128) char smem[];
+  char* ring = smem;
+  T* xs = reinterpret_cast<T*>(smem + int64_t(p.num_slots) * kSlotBytes<T>);
+  float* red = reinterpret_cast<float*>(xs + int64_t(p.m) * p.x_pitch);
+  Scratch& s = *reinterpret_cast<Scratch*>(red + red_floats(p.m));
+  if (threadIdx.x < p.num_slots) {
+    ptx::mbarrier_init(ptx::smem_address(&s.full[threadIdx.x]), 1);
+    ptx::mbarrier_init(ptx::smem_address(&s.empty[threadIdx.x]), kConsumerWarps);
+  }
+  if (threadIdx.x < kMaxRows) s.lens[threadIdx.x] = threadIdx.x < p.m ? p.context_lens[threadIdx.x] : 0;
+  ptx::fence_barrier_init();
+  __syncthreads();
+  const Plan<T> plan{p, s};
+  if (threadIdx.x >= kConsumers) {
+    produce(plan, ring, s);
+  } else {
+    consume(plan, ring, xs, red, s);
+  }
+}
+
+#else  // older GPUs: never launched (the host refuses below sm_90)
+
+template <typename T>
+__global__ void decode_layers_kernel(const __grid_constant__ Params<T> p) {}
+
+#endif
+
+// The kernel's shared memory past the ring: x staged, the products' partial sums, then Scratch.
+template <typename T>
+int64_t fixed_smem(int m, int x_pitch) {
+  return int64_t(m) * x_pitch * sizeof(T) + red_floats(m) * sizeof(float) + sizeof(Scratch);
+}
+
+template <typename T>
+void launch(Params<T> p, int grid, cudaStream_t stream) {
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  const int64_t available = int64_t(prop->sharedMemPerBlockOptin) - fixed_smem<T>(p.m, p.x_pitch);
+  p.num_slots = static_cast<int>(std::min<int64_t>(kMaxSlots, available / kSlotBytes<T>));
+  TORCH_CHECK(p.num_slots >= 3, "decode_layers: the staged activations leave room for ", p.num_slots,
+              " ring slots in shared memory; the kernel needs 3 (fewer rows or a smaller model)");
+  const int64_t smem = int64_t(p.num_slots) * kSlotBytes<T> + fixed_smem<T>(p.m, p.x_pitch);
+  static const bool configured = [&] {  // one per instantiation (T)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(decode_layers_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(prop->sharedMemPerBlockOptin)));
+    return true;
+  }();
+  (void)configured;
+  decode_layers_kernel<T><<<grid, kThreads, smem, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void check_cuda(const torch::Tensor& t, const char* name, const torch::Tensor& residual, at::ScalarType dtype) {
+  TORCH_CHECK(t.is_cuda() && t.device() == residual.device(), "decode_layers: ", name,
+              " must be a CUDA tensor on residual's device ", residual.device().str(), ", got ", t.device().str());
+  TORCH_CHECK(t.scalar_type() == dtype, "decode_layers: ", name, " must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), "decode_layers: ", name, " must be contiguous, got strides ", str(t.strides()));
+}
+
+}  // namespace
+
+bool decode_layers_available() {
+  return at::cuda::is_available() && at::cuda::getCurrentDeviceProperties()->major >= 9;
+}
+
+void decode_layers(torch::Tensor& residual, const torch::Tensor& layers, const torch::Tensor& k_cache,
+                   const torch::Tensor& positions, const torch::Tensor& slot_mapping,
+                   const torch::Tensor& context_lens, const torch::Tensor& block_tables, const torch::Tensor& cos,
+                   const torch::Tensor& sin, int64_t num_heads, int64_t intermediate, double eps, double scale,
+                   const std::optional<torch::Tensor>& timings) {
+  TORCH_CHECK(residual.is_cuda() && residual.scalar_type() == at::kFloat && residual.dim() == 2 &&
+                  residual.is_contiguous(),
+              "decode_layers: residual must be a contiguous fp32 CUDA tensor [M, hidden], got ", residual.scalar_type(),
+              " of shape ", str(residual.sizes()));
+  TORCH_CHECK(decode_layers_available(), "decode_layers: the kernel needs an sm_90 or later GPU");
+  const at::ScalarType dtype = k_cache.scalar_type();
+  TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16, "decode_layers: the model dtype ", dtype,
+              " is not supported; use torch.float16 or torch.bfloat16");
+  check_cuda(k_cache, "k_cache", residual, dtype);
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.size(3) == kD, "decode_layers: k_cache must be [blocks, block_size, "
+              "kv_heads, 128], got shape ", str(k_cache.sizes()));
+  const int64_t m = residual.size(0), hidden = residual.size(1), num_kv_heads = k_cache.size(2);
+  TORCH_CHECK(m >= 1 && m <= kMaxRows, "decode_layers: ", str(m), " rows; the kernel takes 1 to ", str(kMaxRows));
+  const int64_t group = num_kv_heads > 0 && num_heads % num_kv_heads == 0 ? num_heads / num_kv_heads : 0;
+  TORCH_CHECK(group == 1 || group == 2 || group == 4 || group == 8, "decode_layers: num_heads ", str(num_heads),
+              " must be 1, 2, 4 or 8 times the ", str(num_kv_heads), " kv heads (query heads a kv head)");
+  for (int64_t k : {hidden, num_heads * kD, intermediate}) {
+    TORCH_CHECK(k > 0 && k % kSlotK == 0, "decode_layers: hidden, num_heads * 128 and intermediate must be "
+                "positive multiples of ", str(kSlotK), ", got ", str(k));
+  }
+  check_cuda(layers, "layers", residual, at::kLong);
+  TORCH_CHECK(layers.dim() == 2 && layers.size(1) == kFields && layers.size(0) >= 1,
+              "decode_layers: layers must be [num_layers, ", str(kFields), "] device pointers, got shape ",
+              str(layers.sizes()));
+  check_cuda(positions, "positions", residual, at::kLong);
+  check_cuda(slot_mapping, "slot_mapping", residual, at::kLong);
+  check_cuda(context_lens, "context_lens", residual, at::kInt);
+  TORCH_CHECK(positions.numel() == m && slot_mapping.numel() == m && context_lens.numel() == m,
+              "decode_layers: positions, slot_mapping and context_lens need one entry a row (", str(m), ")");
+  TORCH_CHECK(block_tables.is_cuda() && block_tables.scalar_type() == at::kInt && block_tables.dim() == 2 &&
+                  block_tables.size(0) == m && block_tables.stride(1) == 1,
+              "decode_layers: block_tables must be an int32 CUDA tensor [M, max_blocks], rows contiguous, got ",
+              block_tables.scalar_type(), " of shape ", str(block_tables.sizes()));
+  check_cuda(cos, "cos", residual, at::kFloat);
+  check_cuda(sin, "sin", residual, at::kFloat);
+  TORCH_CHECK(cos.dim() == 2 && cos.size(1) == kD && sin.sizes() == cos.sizes(),
+              "decode_layers: cos and sin must be [max_position, 128], got ", str(cos.sizes()), " and ",
+              str(sin.sizes()));
+
+  const int grid = at::cuda::getDeviceProperties(residual.device().index())->multiProcessorCount;
+  if (timings.has_value()) {
+    check_cuda(*timings, "timings", residual, at::kLong);
+    TORCH_CHECK(timings->numel() >= int64_t(grid) * layers.size(0) * kStages * kStamps, "decode_layers: timings "
+                "must hold [SMs, num_layers, 5, 4] = [", str(grid), ", ", str(layers.size(0)), ", 5, 4] int64s, got ",
+                str(timings->numel()));
+  }
+  const c10::cuda::CUDAGuard guard(residual.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const auto options = residual.options().dtype(dtype);
+  const int64_t qkv_rows = (num_heads + 2 * num_kv_heads) * kD;
+  const int num_layers = static_cast<int>(layers.size(0));
+  // One CTA an SM; splits per (sequence, kv head) so that the attention items fill about one wave of them.
+  const int splits = std::max<int>(1, grid / static_cast<int>(m * num_kv_heads));
+  torch::Tensor qkv = torch::empty({m, qkv_rows}, options);
+  torch::Tensor attn_out = torch::empty({m, num_heads * kD}, options);
+  torch::Tensor h = torch::empty({m, intermediate}, options);
+  torch::Tensor partial_o = torch::empty({m, num_heads, splits, kD}, residual.options());
+  torch::Tensor partial_lse = torch::empty({m, num_heads, splits}, residual.options());
+  torch::Tensor counters = at::zeros({num_layers * (kStages + m * num_kv_heads)}, residual.options().dtype(at::kInt));
+
+  auto fill = [&](auto* type_tag) {
+    using T = std::remove_pointer_t<decltype(type_tag)>;
+    Params<T> p{};
+    p.layers = layers.data_ptr<int64_t>();
+    p.residual = residual.data_ptr<float>();
+    p.positions = positions.data_ptr<int64_t>();
+    p.slot_mapping = slot_mapping.data_ptr<int64_t>();
+    p.context_lens = context_lens.data_ptr<int>();
+    p.block_tables = block_tables.data_ptr<int>();
+    p.cos = cos.data_ptr<float>();
+    p.sin = sin.data_ptr<float>();
+    p.qkv = static_cast<T*>(qkv.data_ptr());
+    p.attn_out = static_cast<T*>(attn_out.data_ptr());
+    p.h = static_cast<T*>(h.data_ptr());
+    p.partial_o = partial_o.data_ptr<float>();
+    p.partial_lse = partial_lse.data_ptr<float>();
+    p.counters = counters.data_ptr<int>();
+    p.timings = timings.has_value() ? timings->data_ptr<int64_t>() : nullptr;
+    p.block_table_stride = block_tables.stride(0);
+    p.max_position = cos.size(0);
+    p.num_cache_slots = k_cache.size(0) * k_cache.size(1);
+    p.num_layers = num_layers;
+    p.m = static_cast<int>(m);
+    p.hidden = static_cast<int>(hidden);
+    p.num_heads = static_cast<int>(num_heads);
+    p.num_kv_heads = static_cast<int>(num_kv_heads);
+    p.intermediate = static_cast<int>(intermediate);
+    p.block_size = static_cast<int>(k_cache.size(1));
+    p.splits = splits;
+    p.x_pitch = static_cast<int>(std::max({hidden, num_heads * kD, intermediate}) + kXPad);
+    p.eps = static_cast<float>(eps);
+    p.scale_log2 = static_cast<float>(scale * M_LOG2E);
+    launch<T>(p, grid, stream);
+  };
+  if (dtype == at::kHalf) {
+    fill(static_cast<__half*>(nullptr));
+  } else {
+    fill(static_cast<__nv_bfloat16*>(nullptr));
+  }
+}
