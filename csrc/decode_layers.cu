@@ -53,7 +53,6 @@ constexpr int kThreads = kConsumers + 32;  // + the producer warp
 constexpr int kMaxRows = 8;           // sequences: x's rows are the mma's A rows 0..7
 constexpr int kMaxGroup = 8;          // query heads a kv head
 constexpr int kSlotK = 1024;          // a weight row's elements a slot
-constexpr int kRowPitch = kSlotK + 32;  // elements: 64 bytes of padding shift row g + 1 by 16 banks
 constexpr int kSlotRows = 8;
 constexpr int kSlotTokens = 32;
 constexpr int kMaxSlots = 16;
@@ -66,7 +65,7 @@ enum Stage { kQkv, kAttn, kO, kGateUp, kDown };
 enum Field { kInputNorm, kQkvW, kQNorm, kKNorm, kOW, kPostNorm, kGateUpW, kDownW, kKCache, kVCache, kFields };
 
 template <typename T>
-constexpr int kSlotBytes = kSlotRows * kRowPitch * sizeof(T);
+constexpr int kSlotBytes = kSlotRows * kSlotK * sizeof(T);
 
 // The products' partial sums [kFlushItems, warps, m, 8] (a multiple of 16 bytes).
 __host__ __device__ constexpr int red_floats(int m) { return kFlushItems * kConsumerWarps * m * kSlotRows; }
@@ -197,17 +196,56 @@ struct Plan {
 // ---------------------------------------------------------------------------------------------------------------
 // The producer warp.
 
+// An attention item's cached K and V rows, 32 tokens a slot: K rows 0..31 then V rows, 256 bytes each at D = 128.
+// A row is 256 contiguous bytes of the cache (one token's head), too small for bulk copies, which cost the TMA unit
+// as much per copy as a large one: 16-byte cp.async instead, a warp's instruction covering two tokens' rows (512
+// contiguous bytes of shared memory), each lane's copies arriving at the slot's full barrier when they land. The
+// sequence's last token is this step's, made by the consumers: never read here.
+template <typename T, typename Claim>
+__device__ void produce_kv(const Plan<T>& plan, int layer, const typename Plan<T>::AttnItem& it, int& pos,
+                           Claim& claim) {
+  const Params<T>& p = plan.p;
+  const int lane = threadIdx.x % 32;
+  const T* k_cache = plan.field(layer, kKCache);
+  const T* v_cache = plan.field(layer, kVCache);
+  const int cached_end = min(it.end, it.len - 1);
+  // Lane l fetches the page of the chunk's token l a slot ahead, so that its latency hides behind the copies.
+  auto page_of = [&](int c) {
+    const int token = c * kSlotTokens + lane;
+    return token < cached_end ? p.block_tables[it.m * p.block_table_stride + token / p.block_size] : -1;
+  };
+  int page = page_of(it.chunk_begin);
+  for (int c = it.chunk_begin; c < it.chunk_end; ++c, ++pos) {
+    const int next_page = c + 1 < it.chunk_end ? page_of(c + 1) : -1;
+    uint32_t full;
+    const uint32_t dst = claim(full);
+    constexpr int kChunksPerRow = kD * sizeof(T) / 16;
+#pragma unroll 4
+    for (int i = 0; i < kSlotTokens * kChunksPerRow / 32; ++i) {
+      const int token = i * 32 / kChunksPerRow + lane / kChunksPerRow, chunk = lane % kChunksPerRow;
+      const int token_page = __shfl_sync(0xffffffffu, page, token);
+      if (token_page < 0) continue;
+      const int position = c * kSlotTokens + token;
+      const int64_t row = (int64_t(token_page) * p.block_size + position % p.block_size) * p.num_kv_heads + it.head;
+      const uint32_t at = dst + token * kD * sizeof(T) + chunk * 16;
+      ptx::cp_async_16(at, k_cache + row * kD + chunk * 8, true);
+      ptx::cp_async_16(at + kSlotTokens * kD * sizeof(T), v_cache + row * kD + chunk * 8, true);
+    }
+    ptx::cp_async_mbarrier_arrive_noinc(full);
+    page = next_page;
+  }
+}
+
 template <typename T>
 __device__ void produce(const Plan<T>& plan, char* ring, Scratch& s) {
   const Params<T>& p = plan.p;
   const int lane = threadIdx.x % 32;
   int pos = 0;
-  // Claims the next slot: waits for it to be free, announces `bytes`, returns its shared address.
-  auto claim = [&](uint32_t bytes) {
+  // The next slot, once free: its shared address, and its full barrier, which all 32 lanes arrive at.
+  auto claim = [&](uint32_t& full) {
     const int r = pos % p.num_slots;
     ptx::mbarrier_wait(ptx::smem_address(&s.empty[r]), ((pos / p.num_slots) & 1) ^ 1);
-    if (lane == 0) ptx::mbarrier_arrive_expect_tx(ptx::smem_address(&s.full[r]), bytes);
-    __syncwarp();
+    full = ptx::smem_address(&s.full[r]);
     return ptx::smem_address(ring + int64_t(r) * kSlotBytes<T>);
   };
   for (int layer = 0; layer < p.num_layers; ++layer) {
@@ -215,44 +253,36 @@ __device__ void produce(const Plan<T>& plan, char* ring, Scratch& s) {
       const int n = plan.items(stage);
       for (int item = blockIdx.x; item < n; item += gridDim.x) {
         if (stage == kAttn) {
-          const auto it = plan.attn_item(item);
-          const T* k_cache = plan.field(layer, kKCache);
-          const T* v_cache = plan.field(layer, kVCache);
-          // Lane = token of the chunk; the sequence's last token is this step's, made by the consumers.
-          auto valid = [&](int c) { return c * kSlotTokens + lane < min(it.end, it.len - 1); };
-          auto page_of = [&](int c) {
-            const int token = c * kSlotTokens + lane;
-            return valid(c) ? p.block_tables[it.m * p.block_table_stride + token / p.block_size] : 0;
-          };
-          int page = page_of(it.chunk_begin);
-          for (int c = it.chunk_begin; c < it.chunk_end; ++c, ++pos) {
-            const int next_page = c + 1 < it.chunk_end ? page_of(c + 1) : 0;  // its latency hides behind this slot
-            const int token = c * kSlotTokens + lane;
-            const uint32_t bytes = __popc(__ballot_sync(0xffffffffu, valid(c))) * 2 * kD * sizeof(T);
-            const uint32_t dst = claim(bytes);
-            if (valid(c)) {
-              const int64_t row = (int64_t(page) * p.block_size + token % p.block_size) * p.num_kv_heads + it.head;
-              const uint32_t full = ptx::smem_address(&s.full[pos % p.num_slots]);
-              ptx::bulk_copy_to_shared(dst + lane * kD * sizeof(T), k_cache + row * kD, kD * sizeof(T), full);
-              ptx::bulk_copy_to_shared(dst + (kSlotTokens + lane) * kD * sizeof(T), v_cache + row * kD,
-                                       kD * sizeof(T), full);
-            }
-            page = next_page;
-          }
+          produce_kv(plan, layer, plan.attn_item(item), pos, claim);
           continue;
         }
         const Field f = stage == kQkv ? kQkvW : stage == kO ? kOW : stage == kGateUp ? kGateUpW : kDownW;
         const T* weight = plan.field(layer, f);
         const int k = plan.k_of(stage);
-        // Lane g < 8 copies weight row g of the item: with the SiLU gate, gate rows 4i.. and up rows I + 4i..
-        int row = item * kSlotRows + lane;
-        if (stage == kGateUp) row = lane < 4 ? item * 4 + lane : p.intermediate + item * 4 + lane - 4;
+        // Slot row g: weight row 8i + g, or with the SiLU gate gate rows 4i.. then up rows I + 4i..
+        const int first_row = stage == kGateUp ? item * 4 : item * kSlotRows;
+        auto row_of = [&](int g) {
+          return stage == kGateUp && g >= 4 ? p.intermediate + first_row + g - 4 : first_row + g;
+        };
         for (int c = 0; c < k / kSlotK; ++c, ++pos) {
-          const uint32_t dst = claim(kSlotRows * kSlotK * sizeof(T));
-          if (lane < kSlotRows) {
-            ptx::bulk_copy_to_shared(dst + lane * kRowPitch * sizeof(T), weight + int64_t(row) * k + c * kSlotK,
-                                     kSlotK * sizeof(T), ptx::smem_address(&s.full[pos % p.num_slots]));
+          uint32_t full;
+          const uint32_t dst = claim(full);
+          if (lane == 0) {
+            ptx::mbarrier_arrive_expect_tx(full, kSlotBytes<T>);
+            if (k == kSlotK) {  // the rows are contiguous: one copy (two with the SiLU gate's halves)
+              const int runs = stage == kGateUp ? 2 : 1, rows = kSlotRows / runs;
+              for (int run = 0; run < runs; ++run) {
+                const T* src = weight + int64_t(row_of(run * rows)) * k;
+                ptx::bulk_copy_to_shared(dst + run * rows * kSlotK * sizeof(T), src, rows * kSlotK * sizeof(T), full);
+              }
+            }
           }
+          __syncwarp();
+          if (k != kSlotK && lane < kSlotRows) {  // a row's 1024 elements of this slot
+            ptx::bulk_copy_to_shared(dst + lane * kSlotK * sizeof(T), weight + int64_t(row_of(lane)) * k + c * kSlotK,
+                                     kSlotK * sizeof(T), full);
+          }
+          if (lane != 0) ptx::mbarrier_arrive(full);
         }
       }
     }
@@ -272,23 +302,28 @@ __device__ void wait_for(const int* counter, int target) {
   consumers_sync();
 }
 
-// This CTA is done with a stage: every consumer's global writes are ordered before the count by the barrier and
-// thread 0's fence (the cooperative-groups grid barrier's pattern: one fence a CTA, not one a thread).
+// This CTA is done with a stage: the barrier orders every consumer's global writes before thread 0's release of
+// the count (CUTLASS's generic barrier: release and acquire, no separate fence).
 __device__ void signal(int* counter) {
   consumers_sync();
-  if (threadIdx.x == 0) {
-    __threadfence();
-    ptx::add_release_gpu(counter, 1);
-  }
+  if (threadIdx.x == 0) ptx::add_release_gpu(counter, 1);
 }
 
 // x for a product stage into shared memory [m, x_pitch] in T: rms_norm(residual) * gamma (qkv, gate_up), rounded
-// as the unfused RMSNorm rounds (to T, then times gamma, to T), or a copy of attn_out (o) or h (down).
+// as the unfused RMSNorm rounds (to T, then times gamma, to T), or a copy of attn_out (o) or h (down). It waits for
+// the stage before (counter, target; nullptr: nothing) once what does not depend on it is loaded, and thread 0
+// stamps the time after the wait at `waited`.
 template <typename T>
-__device__ void stage_x(const Plan<T>& plan, int layer, int stage, T* xs, Scratch& s) {
+__device__ void stage_x(const Plan<T>& plan, int layer, int stage, T* xs, Scratch& s, const int* counter, int target,
+                        int64_t* waited) {
   const Params<T>& p = plan.p;
   const int k = plan.k_of(stage);
+  auto wait = [&] {
+    if (counter != nullptr) wait_for(counter, target);
+    if (waited != nullptr && threadIdx.x == 0) *waited = ptx::global_timer_ns();
+  };
   if (stage == kO || stage == kDown) {
+    wait();
     const T* src = stage == kO ? p.attn_out : p.h;
     const int vecs = k / 8;  // 16-byte chunks a row
     for (int i = threadIdx.x; i < p.m * vecs; i += kConsumers) {
@@ -299,15 +334,23 @@ __device__ void stage_x(const Plan<T>& plan, int layer, int stage, T* xs, Scratc
     consumers_sync();
     return;
   }
-  // One read of the residual: the first kHeld float4s a thread stay in registers for the second pass. k is a
-  // multiple of 1024, so a warp's 32 consecutive float4s lie in one row and its sum goes in with one atomic.
+  // One read of the residual: the first kHeld float4s a thread stay in registers for the second pass, with their
+  // gamma, loaded before the wait. k is a multiple of 1024, so a warp's 32 consecutive float4s lie in one row and
+  // its sum goes in with one atomic.
   constexpr int kHeld = 4;
   const float4* residual = reinterpret_cast<const float4*>(p.residual);
   const int quads = k / 4, total = p.m * quads;
   const T* gamma = plan.field(layer, stage == kQkv ? kInputNorm : kPostNorm);
-  if (threadIdx.x < kMaxRows) s.sum_sq[threadIdx.x] = 0.f;
-  consumers_sync();
+  auto gamma_of = [&](int i) { return __ldg(reinterpret_cast<const uint2*>(gamma) + i % quads); };
   float4 held[kHeld];
+  uint2 held_gamma[kHeld];
+#pragma unroll
+  for (int j = 0; j < kHeld; ++j) {
+    const int i = threadIdx.x + j * kConsumers;
+    if (i < total) held_gamma[j] = gamma_of(i);
+  }
+  if (threadIdx.x < kMaxRows) s.sum_sq[threadIdx.x] = 0.f;
+  wait();  // (its barrier also orders the zeros before the sums)
   auto add_squares = [&](int i, const float4& v) {
     float sum = v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
 #pragma unroll
@@ -321,21 +364,24 @@ __device__ void stage_x(const Plan<T>& plan, int layer, int stage, T* xs, Scratc
   }
   for (int i = threadIdx.x + kHeld * kConsumers; i < total; i += kConsumers) add_squares(i, __ldcg(residual + i));
   consumers_sync();
-  auto normalise = [&](int i, const float4& v) {
+  auto normalise = [&](int i, const float4& v, const uint2& g) {
     const int m = i / quads, e = (i % quads) * 4;
     const float inv_rms = rsqrtf(s.sum_sq[m] / k + p.eps);
     const float x[4] = {v.x, v.y, v.z, v.w};
+    const T* gm = reinterpret_cast<const T*>(&g);
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      xs[m * p.x_pitch + e + j] = from_float<T>(to_float(gamma[e + j]) * round_to<T>(x[j] * inv_rms));
+      xs[m * p.x_pitch + e + j] = from_float<T>(to_float(gm[j]) * round_to<T>(x[j] * inv_rms));
     }
   };
 #pragma unroll
   for (int j = 0; j < kHeld; ++j) {
     const int i = threadIdx.x + j * kConsumers;
-    if (i < total) normalise(i, held[j]);
+    if (i < total) normalise(i, held[j], held_gamma[j]);
   }
-  for (int i = threadIdx.x + kHeld * kConsumers; i < total; i += kConsumers) normalise(i, __ldcg(residual + i));
+  for (int i = threadIdx.x + kHeld * kConsumers; i < total; i += kConsumers) {
+    normalise(i, __ldcg(residual + i), gamma_of(i));
+  }
   consumers_sync();
 }
 
@@ -359,7 +405,7 @@ __device__ void product_stage(const Plan<T>& plan, int layer, int stage, int& po
     for (int c = 0; c < slots; ++c, ++pos) {
       const int r = pos % p.num_slots;
       ptx::mbarrier_wait(ptx::smem_address(&s.full[r]), (pos / p.num_slots) & 1);
-      const T* w_row = reinterpret_cast<const T*>(ring + int64_t(r) * kSlotBytes<T>) + g * kRowPitch;
+      const T* w_row = reinterpret_cast<const T*>(ring + int64_t(r) * kSlotBytes<T>) + g * kSlotK;
       const T* x_row = xs + (row_valid ? g : 0) * p.x_pitch + c * kSlotK;
 #pragma unroll
       for (int i = 0; i < kStepsPerWarp; ++i) {
@@ -404,12 +450,32 @@ __device__ void product_stage(const Plan<T>& plan, int layer, int stage, int& po
   }
 }
 
-// Lane l of a warp holds elements l + 32 j of a head: rotate_half's partners (j, j + 2) are in the same lane.
-// RMSNorm (when weight) and the neox rotary embedding, as qk_norm_rope_cache.cu computes them, rounded to T.
+// What q/k normalisation and rotary need of a head besides its values, loaded before the wait for qkv: lane l
+// holds elements l + 32 j (rotate_half's partners, j and j + 2, are in the same lane).
+struct HeadConstants {
+  float cos[4], sin[4], weight[4];
+  bool norm;
+};
+
 template <typename T>
-__device__ void norm_rope(float (&x)[4], const T* weight, float eps, const float* cos, const float* sin) {
+__device__ HeadConstants head_constants(const T* weight, const float* cos, const float* sin) {
   const int lane = threadIdx.x % 32;
-  if (weight != nullptr) {
+  HeadConstants h;
+  h.norm = weight != nullptr;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int d = lane + 32 * j;
+    h.cos[j] = cos[d];
+    h.sin[j] = sin[d];
+    h.weight[j] = h.norm ? to_float(weight[d]) : 1.f;
+  }
+  return h;
+}
+
+// RMSNorm (when a weight) and the neox rotary embedding, as qk_norm_rope_cache.cu computes them, rounded to T.
+template <typename T>
+__device__ void norm_rope(float (&x)[4], const HeadConstants& h, float eps) {
+  if (h.norm) {
     float sum_sq = 0.f;
 #pragma unroll
     for (int j = 0; j < 4; ++j) sum_sq += x[j] * x[j];
@@ -417,14 +483,13 @@ __device__ void norm_rope(float (&x)[4], const T* weight, float eps, const float
     for (int offset = 16; offset > 0; offset /= 2) sum_sq += __shfl_xor_sync(0xffffffffu, sum_sq, offset);
     const float inv_rms = rsqrtf(sum_sq / kD + eps);
 #pragma unroll
-    for (int j = 0; j < 4; ++j) x[j] = round_to<T>(to_float(weight[lane + 32 * j]) * round_to<T>(x[j] * inv_rms));
+    for (int j = 0; j < 4; ++j) x[j] = round_to<T>(h.weight[j] * round_to<T>(x[j] * inv_rms));
   }
   float out[4];
 #pragma unroll
   for (int j = 0; j < 2; ++j) {
-    const int d = lane + 32 * j, d2 = d + kD / 2;
-    out[j] = round_to<T>(x[j] * cos[d] - x[j + 2] * sin[d]);
-    out[j + 2] = round_to<T>(x[j + 2] * cos[d2] + x[j] * sin[d2]);
+    out[j] = round_to<T>(x[j] * h.cos[j] - x[j + 2] * h.sin[j]);
+    out[j + 2] = round_to<T>(x[j + 2] * h.cos[j + 2] + x[j] * h.sin[j + 2]);
   }
 #pragma unroll
   for (int j = 0; j < 4; ++j) x[j] = out[j];
@@ -494,9 +559,12 @@ __device__ void attend_tokens(const T* k, const T* v, int n, int group, float (&
   }
 }
 
-// One attention item: (sequence, kv head, split).
+// One attention item: (sequence, kv head, split). For the CTA's first item of the stage, counter and target say what
+// to wait for once the constants are loaded (nullptr: nothing), and thread 0 stamps the time after it at waited[0]
+// and waited[1] (attention stages nothing: its staging takes no time).
 template <typename T>
-__device__ void attention_item(const Plan<T>& plan, int layer, int item, int& pos, const char* ring, Scratch& s) {
+__device__ void attention_item(const Plan<T>& plan, int layer, int item, int& pos, const char* ring, Scratch& s,
+                               const int* counter, int target, int64_t* waited) {
   const Params<T>& p = plan.p;
   const auto it = plan.attn_item(item);
   const int group = plan.group(), lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -506,16 +574,28 @@ __device__ void attention_item(const Plan<T>& plan, int layer, int item, int& po
   const int64_t position = p.positions[it.m];
   CUDA_KERNEL_ASSERT(position >= 0 && position < p.max_position);
   const T* row = p.qkv + int64_t(it.m) * plan.qkv_rows();
-  for (int vec = warp; vec < group + 2; vec += kConsumerWarps) {
+  constexpr int kVecsPerWarp = (kMaxGroup + 2 + kConsumerWarps - 1) / kConsumerWarps;
+  HeadConstants constants[kVecsPerWarp];
+#pragma unroll
+  for (int i = 0; i < kVecsPerWarp; ++i) {
+    const int vec = warp + i * kConsumerWarps;
+    if (vec <= group) {
+      constants[i] = head_constants(plan.field(layer, vec < group ? kQNorm : kKNorm), p.cos + position * kD,
+                                    p.sin + position * kD);
+    }
+  }
+  if (counter != nullptr) wait_for(counter, target);
+  if (waited != nullptr && threadIdx.x == 0) waited[0] = waited[1] = ptx::global_timer_ns();
+#pragma unroll
+  for (int i = 0; i < kVecsPerWarp; ++i) {
+    const int vec = warp + i * kConsumerWarps;
+    if (vec >= group + 2) break;
     const int head = vec < group ? it.head * group + vec
                                  : p.num_heads + (vec == group ? 0 : p.num_kv_heads) + it.head;
     float x[4];
 #pragma unroll
     for (int j = 0; j < 4; ++j) x[j] = to_float(__ldcg(row + head * kD + lane + 32 * j));
-    if (vec <= group) {
-      norm_rope<T>(x, plan.field(layer, vec < group ? kQNorm : kKNorm), p.eps, p.cos + position * kD,
-                   p.sin + position * kD);
-    }
+    if (vec <= group) norm_rope<T>(x, constants[i], p.eps);
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       if (vec < group) {
@@ -571,11 +651,7 @@ __device__ void attention_item(const Plan<T>& plan, int layer, int item, int& po
   if (it.splits == 1) return consumers_sync();  // s.pv and the softmax state are free again
   int* arrivals = p.counters + p.num_layers * kStages + (layer * p.m + it.m) * p.num_kv_heads + it.head;
   consumers_sync();
-  if (threadIdx.x == 0) {
-    __threadfence();
-    s.last = atomicAdd(arrivals, 1) == it.splits - 1;
-    if (s.last) __threadfence();
-  }
+  if (threadIdx.x == 0) s.last = ptx::fetch_add_acq_rel_gpu(arrivals, 1) == it.splits - 1;
   consumers_sync();
   if (!s.last) return;
   for (int o = threadIdx.x; o < group * kD; o += kConsumers) {
@@ -601,9 +677,12 @@ __device__ void consume(const Plan<T>& plan, const char* ring, T* xs, float* red
   const Params<T>& p = plan.p;
   // With p.timings, thread 0's global timer (ns) at each of its stages' start, once the dependency is met, once x
   // is staged and once it has signalled: where the step's time goes (benchmarks.decode_layers --stages).
+  auto stamp_at = [&](int layer, int stage, int k) -> int64_t* {
+    if (p.timings == nullptr) return nullptr;
+    return p.timings + ((int64_t(blockIdx.x) * p.num_layers + layer) * kStages + stage) * kStamps + k;
+  };
   auto stamp = [&](int layer, int stage, int k) {
-    if (p.timings == nullptr || threadIdx.x != 0) return;
-    p.timings[((int64_t(blockIdx.x) * p.num_layers + layer) * kStages + stage) * kStamps + k] = ptx::global_timer_ns();
+    if (int64_t* at = stamp_at(layer, stage, k); at != nullptr && threadIdx.x == 0) *at = ptx::global_timer_ns();
   };
   int pos = 0;
   for (int layer = 0; layer < p.num_layers; ++layer) {
@@ -613,18 +692,19 @@ __device__ void consume(const Plan<T>& plan, const char* ring, T* xs, float* red
       stamp(layer, stage, 0);
       int* counter = nullptr;
       const int target = plan.dependency(layer, stage, counter);
-      if (counter != nullptr) wait_for(counter, target);
-      stamp(layer, stage, 1);
-      if (stage == kAttn) {
-        stamp(layer, stage, 2);
-        for (int item = blockIdx.x; item < n; item += gridDim.x) attention_item(plan, layer, item, pos, ring, s);
+      if (stage == kAttn) {  // waits inside, once its first item's constants are loaded
+        for (int item = blockIdx.x; item < n; item += gridDim.x) {
+          const bool first = item == blockIdx.x;
+          attention_item(plan, layer, item, pos, ring, s, first ? counter : nullptr, target,
+                         first ? stamp_at(layer, stage, 1) : nullptr);
+        }
       } else {
-        stage_x(plan, layer, stage, xs, s);
+        stage_x(plan, layer, stage, xs, s, counter, target, stamp_at(layer, stage, 1));
         stamp(layer, stage, 2);
         product_stage(plan, layer, stage, pos, ring, xs, red, s);
       }
       signal(p.counters + layer * kStages + stage);
-      stamp(layer, stage, 3);
+      stamp(layer, stage, 3);  // (for attention, "work" is from its wait to here)
     }
   }
 }
@@ -637,7 +717,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_layers_kernel(const __grid
   float* red = reinterpret_cast<float*>(xs + int64_t(p.m) * p.x_pitch);
   Scratch& s = *reinterpret_cast<Scratch*>(red + red_floats(p.m));
   if (threadIdx.x < p.num_slots) {
-    ptx::mbarrier_init(ptx::smem_address(&s.full[threadIdx.x]), 1);
+    ptx::mbarrier_init(ptx::smem_address(&s.full[threadIdx.x]), 32);  // the producer's lanes
     ptx::mbarrier_init(ptx::smem_address(&s.empty[threadIdx.x]), kConsumerWarps);
   }
   if (threadIdx.x < kMaxRows) s.lens[threadIdx.x] = threadIdx.x < p.m ? p.context_lens[threadIdx.x] : 0;

@@ -22,6 +22,12 @@ __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool 
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
 }
 
+// The mbarrier at `bar` counts one arrival of this thread once all its earlier cp.async copies have landed
+// (.noinc: the arrival is one of those the barrier was initialised to expect).
+__device__ __forceinline__ void cp_async_mbarrier_arrive_noinc(uint32_t bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
+
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 
 // Waits until at most `kPending` of this thread's committed copy groups are still in flight.
@@ -105,6 +111,14 @@ __device__ __forceinline__ int load_acquire_gpu(const int* ptr) {
 
 __device__ __forceinline__ void add_release_gpu(int* ptr, int v) {
   asm volatile("red.release.gpu.global.add.s32 [%0], %1;\n" ::"l"(ptr), "r"(v) : "memory");
+}
+
+// Adds v, returning the old value: a release of this thread's (and, after a barrier, its CTA's) writes, and an
+// acquire of what the earlier adders released.
+__device__ __forceinline__ int fetch_add_acq_rel_gpu(int* ptr, int v) {
+  int old;
+  asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], %2;\n" : "=r"(old) : "l"(ptr), "r"(v) : "memory");
+  return old;
 }
 
 // The GPU's global timer in nanoseconds, the same clock on every SM (for in-kernel timestamps).
