@@ -41,16 +41,17 @@ def random_model(hidden: int, intermediate: int, heads: int, kv_heads: int, laye
 
 
 def random_step(model: DecoderForCausalLM, lens: list[int], block_size: int, dtype: torch.dtype, seed: int = 0):
-    """Caches of random contents for every layer, shuffled block tables, and a decode step's (ids, positions,
-    metadata): row m decodes its token at position lens[m] - 1 (a len of 0 is a padding row: slot -1)."""
+    """Caches of random contents for every layer (one [2, layers, ...] tensor, as the runner allocates them),
+    shuffled block tables, and a decode step's (ids, positions, metadata): row m decodes its token at position
+    lens[m] - 1 (a len of 0 is a padding row: slot -1)."""
     generator = torch.Generator(device="cuda").manual_seed(seed)
-    attn = model.model.layers[0].self_attn
+    layers = model.model.layers
     width = max(1, max((n + block_size - 1) // block_size for n in lens))
     num_blocks = len(lens) * width + 3
-    for layer in model.model.layers:
-        shape = (num_blocks, block_size, attn.num_kv_heads, 128)
-        layer.self_attn.attn.k_cache = torch.randn(shape, device="cuda", generator=generator).to(dtype)
-        layer.self_attn.attn.v_cache = torch.randn(shape, device="cuda", generator=generator).to(dtype)
+    shape = (2, len(layers), num_blocks, block_size, layers[0].self_attn.num_kv_heads, 128)
+    kv_cache = torch.randn(shape, device="cuda", generator=generator).to(dtype)
+    for i, layer in enumerate(layers):
+        layer.self_attn.attn.k_cache, layer.self_attn.attn.v_cache = kv_cache[0, i], kv_cache[1, i]
     tables = torch.randperm(num_blocks, device="cuda", generator=generator)[: len(lens) * width]
     tables = tables.view(len(lens), width).int()
     positions = torch.tensor([max(n - 1, 0) for n in lens], device="cuda")
@@ -81,10 +82,11 @@ def stage_times(model: DecoderForCausalLM, step: tuple) -> dict:
     stamps = torch.zeros(grid, layers, len(STAGES), 4, dtype=torch.int64, device="cuda")
     first = model.model.layers[0]
     attn = first.self_attn
+    table, kv_cache = model.model.decode_layers_inputs()
     for _ in range(3):  # the last call's stamps
         residual = model.model.embed_tokens(ids).float()
         ops.decode_layers(
-            residual, model.model.decode_layers_table(), attn.attn.k_cache, positions, meta.slot_mapping,
+            residual, table, kv_cache, positions, meta.slot_mapping,
             meta.context_lens, meta.block_tables, attn.rotary.cos, attn.rotary.sin, attn.num_heads,
             first.mlp.down_proj.weight.shape[1], attn.norm_eps, attn.attn.scale, stamps,
         )

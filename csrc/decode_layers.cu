@@ -38,6 +38,7 @@
 #include <cmath>
 
 #include "common/checks.h"
+#include "common/tensor_map.h"
 #include "common/ptx.cuh"
 #include "common/ptx_sm90.cuh"
 #include "ops.h"
@@ -72,6 +73,7 @@ __host__ __device__ constexpr int red_floats(int m) { return kFlushItems * kCons
 
 template <typename T>
 struct Params {
+  CUtensorMap kv_map;     // the whole cache [2, num_layers, blocks * block_size, kv_heads, D]: 16-token boxes
   const int64_t* layers;  // [num_layers, kFields]
   float* residual;        // [m, hidden]: in, the embeddings; out, the stream after the last layer
   const int64_t* positions;
@@ -197,42 +199,39 @@ struct Plan {
 // The producer warp.
 
 // An attention item's cached K and V rows, 32 tokens a slot: K rows 0..31 then V rows, 256 bytes each at D = 128.
-// A row is 256 contiguous bytes of the cache (one token's head), too small for bulk copies, which cost the TMA unit
-// as much per copy as a large one: 16-byte cp.async instead, a warp's instruction covering two tokens' rows (512
-// contiguous bytes of shared memory), each lane's copies arriving at the slot's full barrier when they land. The
-// sequence's last token is this step's, made by the consumers: never read here.
+// A row is one token's head, 256 contiguous bytes of the cache; the 16 rows of a half slot lie in one page (the
+// block size is a multiple of 16), one TMA box of the cache's tensor map (copies of single rows cost the TMA unit,
+// or one warp's cp.async, about 2 us a slot). Lane h < 2 loads half h's page a slot ahead, so that its latency
+// hides behind the copies. The sequence's last token is this step's, made by the consumers: its row is loaded
+// with its box but never read.
 template <typename T, typename Claim>
 __device__ void produce_kv(const Plan<T>& plan, int layer, const typename Plan<T>::AttnItem& it, int& pos,
                            Claim& claim) {
   const Params<T>& p = plan.p;
+  constexpr int kHalf = kSlotTokens / 2;
+  constexpr uint32_t kBoxBytes = kHalf * kD * sizeof(T);
   const int lane = threadIdx.x % 32;
-  const T* k_cache = plan.field(layer, kKCache);
-  const T* v_cache = plan.field(layer, kVCache);
   const int cached_end = min(it.end, it.len - 1);
-  // Lane l fetches the page of the chunk's token l a slot ahead, so that its latency hides behind the copies.
-  auto page_of = [&](int c) {
-    const int token = c * kSlotTokens + lane;
-    return token < cached_end ? p.block_tables[it.m * p.block_table_stride + token / p.block_size] : -1;
+  auto slot_of = [&](int c) {  // the cache slot of half `lane`'s first token, or -1 when it has no cached token
+    const int token = c * kSlotTokens + lane * kHalf;
+    if (lane >= 2 || token >= cached_end) return -1;
+    return p.block_tables[it.m * p.block_table_stride + token / p.block_size] * p.block_size + token % p.block_size;
   };
-  int page = page_of(it.chunk_begin);
+  int first = slot_of(it.chunk_begin);
   for (int c = it.chunk_begin; c < it.chunk_end; ++c, ++pos) {
-    const int next_page = c + 1 < it.chunk_end ? page_of(c + 1) : -1;
+    const int next = c + 1 < it.chunk_end ? slot_of(c + 1) : -1;
     uint32_t full;
     const uint32_t dst = claim(full);
-    constexpr int kChunksPerRow = kD * sizeof(T) / 16;
-#pragma unroll 4
-    for (int i = 0; i < kSlotTokens * kChunksPerRow / 32; ++i) {
-      const int token = i * 32 / kChunksPerRow + lane / kChunksPerRow, chunk = lane % kChunksPerRow;
-      const int token_page = __shfl_sync(0xffffffffu, page, token);
-      if (token_page < 0) continue;
-      const int position = c * kSlotTokens + token;
-      const int64_t row = (int64_t(token_page) * p.block_size + position % p.block_size) * p.num_kv_heads + it.head;
-      const uint32_t at = dst + token * kD * sizeof(T) + chunk * 16;
-      ptx::cp_async_16(at, k_cache + row * kD + chunk * 8, true);
-      ptx::cp_async_16(at + kSlotTokens * kD * sizeof(T), v_cache + row * kD + chunk * 8, true);
+    const int halves = __popc(__ballot_sync(0xffffffffu, first >= 0));
+    if (lane == 0) ptx::mbarrier_arrive_expect_tx(full, halves * 2 * kBoxBytes);
+    __syncwarp();
+    if (first >= 0) {
+      const uint32_t at = dst + lane * kBoxBytes;
+      ptx::tma_load_5d(at, &p.kv_map, full, 0, it.head, first, layer, 0);
+      ptx::tma_load_5d(at + kSlotTokens * kD * sizeof(T), &p.kv_map, full, 0, it.head, first, layer, 1);
     }
-    ptx::cp_async_mbarrier_arrive_noinc(full);
-    page = next_page;
+    if (lane != 0) ptx::mbarrier_arrive(full);
+    first = next;
   }
 }
 
@@ -337,7 +336,7 @@ __device__ void stage_x(const Plan<T>& plan, int layer, int stage, T* xs, Scratc
   // One read of the residual: the first kHeld float4s a thread stay in registers for the second pass, with their
   // gamma, loaded before the wait. k is a multiple of 1024, so a warp's 32 consecutive float4s lie in one row and
   // its sum goes in with one atomic.
-  constexpr int kHeld = 4;
+  constexpr int kHeld = 8;  // all of 8 rows at hidden 1024
   const float4* residual = reinterpret_cast<const float4*>(p.residual);
   const int quads = k / 4, total = p.m * quads;
   const T* gamma = plan.field(layer, stage == kQkv ? kInputNorm : kPostNorm);
@@ -775,7 +774,7 @@ bool decode_layers_available() {
   return at::cuda::is_available() && at::cuda::getCurrentDeviceProperties()->major >= 9;
 }
 
-void decode_layers(torch::Tensor& residual, const torch::Tensor& layers, const torch::Tensor& k_cache,
+void decode_layers(torch::Tensor& residual, const torch::Tensor& layers, const torch::Tensor& kv_cache,
                    const torch::Tensor& positions, const torch::Tensor& slot_mapping,
                    const torch::Tensor& context_lens, const torch::Tensor& block_tables, const torch::Tensor& cos,
                    const torch::Tensor& sin, int64_t num_heads, int64_t intermediate, double eps, double scale,
@@ -785,13 +784,15 @@ void decode_layers(torch::Tensor& residual, const torch::Tensor& layers, const t
               "decode_layers: residual must be a contiguous fp32 CUDA tensor [M, hidden], got ", residual.scalar_type(),
               " of shape ", str(residual.sizes()));
   TORCH_CHECK(decode_layers_available(), "decode_layers: the kernel needs an sm_90 or later GPU");
-  const at::ScalarType dtype = k_cache.scalar_type();
+  const at::ScalarType dtype = kv_cache.scalar_type();
   TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16, "decode_layers: the model dtype ", dtype,
               " is not supported; use torch.float16 or torch.bfloat16");
-  check_cuda(k_cache, "k_cache", residual, dtype);
-  TORCH_CHECK(k_cache.dim() == 4 && k_cache.size(3) == kD, "decode_layers: k_cache must be [blocks, block_size, "
-              "kv_heads, 128], got shape ", str(k_cache.sizes()));
-  const int64_t m = residual.size(0), hidden = residual.size(1), num_kv_heads = k_cache.size(2);
+  check_cuda(kv_cache, "kv_cache", residual, dtype);
+  TORCH_CHECK(kv_cache.dim() == 6 && kv_cache.size(0) == 2 && kv_cache.size(1) == layers.size(0) &&
+                  kv_cache.size(3) % 16 == 0 && kv_cache.size(5) == kD,
+              "decode_layers: kv_cache must be [2, num_layers, blocks, block_size, kv_heads, 128] with a block size "
+              "that is a multiple of 16, got shape ", str(kv_cache.sizes()));
+  const int64_t m = residual.size(0), hidden = residual.size(1), num_kv_heads = kv_cache.size(4);
   TORCH_CHECK(m >= 1 && m <= kMaxRows, "decode_layers: ", str(m), " rows; the kernel takes 1 to ", str(kMaxRows));
   const int64_t group = num_kv_heads > 0 && num_heads % num_kv_heads == 0 ? num_heads / num_kv_heads : 0;
   TORCH_CHECK(group == 1 || group == 2 || group == 4 || group == 8, "decode_layers: num_heads ", str(num_heads),
@@ -801,7 +802,8 @@ void decode_layers(torch::Tensor& residual, const torch::Tensor& layers, const t
                 "positive multiples of ", str(kSlotK), ", got ", str(k));
   }
   check_cuda(layers, "layers", residual, at::kLong);
-  TORCH_CHECK(layers.dim() == 2 && layers.size(1) == kFields && layers.size(0) >= 1,
+  TORCH_CHECK(layers.dim() == 2 && layers.size(1) == kFields && layers.size(0) >= 1 &&
+                  layers.size(0) <= INT32_MAX,
               "decode_layers: layers must be [num_layers, ", str(kFields), "] device pointers, got shape ",
               str(layers.sizes()));
   check_cuda(positions, "positions", residual, at::kLong);
@@ -860,14 +862,23 @@ void decode_layers(torch::Tensor& residual, const torch::Tensor& layers, const t
     p.timings = timings.has_value() ? timings->data_ptr<int64_t>() : nullptr;
     p.block_table_stride = block_tables.stride(0);
     p.max_position = cos.size(0);
-    p.num_cache_slots = k_cache.size(0) * k_cache.size(1);
+    p.num_cache_slots = kv_cache.size(2) * kv_cache.size(3);
+    // [2, layers, slots, kv_heads, D], innermost first; boxes of 16 tokens of one head
+    const cuuint64_t dims[5] = {kD, static_cast<cuuint64_t>(num_kv_heads), static_cast<cuuint64_t>(p.num_cache_slots),
+                                static_cast<cuuint64_t>(num_layers), 2};
+    const cuuint64_t strides[4] = {kD * sizeof(T), static_cast<cuuint64_t>(kv_cache.stride(3) * sizeof(T)),
+                                   static_cast<cuuint64_t>(kv_cache.stride(1) * sizeof(T)),
+                                   static_cast<cuuint64_t>(kv_cache.stride(0) * sizeof(T))};
+    const cuuint32_t box[5] = {kD, 1, kSlotTokens / 2, 1, 1};
+    p.kv_map = minivllm::encode_tensor_map("decode_layers", kv_cache.data_ptr(), std::is_same_v<T, __nv_bfloat16>,
+                                           5, dims, strides, box, CU_TENSOR_MAP_SWIZZLE_NONE);
     p.num_layers = num_layers;
     p.m = static_cast<int>(m);
     p.hidden = static_cast<int>(hidden);
     p.num_heads = static_cast<int>(num_heads);
     p.num_kv_heads = static_cast<int>(num_kv_heads);
     p.intermediate = static_cast<int>(intermediate);
-    p.block_size = static_cast<int>(k_cache.size(1));
+    p.block_size = static_cast<int>(kv_cache.size(3));
     p.splits = splits;
     p.x_pitch = static_cast<int>(std::max({hidden, num_heads * kD, intermediate}) + kXPad);
     p.eps = static_cast<float>(eps);

@@ -93,10 +93,11 @@ std::tuple<torch::Tensor, torch::Tensor> sampler_logsumexp_rank(const torch::Ten
 // later): residual [M, hidden] fp32 goes in as the embeddings and comes out as the stream after the last layer;
 // this step's K/V go into each layer's cache. layers [num_layers, 10] int64 holds each layer's device pointers:
 // input norm, qkv, q norm, k norm (0: none), o, post-attention norm, gate_up, down weights, k cache, v cache, all
-// contiguous in k_cache's dtype (layer 0's k cache, [blocks, block_size, kv_heads, 128]: its shape is every
-// layer's). The caller checks the weights' shapes; the kernel checks everything else. timings (int64, [SMs,
-// num_layers, 5, 4]), if given, gets each CTA's global-timer stamps of each stage (see decode_layers.cu).
-void decode_layers(torch::Tensor& residual, const torch::Tensor& layers, const torch::Tensor& k_cache,
+// contiguous in kv_cache's dtype; kv_cache [2, num_layers, blocks, block_size, kv_heads, 128] is every layer's
+// cache as one tensor (the engine's), whose views the table's cache pointers are. The caller checks the weights'
+// shapes; the kernel checks everything else. timings (int64, [SMs, num_layers, 5, 4]), if given, gets each CTA's
+// global-timer stamps of each stage (see decode_layers.cu).
+void decode_layers(torch::Tensor& residual, const torch::Tensor& layers, const torch::Tensor& kv_cache,
                    const torch::Tensor& positions, const torch::Tensor& slot_mapping,
                    const torch::Tensor& context_lens, const torch::Tensor& block_tables, const torch::Tensor& cos,
                    const torch::Tensor& sin, int64_t num_heads, int64_t intermediate, double eps, double scale,

@@ -34,7 +34,7 @@ TORCH_LIBRARY(minivllm, m) {
       "Tensor? repetition=None) -> Tensor");
   m.def("sampler_logsumexp_rank(Tensor logits, Tensor tokens) -> (Tensor, Tensor)");
   m.def(
-      "decode_layers(Tensor(a!) residual, Tensor layers, Tensor(b!) k_cache, Tensor positions, Tensor slot_mapping, "
+      "decode_layers(Tensor(a!) residual, Tensor layers, Tensor(b!) kv_cache, Tensor positions, Tensor slot_mapping, "
       "Tensor context_lens, Tensor block_tables, Tensor cos, Tensor sin, int num_heads, int intermediate, float eps, "
       "float scale, Tensor(c!)? timings=None) -> ()");
   m.def("decode_layers_available() -> bool", &decode_layers_available);

@@ -181,8 +181,9 @@ class DecoderModel(nn.Module):
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.tp = tp
-        self.decode_table: torch.Tensor | None = None  # decode_layers_table's pointers, and the cache they hold
-        self.decode_table_key = 0
+        # decode_layers_inputs' table and cache tensor, and the addresses of the first and last caches they hold
+        self.decode_inputs: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.decode_inputs_key = (-1, -1)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         if self.runs_decode_layers(input_ids, meta):
@@ -220,30 +221,56 @@ class DecoderModel(nn.Module):
         the device only, as runs_fused; on one GPU for runs_fused's reasons."""
         if meta.is_prefill or not 1 <= x.shape[0] <= ops.DECODE_LAYERS_MAX_ROWS:
             return False
-        return self.tp.size == 1 and not self.tp.invariant_splits and self.layers[0].decode_layers_fit()
+        return (
+            self.tp.size == 1 and not self.tp.invariant_splits and self.layers[0].decode_layers_fit()
+            and self.decode_layers_inputs() is not None
+        )
 
     def decode_layers(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """The residual stream [T, hidden] (fp32) after every layer, from ops.decode_layers."""
         residual = self.embed_tokens(input_ids).float()
         first = self.layers[0]
         attn, rotary = first.self_attn, first.self_attn.rotary
+        table, kv_cache = self.decode_layers_inputs()
         ops.decode_layers(
-            residual, self.decode_layers_table(), attn.attn.k_cache, positions, meta.slot_mapping, meta.context_lens,
-            meta.block_tables, rotary.cos, rotary.sin, attn.num_heads, first.mlp.down_proj.weight.shape[1],
+            residual, table, kv_cache, positions, meta.slot_mapping, meta.context_lens, meta.block_tables,
+            rotary.cos, rotary.sin, attn.num_heads, first.mlp.down_proj.weight.shape[1],
             attn.norm_eps, attn.attn.scale,
         )
         return residual
 
-    def decode_layers_table(self) -> torch.Tensor:
-        """[num_layers, 10] int64 device pointers for ops.decode_layers, built on the first call and again only
-        when the runner gives the layers new caches (the weights do not move)."""
+    def kv_cache_tensor(self) -> torch.Tensor | None:
+        """Every layer's cache as the one [2, layers, blocks, block_size, kv_heads, D] tensor that the runner
+        allocates and hands out views of (ops.decode_layers maps it for TMA); None if the caches are not laid out so,
+        or are not block_size-multiple-of-16 caches."""
+        caches = [(layer.self_attn.attn.k_cache, layer.self_attn.attn.v_cache) for layer in self.layers]
+        k0, v0 = caches[0]
+        if k0.dim() != 4 or not k0.is_contiguous() or k0.shape[1] % 16 or v0.shape != k0.shape:
+            return None
+        size = k0.element_size()
+        layer_stride = (caches[1][0].data_ptr() - k0.data_ptr()) // size if len(caches) > 1 else k0.numel()
+        kv_stride = (v0.data_ptr() - k0.data_ptr()) // size
+        if kv_stride < len(caches) * layer_stride or layer_stride < k0.numel():
+            return None
+        expected = [(k0.data_ptr() + i * layer_stride * size, k0.data_ptr() + (kv_stride + i * layer_stride) * size)
+                    for i in range(len(caches))]
+        if expected != [(k.data_ptr(), v.data_ptr()) for k, v in caches]:
+            return None
+        return torch.as_strided(k0, (2, len(caches), *k0.shape), (kv_stride, layer_stride, *k0.stride()))
+
+    def decode_layers_inputs(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """ops.decode_layers' layer table ([num_layers, 10] int64 device pointers) and the caches as one tensor
+        (kv_cache_tensor), built on the first call and again only when the runner gives the layers new caches (the
+        weights do not move); None where the caches are not one such tensor."""
         cache = self.layers[0].self_attn.attn.k_cache
-        key = cache.data_ptr()
-        if self.decode_table_key != key:
+        key = (cache.data_ptr(), self.layers[-1].self_attn.attn.v_cache.data_ptr())
+        if self.decode_inputs_key != key:
+            kv_cache = self.kv_cache_tensor()
             rows = [layer.decode_layers_row() for layer in self.layers]
-            self.decode_table = torch.tensor(rows, dtype=torch.int64, device=cache.device)
-            self.decode_table_key = key
-        return self.decode_table
+            table = torch.tensor(rows, dtype=torch.int64, device=cache.device)
+            self.decode_inputs = None if kv_cache is None else (table, kv_cache)
+            self.decode_inputs_key = key
+        return self.decode_inputs
 
     def runs_fused(self, x: torch.Tensor) -> bool:
         """Whether this step's layers run fused_forward: a step of at most SMALL_M_MAX_ROWS tokens (batch-1 decode

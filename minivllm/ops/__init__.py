@@ -356,16 +356,17 @@ def decode_layers_available(device: torch.device) -> bool:
 
 
 def decode_layers(
-    residual: torch.Tensor, layers: torch.Tensor, k_cache: torch.Tensor, positions: torch.Tensor,
+    residual: torch.Tensor, layers: torch.Tensor, kv_cache: torch.Tensor, positions: torch.Tensor,
     slot_mapping: torch.Tensor, context_lens: torch.Tensor, block_tables: torch.Tensor, cos: torch.Tensor,
     sin: torch.Tensor, num_heads: int, intermediate: int, eps: float, scale: float,
     timings: torch.Tensor | None = None,
 ) -> None:
     """Every decoder layer of a decode step of 1..DECODE_LAYERS_MAX_ROWS sequences in one persistent kernel (see
     csrc/ops.h): residual [M, hidden] fp32, the embeddings, becomes the stream after the last layer, and each
-    layer's cache gets this step's K/V. layers: the device pointer table that DecoderModel.decode_layers_table
-    builds. The per-layer path (DecoderLayer.fused_forward) is its reference. timings: see csrc/ops.h."""
+    layer's cache gets this step's K/V. layers and kv_cache (every layer's cache as one [2, layers, blocks,
+    block_size, kv_heads, 128] tensor): as DecoderModel.decode_layers_inputs builds them. The per-layer path
+    (DecoderLayer.fused_forward) is its reference. timings: see csrc/ops.h."""
     torch.ops.minivllm.decode_layers(
-        residual, layers, k_cache, positions, slot_mapping, context_lens, block_tables, cos, sin, num_heads,
+        residual, layers, kv_cache, positions, slot_mapping, context_lens, block_tables, cos, sin, num_heads,
         intermediate, eps, scale, timings,
     )

@@ -87,6 +87,12 @@ def test_decode_layers_is_chosen_only_where_it_applies(monkeypatch):
     assert not model.model.runs_decode_layers(nine[0], nine[2])
     prefill = AttentionMetadata(True, meta.slot_mapping)
     assert not model.model.runs_decode_layers(ids, prefill)
+    two = random_model(1024, 3072, 16, 8, 2, torch.bfloat16, True, seed=0)
+    two_ids, _, two_meta = random_step(two, [10], 16, torch.bfloat16, seed=0)
+    assert two.model.runs_decode_layers(two_ids, two_meta)
+    last = two.model.layers[-1].self_attn.attn
+    last.v_cache = last.v_cache.clone()  # the caches no longer one tensor: no TMA map over them
+    assert not two.model.runs_decode_layers(two_ids, two_meta)
     narrow = random_model(1024, 1536, 16, 8, 1, torch.bfloat16, True, seed=0)  # K = 1536: not whole slots
     narrow_ids, _, narrow_meta = random_step(narrow, [10], 16, torch.bfloat16, seed=0)
     assert not narrow.model.runs_decode_layers(narrow_ids, narrow_meta)
@@ -96,8 +102,9 @@ def test_decode_layers_refuses_bad_input():
     model = random_model(1024, 1024, 8, 8, 1, torch.bfloat16, True, seed=1)
     ids, positions, meta = random_step(model, [5, 6], 16, torch.bfloat16, seed=1)
     attn = model.model.layers[0].self_attn
+    table, kv_cache = model.model.decode_layers_inputs()
     args = dict(
-        layers=model.model.decode_layers_table(), k_cache=attn.attn.k_cache, positions=positions,
+        layers=table, kv_cache=kv_cache, positions=positions,
         slot_mapping=meta.slot_mapping, context_lens=meta.context_lens, block_tables=meta.block_tables,
         cos=attn.rotary.cos, sin=attn.rotary.sin, num_heads=8, intermediate=1024, eps=1e-6, scale=128**-0.5,
     )
@@ -110,6 +117,8 @@ def test_decode_layers_refuses_bad_input():
         ops.decode_layers(residual, **{**args, "context_lens": meta.context_lens.long()})
     with pytest.raises(RuntimeError, match="multiples of 1024"):
         ops.decode_layers(residual, **{**args, "intermediate": 1000})
+    with pytest.raises(RuntimeError, match="block size that is a multiple of 16"):
+        ops.decode_layers(residual, **{**args, "kv_cache": kv_cache.view(2, 1, -1, 8, 8, 128)})
     with pytest.raises(RuntimeError, match="query heads a kv head"):
         ops.decode_layers(residual, **{**args, "num_heads": 72})
 

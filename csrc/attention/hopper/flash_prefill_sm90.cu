@@ -4,31 +4,17 @@
 // the build holds sm_90a code and the device is sm_90.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
-#include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled: the driver entry point, found at run time
 
 #include <algorithm>
 #include <string>
 
+#include "common/tensor_map.h"
 #include "flash_prefill_sm90.h"
 #include "flash_prefill_sm90_kernel.cuh"
 
 namespace minivllm::flash {
 
 namespace {
-
-// cuTensorMapEncodeTiled through the runtime's driver entry point lookup, so nothing links against libcuda.
-PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
-  static const PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
-    void* fn = nullptr;
-    cudaDriverEntryPointQueryResult status{};
-    C10_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault,
-                                                    &status));
-    TORCH_CHECK(status == cudaDriverEntryPointSuccess && fn != nullptr,
-                "flash_attn_varlen: the CUDA driver has no cuTensorMapEncodeTiled (needs a CUDA 12 driver)");
-    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
-  }();
-  return encode;
-}
 
 // A map over a tensor of `rank` dims given innermost first: dims[0] = head_dim (contiguous), dims[1] = heads,
 // then tokens (packed) or block_size and blocks (paged); strides[i] in elements for dims[i + 1]. One box is 64
@@ -38,18 +24,11 @@ CUtensorMap make_tensor_map(const void* data, bool bf16, int rank, const int64_t
                             int box_rows) {
   constexpr int64_t kElementBytes = 2;
   cuuint64_t global_dims[4], global_strides[3];
-  cuuint32_t box[4] = {64, 1, static_cast<cuuint32_t>(box_rows), 1}, element_strides[4] = {1, 1, 1, 1};
+  const cuuint32_t box[4] = {64, 1, static_cast<cuuint32_t>(box_rows), 1};
   for (int i = 0; i < rank; ++i) global_dims[i] = static_cast<cuuint64_t>(dims[i]);
   for (int i = 0; i + 1 < rank; ++i) global_strides[i] = static_cast<cuuint64_t>(strides[i] * kElementBytes);
-  CUtensorMap map;
-  const CUresult result = tensor_map_encoder()(
-      &map, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, rank,
-      const_cast<void*>(data), global_dims, global_strides, box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
-      CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  TORCH_CHECK(result == CUDA_SUCCESS, "flash_attn_varlen: cuTensorMapEncodeTiled failed (CUresult ",
-              std::to_string(static_cast<int>(result)), ") for a rank-", std::to_string(rank), " map of dims ",
-              std::to_string(dims[rank - 1]), " x ... x ", std::to_string(dims[0]));
-  return map;
+  return encode_tensor_map("flash_attn_varlen", data, bf16, rank, global_dims, global_strides, box,
+                           CU_TENSOR_MAP_SWIZZLE_128B);
 }
 
 template <typename T, int D>
