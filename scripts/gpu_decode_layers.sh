@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The persistent decode kernel (issue 17) on one GPU machine: build; its tests (then, with FULL=1, the engine and
-# small-M GPU tests, for regressions); benchmarks.decode_layers --stages; benchmarks.latency with it on (B) and off
+# ... (FULL=1: and the engine GPU tests, for regressions); benchmarks.decode_layers --stages; benchmarks.latency with it on (B) and off
 # (A, MINIVLLM_DECODE_LAYERS=0) in the order PASSES gives (default "B A"), graphs only; step_profile at batch 1,
 # context 1k, with it on.
 # Logs go to OUT_DIR (the tests' whole output in pytest.log).
@@ -13,7 +13,7 @@ log="$out/decode_layers.log"
 . scripts/gpu_env.sh
 build_in_place
 tests=(tests/gpu/test_decode_layers.py)
-[ "${FULL:-0}" = 1 ] && tests+=(tests/gpu/test_small_m_linear.py tests/gpu/test_engine_gpu.py)
+[ "${FULL:-0}" = 1 ] && tests+=(tests/gpu/test_engine_gpu.py)
 timeout 300 python3 -m pytest -q -p no:cacheprovider "${tests[@]}" > "$out/pytest.log" 2>&1
 rc=$?
 grep -m 3 -B 2 -A 8 "Fatal Python error" "$out/pytest.log" | tee -a "$log"
