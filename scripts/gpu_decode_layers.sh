@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The persistent decode kernel (issue 17) on one GPU machine: build; its tests (then, with FULL=1, the engine and
-# ... (FULL=1: and the engine GPU tests, for regressions); benchmarks.decode_layers --stages; benchmarks.latency with it on (B) and off
+# The persistent decode kernel (issue 17) on one GPU machine: build; its tests (with FULL=1 the engine GPU tests
+# too, for regressions); benchmarks.decode_layers --stages; benchmarks.latency with it on (B) and off
 # (A, MINIVLLM_DECODE_LAYERS=0) in the order PASSES gives (default "B A"), graphs only; step_profile at batch 1,
 # context 1k, with it on.
 # Logs go to OUT_DIR (the tests' whole output in pytest.log).
