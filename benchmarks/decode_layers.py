@@ -66,12 +66,12 @@ def random_step(model: DecoderForCausalLM, lens: list[int], block_size: int, dty
 
 
 def step_ms(model: DecoderForCausalLM, step: tuple, persistent: bool) -> float:
-    ops.DECODE_LAYERS = persistent
+    mode, ops.DECODE_LAYERS = ops.DECODE_LAYERS, "1" if persistent else "0"
     try:
         assert model.model.runs_decode_layers(step[0], step[2]) is persistent
         return graph_time_ms([lambda: model(*step)])
     finally:
-        ops.DECODE_LAYERS = True
+        ops.DECODE_LAYERS = mode
 
 
 def stage_times(model: DecoderForCausalLM, step: tuple) -> dict:

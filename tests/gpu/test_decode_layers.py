@@ -31,7 +31,7 @@ def restore(model, saved):
 
 def run(model, ids, positions, meta, persistent, monkeypatch):
     with monkeypatch.context() as patch:
-        patch.setattr(ops, "DECODE_LAYERS", persistent)
+        patch.setattr(ops, "DECODE_LAYERS", "1" if persistent else "0")
         assert model.model.runs_decode_layers(ids, meta) is persistent
         with torch.inference_mode():
             return model(ids, positions, meta).float()
@@ -81,8 +81,15 @@ norms differently, so not bit for bit)."""
 def test_decode_layers_is_chosen_only_where_it_applies(monkeypatch):
     model = random_model(1024, 3072, 16, 8, 1, torch.bfloat16, True, seed=0)
     ids, positions, meta = random_step(model, [10] * 8, 16, torch.bfloat16, seed=0)
-    monkeypatch.setattr(ops, "DECODE_LAYERS", True)
+    monkeypatch.setattr(ops, "DECODE_LAYERS", "1")
     assert model.model.runs_decode_layers(ids, meta)
+    monkeypatch.setattr(ops, "DECODE_LAYERS", "auto")  # one sequence, and only for an engine of short contexts
+    one = random_step(model, [10], 16, torch.bfloat16, seed=0)
+    for max_model_len, batch_one in ((4096, True), (4097, False)):
+        model.model.max_model_len = max_model_len
+        assert model.model.runs_decode_layers(one[0], one[2]) is batch_one
+        assert not model.model.runs_decode_layers(ids, meta)
+    monkeypatch.setattr(ops, "DECODE_LAYERS", "1")
     nine = random_step(model, [10] * 9, 16, torch.bfloat16, seed=0)
     assert not model.model.runs_decode_layers(nine[0], nine[2])
     prefill = AttentionMetadata(True, meta.slot_mapping)
@@ -146,7 +153,7 @@ def test_engine_greedy_on_decode_layers_agrees_with_hf(qwen3_checkpoint, monkeyp
     outputs = {}
     for persistent in (True, False):
         with monkeypatch.context() as patch:
-            patch.setattr(ops, "DECODE_LAYERS", persistent)
+            patch.setattr(ops, "DECODE_LAYERS", "1" if persistent else "0")
             outputs[persistent] = run_engine(path, batch, [16] * 3, True, monkeypatch)[0]
     agree = {
         persistent: sum(sum(a == b for a, b in zip(t, hf_greedy(hf, p, t)[0])) for p, t in zip(batch, tokens))
