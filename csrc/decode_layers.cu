@@ -38,6 +38,7 @@
 #include <cmath>
 
 #include "common/checks.h"
+#include "common/convert.cuh"
 #include "common/tensor_map.h"
 #include "common/ptx.cuh"
 #include "common/ptx_sm90.cuh"
@@ -114,21 +115,11 @@ struct Scratch {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 
 namespace ptx = minivllm::ptx;
+using minivllm::from_float;
+using minivllm::to_float;
 constexpr int kStepsPerWarp = kSlotK / 32 / kConsumerWarps;  // 32 elements of K a step
 constexpr int kBarrierConsumers = 1;  // named barrier of the 8 consumer warps
 
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) {
-  return __float2half_rn(v);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
 template <typename T>
 __device__ __forceinline__ float round_to(float v) {
   return to_float(from_float<T>(v));

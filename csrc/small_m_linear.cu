@@ -36,13 +36,16 @@
 #include <type_traits>
 
 #include "common/checks.h"
+#include "common/convert.cuh"
 #include "common/pdl.cuh"
 #include "common/ptx.cuh"
 #include "ops.h"
 
 namespace {
 
+using minivllm::from_float;
 using minivllm::str;
+using minivllm::to_float;
 using minivllm::ptx::load_streaming_16;
 using minivllm::ptx::mma_16816;
 using minivllm::ptx::pack2;
@@ -100,24 +103,6 @@ __device__ __forceinline__ uint4 load_x_chunk(const uint4* ptr, bool valid) {
 __device__ __forceinline__ FloatChunk load_x_chunk(const FloatChunk* ptr, bool valid) {
   const float4* f = reinterpret_cast<const float4*>(ptr);
   return valid ? FloatChunk{__ldg(f), __ldg(f + 1)} : FloatChunk{};
-}
-
-// torch builds with __CUDA_NO_HALF_CONVERSIONS__ and __CUDA_NO_BFLOAT16_CONVERSIONS__: convert explicitly.
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename OutT>
-__device__ __forceinline__ OutT from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) {
-  return __float2half_rn(v);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
 }
 
 // One register of T pairs as two floats, the lower half first (pack2's inverse).
