@@ -6,27 +6,31 @@
 // one CTA an SM stays resident for the whole step, and the weights and KV bytes, which do not depend on this
 // step's activations, stream without a break while the arithmetic follows the activations' dependencies.
 //
-// - Warp 8 of each CTA is the producer: it walks the CTA's share of the step's work items in order and bulk-copies
-//   (cp.async.bulk) each item's bytes into a ring of 16 KB shared-memory slots, each with a full and an empty
-//   mbarrier; it waits only for free slots, so it runs up to a ring's depth ahead, across stage and layer
-//   boundaries. A product's slot is 8 weight rows x 1024 of K (rows padded by 64 bytes against bank conflicts);
-//   an attention slot is 32 cached tokens of one kv head's K and V.
+// - Warp 8 of each CTA is the producer: it walks the CTA's share of the step's work items in order and copies each
+//   item's bytes into a ring of 16 KB shared-memory slots, each with a full and an empty mbarrier; it waits only
+//   for free slots, so it runs up to a ring's depth ahead, across stage and layer boundaries. A product's slot is 8
+//   weight rows x 1024 of K (bulk copies: one where the rows are contiguous); an attention slot is 32 cached
+//   tokens of one kv head's K and V (TMA boxes of 16 tokens from one tensor map over the whole cache).
 // - Warps 0..7 consume. Per layer the stages are: qkv (input RMSNorm folded in), attention (q/k RMSNorm, rotary,
 //   the new K/V into the cache, split-KV attention and its merge), o_proj + residual, gate_up (post-attention
 //   RMSNorm folded in, SiLU-and-mul in the epilogue), down + residual. Items of a stage go to CTAs round-robin
 //   (item i to CTA i % grid), so every CTA knows its order from the shapes and the context lengths alone.
-// - A stage waits for the one before it through device-wide counters: each finished item adds 1 (release);
-//   a CTA's first item of a stage waits (acquire) until the stage before has all its items. Data made in this
-//   kernel is read through L2 (__ldcg): L1 is not coherent between SMs.
+// - A stage waits for the one before it through device-wide counters: a CTA done with its items of a stage adds 1
+//   (release); a CTA's first item of a stage waits (acquire) until every CTA with items of the stage before has.
+//   Data made in this kernel is read through L2 (__ldcg): L1 is not coherent between SMs.
 // - Products: per slot, warp w takes 4 steps of 32 elements of K; lane (g, t) reads 16 bytes of weight row g and
 //   of x row g at the same offset and feeds two mma.m16n8k16 (x's rows as A, weight rows as B's 8 columns; the
 //   mapping of k inside an mma does not matter to a dot product, as in small_m_linear.cu). x is staged in shared
-//   memory once a stage (normalised where a norm comes first, rounded as the unfused RMSNorm rounds).
+//   memory once a stage (normalised where a norm comes first, rounded as the unfused RMSNorm rounds); each warp's
+//   partial sums of up to kFlushItems items meet in one epilogue.
 // - Attention: an item is (sequence, kv head, split); a split is a run of 32-token chunks, splits per sequence so
 //   that the items fill about one wave. Scores on CUDA cores (32 tokens x 8 lanes of 16 dims), online softmax
-//   in base 2 per query head, P V with one output element a thread. The new token's K and V come from the qkv
-//   output (normalised and rotated here) and are written to the cache by the item that holds that position; the
-//   producer never reads that row. The last split of a (sequence, kv head) to finish merges the partials.
+//   in base 2 per query head, P V with each warp a query head and a share of the tokens, 4 dims a lane. The new
+//   token's K and V come from the qkv output (normalised and rotated here) and are written to the cache by the
+//   item that holds that position; its cached row is never read. The last split of a (sequence, kv head) to finish
+//   merges the partials.
+// - With `timings`, thread 0 of each CTA stamps each stage's start, end of wait, end of staging and end
+//   (benchmarks.decode_layers --stages). Measured figures and what bounds the kernel: benchmarks/NOTES_decode.md.
 // Grid: one CTA an SM, all resident (the dependencies spin, so every CTA must run at once).
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_bf16.h>
@@ -58,7 +62,7 @@ constexpr int kSlotK = 1024;          // a weight row's elements a slot
 constexpr int kSlotRows = 8;
 constexpr int kSlotTokens = 32;
 constexpr int kMaxSlots = 16;
-constexpr int kXPad = 32;             // elements of padding a staged x row, for the same reason
+constexpr int kXPad = 32;             // elements of padding a staged x row: row g + 1 starts 16 banks on
 constexpr int kFlushItems = 8;        // product items whose partial sums wait in shared memory for one epilogue
 constexpr int kStages = 5;
 constexpr int kStamps = 4;
@@ -180,9 +184,8 @@ struct Plan {
     counter = p.counters + flat;
     return min(items(stage == kQkv ? kDown : stage - 1), static_cast<int>(gridDim.x));
   }
-  template <typename U = T>
-  __device__ const U* field(int layer, Field f) const {
-    return reinterpret_cast<const U*>(p.layers[layer * kFields + f]);
+  __device__ const T* field(int layer, Field f) const {
+    return reinterpret_cast<const T*>(p.layers[layer * kFields + f]);
   }
 };
 
