@@ -111,7 +111,8 @@ def breakdown(llm: LLM, prompts: list[list[int]], params: list[SamplingParams]) 
     windows = profile_run(llm.llm_engine, StepClock(llm.llm_engine), prompts, params, starts, BREAKDOWN_STEPS)
     rows = breakdown_rows(windows, BREAKDOWN_BIN)
     print_table(rows, f"where a decode step's time goes, ms per decode step ({BREAKDOWN_STEPS} decode steps under "
-                f"torch.profiler every {BREAKDOWN_EVERY}; host wait = wall minus the GPU's kernel time)")
+                f"torch.profiler every {BREAKDOWN_EVERY}; each kind's exposed GPU time; host wait = wall minus the "
+                "GPU's busy span)")
     return rows
 
 
@@ -126,7 +127,9 @@ def draw(path: str, rows: list[dict], tokens_per_s: float, gpu: str, bandwidth: 
 
 def breakdown_rows(windows: list[Window], bin_steps: int) -> list[dict]:
     """Profiled windows binned by the decode-step index they start at: the decode steps they cover, the batch at
-    their starts, and per decode step: wall ms, GPU ms by kernel kind, host wait (wall minus GPU busy)."""
+    their starts, and per decode step: wall ms, GPU ms by kernel kind (the kernels' exposed times: what each adds
+    to the GPU's busy span, so that a kernel launched early under PDL, waiting inside for the one before it, is not
+    counted twice), host wait (wall minus the busy span)."""
     bins: dict[int, list[Window]] = defaultdict(list)
     for window in windows:
         if window.decode_steps:
@@ -137,7 +140,7 @@ def breakdown_rows(windows: list[Window], bin_steps: int) -> list[dict]:
         wall_ms = sum(w.wall_ms for w in group) / steps
         gpu_ms = dict.fromkeys(KERNEL_KINDS, 0.0)
         for window in group:
-            for kind, us in time_by_kind(window.kernels.us).items():
+            for kind, us in time_by_kind(window.kernels.exposed_us).items():
                 gpu_ms[kind] += us / 1e3 / steps
         batches = [w.batch for w in group]
         rows.append({

@@ -100,7 +100,9 @@ def window(first_step: int, batch: int, wall_ms: float, steps: int = 4, prefill:
                "void small_m_linear_kernel<1>": 500.0, "triton_poi_fused_mul_0": 800.0,
                "Memcpy HtoD (Pageable -> Device)": 200.0}
     us = {k: v * steps / 4 for k, v in kernels.items()}
-    times = step_profile.KernelTimes(us, us, dict.fromkeys(kernels, steps))
+    # the small-M product ran inside the kernels before it (a dependent launch): it adds nothing to the busy span
+    exposed = {k: 0.0 if "small_m" in k else v for k, v in us.items()}
+    times = step_profile.KernelTimes(us, exposed, dict.fromkeys(kernels, steps))
     return Window(first_step, steps, prefill, batch, wall_ms, times)
 
 
@@ -117,15 +119,17 @@ def test_kernel_times_count_an_overlap_once():
 
 
 def test_breakdown_bins_windows_by_decode_step():
+    """Bins of windows by their first step; each kind's ms is its kernels' exposed time (what they add to the busy
+    span), so the kinds and the host wait add up to the wall time even where launches overlap."""
     windows = [window(1, 256, 10.0), window(26, 250, 12.0), window(51, 240, 10.0, prefill=1),
                window(101, 200, 9.0), window(126, 180, 7.0, steps=2), window(151, 170, 0.0, steps=0)]
     first, second = throughput.breakdown_rows(windows, bin_steps=100)
     assert first == {"decode steps": "1..54", "batch": "256..240", "profiled steps": 12, "wall ms": 32.0 / 12,
-                     "attention ms": 1.0, "matmul ms": 0.5, "rest ms": 0.25, "host wait ms": 32.0 / 12 - 1.75,
+                     "attention ms": 1.0, "matmul ms": 0.375, "rest ms": 0.25, "host wait ms": 32.0 / 12 - 1.625,
                      "prefill steps": 1}
     assert second["decode steps"] == "101..127" and second["batch"] == "200..180"
     assert second["profiled steps"] == 6 and second["wall ms"] == pytest.approx(16.0 / 6)
-    assert second["attention ms"] == pytest.approx(1.0) and second["host wait ms"] == pytest.approx(16.0 / 6 - 1.75)
+    assert second["attention ms"] == pytest.approx(1.0) and second["host wait ms"] == pytest.approx(16.0 / 6 - 1.625)
 
 
 @pytest.mark.filterwarnings("ignore:CUDA is not available")
