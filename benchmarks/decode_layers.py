@@ -76,20 +76,11 @@ def step_ms(model: DecoderForCausalLM, step: tuple, persistent: bool) -> float:
 
 def stage_times(model: DecoderForCausalLM, step: tuple) -> dict:
     """us per stage (mean over CTAs with an item and over layers 1..: wait, staging, work) and per layer (span)."""
-    ids, positions, meta = step
     layers = len(model.model.layers)
     grid = torch.cuda.get_device_properties(0).multi_processor_count
     stamps = torch.zeros(grid, layers, len(STAGES), 4, dtype=torch.int64, device="cuda")
-    first = model.model.layers[0]
-    attn = first.self_attn
-    table, kv_cache = model.model.decode_layers_inputs()
     for _ in range(3):  # the last call's stamps
-        residual = model.model.embed_tokens(ids).float()
-        ops.decode_layers(
-            residual, table, kv_cache, positions, meta.slot_mapping,
-            meta.context_lens, meta.block_tables, attn.rotary.cos, attn.rotary.sin, attn.num_heads,
-            first.mlp.down_proj.weight.shape[1], attn.norm_eps, attn.attn.scale, stamps,
-        )
+        model.model.decode_layers(*step, timings=stamps)
     torch.cuda.synchronize()
     t = stamps[:, 1:].double() / 1e3  # us; layer 0 starts unevenly (CTAs launch over a few us)
     present = t[..., 0] > 0
@@ -120,7 +111,8 @@ def main() -> None:
         if (args.batches and batch not in args.batches) or (args.contexts and context not in args.contexts):
             continue
         step = random_step(model, [context] * batch, 16, torch.bfloat16)
-        kv_bytes = batch * context * 28 * 2 * 8 * 128 * 2
+        _, kv_cache = model.model.decode_layers_inputs()  # [2, layers, blocks, block_size, kv_heads, D]
+        kv_bytes = batch * context * kv_cache[:, :, 0, 0].numel() * kv_cache.element_size()
         floor = (weight_bytes + kv_bytes) / (bandwidth * 1e9) * 1e3
         persistent, per_layer = step_ms(model, step, True), step_ms(model, step, False)
         rows.append({"batch": batch, "context": context, "persistent_ms": persistent, "per_layer_ms": per_layer,

@@ -1,6 +1,6 @@
 // The sm_90a (Hopper) PTX instructions the kernels are built from: mbarriers, bulk copies and TMA tile loads
-// (cp.async.bulk, cp.async.bulk.tensor), warpgroup matrix multiplies (wgmma) and their shared-memory matrix descriptors, and
-// warpgroup register reallocation. Thin wrappers only: each is one instruction (or one instruction in a wait
+// (cp.async.bulk, cp.async.bulk.tensor), warpgroup matrix multiplies (wgmma) and their shared-memory matrix
+// descriptors, and warpgroup register reallocation. Thin wrappers only: each is one instruction (or one instruction in a wait
 // loop), named after it, with the PTX ISA section it follows. Include only from code compiled for sm_90a
 // (`__CUDA_ARCH_FEAT_SM90_ALL`); wgmma and setmaxnreg do not exist on plain sm_90 (the mbarriers and copies do,
 // and code for sm_90 and later may use them).

@@ -230,8 +230,12 @@ class DecoderModel(nn.Module):
             and self.decode_layers_inputs() is not None
         )
 
-    def decode_layers(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """The residual stream [T, hidden] (fp32) after every layer, from ops.decode_layers."""
+    def decode_layers(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+        timings: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The residual stream [T, hidden] (fp32) after every layer, from ops.decode_layers (timings: its
+        per-stage stamps, for benchmarks.decode_layers)."""
         residual = self.embed_tokens(input_ids).float()
         first = self.layers[0]
         attn, rotary = first.self_attn, first.self_attn.rotary
@@ -239,7 +243,7 @@ class DecoderModel(nn.Module):
         ops.decode_layers(
             residual, table, kv_cache, positions, meta.slot_mapping, meta.context_lens, meta.block_tables,
             rotary.cos, rotary.sin, attn.num_heads, first.mlp.down_proj.weight.shape[1],
-            attn.norm_eps, attn.attn.scale,
+            attn.norm_eps, attn.attn.scale, timings,
         )
         return residual
 
