@@ -24,11 +24,11 @@
 //   memory once a stage (normalised where a norm comes first, rounded as the unfused RMSNorm rounds); each warp's
 //   partial sums of up to kFlushItems items meet in one epilogue.
 // - Attention: an item is (sequence, kv head, split); a split is a run of 32-token chunks, splits per sequence so
-//   that the items fill about one wave. Scores on CUDA cores (32 tokens x 8 lanes of 16 dims), online softmax
-//   in base 2 per query head, P V with each warp a query head and a share of the tokens, 4 dims a lane. The new
-//   token's K and V come from the qkv output (normalised and rotated here) and are written to the cache by the
-//   item that holds that position; its cached row is never read. The last split of a (sequence, kv head) to finish
-//   merges the partials.
+//   that the items fill about one wave. Each warp takes whole slots of the item (w, w + 8, ...) on the tensor
+//   cores, as paged decode v6 does (query heads as the mma's rows, online softmax in registers, no CTA barrier a
+//   slot); the warps' states merge once the item is done. The new token's K and V come from the qkv output
+//   (normalised and rotated here) and are written to the cache by the item that holds that position; its cached
+//   row is never read. The last split of a (sequence, kv head) to finish merges the partials.
 // - With `timings`, thread 0 of each CTA stamps each stage's start, end of wait, end of staging and end
 //   (benchmarks.decode_layers --stages). Measured figures and what bounds the kernel: benchmarks/NOTES_decode.md.
 // Grid: one CTA an SM, all resident (the dependencies spin, so every CTA must run at once).
@@ -62,6 +62,7 @@ constexpr int kSlotK = 1024;          // a weight row's elements a slot
 constexpr int kSlotRows = 8;
 constexpr int kSlotTokens = 32;
 constexpr int kMaxSlots = 16;
+constexpr int kQPitch = kD + 8;       // elements of a staged q row: 16 bytes of padding for ldmatrix
 constexpr int kXPad = 32;             // elements of padding a staged x row: row g + 1 starts 16 banks on
 constexpr int kFlushItems = 8;        // product items whose partial sums wait in shared memory for one epilogue
 constexpr int kStages = 5;
@@ -104,11 +105,8 @@ struct Params {
 
 // Shared memory past the ring and the staged x.
 struct Scratch {
-  float pv[kConsumerWarps][kD];                       // an attention item's P V sums, by warp
-  float q[kMaxGroup][kD];                             // the item's query heads, scaled to base 2
-  float score[kMaxGroup][kSlotTokens];
-  float prob[kMaxGroup][kSlotTokens];
-  float run_max[kMaxGroup], run_sum[kMaxGroup], alpha[kMaxGroup];
+  float merge[kConsumerWarps / 2][kMaxGroup][kD + 2];  // an attention item's warps' states (merge_warps)
+  alignas(16) uint16_t q[16][kQPitch];                  // the item's query heads in T, the mma's A rows
   float sum_sq[kMaxRows];
   alignas(16) uint16_t new_kv[2][kD];  // this step's k and v of the item's kv head, in T
   uint64_t full[kMaxSlots], empty[kMaxSlots];
@@ -192,10 +190,11 @@ struct Plan {
 // ---------------------------------------------------------------------------------------------------------------
 // The producer warp.
 
-// An attention item's cached K and V rows, 32 tokens a slot: K rows 0..31 then V rows, 256 bytes each at D = 128.
-// A row is one token's head, 256 contiguous bytes of the cache; the 16 rows of a half slot lie in one page (the
-// block size is a multiple of 16), one TMA box of the cache's tensor map (copies of single rows cost the TMA unit,
-// or one warp's cp.async, about 2 us a slot). Lane h < 2 loads half h's page a slot ahead, so that its latency
+// An attention item's cached K and V, 32 tokens a slot: K then V, each two slabs [32 rows][64 dims] with 128-byte
+// swizzled rows (attend_slot's ldmatrix reads them without bank conflicts). A row is one token's head, 256
+// contiguous bytes of the cache; the 16 rows of a half slot lie in one page (the block size is a multiple of 16):
+// per half slot, one TMA box of 16 rows x 64 dims for each slab of K and V (copies of single rows cost the TMA
+// unit, or one warp's cp.async, about 2 us a slot). Lane h < 2 loads half h's page a slot ahead, so that its latency
 // hides behind the copies. The sequence's last token is this step's, made by the consumers: its row is loaded
 // with its box but never read.
 template <typename T, typename Claim>
@@ -219,10 +218,15 @@ __device__ void produce_kv(const Plan<T>& plan, int layer, const typename Plan<T
     const int halves = __popc(__ballot_sync(0xffffffffu, first >= 0));
     if (lane == 0) ptx::mbarrier_arrive_expect_tx(full, halves * 2 * kBoxBytes);
     __syncwarp();
-    if (first >= 0) {
-      const uint32_t at = dst + lane * kBoxBytes;
-      ptx::tma_load_5d(at, &p.kv_map, full, 0, it.head, first, layer, 0);
-      ptx::tma_load_5d(at + kSlotTokens * kD * sizeof(T), &p.kv_map, full, 0, it.head, first, layer, 1);
+    if (first >= 0) {  // K then V, each as two slabs of 64 dims (128-byte swizzled rows), half `lane`'s 16 rows
+#pragma unroll
+      for (int kv = 0; kv < 2; ++kv) {
+#pragma unroll
+        for (int slab = 0; slab < 2; ++slab) {
+          const uint32_t at = dst + (kv * 2 + slab) * kSlotTokens * 128 + lane * kHalf * 128;
+          ptx::tma_load_5d(at, &p.kv_map, full, slab * 64, it.head, first, layer, kv);
+        }
+      }
     }
     if (lane != 0) ptx::mbarrier_arrive(full);
     first = next;
@@ -488,67 +492,152 @@ __device__ void norm_rope(float (&x)[4], const HeadConstants& h, float eps) {
   for (int j = 0; j < 4; ++j) x[j] = out[j];
 }
 
-// Scores, online softmax and P V over n tokens of K and V [n, D] in shared memory. P V: warp w takes query head
-// w / parts and tokens j = w % parts (mod parts), lane l dims 4l..4l+3, so a warp reads 256 contiguous bytes of a
-// V row; acc holds those 4 sums, to be added over the parts once the item is done.
+// Attention of one warp over 32-token slots, on the tensor cores (as paged decode v6): the item's query heads are
+// the 16 rows of mma.m16n8k16's A (rows past the group are zeros), held as fragments for the whole item;
+//   S = Q K^T  (K rows through ldmatrix: B's columns), scaled in fp32, tokens past the slot's cached ones masked;
+//   online softmax per row in registers (a row lives in a quad: two shuffles, no barrier);
+//   O += P V   (S's accumulators repacked as P's A fragments; V through ldmatrix.trans).
+// Lane (g, t) holds rows g and g + 8 of every accumulator tile, columns 2t and 2t + 1 of it. A slot's K and V are
+// each two 128-byte swizzled slabs of 32 rows (dims 0..63, 64..127), as the TMA boxes wrote them: chunk c of row r
+// sits at chunk c ^ (r % 8).
+struct WarpAttention {
+  float acc[kD / 8][4];
+  float row_max[2];
+  float row_sum[2];  // this lane's columns; the quad is summed at the end
+};
+
+__device__ __forceinline__ uint32_t swizzled(uint32_t slab, int row, int chunk) {
+  return slab + row * 128 + ((chunk ^ (row & 7)) << 4);
+}
+
+// exp2(a - b), 0 when both are -inf (a warp, or a merged state, that has seen no token).
+__device__ __forceinline__ float rescale(float a, float b) { return b == -INFINITY ? 0.f : exp2f(a - b); }
+
 template <typename T>
-__device__ void attend_tokens(const T* k, const T* v, int n, int group, float (&acc)[4], Scratch& s) {
-  const int token = threadIdx.x / 8, sub = threadIdx.x % 8, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  // Scores: 8 lanes a token, each 16 dims (16-byte chunks sub and sub + 8 of the row).
-  float kf[16] = {};
-  if (token < n) {
-    const uint4 c0 = *reinterpret_cast<const uint4*>(k + token * kD + sub * 8);
-    const uint4 c1 = *reinterpret_cast<const uint4*>(k + token * kD + (sub + 8) * 8);
-    const T* e0 = reinterpret_cast<const T*>(&c0);
-    const T* e1 = reinterpret_cast<const T*>(&c1);
+__device__ __forceinline__ void attend_slot(WarpAttention& w, uint32_t q_lane, uint32_t slot, int n, float scale_log2) {
+  const int lane = threadIdx.x % 32;
+  constexpr uint32_t kSlab = kSlotTokens * 128, kV = 2 * kSlab;
+  float s[kSlotTokens / 8][4] = {};
 #pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      kf[j] = to_float(e0[j]);
-      kf[j + 8] = to_float(e1[j]);
+  for (int kk = 0; kk < kD / 16; ++kk) {
+    // q's A fragment, from shared memory each time (held for the item, q's 32 registers spilled the accumulators)
+    uint32_t q_frag[4];
+    ptx::ldmatrix_x4(q_frag, q_lane + kk * 32);
+    const int chunk = kk * 2 + (lane / 8) % 2;  // matrix j: keys +8 (j / 2), chunk +j % 2
+#pragma unroll
+    for (int nn = 0; nn < kSlotTokens / 16; ++nn) {
+      uint32_t b[4];
+      const int row = nn * 16 + (lane / 16) * 8 + lane % 8;
+      ptx::ldmatrix_x4(b, swizzled(slot + (chunk / 8) * kSlab, row, chunk % 8));
+      ptx::mma_16816<T>(s[2 * nn], q_frag, b[0], b[1]);
+      ptx::mma_16816<T>(s[2 * nn + 1], q_frag, b[2], b[3]);
     }
   }
-  for (int g = 0; g < group; ++g) {
-    float dot = 0.f;
+  const int col = 2 * (lane % 4);
 #pragma unroll
-    for (int j = 0; j < 8; ++j) dot += s.q[g][sub * 8 + j] * kf[j] + s.q[g][(sub + 8) * 8 + j] * kf[j + 8];
+  for (int j = 0; j < kSlotTokens / 8; ++j) {
 #pragma unroll
-    for (int offset = 1; offset < 8; offset *= 2) dot += __shfl_xor_sync(0xffffffffu, dot, offset);
-    if (sub == 0) s.score[g][token] = token < n ? dot : -INFINITY;
+    for (int e = 0; e < 4; ++e) s[j][e] = j * 8 + col + (e & 1) < n ? s[j][e] * scale_log2 : -INFINITY;
   }
-  consumers_sync();
-  // Softmax: warp g for query head g, lane = token.
-  if (warp < group) {
-    const float score = s.score[warp][lane];
-    float block_max = score;
+  float correction[2];
 #pragma unroll
-    for (int offset = 16; offset > 0; offset /= 2) {
-      block_max = fmaxf(block_max, __shfl_xor_sync(0xffffffffu, block_max, offset));
+  for (int h = 0; h < 2; ++h) {
+    float m = w.row_max[h];
+#pragma unroll
+    for (int j = 0; j < kSlotTokens / 8; ++j) m = fmaxf(m, fmaxf(s[j][2 * h], s[j][2 * h + 1]));
+    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
+    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+    correction[h] = rescale(w.row_max[h], m);
+    w.row_max[h] = m;
+    float sum = 0.f;
+#pragma unroll
+    for (int j = 0; j < kSlotTokens / 8; ++j) {
+      s[j][2 * h] = exp2f(s[j][2 * h] - m);
+      s[j][2 * h + 1] = exp2f(s[j][2 * h + 1] - m);
+      sum += s[j][2 * h] + s[j][2 * h + 1];
     }
-    const float old_max = s.run_max[warp], new_max = fmaxf(old_max, block_max);
-    const float prob = exp2f(score - new_max);
-    float sum = prob;
+    w.row_sum[h] = w.row_sum[h] * correction[h] + sum;
+  }
 #pragma unroll
-    for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
-    s.prob[warp][lane] = prob;
-    __syncwarp();
-    if (lane == 0) {
-      const float alpha = exp2f(old_max - new_max);  // 0 while old_max is -inf
-      s.alpha[warp] = alpha;
-      s.run_sum[warp] = s.run_sum[warp] * alpha + sum;
-      s.run_max[warp] = new_max;
+  for (int d = 0; d < kD / 8; ++d) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) w.acc[d][e] *= correction[e / 2];
+  }
+#pragma unroll
+  for (int kk = 0; kk < kSlotTokens / 16; ++kk) {
+    const uint32_t p_frag[4] = {
+        ptx::pack2<T>(s[2 * kk][0], s[2 * kk][1]), ptx::pack2<T>(s[2 * kk][2], s[2 * kk][3]),
+        ptx::pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]), ptx::pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+    const int row = kk * 16 + ((lane / 8) % 2) * 8 + lane % 8;  // matrix j: keys +8 (j % 2), chunk +j / 2
+#pragma unroll
+    for (int dd = 0; dd < kD / 16; ++dd) {
+      const int chunk = dd * 2 + lane / 16;
+      uint32_t b[4];
+      ptx::ldmatrix_x4_trans(b, swizzled(slot + kV + (chunk / 8) * kSlab, row, chunk % 8));
+      ptx::mma_16816<T>(w.acc[2 * dd], p_frag, b[0], b[1]);
+      ptx::mma_16816<T>(w.acc[2 * dd + 1], p_frag, b[2], b[3]);
     }
   }
-  consumers_sync();
-  const int parts = kConsumerWarps / group, g = warp / parts;
-  const float alpha = s.alpha[g];
+}
+
+// This step's token (K and V in shared memory, T) into a warp's state, on CUDA cores: lane (g, t) scores row g's
+// dims 32t..32t+31 against k, the quad adds them up; row g's columns of the lane then take p v. Rows g + 8 are
+// padding (a group has at most 8 query heads).
+template <typename T>
+__device__ __forceinline__ void attend_new_token(WarpAttention& w, const T* q, int q_pitch, const T* k, const T* v,
+                                 float scale_log2) {
+  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  float score = 0.f;
+#pragma unroll 8
+  for (int d = 32 * t; d < 32 * t + 32; ++d) score += to_float(q[g * q_pitch + d]) * to_float(k[d]);
+  score += __shfl_xor_sync(0xffffffffu, score, 1);
+  score += __shfl_xor_sync(0xffffffffu, score, 2);
+  score *= scale_log2;
+  const float m = fmaxf(w.row_max[0], score), correction = rescale(w.row_max[0], m), p = exp2f(score - m);
+  w.row_max[0] = m;
+  w.row_sum[0] = w.row_sum[0] * correction + (t == 0 ? p : 0.f);
 #pragma unroll
-  for (int i = 0; i < 4; ++i) acc[i] *= alpha;
-  for (int j = warp % parts; j < n; j += parts) {
-    const float prob = s.prob[g][j];
-    const uint2 chunk = *reinterpret_cast<const uint2*>(v + j * kD + lane * 4);
-    const T* e = reinterpret_cast<const T*>(&chunk);
+  for (int d = 0; d < kD / 8; ++d) {
 #pragma unroll
-    for (int i = 0; i < 4; ++i) acc[i] += prob * to_float(e[i]);
+    for (int e = 0; e < 2; ++e) w.acc[d][e] = w.acc[d][e] * correction + p * to_float(v[8 * d + 2 * t + e]);
+  }
+}
+
+// The warps' states merged into warp 0's, three rounds through shared memory (warps 4..7 into 0..3, 2..3 into
+// 0..1, 1 into 0); merge [4][group][D + 2] floats: O, then max and the quad-summed sum, of each written row.
+__device__ __forceinline__ void merge_warps(WarpAttention& w, int group, float* merge) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
+  float sum = w.row_sum[0];
+  sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+  sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+  w.row_sum[0] = sum;
+#pragma unroll
+  for (int half = kConsumerWarps / 2; half >= 1; half /= 2) {
+    float* row = merge + ((warp % half) * kMaxGroup + g) * (kD + 2);
+    if (warp >= half && warp < 2 * half && g < group) {
+#pragma unroll
+      for (int d = 0; d < kD / 8; ++d) {
+        row[8 * d + 2 * t] = w.acc[d][0];
+        row[8 * d + 2 * t + 1] = w.acc[d][1];
+      }
+      if (t == 0) {
+        row[kD] = w.row_max[0];
+        row[kD + 1] = w.row_sum[0];
+      }
+    }
+    consumers_sync();
+    if (warp < half && g < group) {
+      const float other_max = row[kD], m = fmaxf(w.row_max[0], other_max);
+      const float mine = rescale(w.row_max[0], m), theirs = rescale(other_max, m);
+      w.row_max[0] = m;
+      w.row_sum[0] = w.row_sum[0] * mine + row[kD + 1] * theirs;
+#pragma unroll
+      for (int d = 0; d < kD / 8; ++d) {
+        w.acc[d][0] = w.acc[d][0] * mine + row[8 * d + 2 * t] * theirs;
+        w.acc[d][1] = w.acc[d][1] * mine + row[8 * d + 2 * t + 1] * theirs;
+      }
+    }
+    consumers_sync();
   }
 }
 
@@ -563,6 +652,10 @@ __device__ void attention_item(const Plan<T>& plan, int layer, int item, int& po
   const int group = plan.group(), lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const bool has_new = it.len > 0 && it.len - 1 >= it.begin && it.len - 1 < it.end;
   T (*new_kv)[kD] = reinterpret_cast<T (*)[kD]>(s.new_kv);
+  T* q_rows = reinterpret_cast<T*>(s.q);  // [16][kQPitch]: the mma's A, rows past the group zero
+  for (int i = threadIdx.x; i < (16 - group) * kD; i += kConsumers) {
+    q_rows[(group + i / kD) * kQPitch + i % kD] = from_float<T>(0.f);
+  }
   // q heads, the new k and v: warp w takes vector w (w < group: q head; group: k; group + 1: v).
   const int64_t position = p.positions[it.m];
   CUDA_KERNEL_ASSERT(position >= 0 && position < p.max_position);
@@ -592,15 +685,11 @@ __device__ void attention_item(const Plan<T>& plan, int layer, int item, int& po
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       if (vec < group) {
-        s.q[vec][lane + 32 * j] = x[j] * p.scale_log2;
+        q_rows[vec * kQPitch + lane + 32 * j] = from_float<T>(x[j]);
       } else {
         new_kv[vec - group][lane + 32 * j] = from_float<T>(x[j]);
       }
     }
-  }
-  if (threadIdx.x < kMaxGroup) {
-    s.run_max[threadIdx.x] = -INFINITY;
-    s.run_sum[threadIdx.x] = 0.f;
   }
   consumers_sync();
   if (has_new && threadIdx.x < 2 * kD) {
@@ -611,37 +700,49 @@ __device__ void attention_item(const Plan<T>& plan, int layer, int item, int& po
       cache[(slot * p.num_kv_heads + it.head) * kD + threadIdx.x % kD] = new_kv[threadIdx.x / kD][threadIdx.x % kD];
     }
   }
-  float acc[4] = {};
-  for (int c = it.chunk_begin; c < it.chunk_end; ++c, ++pos) {
-    const int r = pos % p.num_slots;
-    ptx::mbarrier_wait(ptx::smem_address(&s.full[r]), (pos / p.num_slots) & 1);
-    const T* k = reinterpret_cast<const T*>(ring + int64_t(r) * kSlotBytes<T>);
-    const int n = max(0, min(min(it.end, it.len - 1) - c * kSlotTokens, kSlotTokens));
-    if (n > 0) attend_tokens<T>(k, k + kSlotTokens * kD, n, group, acc, s);
-    __syncwarp();
-    if (lane == 0) ptx::mbarrier_arrive(ptx::smem_address(&s.empty[r]));
-  }
-  if (has_new) attend_tokens<T>(new_kv[0], new_kv[1], 1, group, acc, s);
-
-  // The parts' sums, normalised; one split writes attn_out, several write partials that the last of them merges.
+  // This lane's row address of q's A fragments: matrix j of an ldmatrix is rows +8 (j % 2), chunk +j / 2.
+  const uint32_t q_lane = ptx::smem_address(q_rows + (lane % 16) * kQPitch) + (lane / 16) * 16;
+  // Warp w takes slots w, w + 8, ... of the item: no CTA barrier a slot; it frees each slot for the whole CTA.
+  WarpAttention w;
 #pragma unroll
-  for (int i = 0; i < 4; ++i) s.pv[warp][lane * 4 + i] = acc[i];
-  consumers_sync();
-  const int first_q = it.head * group, parts = kConsumerWarps / group;
-  for (int o = threadIdx.x; o < group * kD; o += kConsumers) {
-    const int g = o / kD, d = o % kD;
-    float sum_pv = 0.f;
-    for (int part = 0; part < parts; ++part) sum_pv += s.pv[g * parts + part][d];
-    const float sum = s.run_sum[g], out = sum > 0.f ? sum_pv / sum : 0.f;
-    if (it.splits == 1) {
-      p.attn_out[(int64_t(it.m) * p.num_heads + first_q + g) * kD + d] = from_float<T>(out);
-    } else {
-      const int64_t at = (int64_t(it.m) * p.num_heads + first_q + g) * p.splits + it.split;
-      p.partial_o[at * kD + d] = out;
-      if (d == 0) p.partial_lse[at] = sum > 0.f ? s.run_max[g] + __log2f(sum) : -INFINITY;
-    }
+  for (int d = 0; d < kD / 8; ++d) w.acc[d][0] = w.acc[d][1] = w.acc[d][2] = w.acc[d][3] = 0.f;
+  w.row_max[0] = w.row_max[1] = -INFINITY;
+  w.row_sum[0] = w.row_sum[1] = 0.f;
+  const int slots = it.chunk_end - it.chunk_begin;
+  for (int i = warp; i < slots; i += kConsumerWarps) {
+    const int at = pos + i, r = at % p.num_slots;
+    ptx::mbarrier_wait(ptx::smem_address(&s.full[r]), (at / p.num_slots) & 1);
+    const int c = it.chunk_begin + i;
+    const int n = max(0, min(min(it.end, it.len - 1) - c * kSlotTokens, kSlotTokens));
+    if (n > 0) attend_slot<T>(w, q_lane, ptx::smem_address(ring + int64_t(r) * kSlotBytes<T>), n, p.scale_log2);
+    __syncwarp();
+    if (lane == 0) ptx::mbarrier_arrive_count(ptx::smem_address(&s.empty[r]), kConsumerWarps);
   }
-  if (it.splits == 1) return consumers_sync();  // s.pv and the softmax state are free again
+  pos += slots;
+  if (has_new && warp == 0) attend_new_token<T>(w, q_rows, kQPitch, new_kv[0], new_kv[1], p.scale_log2);
+  merge_warps(w, group, &s.merge[0][0][0]);
+
+  // Warp 0's rows, normalised; one split writes attn_out, several write partials that the last of them merges.
+  const int first_q = it.head * group, g = lane / 4, t = lane % 4;
+  if (warp == 0 && g < group) {
+    const float sum = w.row_sum[0], inv = sum > 0.f ? 1.f / sum : 0.f;
+    const int64_t head_row = int64_t(it.m) * p.num_heads + first_q + g;
+    const int64_t at = head_row * p.splits + it.split;
+#pragma unroll
+    for (int d = 0; d < kD / 8; ++d) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int col = 8 * d + 2 * t + e;
+        if (it.splits == 1) {
+          p.attn_out[head_row * kD + col] = from_float<T>(w.acc[d][e] * inv);
+        } else {
+          p.partial_o[at * kD + col] = w.acc[d][e] * inv;
+        }
+      }
+    }
+    if (it.splits > 1 && t == 0) p.partial_lse[at] = sum > 0.f ? w.row_max[0] + __log2f(sum) : -INFINITY;
+  }
+  if (it.splits == 1) return consumers_sync();  // q, the new K/V and the merge buffer are free again
   int* arrivals = p.counters + p.num_layers * kStages + (layer * p.m + it.m) * p.num_kv_heads + it.head;
   consumers_sync();
   if (threadIdx.x == 0) s.last = ptx::fetch_add_acq_rel_gpu(arrivals, 1) == it.splits - 1;
@@ -705,8 +806,15 @@ __device__ void consume(const Plan<T>& plan, const char* ring, T* xs, float* red
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 1) decode_layers_kernel(const __grid_constant__ Params<T> p) {
   extern __shared__ __align__(128) char smem[];
-  char* ring = smem;
-  T* xs = reinterpret_cast<T*>(smem + int64_t(p.num_slots) * kSlotBytes<T>);
+  // The ring 1024-byte aligned (the 128-byte swizzle's atom, which the TMA boxes' addresses must start on) and
+  // zeroed: a slot's rows past its tokens keep what the slot held before, which must be finite (probability 0
+  // times NaN is NaN), and the first use of a slot finds what the kernel before left in shared memory.
+  char* ring = smem + ((1024 - ptx::smem_address(smem) % 1024) % 1024);
+  for (int i = threadIdx.x; i < p.num_slots * kSlotBytes<T> / 16; i += kThreads) {
+    reinterpret_cast<uint4*>(ring)[i] = make_uint4(0, 0, 0, 0);
+  }
+  ptx::fence_proxy_async_shared();  // the zeros before the copies that overwrite them
+  T* xs = reinterpret_cast<T*>(ring + int64_t(p.num_slots) * kSlotBytes<T>);
   float* red = reinterpret_cast<float*>(xs + int64_t(p.m) * p.x_pitch);
   Scratch& s = *reinterpret_cast<Scratch*>(red + red_floats(p.m));
   if (threadIdx.x < p.num_slots) {
@@ -731,10 +839,11 @@ __global__ void decode_layers_kernel(const __grid_constant__ Params<T> p) {}
 
 #endif
 
-// The kernel's shared memory past the ring: x staged, the products' partial sums, then Scratch.
+// The kernel's shared memory besides the ring: x staged, the products' partial sums, Scratch, and up to 1 KB
+// before the ring to align it.
 template <typename T>
 int64_t fixed_smem(int m, int x_pitch) {
-  return int64_t(m) * x_pitch * sizeof(T) + red_floats(m) * sizeof(float) + sizeof(Scratch);
+  return int64_t(m) * x_pitch * sizeof(T) + red_floats(m) * sizeof(float) + sizeof(Scratch) + 1024;
 }
 
 template <typename T>
@@ -863,9 +972,9 @@ void decode_layers(torch::Tensor& residual, const torch::Tensor& layers, const t
     const cuuint64_t strides[4] = {kD * sizeof(T), static_cast<cuuint64_t>(kv_cache.stride(3) * sizeof(T)),
                                    static_cast<cuuint64_t>(kv_cache.stride(1) * sizeof(T)),
                                    static_cast<cuuint64_t>(kv_cache.stride(0) * sizeof(T))};
-    const cuuint32_t box[5] = {kD, 1, kSlotTokens / 2, 1, 1};
+    const cuuint32_t box[5] = {64, 1, kSlotTokens / 2, 1, 1};  // 128-byte rows: the widest a 128-byte swizzle takes
     p.kv_map = minivllm::encode_tensor_map("decode_layers", kv_cache.data_ptr(), std::is_same_v<T, __nv_bfloat16>,
-                                           5, dims, strides, box, CU_TENSOR_MAP_SWIZZLE_NONE);
+                                           5, dims, strides, box, CU_TENSOR_MAP_SWIZZLE_128B);
     p.num_layers = num_layers;
     p.m = static_cast<int>(m);
     p.hidden = static_cast<int>(hidden);
