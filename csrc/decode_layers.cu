@@ -580,6 +580,21 @@ __device__ __forceinline__ void attend_slot(WarpAttention& w, uint32_t q_lane, u
   }
 }
 
+// Zeroes a slot's V rows n..31 (both slabs; a row's 128 bytes hold all its swizzled chunks). Their probabilities
+// are 0, but the rows hold whatever the cache had past the sequence (the engine's cache starts zeroed, a caller's
+// need not) or this step's stale row, and 0 times NaN or inf is NaN. The fence orders these writes before the TMA
+// copies that refill the slot.
+__device__ __forceinline__ void zero_v_tail(char* slot, int n) {
+  constexpr int kSlab = kSlotTokens * 128;
+  const int lane = threadIdx.x % 32;
+  for (int i = n * 8 + lane; i < kSlotTokens * 8; i += 32) {  // 16-byte chunks of rows n.. in each V slab
+    reinterpret_cast<uint4*>(slot + 2 * kSlab)[i] = make_uint4(0, 0, 0, 0);
+    reinterpret_cast<uint4*>(slot + 3 * kSlab)[i] = make_uint4(0, 0, 0, 0);
+  }
+  ptx::fence_proxy_async_shared();
+  __syncwarp();
+}
+
 // This step's token (K and V in shared memory, T) into a warp's state, on CUDA cores: lane (g, t) scores row g's
 // dims 32t..32t+31 against k, the quad adds them up; row g's columns of the lane then take p v. Rows g + 8 are
 // padding (a group has at most 8 query heads).
@@ -645,7 +660,7 @@ __device__ __forceinline__ void merge_warps(WarpAttention& w, int group, float* 
 // to wait for once the constants are loaded (nullptr: nothing), and thread 0 stamps the time after it at waited[0]
 // and waited[1] (attention stages nothing: its staging takes no time).
 template <typename T>
-__device__ void attention_item(const Plan<T>& plan, int layer, int item, int& pos, const char* ring, Scratch& s,
+__device__ void attention_item(const Plan<T>& plan, int layer, int item, int& pos, char* ring, Scratch& s,
                                const int* counter, int target, int64_t* waited) {
   const Params<T>& p = plan.p;
   const auto it = plan.attn_item(item);
@@ -714,7 +729,9 @@ __device__ void attention_item(const Plan<T>& plan, int layer, int item, int& po
     ptx::mbarrier_wait(ptx::smem_address(&s.full[r]), (at / p.num_slots) & 1);
     const int c = it.chunk_begin + i;
     const int n = max(0, min(min(it.end, it.len - 1) - c * kSlotTokens, kSlotTokens));
-    if (n > 0) attend_slot<T>(w, q_lane, ptx::smem_address(ring + int64_t(r) * kSlotBytes<T>), n, p.scale_log2);
+    char* slot = ring + int64_t(r) * kSlotBytes<T>;
+    if (n > 0 && n < kSlotTokens) zero_v_tail(slot, n);
+    if (n > 0) attend_slot<T>(w, q_lane, ptx::smem_address(slot), n, p.scale_log2);
     __syncwarp();
     if (lane == 0) ptx::mbarrier_arrive_count(ptx::smem_address(&s.empty[r]), kConsumerWarps);
   }
@@ -767,7 +784,7 @@ __device__ void attention_item(const Plan<T>& plan, int layer, int item, int& po
 }
 
 template <typename T>
-__device__ void consume(const Plan<T>& plan, const char* ring, T* xs, float* red, Scratch& s) {
+__device__ void consume(const Plan<T>& plan, char* ring, T* xs, float* red, Scratch& s) {
   const Params<T>& p = plan.p;
   // With p.timings, thread 0's global timer (ns) at each of its stages' start, once the dependency is met, once x
   // is staged and once it has signalled: where the step's time goes (benchmarks.decode_layers --stages).
@@ -851,8 +868,10 @@ void launch(Params<T> p, int grid, cudaStream_t stream) {
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
   const int64_t available = int64_t(prop->sharedMemPerBlockOptin) - fixed_smem<T>(p.m, p.x_pitch);
   p.num_slots = static_cast<int>(std::min<int64_t>(kMaxSlots, available / kSlotBytes<T>));
-  TORCH_CHECK(p.num_slots >= 3, "decode_layers: the staged activations leave room for ", p.num_slots,
-              " ring slots in shared memory; the kernel needs 3 (fewer rows or a smaller model)");
+  // Attention's warps take a slot each, up to a warp's slot past the slowest one's: the ring must hold a slot a warp
+  // so that no warp waits on a slot's phase one lap ahead.
+  TORCH_CHECK(p.num_slots >= kConsumerWarps, "decode_layers: the staged activations leave room for ", p.num_slots,
+              " ring slots in shared memory; the kernel needs ", kConsumerWarps, " (fewer rows or a smaller model)");
   const int64_t smem = int64_t(p.num_slots) * kSlotBytes<T> + fixed_smem<T>(p.m, p.x_pitch);
   static const bool configured = [&] {  // one per instantiation (T)
     C10_CUDA_CHECK(cudaFuncSetAttribute(decode_layers_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
