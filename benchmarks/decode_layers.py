@@ -3,7 +3,8 @@ model of Qwen3-0.6B's layer shapes (bf16, 28 layers, block size 16): ms per deco
 final norm (no lm_head or sampler) for batch x context, each path captured in a CUDA graph, and the floor (the
 layers' weights and the KV read once at the copy bandwidth measured in the same run). With --stages, where the
 kernel's time goes, from its in-kernel timestamps: per stage (qkv, attention, o, gate_up, down) the mean over CTAs
-and layers of the wait for the stage before, the x staging and the work; and the step's span per layer.
+and layers of the wait for the stage before, the x staging and the work, and of the work the part until the
+stage's first slot was in shared memory (data: the producer behind); and the step's span per layer.
 
     python -m benchmarks.decode_layers [--batches 1 8] [--contexts 128 1024 4096 32768] [--stages] [--json PATH]
 """
@@ -78,7 +79,7 @@ def stage_times(model: DecoderForCausalLM, step: tuple) -> dict:
     """us per stage (mean over CTAs with an item and over layers 1..: wait, staging, work) and per layer (span)."""
     layers = len(model.model.layers)
     grid = torch.cuda.get_device_properties(0).multi_processor_count
-    stamps = torch.zeros(grid, layers, len(STAGES), 4, dtype=torch.int64, device="cuda")
+    stamps = torch.zeros(grid, layers, len(STAGES), 5, dtype=torch.int64, device="cuda")
     for _ in range(3):  # the last call's stamps
         model.model.decode_layers(*step, timings=stamps)
     torch.cuda.synchronize()
@@ -89,6 +90,8 @@ def stage_times(model: DecoderForCausalLM, step: tuple) -> dict:
         rows = t[:, :, i][present[:, :, i]]
         for part, (a, b) in (("wait", (0, 1)), ("stage", (1, 2)), ("work", (2, 3))):
             out[f"{name}_{part}_us"] = (rows[:, b] - rows[:, a]).mean().item()
+        fed = rows[rows[:, 4] > 0]  # CTAs whose first slot was stamped: how much of the work waited for the producer
+        out[f"{name}_data_us"] = (fed[:, 4] - fed[:, 2]).mean().item()
     done = torch.where(present[:, :, -1], t[:, :, -1, 3], torch.zeros_like(t[:, :, -1, 3])).amax(0)
     out["us_per_layer"] = (done[-1] - done[0]).item() / (len(done) - 1)
     return out
@@ -128,7 +131,8 @@ def main() -> None:
         for name in STAGES:
             print_table([{"batch": r["batch"], "context": r["context"],
                           **{k: v for k, v in r.items() if k.startswith(name + "_")}} for r in stages],
-                        f"stage {name}: us a CTA (wait for the stage before, x staging, work), layers 1..27")
+                        f"stage {name}: us a CTA (wait for the stage before, x staging, work; data: of the work, "
+                        "until its first slot was in), layers 1..27")
         print_table([{"batch": r["batch"], "context": r["context"], "us_per_layer": r["us_per_layer"]}
                      for r in stages], "span a layer (last CTA done, layer to layer)")
     write_json(args.json, {"gpu": gpu_name(), "copy_gbs": bandwidth, "rows": rows, "stages": stages})

@@ -66,7 +66,7 @@ constexpr int kQPitch = kD + 8;       // elements of a staged q row: 16 bytes of
 constexpr int kXPad = 32;             // elements of padding a staged x row: row g + 1 starts 16 banks on
 constexpr int kFlushItems = 8;        // product items whose partial sums wait in shared memory for one epilogue
 constexpr int kStages = 5;
-constexpr int kStamps = 4;
+constexpr int kStamps = 5;
 enum Stage { kQkv, kAttn, kO, kGateUp, kDown };
 // The columns of the layer table, one row a layer: device pointers.
 enum Field { kInputNorm, kQkvW, kQNorm, kKNorm, kOW, kPostNorm, kGateUpW, kDownW, kKCache, kVCache, kFields };
@@ -387,7 +387,7 @@ __device__ void stage_x(const Plan<T>& plan, int layer, int stage, T* xs, Scratc
 // after the last) one barrier, then the epilogue of those items.
 template <typename T>
 __device__ void product_stage(const Plan<T>& plan, int layer, int stage, int& pos, const char* ring, const T* xs,
-                              float* red, Scratch& s) {
+                              float* red, Scratch& s, int64_t* ready) {
   const Params<T>& p = plan.p;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
   const bool row_valid = g < p.m;
@@ -402,6 +402,7 @@ __device__ void product_stage(const Plan<T>& plan, int layer, int stage, int& po
     for (int c = 0; c < slots; ++c, ++pos) {
       const int r = pos % p.num_slots;
       ptx::mbarrier_wait(ptx::smem_address(&s.full[r]), (pos / p.num_slots) & 1);
+      if (ready != nullptr && threadIdx.x == 0 && item == blockIdx.x && c == 0) *ready = ptx::global_timer_ns();
       const T* w_row = reinterpret_cast<const T*>(ring + int64_t(r) * kSlotBytes<T>) + g * kSlotK;
       const T* x_row = xs + (row_valid ? g : 0) * p.x_pitch + c * kSlotK;
 #pragma unroll
@@ -658,7 +659,7 @@ __device__ __forceinline__ void merge_warps(WarpAttention& w, int group, float* 
 
 // One attention item: (sequence, kv head, split). For the CTA's first item of the stage, counter and target say what
 // to wait for once the constants are loaded (nullptr: nothing), and thread 0 stamps the time after it at waited[0]
-// and waited[1] (attention stages nothing: its staging takes no time).
+// and waited[1] (attention stages nothing: its staging takes no time), and when its first slot is in at waited[3].
 template <typename T>
 __device__ void attention_item(const Plan<T>& plan, int layer, int item, int& pos, char* ring, Scratch& s,
                                const int* counter, int target, int64_t* waited) {
@@ -727,6 +728,7 @@ __device__ void attention_item(const Plan<T>& plan, int layer, int item, int& po
   for (int i = warp; i < slots; i += kConsumerWarps) {
     const int at = pos + i, r = at % p.num_slots;
     ptx::mbarrier_wait(ptx::smem_address(&s.full[r]), (at / p.num_slots) & 1);
+    if (waited != nullptr && threadIdx.x == 0 && i == 0) waited[3] = ptx::global_timer_ns();
     const int c = it.chunk_begin + i;
     const int n = max(0, min(min(it.end, it.len - 1) - c * kSlotTokens, kSlotTokens));
     char* slot = ring + int64_t(r) * kSlotBytes<T>;
@@ -787,7 +789,8 @@ template <typename T>
 __device__ void consume(const Plan<T>& plan, char* ring, T* xs, float* red, Scratch& s) {
   const Params<T>& p = plan.p;
   // With p.timings, thread 0's global timer (ns) at each of its stages' start, once the dependency is met, once x
-  // is staged and once it has signalled: where the step's time goes (benchmarks.decode_layers --stages).
+  // is staged, once it has signalled, and once its first slot was in shared memory (a stage's work split into waiting
+  // for the producer and the rest): where the step's time goes (benchmarks.decode_layers --stages).
   auto stamp_at = [&](int layer, int stage, int k) -> int64_t* {
     if (p.timings == nullptr) return nullptr;
     return p.timings + ((int64_t(blockIdx.x) * p.num_layers + layer) * kStages + stage) * kStamps + k;
@@ -812,7 +815,7 @@ __device__ void consume(const Plan<T>& plan, char* ring, T* xs, float* red, Scra
       } else {
         stage_x(plan, layer, stage, xs, s, counter, target, stamp_at(layer, stage, 1));
         stamp(layer, stage, 2);
-        product_stage(plan, layer, stage, pos, ring, xs, red, s);
+        product_stage(plan, layer, stage, pos, ring, xs, red, s, stamp_at(layer, stage, 4));
       }
       signal(p.counters + layer * kStages + stage);
       stamp(layer, stage, 3);  // (for attention, "work" is from its wait to here)
