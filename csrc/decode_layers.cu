@@ -23,8 +23,8 @@
 //   mapping of k inside an mma does not matter to a dot product, as in small_m_linear.cu). x is staged in shared
 //   memory once a stage (normalised where a norm comes first, rounded as the unfused RMSNorm rounds); each warp's
 //   partial sums of up to kFlushItems items meet in one epilogue.
-// - Attention: an item is (sequence, kv head, split); a split is a run of 32-token chunks, splits per sequence so
-//   that the items fill about one wave. Each warp takes whole slots of the item (w, w + 8, ...) on the tensor
+// - Attention: an item is (sequence, kv head, split); a split is a run of at least kMinSplitChunks 32-token chunks,
+//   splits per sequence up to about one wave of items. Each warp takes whole slots of the item (w, w + 8, ...) on the tensor
 //   cores, as paged decode v6 does (query heads as the mma's rows, online softmax in registers, no CTA barrier a
 //   slot); the warps' states merge once the item is done. The new token's K and V come from the qkv output
 //   (normalised and rotated here) and are written to the cache by the item that holds that position; its cached
@@ -62,6 +62,7 @@ constexpr int kSlotK = 1024;          // a weight row's elements a slot
 constexpr int kSlotRows = 8;
 constexpr int kSlotTokens = 32;
 constexpr int kMaxSlots = 16;
+constexpr int kMinSplitChunks = 4;    // a split's fewest slots (fewer split merges; H200: best of 1, 2, 4, 8 at 128..1k)
 constexpr int kQPitch = kD + 8;       // elements of a staged q row: 16 bytes of padding for ldmatrix
 constexpr int kXPad = 32;             // elements of padding a staged x row: row g + 1 starts 16 banks on
 constexpr int kFlushItems = 8;        // product items whose partial sums wait in shared memory for one epilogue
@@ -76,6 +77,10 @@ constexpr int kSlotBytes = kSlotRows * kSlotK * sizeof(T);
 
 // The products' partial sums [kFlushItems, warps, m, 8] (a multiple of 16 bytes).
 __host__ __device__ constexpr int red_floats(int m) { return kFlushItems * kConsumerWarps * m * kSlotRows; }
+
+// The attention warps' states on their way to warp 0 (merge_warps), past Scratch: sized by the group, not
+// kMaxGroup, as every KB of shared memory not spent here is ring (a slot more keeps the products fed).
+__host__ __device__ constexpr int merge_floats(int group) { return kConsumerWarps / 2 * group * (kD + 2); }
 
 template <typename T>
 struct Params {
@@ -105,7 +110,6 @@ struct Params {
 
 // Shared memory past the ring and the staged x.
 struct Scratch {
-  float merge[kConsumerWarps / 2][kMaxGroup][kD + 2];  // an attention item's warps' states (merge_warps)
   alignas(16) uint16_t q[16][kQPitch];                  // the item's query heads in T, the mma's A rows
   float sum_sq[kMaxRows];
   alignas(16) uint16_t new_kv[2][kD];  // this step's k and v of the item's kv head, in T
@@ -140,7 +144,7 @@ struct Plan {
   };
   __device__ int splits_of(int len) const {
     const int chunks = (len + kSlotTokens - 1) / kSlotTokens;
-    return max(1, min(p.splits, chunks));
+    return max(1, min(p.splits, chunks / kMinSplitChunks));
   }
   __device__ AttnItem attn_item(int item) const {
     for (int m = 0;; ++m) {
@@ -620,8 +624,9 @@ __device__ __forceinline__ void attend_new_token(WarpAttention& w, const T* q, i
 }
 
 // The warps' states merged into warp 0's, three rounds through shared memory (warps 4..7 into 0..3, 2..3 into
-// 0..1, 1 into 0); merge [4][group][D + 2] floats: O, then max and the quad-summed sum, of each written row.
-__device__ __forceinline__ void merge_warps(WarpAttention& w, int group, float* merge) {
+// 0..1, 1 into 0); merge [4][group][D + 2] floats (merge_floats): O, then max and the quad-summed sum, of each
+// written row.
+__device__ __forceinline__ void merge_warps(WarpAttention& w, int group, int active, float* merge) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
   float sum = w.row_sum[0];
   sum += __shfl_xor_sync(0xffffffffu, sum, 1);
@@ -629,7 +634,8 @@ __device__ __forceinline__ void merge_warps(WarpAttention& w, int group, float* 
   w.row_sum[0] = sum;
 #pragma unroll
   for (int half = kConsumerWarps / 2; half >= 1; half /= 2) {
-    float* row = merge + ((warp % half) * kMaxGroup + g) * (kD + 2);
+    if (half >= active) continue;  // warps `half` and up saw no slot: nothing to merge (uniform over the CTA)
+    float* row = merge + ((warp % half) * group + g) * (kD + 2);
     if (warp >= half && warp < 2 * half && g < group) {
 #pragma unroll
       for (int d = 0; d < kD / 8; ++d) {
@@ -739,7 +745,7 @@ __device__ void attention_item(const Plan<T>& plan, int layer, int item, int& po
   }
   pos += slots;
   if (has_new && warp == 0) attend_new_token<T>(w, q_rows, kQPitch, new_kv[0], new_kv[1], p.scale_log2);
-  merge_warps(w, group, &s.merge[0][0][0]);
+  merge_warps(w, group, min(slots, kConsumerWarps), reinterpret_cast<float*>(&s + 1));
 
   // Warp 0's rows, normalised; one split writes attn_out, several write partials that the last of them merges.
   const int first_q = it.head * group, g = lane / 4, t = lane % 4;
@@ -771,9 +777,11 @@ __device__ void attention_item(const Plan<T>& plan, int layer, int item, int& po
     const int g = o / kD, d = o % kD;
     const int64_t at = (int64_t(it.m) * p.num_heads + first_q + g) * p.splits;
     float lse_max = -INFINITY;
+#pragma unroll 8
     for (int j = 0; j < it.splits; ++j) lse_max = fmaxf(lse_max, __ldcg(p.partial_lse + at + j));
     float num = 0.f, den = 0.f;
     if (lse_max > -INFINITY) {
+#pragma unroll 8  // (the partials' loads in flight together)
       for (int j = 0; j < it.splits; ++j) {
         const float w = exp2f(__ldcg(p.partial_lse + at + j) - lse_max);
         num += w * __ldcg(p.partial_o + (at + j) * kD + d);
@@ -859,23 +867,24 @@ __global__ void decode_layers_kernel(const __grid_constant__ Params<T> p) {}
 
 #endif
 
-// The kernel's shared memory besides the ring: x staged, the products' partial sums, Scratch, and up to 1 KB
-// before the ring to align it.
+// The kernel's shared memory besides the ring: x staged, the products' partial sums, Scratch, the warps' merge,
+// and up to 1 KB before the ring to align it.
 template <typename T>
-int64_t fixed_smem(int m, int x_pitch) {
-  return int64_t(m) * x_pitch * sizeof(T) + red_floats(m) * sizeof(float) + sizeof(Scratch) + 1024;
+int64_t fixed_smem(int m, int x_pitch, int group) {
+  return int64_t(m) * x_pitch * sizeof(T) + red_floats(m) * sizeof(float) + sizeof(Scratch) +
+         merge_floats(group) * sizeof(float) + 1024;
 }
 
 template <typename T>
 void launch(Params<T> p, int grid, cudaStream_t stream) {
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  const int64_t available = int64_t(prop->sharedMemPerBlockOptin) - fixed_smem<T>(p.m, p.x_pitch);
+  const int64_t available = int64_t(prop->sharedMemPerBlockOptin) - fixed_smem<T>(p.m, p.x_pitch, p.num_heads / p.num_kv_heads);
   p.num_slots = static_cast<int>(std::min<int64_t>(kMaxSlots, available / kSlotBytes<T>));
   // Attention's warps take a slot each, up to a warp's slot past the slowest one's: the ring must hold a slot a warp
   // so that no warp waits on a slot's phase one lap ahead.
   TORCH_CHECK(p.num_slots >= kConsumerWarps, "decode_layers: the staged activations leave room for ", p.num_slots,
               " ring slots in shared memory; the kernel needs ", kConsumerWarps, " (fewer rows or a smaller model)");
-  const int64_t smem = int64_t(p.num_slots) * kSlotBytes<T> + fixed_smem<T>(p.m, p.x_pitch);
+  const int64_t smem = int64_t(p.num_slots) * kSlotBytes<T> + fixed_smem<T>(p.m, p.x_pitch, p.num_heads / p.num_kv_heads);
   static const bool configured = [&] {  // one per instantiation (T)
     C10_CUDA_CHECK(cudaFuncSetAttribute(decode_layers_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(prop->sharedMemPerBlockOptin)));
