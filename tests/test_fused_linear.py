@@ -122,21 +122,19 @@ def test_the_cpu_decoder_stays_unfused(llm):
     assert not model.runs_fused(torch.zeros(1, 64))
 
 
-@pytest.mark.parametrize("mode, rows, max_model_len, chosen", [
-    ("auto", 1, 4096, True),  # one sequence in an engine of short contexts: where it is measured faster
-    ("auto", 1, 4097, False),
-    ("auto", 2, 4096, False),
-    ("1", 8, 40960, True),
-    ("1", 9, 4096, False),  # beyond the kernel's 8 rows
-    ("0", 1, 4096, False),
+@pytest.mark.parametrize("mode, rows, chosen", [
+    ("auto", 1, True),  # one sequence: where it is measured faster
+    ("auto", 2, False),
+    ("1", 8, True),
+    ("1", 9, False),  # beyond the kernel's 8 rows
+    ("0", 1, False),
 ])
-def test_runs_decode_layers_by_mode_rows_and_max_model_len(llm, mode, rows, max_model_len, chosen, monkeypatch):
-    """With the kernel taking the layers (as on an sm_90 GPU), MINIVLLM_DECODE_LAYERS's mode, the step's rows and
-    the engine's max_model_len decide; a prefill never runs it, nor more than one rank."""
+def test_runs_decode_layers_by_mode_and_rows(llm, mode, rows, chosen, monkeypatch):
+    """With the kernel taking the layers (as on an sm_90 GPU), MINIVLLM_DECODE_LAYERS's mode and the step's rows
+    decide; a prefill never runs it, nor more than one rank."""
     monkeypatch.setattr(DecoderLayer, "decode_layers_fit", lambda self: True)
     model = llm.llm_engine.runner.model.model
     monkeypatch.setattr(model, "decode_layers_inputs", lambda: (torch.zeros(1), torch.zeros(1)))
-    monkeypatch.setattr(model, "max_model_len", max_model_len)
     monkeypatch.setattr(ops, "DECODE_LAYERS", mode)
     decode, prefill = AttentionMetadata(False, torch.zeros(rows)), AttentionMetadata(True, torch.zeros(rows))
     assert model.runs_decode_layers(torch.zeros(rows, 64), decode) is chosen
@@ -145,8 +143,6 @@ def test_runs_decode_layers_by_mode_rows_and_max_model_len(llm, mode, rows, max_
     assert not model.runs_decode_layers(torch.zeros(rows, 64), decode)
 
 
-def test_the_engine_tells_the_model_its_max_model_len(llm):
-    """The runner sets it (the llm fixture's 128, not the checkpoint's positions); on the CPU the kernel never runs."""
+def test_the_cpu_decoder_never_runs_decode_layers(llm):
     model = llm.llm_engine.runner.model.model
-    assert model.max_model_len == 128
     assert not model.runs_decode_layers(torch.zeros(1, 64), AttentionMetadata(False, torch.zeros(1)))

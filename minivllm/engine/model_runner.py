@@ -38,7 +38,6 @@ class ModelRunner:
         self.block_size = config.args.block_size
         self.tp = tp or TensorParallel(invariant_splits=config.args.tp_invariant)
         self.model = build_model(config.source, self.dtype, self.device, config.args.seed, self.tp)
-        self.model.model.max_model_len = config.max_model_len  # where ops.decode_layers runs (DecoderModel)
         # unseeded requests draw from this, so an engine's sampling reproduces for a given LLM(seed=), as in vLLM
         self.sampling_generator = torch.Generator(self.device).manual_seed(config.args.seed)
         self.penalty_counts = PenaltyCounts(config.source.config.vocab_size, config.args.max_num_seqs, self.device)

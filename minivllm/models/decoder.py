@@ -180,7 +180,6 @@ class DecoderModel(nn.Module):
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.tp = tp
-        self.max_model_len = config.max_position_embeddings  # the runner sets the engine's
         # decode_layers_inputs' table and cache tensor, and the addresses of the first and last caches they hold
         self.decode_inputs: tuple[torch.Tensor, torch.Tensor] | None = None
         self.decode_inputs_key = (-1, -1)
@@ -217,13 +216,12 @@ class DecoderModel(nn.Module):
 
     def runs_decode_layers(self, x: torch.Tensor, meta: AttentionMetadata) -> bool:
         """Whether this step runs every layer in one persistent kernel (ops.decode_layers): a decode step of at
-        most DECODE_LAYERS_MAX_ROWS sequences (ops.DECODE_LAYERS "auto": one, with max_model_len within
-        DECODE_LAYERS_AUTO_MAX_LEN; "0": none) on one sm_90 or later GPU, for layers the kernel takes. Shapes, the
-        engine's limits and the device only, as runs_fused; on one GPU for runs_fused's reasons."""
+        most DECODE_LAYERS_MAX_ROWS sequences (ops.DECODE_LAYERS "auto": one; "0": none) on one sm_90 or later
+        GPU, for layers the kernel takes. Shapes and the device only, as runs_fused (a CUDA graph holds one path
+        while the context grows inside it); on one GPU for runs_fused's reasons."""
         if meta.is_prefill or not 1 <= x.shape[0] <= ops.DECODE_LAYERS_MAX_ROWS or ops.DECODE_LAYERS == "0":
             return False
-        short = self.max_model_len <= ops.DECODE_LAYERS_AUTO_MAX_LEN
-        if ops.DECODE_LAYERS == "auto" and not (x.shape[0] == 1 and short):
+        if ops.DECODE_LAYERS == "auto" and x.shape[0] != 1:
             return False
         return (
             self.tp.size == 1 and not self.tp.invariant_splits and self.layers[0].decode_layers_fit()

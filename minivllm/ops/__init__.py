@@ -34,13 +34,11 @@ SMALL_M_FUSED_MAX_OUTPUTS = 6144
 
 DECODE_LAYERS_MAX_ROWS = 8  # kMaxRows of csrc/decode_layers.cu
 DECODE_LAYERS_K_MULTIPLE = 1024  # kSlotK: every product's K is a whole number of ring slots
-# When decode steps run ops.decode_layers (MINIVLLM_DECODE_LAYERS): "auto", where one H200 run measured it no slower
-# than the per-layer path: one sequence, max_model_len up to DECODE_LAYERS_AUTO_MAX_LEN (0.82 against 0.95 ms a
-# token at context 128, 0.92 against 1.02 at 1k, 1.15 against 1.18 at 4k; slower beyond: 2.08 against 1.71 at 16k,
-# and at batch 8, 1.84 against 1.33 at 1k: its attention streams KV at a third of the copy bandwidth); "1": every
-# step of 1..DECODE_LAYERS_MAX_ROWS sequences it takes; "0": never.
+# When decode steps run ops.decode_layers (MINIVLLM_DECODE_LAYERS): "auto", where one H200 run measured it faster
+# than the per-layer path: one sequence (benchmarks.latency, ms a token: 0.965 against 0.979 at context 128, 1.01
+# against 1.05 at 1k, 1.10 against 1.18 at 4k, 1.52 against 1.72 at 16k, 2.12 against 2.24 at 32k; slower at batch 8,
+# 1.76 against 1.33 at 1k); "1": every step of 1..DECODE_LAYERS_MAX_ROWS sequences it takes; "0": never.
 DECODE_LAYERS = os.environ.get("MINIVLLM_DECODE_LAYERS", "auto")
-DECODE_LAYERS_AUTO_MAX_LEN = 4096
 if DECODE_LAYERS not in ("auto", "0", "1"):
     raise ValueError(f"MINIVLLM_DECODE_LAYERS={DECODE_LAYERS!r} is not one of auto, 0, 1; unset it for auto")
 

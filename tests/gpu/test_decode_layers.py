@@ -83,12 +83,10 @@ def test_decode_layers_is_chosen_only_where_it_applies(monkeypatch):
     ids, positions, meta = random_step(model, [10] * 8, 16, torch.bfloat16, seed=0)
     monkeypatch.setattr(ops, "DECODE_LAYERS", "1")
     assert model.model.runs_decode_layers(ids, meta)
-    monkeypatch.setattr(ops, "DECODE_LAYERS", "auto")  # one sequence, and only for an engine of short contexts
+    monkeypatch.setattr(ops, "DECODE_LAYERS", "auto")  # one sequence only
     one = random_step(model, [10], 16, torch.bfloat16, seed=0)
-    for max_model_len, batch_one in ((4096, True), (4097, False)):
-        model.model.max_model_len = max_model_len
-        assert model.model.runs_decode_layers(one[0], one[2]) is batch_one
-        assert not model.model.runs_decode_layers(ids, meta)
+    assert model.model.runs_decode_layers(one[0], one[2])
+    assert not model.model.runs_decode_layers(ids, meta)
     monkeypatch.setattr(ops, "DECODE_LAYERS", "1")
     nine = random_step(model, [10] * 9, 16, torch.bfloat16, seed=0)
     assert not model.model.runs_decode_layers(nine[0], nine[2])
