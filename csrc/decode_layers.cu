@@ -43,6 +43,7 @@
 
 #include "common/checks.h"
 #include "common/convert.cuh"
+#include "common/online_softmax.cuh"
 #include "common/tensor_map.h"
 #include "common/ptx.cuh"
 #include "common/ptx_sm90.cuh"
@@ -544,25 +545,8 @@ __device__ __forceinline__ void attend_slot(WarpAttention& w, uint32_t q_lane, u
 #pragma unroll
     for (int e = 0; e < 4; ++e) s[j][e] = j * 8 + col + (e & 1) < n ? s[j][e] * scale_log2 : -INFINITY;
   }
-  float correction[2];
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    float m = w.row_max[h];
-#pragma unroll
-    for (int j = 0; j < kSlotTokens / 8; ++j) m = fmaxf(m, fmaxf(s[j][2 * h], s[j][2 * h + 1]));
-    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
-    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
-    correction[h] = rescale(w.row_max[h], m);
-    w.row_max[h] = m;
-    float sum = 0.f;
-#pragma unroll
-    for (int j = 0; j < kSlotTokens / 8; ++j) {
-      s[j][2 * h] = exp2f(s[j][2 * h] - m);
-      s[j][2 * h + 1] = exp2f(s[j][2 * h + 1] - m);
-      sum += s[j][2 * h] + s[j][2 * h + 1];
-    }
-    w.row_sum[h] = w.row_sum[h] * correction[h] + sum;
-  }
+  float correction[2];  // (n > 0: key 0 is a finite score of every row)
+  minivllm::online_softmax_step(s, w.row_max, w.row_sum, correction);
 #pragma unroll
   for (int d = 0; d < kD / 8; ++d) {
 #pragma unroll

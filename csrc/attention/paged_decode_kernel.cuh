@@ -30,6 +30,7 @@
 #include <cstdint>
 
 #include "common/pdl.cuh"
+#include "common/online_softmax.cuh"
 #include "common/ptx.cuh"
 #include "common/split_counters.cuh"
 #include "paged_decode.cuh"
@@ -290,24 +291,7 @@ __global__ void __launch_bounds__(kThreads, Layout<kHeadDim, kStages>::kCtasPerS
     // Online softmax. Every stage holds a valid first token, so each row's new max is finite and the first
     // correction is exp2(-inf) = 0.
     float correction[2];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      float m = row_max[h];
-#pragma unroll
-      for (int j = 0; j < kWarpTokens / 8; ++j) m = fmaxf(m, fmaxf(s[j][2 * h], s[j][2 * h + 1]));
-      m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
-      m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
-      correction[h] = exp2f(row_max[h] - m);
-      row_max[h] = m;
-      float sum = 0.f;
-#pragma unroll
-      for (int j = 0; j < kWarpTokens / 8; ++j) {
-        s[j][2 * h] = exp2f(s[j][2 * h] - m);
-        s[j][2 * h + 1] = exp2f(s[j][2 * h + 1] - m);
-        sum += s[j][2 * h] + s[j][2 * h + 1];
-      }
-      row_sum[h] = row_sum[h] * correction[h] + sum;
-    }
+    minivllm::online_softmax_step(s, row_max, row_sum, correction);
     // Past the first stages a row's max rarely moves: skip the D/2 multiplies when no row of the warp needs them.
     if (!__all_sync(0xffffffffu, correction[0] == 1.f && correction[1] == 1.f)) {
 #pragma unroll
