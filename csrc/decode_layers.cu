@@ -658,10 +658,7 @@ __device__ void attention_item(const Plan<T>& plan, int layer, int item, int& po
   const int group = plan.group(), lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const bool has_new = it.len > 0 && it.len - 1 >= it.begin && it.len - 1 < it.end;
   T (*new_kv)[kD] = reinterpret_cast<T (*)[kD]>(s.new_kv);
-  T* q_rows = reinterpret_cast<T*>(s.q);  // [16][kQPitch]: the mma's A, rows past the group zero
-  for (int i = threadIdx.x; i < (16 - group) * kD; i += kConsumers) {
-    q_rows[(group + i / kD) * kQPitch + i % kD] = from_float<T>(0.f);
-  }
+  T* q_rows = reinterpret_cast<T*>(s.q);  // [16][kQPitch]: the mma's A, rows past the group zero (kernel start)
   // q heads, the new k and v: warp w takes vector w (w < group: q head; group: k; group + 1: v).
   const int64_t position = p.positions[it.m];
   CUDA_KERNEL_ASSERT(position >= 0 && position < p.max_position);
@@ -834,6 +831,8 @@ __global__ void __launch_bounds__(kThreads, 1) decode_layers_kernel(const __grid
     ptx::mbarrier_init(ptx::smem_address(&s.empty[threadIdx.x]), kConsumerWarps);
   }
   if (threadIdx.x < kMaxRows) s.lens[threadIdx.x] = threadIdx.x < p.m ? p.context_lens[threadIdx.x] : 0;
+  // q's rows past the group are the mma's padding: zero once (0 in fp16 and bf16), as items write only the group's
+  for (int i = threadIdx.x; i < 16 * kQPitch; i += kThreads) s.q[i / kQPitch][i % kQPitch] = 0;
   ptx::fence_barrier_init();
   __syncthreads();
   const Plan<T> plan{p, s};
