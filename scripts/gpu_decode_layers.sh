@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# The persistent decode kernel (issue 17) on one GPU machine: build; its tests (with FULL=1 the engine GPU tests
-# too, for regressions); benchmarks.decode_layers --stages; benchmarks.latency with it on (B) and off
-# (A, MINIVLLM_DECODE_LAYERS=0) in the order PASSES gives (default "B A"), graphs only; step_profile at batch 1,
-# context 1k, with it on.
+# The persistent decode kernel (issue 17) on one GPU machine: build; its tests (with FULL=1 the engine and paged
+# decode GPU tests too, for regressions: paged decode shares its online softmax); benchmarks.decode_layers
+# --stages; benchmarks.latency with it on (B) and off (A, MINIVLLM_DECODE_LAYERS=0) in the order PASSES gives
+# (default "B A"), graphs only; step_profile at batch 1, context 1k, with it on.
 # Logs go to OUT_DIR (the tests' whole output in pytest.log).
-#   [FULL=1] [PASSES="B A B A"] scripts/gpu_decode_layers.sh OUT_DIR
+# PROFILE=1 instead: the kernel's SASS (sass.txt.gz), benchmarks.decode_layers, and one launch at batch 1, context 1k, under ncu (per-instruction
+# stall samples in ncu_source.csv.gz).
+#   [FULL=1] [PASSES="B A B A"] [PROFILE=1] scripts/gpu_decode_layers.sh OUT_DIR
 set -uo pipefail
 out=$(realpath -m "${1:?usage: scripts/gpu_decode_layers.sh OUT_DIR}")
 mkdir -p "$out"
@@ -12,8 +14,31 @@ cd "$(dirname "$0")/.."
 log="$out/decode_layers.log"
 . scripts/gpu_env.sh
 build_in_place
+if [ "${PROFILE:-0}" = 1 ]; then  # only: one launch at batch 1, context 1k under ncu, with per-instruction stalls
+  so=$(python3 -c "import minivllm._C as c; print(c.__file__)")
+  cuobjdump -sass "$so" | awk '/Function : /{on = /decode_layers_kernel/} on' > "$out/sass.txt" 2>&1
+  grep -c -E "STL|LDL" "$out/sass.txt" | sed 's/^/local-memory instructions in the SASS: /' | tee -a "$log"
+  driver="from benchmarks.decode_layers import *
+model = random_model(1024, 3072, 16, 8, 28, torch.bfloat16, max_position=4096)
+step = random_step(model, [1024], 16, torch.bfloat16)
+for _ in range(25): model.model.decode_layers(*step)
+torch.cuda.synchronize()"
+  timeout 100 python3 -m benchmarks.decode_layers 2>&1 | tee -a "$log"
+  stamp "benchmarks.decode_layers"
+  timeout 240 ncu --clock-control none -k regex:decode_layers_kernel --launch-skip 20 -c 1 --import-source no \
+    --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section SourceCounters \
+    -o "$out/layers" python3 -c "$driver" > "$out/ncu_run.log" 2>&1
+  stamp "ncu"
+  ncu -i "$out/layers.ncu-rep" --page details > "$out/ncu_details.txt" 2>&1
+  ncu -i "$out/layers.ncu-rep" --page source --csv --print-source sass > "$out/ncu_source.csv" 2>&1
+  grep -E "Duration|SM Frequency|Issued Warp|No Eligible|Eligible Warps|Active Warps|Stall|stall" \
+    "$out/ncu_details.txt" | sed 's/  */ /g' | head -40 | tee -a "$log"
+  gzip -f "$out/ncu_source.csv" "$out/sass.txt"
+  finish
+  exit
+fi
 tests=(tests/gpu/test_decode_layers.py)
-[ "${FULL:-0}" = 1 ] && tests+=(tests/gpu/test_engine_gpu.py)
+[ "${FULL:-0}" = 1 ] && tests+=(tests/gpu/test_engine_gpu.py tests/gpu/test_paged_decode.py)
 timeout 300 python3 -m pytest -q -p no:cacheprovider "${tests[@]}" > "$out/pytest.log" 2>&1
 rc=$?
 grep -m 3 -B 2 -A 8 "Fatal Python error" "$out/pytest.log" | tee -a "$log"
