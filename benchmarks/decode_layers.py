@@ -4,7 +4,9 @@ final norm (no lm_head or sampler) for batch x context, each path captured in a 
 layers' weights and the KV read once at the copy bandwidth measured in the same run). With --stages, where the
 kernel's time goes, from its in-kernel timestamps: per stage (qkv, attention, o, gate_up, down) the mean over CTAs
 and layers of the wait for the stage before, the x staging and the work, and of the work the part until the
-stage's first slot was in shared memory (data: the producer behind); and the step's span per layer.
+stage's first slot was in shared memory (data), from its last slot to its signal (tail: the epilogue) and the
+signal; per ring slot of each stage, how long before a consumer asked for it the producer issued it, how long the
+consumer waited for its bytes and how long it took to use them; and the step's span per layer.
 
     python -m benchmarks.decode_layers [--batches 1 8] [--contexts 128 1024 4096 32768] [--stages] [--json PATH]
 """
@@ -21,6 +23,8 @@ from minivllm.models.decoder import DecoderForCausalLM
 
 STAGES = ("qkv", "attention", "o", "gate_up", "down")
 ROWS = [(1, 128), (1, 1024), (1, 4096), (1, 32768), (8, 1024)]
+STAMPS = 7  # a stage's stamps (csrc/decode_layers.cu, kStamps)
+SLOT_STAMPS = 4096  # ring slots a CTA stamps (kSlotStamps)
 
 
 def random_model(hidden: int, intermediate: int, heads: int, kv_heads: int, layers: int, dtype: torch.dtype,
@@ -75,25 +79,50 @@ def step_ms(model: DecoderForCausalLM, step: tuple, persistent: bool) -> float:
         ops.DECODE_LAYERS = mode
 
 
+def run_stamped(model: DecoderForCausalLM, step: tuple, size: int) -> torch.Tensor:
+    """The kernel's stamps (int64, ns) of its third call with a timings tensor of `size` entries."""
+    flat = torch.zeros(size, dtype=torch.int64, device="cuda")
+    for _ in range(3):
+        flat.zero_()
+        model.model.decode_layers(*step, timings=flat)
+    torch.cuda.synchronize()
+    return flat
+
+
 def stage_times(model: DecoderForCausalLM, step: tuple) -> dict:
-    """us per stage (mean over CTAs with an item and over layers 1..: wait, staging, work) and per layer (span)."""
+    """us per stage (mean over CTAs with an item and over layers 1..: wait, staging, work, and of the work until the
+    first slot was in, after the last slot was done, and the signal) and per layer (span); then, from a second run
+    that also stamps every ring slot (its own timer reads slow it), per slot of each stage (mean over its slots in
+    layers 1..): lead (the producer issued it this long before a consumer asked for it), wait (the consumer waited
+    this long for its bytes), fetch (issued to in, over the slots waited for) and use (in to done)."""
     layers = len(model.model.layers)
     grid = torch.cuda.get_device_properties(0).multi_processor_count
-    stamps = torch.zeros(grid, layers, len(STAGES), 5, dtype=torch.int64, device="cuda")
-    for _ in range(3):  # the last call's stamps
-        model.model.decode_layers(*step, timings=stamps)
-    torch.cuda.synchronize()
-    t = stamps[:, 1:].double() / 1e3  # us; layer 0 starts unevenly (CTAs launch over a few us)
+    stage_part = grid * layers * len(STAGES) * STAMPS
+    t = run_stamped(model, step, stage_part).view(grid, layers, len(STAGES), STAMPS)
+    t = t[:, 1:].double() / 1e3  # us; layer 0 starts unevenly (CTAs launch over a few us)
     present = t[..., 0] > 0
     out = {}
     for i, name in enumerate(STAGES):
         rows = t[:, :, i][present[:, :, i]]
-        for part, (a, b) in (("wait", (0, 1)), ("stage", (1, 2)), ("work", (2, 3))):
-            out[f"{name}_{part}_us"] = (rows[:, b] - rows[:, a]).mean().item()
-        fed = rows[rows[:, 4] > 0]  # CTAs whose first slot was stamped: how much of the work waited for the producer
-        out[f"{name}_data_us"] = (fed[:, 4] - fed[:, 2]).mean().item()
+        for part, (a, b) in (("wait", (0, 1)), ("stage", (1, 2)), ("work", (2, 3)), ("data", (2, 4)),
+                             ("tail", (5, 6)), ("signal", (6, 3))):
+            fed = rows[rows[:, max(a, b)] > 0]  # (a CTA whose items had no slot stamps no [4], [5])
+            out[f"{name}_{part}_us"] = (fed[:, b] - fed[:, a]).mean().item()
     done = torch.where(present[:, :, -1], t[:, :, -1, 3], torch.zeros_like(t[:, :, -1, 3])).amax(0)
     out["us_per_layer"] = (done[-1] - done[0]).item() / (len(done) - 1)
+    slots = run_stamped(model, step, stage_part + grid * SLOT_STAMPS * 5)[stage_part:].view(-1, 5)
+    slots = slots[(slots[:, 4] > 0) & (slots[:, 0] >= len(STAGES))]  # stamped, layers 1..
+    tag, (issued, asked, ready, used) = slots[:, 0], (slots[:, k].double() / 1e3 for k in range(1, 5))
+    for i, name in enumerate(STAGES):
+        mine = tag % len(STAGES) == i
+        waited = mine & (ready - asked > 0)
+        out[f"{name}_slots"] = mine.sum().item() / grid / (layers - 1)
+        out[f"{name}_lead_us"] = (asked - issued)[mine].mean().item()
+        out[f"{name}_slot_wait_us"] = (ready - asked)[mine].mean().item()
+        out[f"{name}_fetch_us"] = (ready - issued)[waited].mean().item() if waited.any() else 0.0
+        out[f"{name}_use_us"] = (used - ready)[mine].mean().item()
+    times = torch.unique(slots[:, 1:].flatten())
+    out["timer_step_ns"] = (times[1:] - times[:-1]).min().item() if len(times) > 1 else 0
     return out
 
 
@@ -131,10 +160,13 @@ def main() -> None:
         for name in STAGES:
             print_table([{"batch": r["batch"], "context": r["context"],
                           **{k: v for k, v in r.items() if k.startswith(name + "_")}} for r in stages],
-                        f"stage {name}: us a CTA (wait for the stage before, x staging, work; data: of the work, "
-                        "until its first slot was in), layers 1..27")
-        print_table([{"batch": r["batch"], "context": r["context"], "us_per_layer": r["us_per_layer"]}
-                     for r in stages], "span a layer (last CTA done, layer to layer)")
+                        f"stage {name}: us a CTA (wait for the stage before, x staging, work; of the work, data: "
+                        "until its first slot was in, tail: from its last slot done to the signal, signal), then "
+                        "per ring slot from a second run (slots a CTA and layer; lead: issued before asked for; "
+                        "slot_wait: asked to in; fetch: issued to in where waited; use: in to done), layers 1..27")
+        print_table([{"batch": r["batch"], "context": r["context"], "us_per_layer": r["us_per_layer"],
+                      "timer_step_ns": r["timer_step_ns"]} for r in stages],
+                    "span a layer (last CTA done, layer to layer); the global timer's smallest step seen")
     write_json(args.json, {"gpu": gpu_name(), "copy_gbs": bandwidth, "rows": rows, "stages": stages})
 
 

@@ -29,7 +29,8 @@
 //   slot); the warps' states merge once the item is done. The new token's K and V come from the qkv output
 //   (normalised and rotated here) and are written to the cache by the item that holds that position; its cached
 //   row is never read. The last split of a (sequence, kv head) to finish merges the partials.
-// - With `timings`, thread 0 of each CTA stamps each stage's start, end of wait, end of staging and end
+// - With `timings`, thread 0 of each CTA stamps each stage's start, end of wait, end of staging, first slot in, last
+//   slot done, signal and end, and optionally each ring slot's issue, wait and use
 //   (benchmarks.decode_layers --stages). Measured figures and what bounds the kernel: benchmarks/NOTES_decode.md.
 // Grid: one CTA an SM, all resident (the dependencies spin, so every CTA must run at once).
 #include <c10/cuda/CUDAGuard.h>
@@ -68,7 +69,9 @@ constexpr int kQPitch = kD + 8;       // elements of a staged q row: 16 bytes of
 constexpr int kXPad = 32;             // elements of padding a staged x row: row g + 1 starts 16 banks on
 constexpr int kFlushItems = 8;        // product items whose partial sums wait in shared memory for one epilogue
 constexpr int kStages = 5;
-constexpr int kStamps = 5;
+constexpr int kStamps = 7;
+constexpr int kSlotStamps = 4096;  // slots a CTA stamps with timings (a batch-1 step at 32k has about 2,150)
+constexpr int kSlotFields = 5;     // a slot's stamps: its stage, issued, asked, ready, done (see Plan::slot_stamp)
 enum Stage { kQkv, kAttn, kO, kGateUp, kDown };
 // The columns of the layer table, one row a layer: device pointers.
 enum Field { kInputNorm, kQkvW, kQNorm, kKNorm, kOW, kPostNorm, kGateUpW, kDownW, kKCache, kVCache, kFields };
@@ -101,6 +104,7 @@ struct Params {
   float* partial_lse;       // [m, num_heads, splits]
   int* counters;            // [num_layers, kStages], then [num_layers, m, num_kv_heads]
   int64_t* timings;         // [grid, num_layers, kStages, kStamps] or nullptr (see consume)
+  int64_t* slot_timings;    // [grid, kSlotStamps, kSlotFields] or nullptr (see Plan::slot_stamp)
   int64_t block_table_stride;
   int64_t max_position;
   int64_t num_cache_slots;
@@ -190,6 +194,17 @@ struct Plan {
   __device__ const T* field(int layer, Field f) const {
     return reinterpret_cast<const T*>(p.layers[layer * kFields + f]);
   }
+  // With slot timings, the CTA's first kSlotStamps slots get [layer * kStages + stage, issued, asked, ready, done]: the
+  // global timer (ns) when the producer had the slot free and issued its copies, and, seen by warp 0 (products) or
+  // the warp that takes the slot (attention), when it began to wait for the slot, when the bytes were in, and when
+  // it was done with them (benchmarks.decode_layers --stages: is the producer ahead, what a slot costs).
+  __device__ void slot_stamp(int pos, int field, int64_t value) const {
+    if (p.slot_timings == nullptr || pos >= kSlotStamps) return;
+    p.slot_timings[(int64_t(blockIdx.x) * kSlotStamps + pos) * kSlotFields + field] = value;
+  }
+  __device__ void slot_time(int pos, int field) const {
+    if (p.slot_timings != nullptr) slot_stamp(pos, field, ptx::global_timer_ns());
+  }
 };
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -247,6 +262,7 @@ __device__ void produce(const Plan<T>& plan, char* ring, Scratch& s) {
   auto claim = [&](uint32_t& full) {
     const int r = pos % p.num_slots;
     ptx::mbarrier_wait(ptx::smem_address(&s.empty[r]), ((pos / p.num_slots) & 1) ^ 1);
+    if (lane == 0) plan.slot_time(pos, 1);
     full = ptx::smem_address(&s.full[r]);
     return ptx::smem_address(ring + int64_t(r) * kSlotBytes<T>);
   };
@@ -389,10 +405,11 @@ __device__ void stage_x(const Plan<T>& plan, int layer, int stage, T* xs, Scratc
 
 // Products of a CTA's items 8 weight rows (with the SiLU gate 4 gate and 4 up rows) each, over the slots of an
 // item; each warp's partial sums [m, 8] of an item go to red[item % kFlushItems], and every kFlushItems items (and
-// after the last) one barrier, then the epilogue of those items.
+// after the last) one barrier, then the epilogue of those items. With stamps (the stage's, see consume), thread 0
+// stamps when the first slot is in and when the last one is done.
 template <typename T>
 __device__ void product_stage(const Plan<T>& plan, int layer, int stage, int& pos, const char* ring, const T* xs,
-                              float* red, Scratch& s, int64_t* ready) {
+                              float* red, Scratch& s, int64_t* stamps) {
   const Params<T>& p = plan.p;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
   const bool row_valid = g < p.m;
@@ -401,13 +418,17 @@ __device__ void product_stage(const Plan<T>& plan, int layer, int stage, int& po
   auto red_at = [&](int j, int w, int m, int col) -> float& {
     return red[((j * kConsumerWarps + w) * p.m + m) * kSlotRows + col];
   };
+  // The ring position as slot and phase, advanced a slot at a time (no division a slot).
+  int r = pos % p.num_slots, phase = (pos / p.num_slots) & 1;
+  const bool stamp_slots = p.slot_timings != nullptr && threadIdx.x == 0;
   int pending = 0, first = blockIdx.x;
   for (int item = blockIdx.x; item < n; item += gridDim.x) {
     float acc[2][4] = {};
     for (int c = 0; c < slots; ++c, ++pos) {
-      const int r = pos % p.num_slots;
-      ptx::mbarrier_wait(ptx::smem_address(&s.full[r]), (pos / p.num_slots) & 1);
-      if (ready != nullptr && threadIdx.x == 0 && item == blockIdx.x && c == 0) *ready = ptx::global_timer_ns();
+      if (stamp_slots) plan.slot_time(pos, 2);
+      ptx::mbarrier_wait(ptx::smem_address(&s.full[r]), phase);
+      if (stamp_slots) plan.slot_time(pos, 3);
+      if (stamps != nullptr && threadIdx.x == 0 && item == blockIdx.x && c == 0) stamps[4] = ptx::global_timer_ns();
       const T* w_row = reinterpret_cast<const T*>(ring + int64_t(r) * kSlotBytes<T>) + g * kSlotK;
       const T* x_row = xs + (row_valid ? g : 0) * p.x_pitch + c * kSlotK;
 #pragma unroll
@@ -421,6 +442,11 @@ __device__ void product_stage(const Plan<T>& plan, int layer, int stage, int& po
       }
       __syncwarp();
       if (lane == 0) ptx::mbarrier_arrive(ptx::smem_address(&s.empty[r]));
+      if (stamp_slots) {
+        plan.slot_time(pos, 4);
+        plan.slot_stamp(pos, 0, layer * kStages + stage);
+      }
+      if (++r == p.num_slots) r = 0, phase ^= 1;
     }
     // acc[.][0..1]: x row g, B columns 2t, 2t + 1 (rows g + 8 are padding).
     if (row_valid) {
@@ -428,6 +454,7 @@ __device__ void product_stage(const Plan<T>& plan, int layer, int stage, int& po
       red_at(pending, warp, g, 2 * t + 1) = acc[0][1] + acc[1][1];
     }
     if (++pending < kFlushItems && item + gridDim.x < n) continue;
+    if (stamps != nullptr && threadIdx.x == 0 && item + gridDim.x >= n) stamps[5] = ptx::global_timer_ns();
     consumers_sync();
     for (int o = threadIdx.x; o < pending * p.m * cols; o += kConsumers) {
       const int j = o / (p.m * cols), m = o / cols % p.m, c = o % cols, out_item = first + j * gridDim.x;
@@ -648,11 +675,12 @@ __device__ __forceinline__ void merge_warps(WarpAttention& w, int group, int act
 }
 
 // One attention item: (sequence, kv head, split). For the CTA's first item of the stage, counter and target say what
-// to wait for once the constants are loaded (nullptr: nothing), and thread 0 stamps the time after it at waited[0]
-// and waited[1] (attention stages nothing: its staging takes no time), and when its first slot is in at waited[3].
+// to wait for once the constants are loaded (nullptr: nothing). With stamps (the stage's, see consume), thread 0
+// stamps for the first item the time after the wait at [1] and [2] (attention stages nothing) and when its first
+// slot is in at [4]; for every item, when its slots are done at [5] (the last item's stays).
 template <typename T>
 __device__ void attention_item(const Plan<T>& plan, int layer, int item, int& pos, char* ring, Scratch& s,
-                               const int* counter, int target, int64_t* waited) {
+                               bool first, const int* counter, int target, int64_t* stamps) {
   const Params<T>& p = plan.p;
   const auto it = plan.attn_item(item);
   const int group = plan.group(), lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -674,7 +702,7 @@ __device__ void attention_item(const Plan<T>& plan, int layer, int item, int& po
     }
   }
   if (counter != nullptr) wait_for(counter, target);
-  if (waited != nullptr && threadIdx.x == 0) waited[0] = waited[1] = ptx::global_timer_ns();
+  if (first && stamps != nullptr && threadIdx.x == 0) stamps[1] = stamps[2] = ptx::global_timer_ns();
 #pragma unroll
   for (int i = 0; i < kVecsPerWarp; ++i) {
     const int vec = warp + i * kConsumerWarps;
@@ -714,18 +742,25 @@ __device__ void attention_item(const Plan<T>& plan, int layer, int item, int& po
   const int slots = it.chunk_end - it.chunk_begin;
   for (int i = warp; i < slots; i += kConsumerWarps) {
     const int at = pos + i, r = at % p.num_slots;
+    if (lane == 0) plan.slot_time(at, 2);
     ptx::mbarrier_wait(ptx::smem_address(&s.full[r]), (at / p.num_slots) & 1);
-    if (waited != nullptr && threadIdx.x == 0 && i == 0) waited[3] = ptx::global_timer_ns();
+    if (lane == 0) plan.slot_time(at, 3);
+    if (first && stamps != nullptr && threadIdx.x == 0 && i == 0) stamps[4] = ptx::global_timer_ns();
     const int c = it.chunk_begin + i;
     const int n = max(0, min(min(it.end, it.len - 1) - c * kSlotTokens, kSlotTokens));
     char* slot = ring + int64_t(r) * kSlotBytes<T>;
     if (n > 0 && n < kSlotTokens) zero_v_tail(slot, n);
     if (n > 0) attend_slot<T>(w, q_lane, ptx::smem_address(slot), n, p.scale_log2);
     __syncwarp();
-    if (lane == 0) ptx::mbarrier_arrive_count(ptx::smem_address(&s.empty[r]), kConsumerWarps);
+    if (lane == 0) {
+      ptx::mbarrier_arrive_count(ptx::smem_address(&s.empty[r]), kConsumerWarps);
+      plan.slot_time(at, 4);
+      plan.slot_stamp(at, 0, layer * kStages + kAttn);
+    }
   }
   pos += slots;
   if (has_new && warp == 0) attend_new_token<T>(w, q_rows, kQPitch, new_kv[0], new_kv[1], p.scale_log2);
+  if (stamps != nullptr && threadIdx.x == 0) stamps[5] = ptx::global_timer_ns();
   merge_warps(w, group, min(slots, kConsumerWarps), reinterpret_cast<float*>(&s + 1));
 
   // Warp 0's rows, normalised; one split writes attn_out, several write partials that the last of them merges.
@@ -777,37 +812,39 @@ __device__ void attention_item(const Plan<T>& plan, int layer, int item, int& po
 template <typename T>
 __device__ void consume(const Plan<T>& plan, char* ring, T* xs, float* red, Scratch& s) {
   const Params<T>& p = plan.p;
-  // With p.timings, thread 0's global timer (ns) at each of its stages' start, once the dependency is met, once x
-  // is staged, once it has signalled, and once its first slot was in shared memory (a stage's work split into waiting
-  // for the producer and the rest): where the step's time goes (benchmarks.decode_layers --stages).
-  auto stamp_at = [&](int layer, int stage, int k) -> int64_t* {
+  // With p.timings, thread 0's global timer (ns) at each of its stages' [0] start, [1] once the dependency is met,
+  // [2] once x is staged, [3] once it has signalled, [4] once its first slot was in shared memory, [5] once its
+  // last slot was done (warp 0's, before the barrier of the epilogue), [6] before it signals: where the step's time
+  // goes (benchmarks.decode_layers --stages).
+  auto stamps_of = [&](int layer, int stage) -> int64_t* {
     if (p.timings == nullptr) return nullptr;
-    return p.timings + ((int64_t(blockIdx.x) * p.num_layers + layer) * kStages + stage) * kStamps + k;
+    return p.timings + ((int64_t(blockIdx.x) * p.num_layers + layer) * kStages + stage) * kStamps;
   };
-  auto stamp = [&](int layer, int stage, int k) {
-    if (int64_t* at = stamp_at(layer, stage, k); at != nullptr && threadIdx.x == 0) *at = ptx::global_timer_ns();
+  auto stamp = [&](int64_t* stamps, int k) {
+    if (stamps != nullptr && threadIdx.x == 0) stamps[k] = ptx::global_timer_ns();
   };
   int pos = 0;
   for (int layer = 0; layer < p.num_layers; ++layer) {
     for (int stage = 0; stage < kStages; ++stage) {
       const int n = plan.items(stage);
       if (blockIdx.x >= n) continue;
-      stamp(layer, stage, 0);
+      int64_t* stamps = stamps_of(layer, stage);
+      stamp(stamps, 0);
       int* counter = nullptr;
       const int target = plan.dependency(layer, stage, counter);
       if (stage == kAttn) {  // waits inside, once its first item's constants are loaded
         for (int item = blockIdx.x; item < n; item += gridDim.x) {
           const bool first = item == blockIdx.x;
-          attention_item(plan, layer, item, pos, ring, s, first ? counter : nullptr, target,
-                         first ? stamp_at(layer, stage, 1) : nullptr);
+          attention_item(plan, layer, item, pos, ring, s, first, first ? counter : nullptr, target, stamps);
         }
       } else {
-        stage_x(plan, layer, stage, xs, s, counter, target, stamp_at(layer, stage, 1));
-        stamp(layer, stage, 2);
-        product_stage(plan, layer, stage, pos, ring, xs, red, s, stamp_at(layer, stage, 4));
+        stage_x(plan, layer, stage, xs, s, counter, target, stamps == nullptr ? nullptr : stamps + 1);
+        stamp(stamps, 2);
+        product_stage(plan, layer, stage, pos, ring, xs, red, s, stamps);
       }
+      stamp(stamps, 6);
       signal(p.counters + layer * kStages + stage);
-      stamp(layer, stage, 3);  // (for attention, "work" is from its wait to here)
+      stamp(stamps, 3);  // (for attention, "work" is from its wait to here)
     }
   }
 }
@@ -941,9 +978,11 @@ void decode_layers(torch::Tensor& residual, const torch::Tensor& layers, const t
   const int grid = at::cuda::getDeviceProperties(residual.device().index())->multiProcessorCount;
   if (timings.has_value()) {
     check_cuda(*timings, "timings", residual, at::kLong);
-    TORCH_CHECK(timings->numel() >= int64_t(grid) * layers.size(0) * kStages * kStamps, "decode_layers: timings "
-                "must hold [SMs, num_layers, 5, 4] = [", str(grid), ", ", str(layers.size(0)), ", 5, 4] int64s, got ",
-                str(timings->numel()));
+    const int64_t stages = int64_t(grid) * layers.size(0) * kStages * kStamps, slots = grid * kSlotStamps * kSlotFields;
+    TORCH_CHECK(timings->numel() == stages || timings->numel() == stages + slots, "decode_layers: timings must "
+                "hold [SMs, num_layers, ", str(kStages), ", ", str(kStamps), "] int64s, or those then [SMs, ",
+                str(kSlotStamps), ", ", str(kSlotFields), "]: ", str(stages), " or ", str(stages + slots), " for ",
+                str(grid), " SMs and ", str(layers.size(0)), " layers, got ", str(timings->numel()));
   }
   const c10::cuda::CUDAGuard guard(residual.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -977,6 +1016,8 @@ void decode_layers(torch::Tensor& residual, const torch::Tensor& layers, const t
     p.partial_lse = partial_lse.data_ptr<float>();
     p.counters = counters.data_ptr<int>();
     p.timings = timings.has_value() ? timings->data_ptr<int64_t>() : nullptr;
+    const int64_t stage_stamps = int64_t(grid) * num_layers * kStages * kStamps;
+    p.slot_timings = timings.has_value() && timings->numel() > stage_stamps ? p.timings + stage_stamps : nullptr;
     p.block_table_stride = block_tables.stride(0);
     p.max_position = cos.size(0);
     p.num_cache_slots = kv_cache.size(2) * kv_cache.size(3);

@@ -95,8 +95,9 @@ std::tuple<torch::Tensor, torch::Tensor> sampler_logsumexp_rank(const torch::Ten
 // input norm, qkv, q norm, k norm (0: none), o, post-attention norm, gate_up, down weights, k cache, v cache, all
 // contiguous in kv_cache's dtype; kv_cache [2, num_layers, blocks, block_size, kv_heads, 128] is every layer's
 // cache as one tensor (the engine's), whose views the table's cache pointers are. The caller checks the weights'
-// shapes; the kernel checks everything else. timings (int64, [SMs, num_layers, 5, 5]), if given, gets each CTA's
-// global-timer stamps of each stage (see decode_layers.cu).
+// shapes; the kernel checks everything else. timings (int64, [SMs, num_layers, 5, 7], optionally followed by
+// [SMs, 4096, 5]), if given, gets each CTA's global-timer stamps of each stage, and in the second part those of its
+// first 4096 ring slots (see decode_layers.cu).
 void decode_layers(torch::Tensor& residual, const torch::Tensor& layers, const torch::Tensor& kv_cache,
                    const torch::Tensor& positions, const torch::Tensor& slot_mapping,
                    const torch::Tensor& context_lens, const torch::Tensor& block_tables, const torch::Tensor& cos,
