@@ -4,8 +4,8 @@
 # --stages; benchmarks.latency with it on (B) and off (A, MINIVLLM_DECODE_LAYERS=0) in the order PASSES gives
 # (default "B A"), graphs only; step_profile at batch 1, context 1k, with it on.
 # Logs go to OUT_DIR (the tests' whole output in pytest.log).
-# PROFILE=1 instead: the kernel's SASS (sass.txt.gz), benchmarks.decode_layers, and one launch at batch 1, context 1k, under ncu (per-instruction
-# stall samples in ncu_source.csv.gz).
+# PROFILE=1 instead: benchmarks.decode_layers, then one launch at batch 1, context 1k, under ncu (the SASS with each
+# instruction's stall samples in ncu_source.csv.gz).
 #   [FULL=1] [PASSES="B A B A"] [PROFILE=1] scripts/gpu_decode_layers.sh OUT_DIR
 set -uo pipefail
 out=$(realpath -m "${1:?usage: scripts/gpu_decode_layers.sh OUT_DIR}")
@@ -15,9 +15,6 @@ log="$out/decode_layers.log"
 . scripts/gpu_env.sh
 build_in_place
 if [ "${PROFILE:-0}" = 1 ]; then  # only: one launch at batch 1, context 1k under ncu, with per-instruction stalls
-  so=$(python3 -c "import minivllm._C as c; print(c.__file__)")
-  cuobjdump -sass "$so" | awk '/Function : /{on = /decode_layers_kernel/} on' > "$out/sass.txt" 2>&1
-  grep -c -E "STL|LDL" "$out/sass.txt" | sed 's/^/local-memory instructions in the SASS: /' | tee -a "$log"
   driver="from benchmarks.decode_layers import *
 model = random_model(1024, 3072, 16, 8, 28, torch.bfloat16, max_position=4096)
 step = random_step(model, [1024], 16, torch.bfloat16)
@@ -33,7 +30,7 @@ torch.cuda.synchronize()"
   ncu -i "$out/layers.ncu-rep" --page source --csv --print-source sass > "$out/ncu_source.csv" 2>&1
   grep -E "Duration|SM Frequency|Issued Warp|No Eligible|Eligible Warps|Active Warps|Stall|stall" \
     "$out/ncu_details.txt" | sed 's/  */ /g' | head -40 | tee -a "$log"
-  gzip -f "$out/ncu_source.csv" "$out/sass.txt"
+  gzip -f "$out/ncu_source.csv"
   finish
   exit
 fi
