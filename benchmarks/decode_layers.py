@@ -25,6 +25,7 @@ STAGES = ("qkv", "attention", "o", "gate_up", "down")
 ROWS = [(1, 128), (1, 1024), (1, 4096), (1, 32768), (8, 1024)]
 STAMPS = 7  # a stage's stamps (csrc/decode_layers.cu, kStamps)
 SLOT_STAMPS = 4096  # ring slots a CTA stamps (kSlotStamps)
+SLOT_FIELDS = 5  # a slot's stamps (kSlotFields): its stage, issued, asked, ready, done
 
 
 def random_model(hidden: int, intermediate: int, heads: int, kv_heads: int, layers: int, dtype: torch.dtype,
@@ -110,9 +111,9 @@ def stage_times(model: DecoderForCausalLM, step: tuple) -> dict:
             out[f"{name}_{part}_us"] = (fed[:, b] - fed[:, a]).mean().item()
     done = torch.where(present[:, :, -1], t[:, :, -1, 3], torch.zeros_like(t[:, :, -1, 3])).amax(0)
     out["us_per_layer"] = (done[-1] - done[0]).item() / (len(done) - 1)
-    slots = run_stamped(model, step, stage_part + grid * SLOT_STAMPS * 5)[stage_part:].view(-1, 5)
+    slots = run_stamped(model, step, stage_part + grid * SLOT_STAMPS * SLOT_FIELDS)[stage_part:].view(-1, SLOT_FIELDS)
     slots = slots[(slots[:, 4] > 0) & (slots[:, 0] >= len(STAGES))]  # stamped, layers 1..
-    tag, (issued, asked, ready, used) = slots[:, 0], (slots[:, k].double() / 1e3 for k in range(1, 5))
+    tag, (issued, asked, ready, used) = slots[:, 0], (slots[:, k].double() / 1e3 for k in range(1, SLOT_FIELDS))
     for i, name in enumerate(STAGES):
         mine = tag % len(STAGES) == i
         waited = mine & (ready - asked > 0)

@@ -976,13 +976,17 @@ void decode_layers(torch::Tensor& residual, const torch::Tensor& layers, const t
               str(sin.sizes()));
 
   const int grid = at::cuda::getDeviceProperties(residual.device().index())->multiProcessorCount;
+  // timings: the stage stamps, optionally followed by the slot stamps
+  const int64_t stage_stamps = int64_t(grid) * layers.size(0) * kStages * kStamps;
+  const bool slot_stamps = timings.has_value() && timings->numel() > stage_stamps;
   if (timings.has_value()) {
     check_cuda(*timings, "timings", residual, at::kLong);
-    const int64_t stages = int64_t(grid) * layers.size(0) * kStages * kStamps, slots = grid * kSlotStamps * kSlotFields;
-    TORCH_CHECK(timings->numel() == stages || timings->numel() == stages + slots, "decode_layers: timings must "
-                "hold [SMs, num_layers, ", str(kStages), ", ", str(kStamps), "] int64s, or those then [SMs, ",
-                str(kSlotStamps), ", ", str(kSlotFields), "]: ", str(stages), " or ", str(stages + slots), " for ",
-                str(grid), " SMs and ", str(layers.size(0)), " layers, got ", str(timings->numel()));
+    const int64_t slots = grid * kSlotStamps * kSlotFields;
+    TORCH_CHECK(timings->numel() == stage_stamps || timings->numel() == stage_stamps + slots, "decode_layers: "
+                "timings must hold [SMs, num_layers, ", str(kStages), ", ", str(kStamps), "] int64s, or those then "
+                "[SMs, ", str(kSlotStamps), ", ", str(kSlotFields), "]: ", str(stage_stamps), " or ",
+                str(stage_stamps + slots), " for ", str(grid), " SMs and ", str(layers.size(0)), " layers, got ",
+                str(timings->numel()));
   }
   const c10::cuda::CUDAGuard guard(residual.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -1016,8 +1020,7 @@ void decode_layers(torch::Tensor& residual, const torch::Tensor& layers, const t
     p.partial_lse = partial_lse.data_ptr<float>();
     p.counters = counters.data_ptr<int>();
     p.timings = timings.has_value() ? timings->data_ptr<int64_t>() : nullptr;
-    const int64_t stage_stamps = int64_t(grid) * num_layers * kStages * kStamps;
-    p.slot_timings = timings.has_value() && timings->numel() > stage_stamps ? p.timings + stage_stamps : nullptr;
+    p.slot_timings = slot_stamps ? p.timings + stage_stamps : nullptr;
     p.block_table_stride = block_tables.stride(0);
     p.max_position = cos.size(0);
     p.num_cache_slots = kv_cache.size(2) * kv_cache.size(3);
